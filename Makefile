@@ -1,0 +1,37 @@
+# photoz: two commands do all set-up. `make serve` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+MODEL  ?= model/bundles/photoz-sdss-sim.onnx
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+
+.PHONY: serve test install install-dev docker-test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# serving install: no torch
+$(VENV)/.serve-installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+# training + test install; torch pinned first so pip takes the CPU wheel
+$(VENV)/.dev-installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[train,dev]'
+	touch $@ $(VENV)/.serve-installed
+
+install: $(VENV)/.serve-installed
+install-dev: $(VENV)/.dev-installed
+
+serve: $(VENV)/.serve-installed
+	@test -f $(MODEL) || { echo "No model bundle at $(MODEL): train and export one (see README, 'Train on your own data') or set MODEL=path.onnx"; exit 1; }
+	$(BIN)/photoz serve --model $(MODEL) --host $(HOST) --port $(PORT)
+
+test: $(VENV)/.dev-installed
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,77 @@
+"""The one place for photoz's astronomical conventions.
+
+Band order, cutout geometry, pixel units, extinction coefficients, survey
+depths and the default redshift grid live here and nowhere else. Training,
+simulation and serving all read them from this module (serving reads them
+through the bundle metadata, which is written from these values).
+"""
+from __future__ import annotations
+
+import math
+
+#: SDSS band order: the channel order of every cutout tensor.
+BANDS: tuple[str, ...] = ("u", "g", "r", "i", "z")
+
+#: Cutout side length, pixels.
+CUTOUT_SIZE_PIXELS: int = 64
+
+#: SDSS pixel scale, arcsec per pixel.
+PIXEL_SCALE_ARCSEC: float = 0.396
+
+#: Unit of pixel values: SDSS nanomaggies, m = 22.5 - 2.5 log10(f).
+FLUX_UNIT: str = "nanomaggy"
+
+#: AB magnitude of a flux of one nanomaggy.
+NANOMAGGY_ZEROPOINT_MAG: float = 22.5
+
+#: Milky Way extinction A_band / E(B-V) for SDSS ugriz
+#: (Schlafly & Finkbeiner 2011, R_V = 3.1).
+EXTINCTION_A_OVER_EBV: dict[str, float] = {
+    "u": 4.239, "g": 3.303, "r": 2.285, "i": 1.698, "z": 1.263,
+}
+
+#: SDSS 5-sigma point-source depths, AB mag (York et al. 2000).
+DEPTH_5SIGMA_MAG: dict[str, float] = {
+    "u": 22.0, "g": 22.2, "r": 22.2, "i": 21.3, "z": 20.5,
+}
+
+#: Median SDSS seeing (PSF FWHM), arcsec, per band.
+MEDIAN_SEEING_FWHM_ARCSEC: dict[str, float] = {
+    "u": 1.55, "g": 1.45, "r": 1.35, "i": 1.30, "z": 1.30,
+}
+
+#: Default redshift grid of the PDF: 180 equal bins over 0 <= z < 0.4
+#: (Pasquet et al. 2019). Bundles carry their own grid; this is the default
+#: used when a network is built.
+DEFAULT_Z_MIN: float = 0.0
+DEFAULT_Z_MAX: float = 0.4
+DEFAULT_N_BINS: int = 180
+
+#: Outlier threshold on |dz| = |z_phot - z_spec| / (1 + z_spec)
+#: (Pasquet et al. 2019).
+OUTLIER_DZ_THRESHOLD: float = 0.05
+
+
+def mag_to_nanomaggies(mag):
+    """AB magnitude to flux in nanomaggies."""
+    return 10.0 ** ((NANOMAGGY_ZEROPOINT_MAG - mag) / 2.5)
+
+
+def nanomaggies_to_mag(flux_nmgy):
+    """Flux in nanomaggies (> 0) to AB magnitude."""
+    import numpy as np
+
+    return NANOMAGGY_ZEROPOINT_MAG - 2.5 * np.log10(flux_nmgy)
+
+
+def sky_sigma_nmgy_per_pixel(band: str) -> float:
+    """Per-pixel sky noise (1 sigma, nanomaggies) that gives the band's depth.
+
+    A point source observed through a Gaussian PSF of the median seeing,
+    measured with an optimal (PSF-weighted) filter, has a noise-equivalent
+    area of 4 pi sigma_psf^2 pixels; its 5-sigma flux is the band's depth.
+    """
+    sigma_psf_pixels = (MEDIAN_SEEING_FWHM_ARCSEC[band] / PIXEL_SCALE_ARCSEC) / 2.3548
+    noise_equivalent_area = 4.0 * math.pi * sigma_psf_pixels**2
+    flux_5sigma = mag_to_nanomaggies(DEPTH_5SIGMA_MAG[band])
+    return flux_5sigma / 5.0 / math.sqrt(noise_equivalent_area)

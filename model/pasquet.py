@@ -1,0 +1,161 @@
+"""The Pasquet et al. (2019, A&A 621, A26) photo-z network and its named variants.
+
+Input: ``images`` (N, n_bands, 64, 64) in nanomaggies and ``ebv`` (N, 1),
+Galactic E(B-V) in magnitudes. Output: ``probabilities`` (N, n_bins), a
+softmax over redshift bins.
+
+Topology (paper, Fig. 2): 5x5 conv(64) + PReLU, 2x2 average pool,
+inception I0(48,64), I1(64,92), pool, I2(92,128), I3(92,128), pool,
+I4(92,128) without its 5x5 branch, flatten, concatenate E(B-V), dense
+1096 -> 1096 -> n_bins with ReLU between, softmax.
+
+The first layer is a fixed pixel normalisation (:class:`AsinhNormalisation`)
+so that the exported ONNX graph takes raw nanomaggies.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from torch import nn
+
+from model.conventions import BANDS, CUTOUT_SIZE_PIXELS, DEFAULT_N_BINS, sky_sigma_nmgy_per_pixel
+from model.normalisation import AsinhNormalisation
+
+#: (squeeze channels s1, branch channels s2, has 5x5 branch) of I0..I4.
+INCEPTION_SPECS = ((48, 64, True), (64, 92, True), (92, 128, True), (92, 128, True), (92, 128, False))
+#: 2x2 average pooling follows these inception modules (by index).
+POOL_AFTER = (1, 3)
+STEM_CHANNELS = 64
+
+
+def default_softening_nmgy() -> tuple[float, ...]:
+    """asinh softening per band: the band's 1-sigma sky noise per pixel, nanomaggies."""
+    return tuple(round(sky_sigma_nmgy_per_pixel(b), 5) for b in BANDS)
+
+
+@dataclass(frozen=True)
+class PasquetConfig:
+    """Hyper-parameters of one variant. Stored verbatim in the bundle metadata.
+
+    ``width`` multiplies every convolution's channel count; ``dense_units``
+    is the size of both hidden dense layers; ``softening_nmgy`` is the per-band
+    asinh softening of the input normalisation, in nanomaggies.
+    """
+
+    width: float = 1.0
+    dense_units: int = 1096
+    n_bins: int = DEFAULT_N_BINS
+    n_bands: int = len(BANDS)
+    cutout_size: int = CUTOUT_SIZE_PIXELS
+    softening_nmgy: tuple[float, ...] = field(default_factory=default_softening_nmgy)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["softening_nmgy"] = list(self.softening_nmgy)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PasquetConfig":
+        d = dict(d)
+        d["softening_nmgy"] = tuple(d["softening_nmgy"])
+        return cls(**d)
+
+    def channels(self, c: int) -> int:
+        return max(1, int(round(c * self.width)))
+
+
+#: Named variants (timm style). ``pasquet2019`` is the paper's network;
+#: ``pasquet2019_half`` is the CPU-trainable one shipped by default;
+#: ``pasquet2019_tiny`` exists for fast tests.
+VARIANTS: dict[str, PasquetConfig] = {
+    "pasquet2019": PasquetConfig(),
+    "pasquet2019_half": PasquetConfig(width=0.5, dense_units=256),
+    "pasquet2019_tiny": PasquetConfig(width=0.125, dense_units=32),
+}
+
+
+def variant_config(name: str, **overrides) -> PasquetConfig:
+    if name not in VARIANTS:
+        raise KeyError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
+    return replace(VARIANTS[name], **overrides)
+
+
+class ConvPReLU(nn.Sequential):
+    """k x k convolution with 'same' padding and a per-channel PReLU."""
+
+    def __init__(self, c_in: int, c_out: int, k: int):
+        super().__init__(nn.Conv2d(c_in, c_out, k, padding=k // 2), nn.PReLU(c_out))
+
+
+class SamePadAvgPool(nn.Sequential):
+    """2x2 average pooling with stride 1 and 'same' output size (edge replicated)."""
+
+    def __init__(self):
+        super().__init__(nn.ReplicationPad2d((0, 1, 0, 1)), nn.AvgPool2d(2, stride=1))
+
+
+class Inception(nn.Module):
+    """Pasquet inception module: 1x1; 1x1->3x3; 1x1->5x5; 1x1->2x2 avg pool.
+
+    Output channels: s2 (1x1) + s2 (3x3) + s2 (5x5, optional) + s1 (pool).
+    """
+
+    def __init__(self, c_in: int, s1: int, s2: int, with_5x5: bool = True):
+        super().__init__()
+        self.branch_1x1 = ConvPReLU(c_in, s2, 1)
+        self.branch_3x3 = nn.Sequential(ConvPReLU(c_in, s1, 1), ConvPReLU(s1, s2, 3))
+        self.branch_5x5 = nn.Sequential(ConvPReLU(c_in, s1, 1), ConvPReLU(s1, s2, 5)) if with_5x5 else None
+        self.branch_pool = nn.Sequential(ConvPReLU(c_in, s1, 1), SamePadAvgPool())
+        self.out_channels = s2 * (3 if with_5x5 else 2) + s1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        branches = [self.branch_1x1(x), self.branch_3x3(x)]
+        if self.branch_5x5 is not None:
+            branches.append(self.branch_5x5(x))
+        branches.append(self.branch_pool(x))
+        return torch.cat(branches, dim=1)
+
+
+class PasquetNet(nn.Module):
+    def __init__(self, config: PasquetConfig):
+        super().__init__()
+        self.config = config
+        c = config.channels
+        layers: list[nn.Module] = [
+            AsinhNormalisation(config.softening_nmgy),
+            ConvPReLU(config.n_bands, c(STEM_CHANNELS), 5),
+            nn.AvgPool2d(2),
+        ]
+        c_in, side = c(STEM_CHANNELS), config.cutout_size // 2
+        for i, (s1, s2, with_5x5) in enumerate(INCEPTION_SPECS):
+            module = Inception(c_in, c(s1), c(s2), with_5x5)
+            layers.append(module)
+            c_in = module.out_channels
+            if i in POOL_AFTER:
+                layers.append(nn.AvgPool2d(2))
+                side //= 2
+        layers.append(nn.Flatten())
+        self.features = nn.Sequential(*layers)
+        n_flat = c_in * side * side
+        self.classifier = nn.Sequential(
+            nn.Linear(n_flat + 1, config.dense_units), nn.ReLU(),
+            nn.Linear(config.dense_units, config.dense_units), nn.ReLU(),
+            nn.Linear(config.dense_units, config.n_bins),
+        )
+
+    def logits(self, images: torch.Tensor, ebv: torch.Tensor) -> torch.Tensor:
+        """Unnormalised scores; training uses these with cross-entropy for stability."""
+        return self.classifier(torch.cat([self.features(images), ebv.reshape(-1, 1)], dim=1))
+
+    def forward(self, images: torch.Tensor, ebv: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.logits(images, ebv), dim=1)
+
+
+def build(name_or_config: str | PasquetConfig, **overrides) -> PasquetNet:
+    """Build a network from a variant name (with optional overrides) or a config."""
+    if isinstance(name_or_config, str):
+        config = variant_config(name_or_config, **overrides)
+    else:
+        config = replace(name_or_config, **overrides)
+    return PasquetNet(config)

@@ -1,0 +1,2 @@
+"""photoz: photometric redshifts from multi-band galaxy cutouts."""
+__version__ = "0.1.0"

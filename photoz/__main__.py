@@ -1,0 +1,3 @@
+from photoz.cli import main
+
+raise SystemExit(main())

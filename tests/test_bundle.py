@@ -1,0 +1,122 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from model.bundle import METADATA_KEY, BundleError, load_bundle, parse_metadata
+from model.export import check_parity, export_bundle, make_metadata, untrained_record
+
+
+def test_metadata_round_trip(tiny_bundle, tiny_net):
+    bundle = load_bundle(tiny_bundle)
+    md = bundle.metadata
+    assert md.name == "photoz-test-tiny" and md.version == "0.0.1"
+    assert md.bands == ("u", "g", "r", "i", "z")
+    assert md.cutout_size == 64
+    assert md.bins.n_bins == 180 and md.bins.edges[-1] == pytest.approx(0.4)
+    doc = md.document
+    assert doc["architecture"]["name"] == "pasquet2019_tiny"
+    assert doc["architecture"]["config"] == tiny_net.config.to_dict()
+    assert doc["pixel_scale_arcsec"] == 0.396 and doc["flux_unit"] == "nanomaggy"
+    assert doc["training"]["epochs"] == 0 and "code_commit" in doc["training"]
+    assert len(bundle.sha256) == 64
+
+
+def test_onnx_matches_torch_within_tolerance(tiny_bundle, tiny_net):
+    assert check_parity(tiny_net, tiny_bundle, n=8, seed=3) < 1e-5
+
+
+def test_dynamic_batch_axis(tiny_bundle, tiny_net):
+    session = ort.InferenceSession(str(tiny_bundle), providers=["CPUExecutionProvider"])
+    for n in (1, 3, 17):
+        images = np.random.default_rng(n).normal(0, 1, (n, 5, 64, 64)).astype(np.float32)
+        ebv = np.full((n, 1), 0.03, np.float32)
+        out = session.run(["probabilities"], {"images": images, "ebv": ebv})[0]
+        with torch.no_grad():
+            ref = tiny_net(torch.from_numpy(images), torch.from_numpy(ebv)).numpy()
+        assert out.shape == (n, 180)
+        assert np.max(np.abs(out - ref)) < 1e-5
+
+
+def write_with_metadata(src, dst, value):
+    proto = onnx.load(str(src))
+    del proto.metadata_props[:]
+    if value is not None:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = METADATA_KEY, value
+    onnx.save(proto, str(dst))
+
+
+def test_bundle_without_metadata_is_refused(tiny_bundle, tmp_path):
+    write_with_metadata(tiny_bundle, tmp_path / "bare.onnx", None)
+    with pytest.raises(BundleError, match="no 'photoz' entry"):
+        load_bundle(tmp_path / "bare.onnx")
+
+
+def test_bundle_with_broken_metadata_names_every_problem(tiny_bundle, tmp_path):
+    doc = dict(load_bundle(tiny_bundle).metadata.document)
+    del doc["bands"]
+    doc["training"] = {"seed": 1}
+    doc["cutout_size_pixels"] = "64"
+    write_with_metadata(tiny_bundle, tmp_path / "bad.onnx", json.dumps(doc))
+    with pytest.raises(BundleError) as err:
+        load_bundle(tmp_path / "bad.onnx")
+    msg = str(err.value)
+    assert "missing field 'bands'" in msg
+    assert "missing field 'training.dataset'" in msg and "missing field 'training.epochs'" in msg
+    assert "field 'cutout_size_pixels' must be an integer, got str" in msg
+
+
+def test_metadata_that_disagrees_with_the_graph_is_refused(tiny_bundle, tmp_path):
+    doc = dict(load_bundle(tiny_bundle).metadata.document)
+    doc["redshift_bins"] = {"z_min": 0, "z_max": 0.4, "n_bins": 100}
+    doc["inputs"] = {"images": "cutouts", "ebv": "ebv"}
+    write_with_metadata(tiny_bundle, tmp_path / "mismatch.onnx", json.dumps(doc))
+    with pytest.raises(BundleError, match="graph outputs 180 bins, metadata declares 100") as err:
+        load_bundle(tmp_path / "mismatch.onnx")
+    assert "no input 'cutouts'" in str(err.value)
+
+
+def test_not_json_and_not_onnx(tiny_bundle, tmp_path):
+    write_with_metadata(tiny_bundle, tmp_path / "nj.onnx", "{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        load_bundle(tmp_path / "nj.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"hello")
+    with pytest.raises(BundleError, match="not a readable ONNX model"):
+        load_bundle(tmp_path / "junk.onnx")
+    with pytest.raises(BundleError, match="does not exist"):
+        load_bundle(tmp_path / "missing.onnx")
+
+
+def test_parse_metadata_rejects_wrong_format_version(tiny_bundle):
+    doc = dict(load_bundle(tiny_bundle).metadata.document, format_version=99)
+    with pytest.raises(BundleError, match="unsupported format_version 99"):
+        parse_metadata(doc)
+
+
+def test_custom_bins_are_exported(tmp_path):
+    from model.pasquet import build
+    from model.pdf import RedshiftBins
+
+    net = build("pasquet2019_tiny", n_bins=4).eval()
+    bins = RedshiftBins(np.array([0.0, 0.05, 0.1, 0.2, 0.6]))
+    md = make_metadata(net, "pasquet2019_tiny", "custom", "1", untrained_record(), bins=bins)
+    bundle = export_bundle(net, tmp_path / "c.onnx", md)
+    assert np.allclose(bundle.metadata.bins.edges, bins.edges)
+
+
+def test_serving_and_bundle_loader_never_import_torch(tiny_bundle):
+    code = (
+        "import sys, service, service.app, model.bundle, model.pdf\n"
+        f"model.bundle.load_bundle({str(tiny_bundle)!r})\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "print('clean')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "clean"
