@@ -75,3 +75,35 @@ def sky_sigma_nmgy_per_pixel(band: str) -> float:
     noise_equivalent_area = 4.0 * math.pi * sigma_psf_pixels**2
     flux_5sigma = mag_to_nanomaggies(DEPTH_5SIGMA_MAG[band])
     return flux_5sigma / 5.0 / math.sqrt(noise_equivalent_area)
+
+
+#: Typical SDSS dark-sky surface brightness, AB mag per arcsec^2
+#: (Stoughton et al. 2002). With the depths above it fixes the effective
+#: gain (electrons per nanomaggy) and hence the Poisson noise of sources.
+SKY_BRIGHTNESS_MAG_ARCSEC2: dict[str, float] = {
+    "u": 22.1, "g": 21.7, "r": 20.9, "i": 20.2, "z": 18.9,
+}
+
+#: SDSS asinh-magnitude softening b per band, in maggies (Lupton et al. 1999;
+#: SDSS photometric flux calibration docs).
+ASINH_SOFTENING_MAGGIES: dict[str, float] = {
+    "u": 1.4e-10, "g": 0.9e-10, "r": 1.2e-10, "i": 1.8e-10, "z": 7.4e-10,
+}
+
+
+def sky_level_nmgy_per_pixel(band: str) -> float:
+    """Mean sky flux in one pixel, nanomaggies."""
+    return mag_to_nanomaggies(SKY_BRIGHTNESS_MAG_ARCSEC2[band]) * PIXEL_SCALE_ARCSEC**2
+
+
+def effective_gain_e_per_nmgy(band: str) -> float:
+    """Electrons per nanomaggy such that the sky's Poisson noise is the depth's sky noise."""
+    return sky_level_nmgy_per_pixel(band) / sky_sigma_nmgy_per_pixel(band) ** 2
+
+
+def asinh_mag(flux_nmgy, band: str):
+    """SDSS asinh magnitude ("luptitude") of a flux in nanomaggies; defined for flux <= 0."""
+    import numpy as np
+
+    b = ASINH_SOFTENING_MAGGIES[band]
+    return -2.5 / np.log(10) * (np.arcsinh(np.asarray(flux_nmgy) * 1e-9 / (2 * b)) + np.log(b))
