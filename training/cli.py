@@ -1,4 +1,4 @@
-"""Training-room subcommands: simulate, train, evaluate, export, baseline.
+"""Training-room subcommands: simulate, train, evaluate, export.
 
 Only argparse is imported here; each handler imports what it needs, so the
 ``photoz`` command starts fast and serving-only installs never touch torch.
@@ -13,7 +13,37 @@ def _simulate(args) -> int:
 
     path = simulate(args.out, args.n, seed=args.seed, workers=args.workers, chunk_size=args.chunk_size,
                     progress=not args.quiet)
-    print(f"wrote {args.n} galaxies to {path}")
+    print(f"{path}: {args.n} galaxies")
+    return 0
+
+
+def _train(args) -> int:
+    from training.train import TrainConfig, train
+
+    cfg = TrainConfig(data=args.data, out_dir=args.out, variant=args.variant, epochs=args.epochs,
+                      batch_size=args.batch_size, lr=args.lr, seed=args.seed, workers=args.workers,
+                      device=args.device, validation_fraction=args.validation_fraction,
+                      max_steps_per_epoch=args.max_steps_per_epoch, max_validation=args.max_validation)
+    out = train(cfg, resume=args.resume, progress=not args.quiet)
+    print(f"checkpoints and metrics in {out}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from training.evaluate import evaluate, format_report
+
+    report = evaluate(args.model, args.data, args.out, baseline_train=args.baseline_train,
+                      figures=not args.no_figures)
+    print(format_report(report))
+    print(f"\nmetrics and figures in {args.out}")
+    return 0
+
+
+def _export(args) -> int:
+    from training.export import export_checkpoint
+
+    bundle = export_checkpoint(args.checkpoint, args.out, args.name, args.version, args.held_out_report)
+    print(f"{bundle.path}  sha256 {bundle.sha256}  (ONNX/torch parity checked)")
     return 0
 
 
@@ -29,3 +59,38 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk-size", type=int, default=256, help="galaxies per deterministic chunk (default 256)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_simulate)
+
+    p = sub.add_parser("train", help="train a network variant on a labelled HDF5 data set",
+                       description="Train with cross-entropy over redshift bins. Use torchrun for DDP.")
+    p.add_argument("--data", required=True, help="HDF5 data set (images, z, optional ebv)")
+    p.add_argument("--out", required=True, help="run directory for checkpoints and metrics.csv")
+    p.add_argument("--variant", default="pasquet2019_half", help="network variant (photoz summary lists them)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=128, help="per process")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate; divided by 5 halfway")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2, help="data-loading worker processes")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--validation-fraction", type=float, default=0.1)
+    p.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap (smoke tests)")
+    p.add_argument("--max-validation", type=int, default=None, help="cap on validation objects")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("evaluate", help="score a bundle or checkpoint on a labelled data set")
+    p.add_argument("--model", required=True, help="bundle (.onnx) or checkpoint (.pt)")
+    p.add_argument("--data", required=True, help="labelled HDF5 data set")
+    p.add_argument("--out", required=True, help="directory for metrics.json and figures")
+    p.add_argument("--baseline-train", default=None,
+                   help="HDF5 data set with a catalogue to fit the kNN baseline on (scored side by side)")
+    p.add_argument("--no-figures", action="store_true")
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("export", help="export a training checkpoint to an ONNX model bundle")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True, help="bundle path (.onnx)")
+    p.add_argument("--name", default="photoz-sdss-sim")
+    p.add_argument("--version", default="0.1.0")
+    p.add_argument("--held-out-report", default=None, help="metrics.json of `photoz evaluate` on held-out data")
+    p.set_defaults(func=_export)

@@ -1,0 +1,163 @@
+"""``photoz evaluate``: score a bundle or checkpoint on a labelled data set.
+
+Metrics (sigma_MAD, outlier fraction, bias, CRPS, PIT flatness) overall and
+in bins of redshift and r magnitude, the figures astronomers look at, and the
+kNN catalogue baseline scored on the very same objects, side by side.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from model.conventions import BANDS
+from model.pdf import RedshiftBins, photoz_metrics, point_estimates, pit
+
+Z_BIN_EDGES = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4)
+R_MAG_BIN_EDGES = (10.0, 15.5, 16.5, 17.0, 17.5, 18.0)
+#: The point estimate every headline metric uses (the PDF mean, as in Pasquet et al. 2019).
+POINT_ESTIMATE = "z_mean"
+
+
+def predict_file(model_path: str | Path, data_path: str | Path, batch_size: int = 128):
+    """PDFs for every object of an HDF5 data set, from a bundle (.onnx) or checkpoint (.pt)."""
+    import h5py
+
+    model_path = Path(model_path)
+    if model_path.suffix == ".onnx":
+        from model.bundle import load_bundle
+        from model.runtime import OnnxPredictor
+
+        predictor = OnnxPredictor(load_bundle(model_path), providers="cpu")
+        bins, run = predictor.metadata.bins, predictor.predict
+    else:
+        import torch
+
+        from training.train import load_checkpoint
+
+        net, state = load_checkpoint(model_path)
+        bins = RedshiftBins.from_metadata(state["train_config"]["z_bins"])
+
+        def run(images, ebv):
+            with torch.no_grad():
+                return net(torch.from_numpy(images), torch.from_numpy(ebv.reshape(-1, 1))).numpy()
+
+    pdfs = []
+    with h5py.File(data_path, "r") as h5:
+        n = h5["images"].shape[0]
+        ebv_all = np.asarray(h5["ebv"][:], np.float32) if "ebv" in h5 else np.zeros(n, np.float32)
+        for start in range(0, n, batch_size):
+            images = np.asarray(h5["images"][start:start + batch_size], np.float32)
+            if images.shape[1] != len(BANDS):
+                images = np.moveaxis(images, -1, 1)
+            pdfs.append(run(images, ebv_all[start:start + batch_size]))
+    return np.concatenate(pdfs), bins
+
+
+def binned_metrics(z_phot, z_spec, pdfs, bins, values, edges) -> list[dict]:
+    rows = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = (values >= lo) & (values < hi)
+        if sel.sum() >= 10:
+            rows.append({"lo": lo, "hi": hi, **photoz_metrics(z_phot[sel], z_spec[sel], pdfs[sel], bins)})
+    return rows
+
+
+def score(pdfs, bins: RedshiftBins, z_spec, r_mag=None) -> dict:
+    z_phot = point_estimates(pdfs, bins)[POINT_ESTIMATE]
+    out = {"point_estimate": POINT_ESTIMATE, **photoz_metrics(z_phot, z_spec, pdfs, bins),
+           "by_redshift": binned_metrics(z_phot, z_spec, pdfs, bins, z_spec, Z_BIN_EDGES)}
+    if r_mag is not None:
+        out["by_r_magnitude"] = binned_metrics(z_phot, z_spec, pdfs, bins, r_mag, R_MAG_BIN_EDGES)
+    return out
+
+
+def evaluate(model_path, data_path, out_dir, baseline_train=None, figures: bool = True) -> dict:
+    """Score the model (and the kNN baseline when ``baseline_train`` has a catalogue); write JSON + figures."""
+    from training.data import read_labels
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pdfs, bins = predict_file(model_path, data_path)
+    labels = read_labels(data_path)
+    z = labels["z"]
+    mags = labels.get("catalogue/petro_mag")
+    r_mag = mags[:, BANDS.index("r")] if mags is not None else None
+    report = {"model": str(model_path), "data": str(data_path), "n": int(z.size),
+              "model_metrics": score(pdfs, bins, z, r_mag)}
+    results = {"CNN": pdfs}
+    if baseline_train is not None and mags is not None:
+        from training.baseline import KNNPhotoZ
+
+        train = read_labels(baseline_train)
+        knn = KNNPhotoZ(bins=bins).fit(train["catalogue/petro_mag"], train["z"])
+        knn_pdfs = knn.predict_pdfs(mags)
+        report["baseline"] = {"name": f"kNN (k={knn.k}) on Petrosian r + 4 colours",
+                              "trained_on": str(baseline_train), "metrics": score(knn_pdfs, bins, z, r_mag)}
+        results["kNN baseline"] = knn_pdfs
+    (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
+    if figures:
+        report["figures"] = make_figures(results, bins, z, out_dir)
+        (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def make_figures(results: dict, bins: RedshiftBins, z_spec, out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, axes = plt.subplots(len(names), 3, figsize=(13, 4 * len(names)), squeeze=False)
+    for row, name in enumerate(names):
+        pdfs = results[name]
+        z_phot = point_estimates(pdfs, bins)[POINT_ESTIMATE]
+        dz = (z_phot - z_spec) / (1 + z_spec)
+        ax = axes[row, 0]
+        ax.hexbin(z_spec, z_phot, gridsize=60, extent=(0, 0.4, 0, 0.4), bins="log", cmap="viridis", mincnt=1)
+        ax.plot([0, 0.4], [0, 0.4], "w--", lw=0.8)
+        ax.set(xlabel="spectroscopic z", ylabel="photometric z (PDF mean)", title=f"{name}: photo-z vs spec-z")
+        ax = axes[row, 1]
+        ax.scatter(z_spec, dz, s=1, alpha=0.3)
+        ax.axhline(0, color="k", lw=0.8)
+        for s in (-0.05, 0.05):
+            ax.axhline(s, color="r", lw=0.6, ls=":")
+        ax.set(xlabel="spectroscopic z", ylabel="dz = (zp - zs)/(1 + zs)", ylim=(-0.15, 0.15), title="residuals")
+        ax = axes[row, 2]
+        ax.hist(pit(pdfs, bins, z_spec), bins=20, range=(0, 1), density=True, histtype="stepfilled", alpha=0.6)
+        ax.axhline(1, color="k", lw=0.8)
+        ax.set(xlabel="PIT", ylabel="density", title="PIT histogram (flat = calibrated)")
+    fig.tight_layout()
+    paths = [out_dir / "photoz_diagnostics.png"]
+    fig.savefig(paths[0], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist(z_spec, bins=bins.edges, density=True, histtype="step", color="k", lw=1.5, label="true n(z)")
+    for name in names:
+        stacked = results[name].sum(axis=0) / (results[name].sum() * bins.widths)
+        ax.step(bins.edges[:-1], stacked, where="post", label=f"stacked PDFs: {name}")
+    ax.set(xlabel="z", ylabel="n(z)", title="stacked PDFs against the true redshift distribution")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out_dir / "stacked_nz.png")
+    fig.savefig(paths[1], dpi=110)
+    plt.close(fig)
+    return [str(p) for p in paths]
+
+
+def format_report(report: dict) -> str:
+    rows = [("CNN", report["model_metrics"])]
+    if "baseline" in report:
+        rows.append(("kNN baseline", report["baseline"]["metrics"]))
+    lines = [f"{'':14}{'sigma_MAD':>11}{'outliers':>10}{'bias':>10}{'CRPS':>9}{'PIT KS':>9}{'n':>8}"]
+    for name, m in rows:
+        lines.append(f"{name:14}{m['sigma_mad']:>11.4f}{m['outlier_fraction']:>10.2%}{m['bias']:>+10.4f}"
+                     f"{m['crps']:>9.4f}{m['pit_ks']:>9.3f}{m['n']:>8}")
+    lines.append("\nby redshift (CNN):")
+    for b in report["model_metrics"]["by_redshift"]:
+        lines.append(f"  {b['lo']:.2f} <= z < {b['hi']:.2f}: sigma_MAD {b['sigma_mad']:.4f}  "
+                     f"outliers {b['outlier_fraction']:.2%}  bias {b['bias']:+.4f}  n {b['n']}")
+    return "\n".join(lines)

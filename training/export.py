@@ -1,0 +1,35 @@
+"""``photoz export``: a training checkpoint to a model bundle with its training record."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from model.export import code_commit, export_bundle, make_metadata
+from model.pdf import RedshiftBins
+from training.train import load_checkpoint
+
+
+def training_record(state: dict, held_out: dict | None) -> dict:
+    """What the bundle says about how it was made (DESIGN.md: the training record)."""
+    cfg = state["train_config"]
+    metrics = {"validation": {k: v for k, v in (state.get("best") or {}).items()}}
+    if held_out is not None:
+        metrics["held_out"] = {k: v for k, v in held_out["model_metrics"].items() if not k.startswith("by_")}
+        metrics["held_out_data"] = held_out["data"]
+        if "baseline" in held_out:
+            metrics["baseline"] = {"name": held_out["baseline"]["name"],
+                                   **{k: v for k, v in held_out["baseline"]["metrics"].items()
+                                      if not k.startswith("by_")}}
+    return {"dataset": state["dataset"], "seed": cfg["seed"], "epochs": state["epoch"],
+            "variant": cfg["variant"], "batch_size": cfg["batch_size"], "learning_rate": cfg["lr"],
+            "code_commit": code_commit(), "metrics": metrics}
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, name: str, version: str,
+                      held_out_report: str | Path | None = None):
+    net, state = load_checkpoint(checkpoint)
+    held_out = json.loads(Path(held_out_report).read_text()) if held_out_report else None
+    bins = RedshiftBins.from_metadata(state["train_config"]["z_bins"])
+    metadata = make_metadata(net, state["train_config"]["variant"], name, version,
+                             training_record(state, held_out), bins=bins)
+    return export_bundle(net, out, metadata)

@@ -1,0 +1,252 @@
+"""``photoz train``: fit a network variant to a labelled HDF5 data set.
+
+Reads top to bottom: config, data, model, optimiser, loop, checkpoints.
+Runs on CPU, one GPU (mixed precision) or several processes with DDP
+(``torchrun --nproc_per_node=K -m photoz train ...``; gloo on CPU, nccl on
+GPU). Loss: cross-entropy over the redshift bins (Pasquet et al. 2019).
+Augmentation: random 90-degree rotations and flips. Adam, learning rate
+divided by 5 halfway (Lin et al. 2022). A checkpoint is written after every
+epoch and on SIGTERM; ``--resume`` continues from the same epoch and batch.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from model.pasquet import PasquetNet, build, variant_config
+from model.pdf import RedshiftBins, photoz_metrics, point_estimates
+from training.data import CutoutDataset, inspect, split_indices
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out_dir: str
+    variant: str = "pasquet2019_half"
+    epochs: int = 30
+    batch_size: int = 128  # per process
+    lr: float = 1e-4
+    lr_drop_factor: float = 5.0  # lr / 5 after half of the epochs
+    weight_decay: float = 0.0
+    validation_fraction: float = 0.1
+    seed: int = 0
+    workers: int = 2
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = True  # bfloat16/float16 autocast on GPU only
+    max_steps_per_epoch: int | None = None  # for smoke tests
+    max_validation: int | None = None  # cap on validation objects per epoch
+    z_bins: dict = field(default_factory=lambda: RedshiftBins.uniform().to_metadata())
+
+
+def checkpoint_payload(net, optimizer, cfg, epoch, batch_in_epoch, best, history, dataset_info) -> dict:
+    return {
+        "model": net.state_dict(), "optimizer": optimizer.state_dict(),
+        "train_config": asdict(cfg), "network_config": net.config.to_dict(),
+        "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best": best, "history": history,
+        "dataset": dataset_info,
+    }
+
+
+def epoch_batches(indices: np.ndarray, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list:
+    """This rank's batches for an epoch: a permutation fixed by (seed, epoch), sharded by rank."""
+    order = indices[np.random.default_rng([seed, epoch]).permutation(indices.size)]
+    per_rank = indices.size // world
+    mine = order[rank * per_rank:(rank + 1) * per_rank]
+    return [mine[i:i + batch_size].tolist() for i in range(0, len(mine) - batch_size + 1, batch_size)] or \
+        [mine.tolist()]
+
+
+@torch.no_grad()
+def predict_pdfs(net: PasquetNet, dataset: CutoutDataset, device, batch_size: int = 256, workers: int = 0):
+    """PDFs (N, n_bins) and true z of every object in ``dataset``."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    net.eval()
+    pdfs, zs = [], []
+    for images, ebv, z in loader:
+        pdfs.append(net(images.to(device), ebv.to(device)).float().cpu().numpy())
+        zs.append(z.numpy())
+    return np.concatenate(pdfs), np.concatenate(zs)
+
+
+def validate(net, dataset, bins: RedshiftBins, device, workers: int) -> dict:
+    pdfs, z = predict_pdfs(net, dataset, device, workers=workers)
+    return photoz_metrics(point_estimates(pdfs, bins)["z_mean"], z, pdfs, bins)
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Train; return the run directory (checkpoints ``last.pt``, ``best.pt``, ``metrics.csv``)."""
+    # -- processes and device
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
+    torch.manual_seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    out = Path(cfg.out_dir)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+
+    # -- data: validation split held out by object, fixed by the seed
+    info = inspect(cfg.data)
+    train_idx, val_idx = split_indices(info["n"], cfg.validation_fraction, cfg.seed)
+    if cfg.max_validation:
+        val_idx = val_idx[: cfg.max_validation]
+    train_set = CutoutDataset(cfg.data, train_idx, augment=True)
+    val_set = CutoutDataset(cfg.data, val_idx)
+    dataset_info = {"name": info["name"], "provenance": info["provenance"], "n_objects": int(info["n"]),
+                    "n_train": int(train_idx.size), "n_validation": int(val_idx.size),
+                    "seed": info["seed"], "simulator_version": info["simulator_version"]}
+    bins = RedshiftBins.from_metadata(cfg.z_bins)
+
+    # -- model and optimiser
+    net = build(variant_config(cfg.variant, n_bins=bins.n_bins)).to(device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start_epoch, start_batch, best, history = 0, 0, None, []
+    if resume and (out / "last.pt").exists():
+        state = torch.load(out / "last.pt", map_location=device, weights_only=False)
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, start_batch = state["epoch"], state["batch_in_epoch"]
+        best, history = state["best"], state["history"]
+    # DDP synchronises gradients only through its own forward: wrap the logits
+    model = _Logits(net)
+    if distributed:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    amp_dtype = torch.bfloat16 if use_cuda and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and cfg.amp and amp_dtype == torch.float16)
+
+    # -- SIGTERM: finish the current step, checkpoint, exit
+    stop = {"requested": False}
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
+
+    def save(epoch, batch_in_epoch, name="last.pt"):
+        if rank == 0:
+            payload = checkpoint_payload(net, optimizer, cfg, epoch, batch_in_epoch, best, history, dataset_info)
+            tmp = out / (name + ".tmp")
+            torch.save(payload, tmp)
+            os.replace(tmp, out / name)
+
+    writer = _tensorboard(out) if rank == 0 else None
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            lr = cfg.lr / (cfg.lr_drop_factor if epoch >= cfg.epochs // 2 else 1.0)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batches = epoch_batches(train_idx, cfg.batch_size, cfg.seed, epoch, rank, world)
+            if cfg.max_steps_per_epoch:
+                batches = batches[: cfg.max_steps_per_epoch]
+            skip = start_batch if epoch == start_epoch else 0
+            loader = torch.utils.data.DataLoader(
+                CutoutDataset(cfg.data, None, augment=True), batch_sampler=batches[skip:],
+                num_workers=cfg.workers, persistent_workers=False, pin_memory=use_cuda)
+            model.train()
+            bar = _bar(len(batches), skip, epoch, cfg.epochs, enabled=progress and rank == 0)
+            last_sigma = history[-1]["val_sigma_mad"] if history else float("nan")
+            running, seen, t0 = 0.0, 0, time.perf_counter()
+            batch_in_epoch = skip
+            for images, ebv, z in loader:
+                images, ebv = images.to(device, non_blocking=True), ebv.to(device, non_blocking=True)
+                target = torch.from_numpy(bins.index_of(z.numpy())).to(device)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_cuda and cfg.amp):
+                    loss = F.cross_entropy(model(images, ebv), target)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                batch_in_epoch += 1
+                running += loss.item() * len(z)
+                seen += len(z)
+                if bar is not None:
+                    rate = seen * world / (time.perf_counter() - t0)
+                    bar.set_postfix(loss=f"{running / seen:.3f}", cut_s=f"{rate:.0f}", val_smad=f"{last_sigma:.4f}")
+                    bar.update(1)
+                if stop["requested"]:
+                    save(epoch, batch_in_epoch)
+                    return out
+            if bar is not None:
+                bar.close()
+            # -- end of epoch: validate, log, checkpoint
+            row = {"epoch": epoch + 1, "lr": lr, "train_loss": running / max(seen, 1),
+                   "train_cutouts_per_s": seen * world / max(time.perf_counter() - t0, 1e-9)}
+            if rank == 0:
+                metrics = validate(net, val_set, bins, device, cfg.workers)
+                row.update({f"val_{k}": v for k, v in metrics.items() if k != "n"})
+                history.append(row)
+                _append_csv(out / "metrics.csv", row)
+                if writer is not None:
+                    for key, value in row.items():
+                        writer.add_scalar(key, value, epoch + 1)
+                improved = best is None or row["val_sigma_mad"] < best["val_sigma_mad"]
+                if improved:
+                    best = dict(row)
+                save(epoch + 1, 0)
+                if improved:
+                    save(epoch + 1, 0, "best.pt")
+            if distributed:
+                dist.barrier()
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        if distributed:
+            dist.destroy_process_group()
+    return out
+
+
+class _Logits(torch.nn.Module):
+    def __init__(self, net: PasquetNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, images, ebv):
+        return self.net.logits(images, ebv)
+
+
+def _append_csv(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) and math.isfinite(v) else v) for k, v in row.items()})
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def _bar(total: int, initial: int, epoch: int, epochs: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=f"epoch {epoch + 1}/{epochs}", unit="batch")
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[PasquetNet, dict]:
+    """Network (eval mode) and the checkpoint's record."""
+    from model.pasquet import PasquetConfig
+
+    state = torch.load(path, map_location=device, weights_only=False)
+    net = build(PasquetConfig.from_dict(state["network_config"]))
+    net.load_state_dict(state["model"])
+    return net.eval(), state
+
+
+def config_from_json(path: str | Path) -> TrainConfig:
+    return TrainConfig(**json.loads(Path(path).read_text()))
