@@ -40,6 +40,10 @@ MEDIAN_SEEING_FWHM_ARCSEC: dict[str, float] = {
     "u": 1.55, "g": 1.45, "r": 1.35, "i": 1.30, "z": 1.30,
 }
 
+#: Moffat index of the PSF model used for simulation and depth bookkeeping
+#: (a Moffat with beta ~ 3.5 describes the SDSS PSF core and wings).
+PSF_MOFFAT_BETA: float = 3.5
+
 #: Default redshift grid of the PDF: 180 equal bins over 0 <= z < 0.4
 #: (Pasquet et al. 2019). Bundles carry their own grid; this is the default
 #: used when a network is built.
@@ -67,12 +71,15 @@ def nanomaggies_to_mag(flux_nmgy):
 def sky_sigma_nmgy_per_pixel(band: str) -> float:
     """Per-pixel sky noise (1 sigma, nanomaggies) that gives the band's depth.
 
-    A point source observed through a Gaussian PSF of the median seeing,
-    measured with an optimal (PSF-weighted) filter, has a noise-equivalent
-    area of 4 pi sigma_psf^2 pixels; its 5-sigma flux is the band's depth.
+    A point source seen through the median-seeing Moffat PSF and measured
+    with the optimal (PSF-weighted) estimator has a noise-equivalent area
+    NEA = pi alpha^2 (2 beta - 1) / (beta - 1)^2; its 5-sigma flux is the
+    band's depth, so sigma_pixel = f_5sigma / 5 / sqrt(NEA).
     """
-    sigma_psf_pixels = (MEDIAN_SEEING_FWHM_ARCSEC[band] / PIXEL_SCALE_ARCSEC) / 2.3548
-    noise_equivalent_area = 4.0 * math.pi * sigma_psf_pixels**2
+    fwhm_pixels = MEDIAN_SEEING_FWHM_ARCSEC[band] / PIXEL_SCALE_ARCSEC
+    beta = PSF_MOFFAT_BETA
+    alpha = fwhm_pixels / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    noise_equivalent_area = math.pi * alpha**2 * (2 * beta - 1) / (beta - 1) ** 2
     flux_5sigma = mag_to_nanomaggies(DEPTH_5SIGMA_MAG[band])
     return flux_5sigma / 5.0 / math.sqrt(noise_equivalent_area)
 

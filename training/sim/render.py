@@ -14,12 +14,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from model.conventions import (BANDS, CUTOUT_SIZE_PIXELS, MEDIAN_SEEING_FWHM_ARCSEC, PIXEL_SCALE_ARCSEC,
+from model.conventions import (BANDS, CUTOUT_SIZE_PIXELS, MEDIAN_SEEING_FWHM_ARCSEC, PIXEL_SCALE_ARCSEC, PSF_MOFFAT_BETA,
                                asinh_mag, effective_gain_e_per_nmgy, mag_to_nanomaggies, sky_sigma_nmgy_per_pixel)
 from training.sim.population import PopulationConfig, draw_candidates, draw_selected
 
 PETROSIAN_ETA = 0.2
-MOFFAT_BETA = 3.5
 #: Looser than GalSim's defaults (folding 5e-3): flux lost to aliasing stays
 #: below 1%, far under the sky noise of a cutout, and drawing is ~2x faster.
 GSPARAMS = {"folding_threshold": 1e-2, "maxk_threshold": 3e-3}
@@ -50,6 +49,23 @@ def star_magnitudes(rng: np.random.Generator, n: int) -> np.ndarray:
     return np.stack([u, g, r, i, z], axis=1)
 
 
+def draw(profiles: list, psf_fwhm_arcsec: float) -> np.ndarray:
+    """Sum of GalSim profiles (flux in nanomaggies, positions in arcsec from the centre)
+    seen through a Moffat PSF, drawn (with the pixel response) on the cutout grid."""
+    import warnings
+
+    import galsim
+
+    # GalSim notes when a truncated profile falls back from real-space to DFT
+    # convolution; that is the method we want, so the note is noise
+    warnings.filterwarnings("ignore", message=".*real space convolution.*", category=galsim.GalSimWarning)
+    gsparams = galsim.GSParams(**GSPARAMS)
+    psf = galsim.Moffat(beta=PSF_MOFFAT_BETA, fwhm=psf_fwhm_arcsec, gsparams=gsparams)
+    image = galsim.ImageF(CUTOUT_SIZE_PIXELS, CUTOUT_SIZE_PIXELS, scale=PIXEL_SCALE_ARCSEC)
+    galsim.Convolve(galsim.Add(profiles), psf, gsparams=gsparams).drawImage(image=image, method="auto")
+    return image.array
+
+
 def _galaxy_profile(galsim, row: dict, band_index: int, dx_arcsec: float, dy_arcsec: float):
     r50 = max(float(row["r50_arcsec"]), 0.05)
     beta = float(row["position_angle_deg"]) * galsim.degrees
@@ -69,14 +85,8 @@ def _galaxy_profile(galsim, row: dict, band_index: int, dx_arcsec: float, dy_arc
 def render_galaxies(pop: dict, rng: np.random.Generator, inst: InstrumentConfig,
                     neighbour_pool: dict) -> tuple[np.ndarray, np.ndarray, dict]:
     """Noise-free and noisy cutouts (N, 5, 64, 64) in nanomaggies, plus per-object draws."""
-    import warnings
-
     import galsim
 
-    # GalSim notes when a truncated profile falls back from real-space to DFT
-    # convolution; that is the method we want, so the note is noise
-    warnings.filterwarnings("ignore", message=".*real space convolution.*", category=galsim.GalSimWarning)
-    gsparams = galsim.GSParams(**GSPARAMS)
     n = pop["z"].size
     size, scale = CUTOUT_SIZE_PIXELS, PIXEL_SCALE_ARCSEC
     fwhm_r = MEDIAN_SEEING_FWHM_ARCSEC["r"] * np.exp(rng.normal(0, inst.seeing_sigma_ln, n))
@@ -101,17 +111,13 @@ def render_galaxies(pop: dict, rng: np.random.Generator, inst: InstrumentConfig,
                                    position))
                 pool_next += 1
         for b in range(len(BANDS)):
-            psf = galsim.Moffat(beta=MOFFAT_BETA, fwhm=float(fwhm[k, b]),
-                                gsparams=gsparams)
             profiles = [_galaxy_profile(galsim, row, b, *offsets[k])]
             for kind, what, (x, y) in neighbours:
                 if kind == "star":
                     profiles.append(galsim.DeltaFunction(flux=mag_to_nanomaggies(what[b])).shift(x, y))
                 else:
                     profiles.append(_galaxy_profile(galsim, what, b, x, y))
-            image = galsim.ImageF(size, size, scale=scale)
-            galsim.Convolve(galsim.Add(profiles), psf, gsparams=gsparams).drawImage(image=image, method="auto")
-            clean[k, b] = image.array
+            clean[k, b] = draw(profiles, float(fwhm[k, b]))
     noisy = add_noise(clean, np.random.default_rng(noise_seeds))
     draws = {"psf_fwhm_arcsec": fwhm.astype(np.float32), "offset_arcsec": offsets.astype(np.float32),
              "n_neighbours": n_neigh.astype(np.int16)}
