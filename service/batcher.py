@@ -1,0 +1,193 @@
+"""Dynamic batching: many requests' cutouts, few model calls.
+
+Requests are cut into pieces of at most ``max_batch_size`` cutouts and
+queued. A single loop forms a batch when it holds ``max_batch_size``
+cutouts or when the oldest waiting piece has waited ``max_queue_delay``,
+runs it off the event loop, and hands each piece its rows. While a batch
+runs, the next one accumulates, so a busy server forms full batches. The
+queue is bounded (in cutouts): a request that does not fit is refused at
+once. Pieces whose caller gave up (deadline passed, client gone) are
+dropped before they reach the model.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+
+class QueueFull(RuntimeError):
+    def __init__(self, queued: int, capacity: int, retry_after_s: float):
+        super().__init__(f"queue holds {queued} of {capacity} cutouts; retry in {retry_after_s:.0f} s")
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(RuntimeError):
+    pass
+
+
+class Draining(RuntimeError):
+    pass
+
+
+@dataclass
+class _Piece:
+    images: np.ndarray
+    ebv: np.ndarray
+    future: asyncio.Future
+    enqueued: float
+    deadline: float
+    started: float = field(default=0.0)
+
+    @property
+    def n(self) -> int:
+        return self.images.shape[0]
+
+
+@dataclass
+class BatchStats:
+    """Hooks the metrics module plugs into."""
+
+    on_batch: Callable[[int, float], None] = lambda size, seconds: None
+    on_queue_wait: Callable[[float], None] = lambda seconds: None
+    on_depth: Callable[[int], None] = lambda depth: None
+
+
+class Batcher:
+    def __init__(self, infer: Callable[[np.ndarray, np.ndarray], np.ndarray], max_batch_size: int,
+                 max_queue_delay_s: float, max_queue_objects: int, workers: int = 1,
+                 stats: BatchStats | None = None):
+        self.infer = infer
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_s
+        self.max_queue_objects = max_queue_objects
+        self.stats = stats or BatchStats()
+        self._queue: collections.deque[_Piece] = collections.deque()
+        self._queued = 0
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(workers)
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="photoz-infer")
+        self._task: asyncio.Task | None = None
+        self._running: set[asyncio.Task] = set()
+        self._seconds_per_object = 0.01  # running estimate for Retry-After
+        self.accepting = True
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="photoz-batcher")
+
+    async def submit(self, images: np.ndarray, ebv: np.ndarray, timeout_s: float) -> np.ndarray:
+        """Probabilities for ``images``, in order; raises QueueFull, DeadlineExceeded, Draining."""
+        n = images.shape[0]
+        if not self.accepting:
+            raise Draining("the server is shutting down")
+        if self._queued + n > self.max_queue_objects:
+            wait = max(1.0, (self._queued + n) * self._seconds_per_object)
+            raise QueueFull(self._queued, self.max_queue_objects, wait)
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        pieces = []
+        for start in range(0, n, self.max_batch_size):
+            piece = _Piece(images[start:start + self.max_batch_size], ebv[start:start + self.max_batch_size],
+                           loop.create_future(), now, now + timeout_s)
+            pieces.append(piece)
+            self._queue.append(piece)
+            self._queued += piece.n
+        self.stats.on_depth(self._queued)
+        self._wakeup.set()
+        try:
+            results = await asyncio.gather(*(p.future for p in pieces))
+        except BaseException:
+            for p in pieces:  # caller gone: its remaining pieces are dropped unrun
+                p.future.cancel()
+            raise
+        return np.concatenate(results) if len(results) > 1 else results[0]
+
+    async def _loop(self) -> None:
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            await self._slots.acquire()
+            # wait for a full batch or for the oldest piece's delay to pass
+            while self._queued < self.max_batch_size and self._queue:
+                remaining = self._queue[0].enqueued + self.max_queue_delay_s - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except asyncio.TimeoutError:
+                    break
+            batch = self._take()
+            if not batch:
+                self._slots.release()
+                continue
+            task = asyncio.create_task(self._run(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    def _take(self) -> list[_Piece]:
+        batch, size, now = [], 0, time.monotonic()
+        while self._queue and size + self._queue[0].n <= self.max_batch_size:
+            piece = self._queue.popleft()
+            self._queued -= piece.n
+            if piece.future.done():  # cancelled: the caller went away
+                continue
+            if now > piece.deadline:
+                piece.future.set_exception(DeadlineExceeded("deadline passed while queued"))
+                continue
+            piece.started = now
+            self.stats.on_queue_wait(now - piece.enqueued)
+            batch.append(piece)
+            size += piece.n
+        self.stats.on_depth(self._queued)
+        return batch
+
+    async def _run(self, batch: list[_Piece]) -> None:
+        try:
+            images = np.concatenate([p.images for p in batch]) if len(batch) > 1 else batch[0].images
+            ebv = np.concatenate([p.ebv for p in batch]) if len(batch) > 1 else batch[0].ebv
+            start = time.perf_counter()
+            try:
+                probs = await asyncio.get_running_loop().run_in_executor(self._executor, self.infer, images, ebv)
+            except Exception as exc:  # an engine failure fails this batch's callers, not the server
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                return
+            seconds = time.perf_counter() - start
+            self._seconds_per_object = 0.8 * self._seconds_per_object + 0.2 * seconds / len(images)
+            self.stats.on_batch(len(images), seconds)
+            offset = 0
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_result(probs[offset:offset + p.n])
+                offset += p.n
+        finally:
+            self._slots.release()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Stop accepting; wait until queued and running work is finished (or the timeout)."""
+        self.accepting = False
+        deadline = time.monotonic() + timeout_s
+        while (self._queue or self._running) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._executor.shutdown(wait=True)

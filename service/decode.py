@@ -1,0 +1,312 @@
+"""Decode request bodies (FITS, NumPy .npy/.npz, JSON, multipart) into cutout stacks.
+
+Only layout, dtype and validation happen here; pixel values go to the model
+untouched (normalisation is inside the ONNX graph). Every problem is an
+:class:`InputError` naming the field, what was expected and what arrived.
+"""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+NPY_MAGIC = b"\x93NUMPY"
+ZIP_MAGIC = b"PK\x03\x04"
+FITS_MAGIC = b"SIMPLE  ="
+BAND_KEYWORDS = ("FILTER", "BAND", "EXTNAME")
+
+
+class InputError(ValueError):
+    """A bad request: HTTP ``status`` and the problem's field / expected / received."""
+
+    def __init__(self, field: str, expected: str, received: str, status: int = 422, title: str = "invalid input"):
+        super().__init__(f"{field}: expected {expected}, got {received}")
+        self.field, self.expected, self.received, self.status, self.title = field, expected, received, status, title
+
+    def problem(self) -> dict:
+        """RFC 9457 problem details."""
+        return {"type": "about:blank", "title": self.title, "status": self.status, "detail": str(self),
+                "field": self.field, "expected": self.expected, "received": self.received}
+
+
+@dataclass
+class Cutouts:
+    """A validated stack: images (N, bands, S, S) float32, ebv (N,), ids, per-object problems."""
+
+    images: np.ndarray
+    ebv: np.ndarray
+    ids: list[str]
+    problems: list[str | None] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    bands: tuple[str, ...]
+    size: int
+
+    def describe(self) -> str:
+        nb, s = len(self.bands), self.size
+        return f"{nb} bands ({', '.join(self.bands)}) of {s}x{s} pixels: ({nb}, {s}, {s}) or (N, {nb}, {s}, {s}), " \
+               f"or channel-last ({s}, {s}, {nb}) / (N, {s}, {s}, {nb})"
+
+
+def canonical_stack(array, geometry: Geometry, field: str) -> np.ndarray:
+    """Any accepted layout -> (N, bands, S, S) float32; the band axis is found by its length."""
+    array = np.asarray(array)
+    if array.dtype.kind not in "fiu":
+        raise InputError(field, "a real numeric array (float or integer pixels)", f"dtype {array.dtype}")
+    nb, s = len(geometry.bands), geometry.size
+    if array.ndim == 3:
+        array = array[None]
+    if array.ndim != 4:
+        raise InputError(field, geometry.describe(), f"an array of shape {array.shape}")
+    if array.shape[0] == 0:
+        raise InputError(field, "at least one cutout", "an empty stack (0 cutouts)", status=422)
+    if array.shape[1] == nb and array.shape[2:] == (s, s):
+        stack = array
+    elif array.shape[3] == nb and array.shape[1:3] == (s, s):
+        stack = np.moveaxis(array, 3, 1)
+    else:
+        shape = array.shape[1:]
+        if shape[0] == shape[1] and shape[2] != nb and shape[0] != nb:
+            got = f"{shape[2]} bands in channel-last shape {array.shape}" if shape[0] == s else \
+                f"shape {array.shape}"
+        elif shape[1] == shape[2] and shape[1] == s:
+            got = f"{shape[0]} bands in shape {array.shape}"
+        elif nb in (shape[0], shape[2]):
+            side = shape[1:] if shape[0] == nb else shape[:2]
+            got = f"{side[0]}x{side[1]}-pixel cutouts in shape {array.shape}"
+        else:
+            got = f"shape {array.shape}"
+        raise InputError(field, geometry.describe(), got)
+    return np.ascontiguousarray(stack, dtype=np.float32)
+
+
+def flag_non_finite(images: np.ndarray, bands: tuple[str, ...]) -> list[str | None]:
+    bad = ~np.isfinite(images).all(axis=(2, 3))  # (N, bands)
+    return [None if not row.any() else
+            "non-finite pixel values (NaN or inf) in band " + ", ".join(b for b, x in zip(bands, row) if x)
+            for row in bad]
+
+
+def _vector(values, n: int, field: str, kind: str) -> np.ndarray:
+    arr = np.atleast_1d(np.asarray(values))
+    if arr.size == 1 and n > 1:
+        arr = np.repeat(arr, n)
+    if arr.shape != (n,):
+        raise InputError(field, f"one {kind} per cutout ({n}) or a single value", f"{arr.size} values")
+    return arr
+
+
+def ebv_vector(values, n: int, field: str = "ebv") -> np.ndarray:
+    if values is None:
+        return np.zeros(n, np.float32)
+    try:
+        arr = _vector(values, n, field, "E(B-V) in mag").astype(np.float64)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(field, "numbers (E(B-V) in mag)", repr(values)[:80]) from None
+    if not np.all(np.isfinite(arr)) or np.any(arr < 0) or np.any(arr > 10):
+        raise InputError(field, "finite E(B-V) values between 0 and 10 mag", f"{arr[~((arr >= 0) & (arr <= 10))][:3]}")
+    return arr.astype(np.float32)
+
+
+def id_list(values, n: int, default_prefix: str = "") -> list[str]:
+    if values is None:
+        return [f"{default_prefix}{i}" for i in range(n)]
+    return [str(v) for v in _vector(values, n, "ids", "id").tolist()]
+
+
+def finish(images, geometry: Geometry, ebv, ids, field: str, id_prefix: str = "") -> Cutouts:
+    stack = canonical_stack(images, geometry, field)
+    n = stack.shape[0]
+    return Cutouts(stack, ebv_vector(ebv, n), id_list(ids, n, id_prefix), flag_non_finite(stack, geometry.bands))
+
+
+# -- formats -----------------------------------------------------------------
+
+def decode_npy(body: bytes, geometry: Geometry, ebv=None, ids=None, field: str = "body") -> Cutouts:
+    if not body.startswith(NPY_MAGIC):
+        raise InputError(field, "a .npy file (starting with the \\x93NUMPY magic)", f"bytes {body[:8]!r}",
+                         status=400, title="unreadable file")
+    try:
+        array = np.load(io.BytesIO(body), allow_pickle=False)
+    except Exception as exc:  # numpy raises ValueError, OSError, EOFError... for bad files
+        raise InputError(field, "a .npy file (NumPy format, no pickled objects)", f"unreadable data ({exc})",
+                         status=400, title="unreadable file") from None
+    return finish(array, geometry, ebv, ids, field)
+
+
+def decode_npz(body: bytes, geometry: Geometry, ebv=None, ids=None, field: str = "body") -> Cutouts:
+    try:
+        archive = np.load(io.BytesIO(body), allow_pickle=False)
+        names = list(archive.files)
+        key = "images" if "images" in names else "data" if "data" in names else None
+        if key is None:
+            raise InputError(field, "an .npz with an array named 'images' (or 'data')",
+                             f"arrays {names}", status=422)
+        images = archive[key]
+        ebv = archive["ebv"] if ebv is None and "ebv" in names else ebv
+        ids = archive["ids"] if ids is None and "ids" in names else ids
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(field, "an .npz file (NumPy format, no pickled objects)", f"unreadable data ({exc})",
+                         status=400, title="unreadable file") from None
+    return finish(images, geometry, ebv, ids, f"{field}[{key}]")
+
+
+def _header_ebv(headers) -> float | None:
+    for header in headers:
+        for key in ("EBV", "E_BV", "EBMV"):
+            if key in header:
+                return float(header[key])
+    return None
+
+
+def _band_of(hdu, bands: tuple[str, ...]) -> str | None:
+    for key in BAND_KEYWORDS:
+        value = str(hdu.header.get(key, "")).strip()
+        if not value:
+            continue
+        for token in (value, value.split()[-1], value.split("_")[-1], value.split("-")[-1]):
+            for band in bands:
+                if token.lower() == band.lower():
+                    return band
+    return None
+
+
+def decode_fits(body: bytes, geometry: Geometry, ebv=None, ids=None, field: str = "body") -> Cutouts:
+    from astropy.io import fits
+
+    try:
+        hdul = fits.open(io.BytesIO(body), memmap=False)
+        hdul.verify("silentfix")
+        image_hdus = [h for h in hdul if h.is_image and h.data is not None and h.data.size > 0]
+        tables = [h for h in hdul if isinstance(h, fits.BinTableHDU)]
+    except Exception as exc:
+        raise InputError(field, "a FITS file", f"unreadable FITS ({exc})", status=400, title="unreadable file") \
+            from None
+    headers = [h.header for h in hdul]
+    table_ebv, table_ids = None, None
+    for table in tables:
+        columns = {c.lower(): c for c in table.columns.names}
+        if "ebv" in columns:
+            table_ebv = np.asarray(table.data[columns["ebv"]], np.float64)
+        for name in ("id", "ids", "objid"):
+            if name in columns:
+                table_ids = table.data[columns[name]]
+    ebv = ebv if ebv is not None else table_ebv if table_ebv is not None else _header_ebv(headers)
+    ids = ids if ids is not None else table_ids
+    cubes = [h for h in image_hdus if h.data.ndim >= 3]
+    if cubes:
+        return finish(cubes[0].data, geometry, ebv, ids, f"{field}[HDU {hdul.index_of(cubes[0])}]")
+    planes = [h for h in image_hdus if h.data.ndim == 2]
+    by_band: dict[str, list] = {}
+    for h in planes:
+        band = _band_of(h, geometry.bands)
+        if band is not None:
+            by_band.setdefault(band, []).append(h)
+    missing = [b for b in geometry.bands if b not in by_band]
+    duplicated = [b for b, hs in by_band.items() if len(hs) > 1]
+    if not planes:
+        raise InputError(field, "a FITS image: a cube " + geometry.describe() + " or one image HDU per band",
+                         "no image data in any HDU")
+    if missing or duplicated:
+        got = (f"no HDU for band(s) {', '.join(missing)}" if missing else "") + \
+              (f"; several HDUs for band(s) {', '.join(duplicated)}" if duplicated else "")
+        raise InputError(f"{field} (FILTER/BAND/EXTNAME headers)",
+                         f"one image HDU per band {', '.join(geometry.bands)}, identified by FILTER, BAND or EXTNAME",
+                         got.strip("; "))
+    cube = np.stack([np.asarray(by_band[b][0].data) for b in geometry.bands])
+    return finish(cube, geometry, ebv, ids, field)
+
+
+def decode_json(body: bytes, geometry: Geometry, field: str = "body") -> Cutouts:
+    try:
+        doc = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(field, "a JSON object", f"invalid JSON ({exc})", status=400, title="unreadable body") \
+            from None
+    if not isinstance(doc, dict) or "images" not in doc:
+        raise InputError("images", 'a JSON object {"images": [...], "ebv": ..., "ids": [...]}',
+                         f"a JSON {type(doc).__name__} without 'images'")
+    try:
+        images = np.asarray(doc["images"], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputError("images", "a rectangular nested list of numbers", "ragged or non-numeric lists") \
+            from None
+    return finish(images, geometry, doc.get("ebv"), doc.get("ids"), "images")
+
+
+def sniff(body: bytes) -> str | None:
+    if body.startswith(NPY_MAGIC):
+        return "npy"
+    if body.startswith(ZIP_MAGIC):
+        return "npz"
+    if body.startswith(FITS_MAGIC):
+        return "fits"
+    return None
+
+
+MEDIA_TYPES = {
+    "application/fits": "fits", "image/fits": "fits",
+    "application/x-npy": "npy", "application/npy": "npy",
+    "application/x-npz": "npz", "application/zip": "npz",
+    "application/octet-stream": "sniff",
+    "application/json": "json",
+}
+EXTENSIONS = {".fits": "fits", ".fit": "fits", ".fts": "fits", ".fz": "fits", ".fits.gz": "fits",
+              ".npy": "npy", ".npz": "npz", ".json": "json"}
+
+
+def decode(body: bytes, kind: str, geometry: Geometry, ebv=None, ids=None, field: str = "body") -> Cutouts:
+    """Decode one payload of a known kind (fits, npy, npz, json, or sniff)."""
+    if kind == "sniff":
+        kind = sniff(body)
+        if kind is None:
+            raise InputError(field, "a .npy, .npz or FITS file (recognised by its first bytes)",
+                             f"unrecognised bytes {body[:8]!r}", status=415, title="unsupported media type")
+    if not body:
+        raise InputError(field, "a non-empty body", "0 bytes", status=422)
+    if kind == "json":
+        cut = decode_json(body, geometry, field)
+        if ebv is not None or ids is not None:
+            cut.ebv = ebv_vector(ebv, len(cut)) if ebv is not None else cut.ebv
+            cut.ids = id_list(ids, len(cut)) if ids is not None else cut.ids
+        return cut
+    return {"fits": decode_fits, "npy": decode_npy, "npz": decode_npz}[kind](body, geometry, ebv, ids, field)
+
+
+def kind_for_filename(name: str | None, content_type: str | None) -> str:
+    lower = (name or "").lower()
+    for ext, kind in sorted(EXTENSIONS.items(), key=lambda kv: -len(kv[0])):
+        if lower.endswith(ext):
+            return kind
+    base = (content_type or "").split(";")[0].strip().lower()
+    return MEDIA_TYPES.get(base, "sniff")
+
+
+def concatenate(parts: list[Cutouts]) -> Cutouts:
+    return Cutouts(np.concatenate([p.images for p in parts]), np.concatenate([p.ebv for p in parts]),
+                   [i for p in parts for i in p.ids], [x for p in parts for x in p.problems])
+
+
+def parse_list_field(raw: str | None, field: str):
+    """A form/query value: a JSON list, a comma-separated list, or one value."""
+    if raw is None or raw == "":
+        return None
+    raw = raw.strip()
+    if raw.startswith("["):
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            raise InputError(field, "a JSON list or comma-separated values", raw[:80]) from None
+    items = [x.strip() for x in raw.split(",")]
+    return items if len(items) > 1 else items[0]

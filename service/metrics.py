@@ -1,0 +1,39 @@
+"""Prometheus metrics of one app instance (own registry, so tests can run several apps)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from service.batcher import BatchStats
+
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self, max_batch_size: int):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("photoz_requests", "HTTP prediction requests by status", ["status"], registry=r)
+        self.request_latency = Histogram("photoz_request_latency_seconds", "Prediction request latency",
+                                         buckets=LATENCY_BUCKETS_S, registry=r)
+        self.queue_latency = Histogram("photoz_queue_latency_seconds", "Time a cutout waited for its batch",
+                                       buckets=LATENCY_BUCKETS_S, registry=r)
+        self.compute_latency = Histogram("photoz_compute_latency_seconds", "Model time per batch",
+                                         buckets=LATENCY_BUCKETS_S, registry=r)
+        batch_buckets = sorted({1, 2, 4, 8, 16, 32, 64, 128, 256, 512, max_batch_size})
+        self.batch_size = Histogram("photoz_batch_size", "Cutouts per model call",
+                                    buckets=[b for b in batch_buckets if b <= max_batch_size], registry=r)
+        self.queue_depth = Gauge("photoz_queue_depth", "Cutouts waiting for a batch", registry=r)
+        self.objects = Counter("photoz_objects", "Cutouts given a PDF", registry=r)
+        self.objects_rejected = Counter("photoz_objects_rejected", "Cutouts flagged invalid (no PDF)", registry=r)
+
+    def batch_stats(self) -> BatchStats:
+        def on_batch(size: int, seconds: float) -> None:
+            self.batch_size.observe(size)
+            self.compute_latency.observe(seconds)
+            self.objects.inc(size)
+
+        return BatchStats(on_batch=on_batch, on_queue_wait=self.queue_latency.observe,
+                          on_depth=self.queue_depth.set)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,55 @@
+"""Service settings: environment variables ``PHOTOZ_*``, overridden by ``photoz serve`` flags."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, Field, field_validator
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "model" / "bundles" / "photoz-sdss-sim.onnx"
+
+
+class Settings(BaseModel):
+    """Every knob of the service. Environment variable: ``PHOTOZ_`` + the upper-case name."""
+
+    model: Path = Field(DEFAULT_MODEL, description="model bundle (.onnx)")
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8000, ge=0, le=65535)
+    providers: str = Field("auto", description="ONNX Runtime providers: auto | tensorrt | cuda | cpu")
+    intra_op_threads: int = Field(0, ge=0, description="ORT threads per inference (0: one per core)")
+    inter_op_threads: int = Field(0, ge=0)
+    inference_workers: int = Field(1, ge=1, description="batches run concurrently")
+    max_batch_size: int = Field(32, ge=1, description="most cutouts per model call")
+    max_queue_delay_ms: float = Field(2.0, ge=0, description="longest wait of the oldest queued cutout")
+    max_queue_objects: int = Field(8192, ge=1, description="queued cutouts beyond which requests get 429")
+    max_body_mb: float = Field(512.0, gt=0, description="largest request body, MiB")
+    request_timeout_s: float = Field(60.0, gt=0, description="default deadline of a request")
+    api_keys: list[str] = Field(default_factory=list, description="bearer tokens; empty: no auth")
+    warmup: bool = Field(True, description="run every batch-size bucket once before ready")
+    drain_timeout_s: float = Field(30.0, gt=0)
+    log_level: str = Field("info")
+
+    @field_validator("providers")
+    @classmethod
+    def _known_provider(cls, value: str) -> str:
+        from model.runtime import PROVIDER_CHOICES
+
+        if value not in PROVIDER_CHOICES:
+            raise ValueError(f"must be one of {', '.join(PROVIDER_CHOICES)}")
+        return value
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+    @classmethod
+    def from_env(cls, environ=None, **overrides) -> "Settings":
+        environ = os.environ if environ is None else environ
+        values = {}
+        for name in cls.model_fields:
+            raw = environ.get(f"PHOTOZ_{name.upper()}")
+            if raw is None:
+                continue
+            values[name] = [k.strip() for k in raw.split(",") if k.strip()] if name == "api_keys" else raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)

@@ -1,0 +1,410 @@
+"""The service through a real uvicorn server on 127.0.0.1, real FITS files, a real ORT session."""
+import io
+import json
+import threading
+
+import httpx
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from tests.conftest import sky_cutouts
+
+NPY = {"Content-Type": "application/x-npy"}
+
+
+def npy_bytes(array) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def npz_bytes(**arrays) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def fits_bytes(hdus) -> bytes:
+    buffer = io.BytesIO()
+    fits.HDUList(hdus).writeto(buffer)
+    return buffer.getvalue()
+
+
+def post(server, body, headers=None, **params):
+    return httpx.post(server.url + "/v1/predict", content=body, headers=headers or NPY, params=params, timeout=60)
+
+
+def expected(predictor, images, ebv=None):
+    ebv = np.zeros(len(images), np.float32) if ebv is None else np.asarray(ebv, np.float32)
+    return predictor.predict(images, ebv)
+
+
+def pdfs_of(response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    return np.array(response.json()["data"]["pdfs"])
+
+
+# -- inputs -------------------------------------------------------------------
+
+def test_single_npy_cutout_gives_the_engine_pdf_and_estimates(server, tiny_predictor, rng):
+    image = sky_cutouts(rng, 1)[0]
+    response = post(server, npy_bytes(image))
+    doc = response.json()
+    assert doc["n_objects"] == 1 and doc["pdf_name"] == "hist"
+    assert len(doc["meta"]["bins"]) == 181
+    np.testing.assert_allclose(pdfs_of(response)[0], expected(tiny_predictor, image[None])[0], atol=1e-6)
+    from model.pdf import RedshiftBins, point_estimates
+
+    est = point_estimates(expected(tiny_predictor, image[None]), RedshiftBins.uniform())
+    assert doc["ancil"]["z_mean"][0] == pytest.approx(est["z_mean"][0], abs=1e-6)
+    assert doc["ancil"]["z_lo95"][0] < doc["ancil"]["z_median"][0] < doc["ancil"]["z_hi95"][0]
+    assert doc["model"]["name"] == "photoz-test-tiny" and len(doc["model"]["sha256"]) == 64
+
+
+def test_stack_channel_last_and_big_endian(server, tiny_predictor, rng):
+    images = sky_cutouts(rng, 5)
+    want = expected(tiny_predictor, images)
+    channel_last = np.moveaxis(images, 1, -1).astype(">f4")
+    np.testing.assert_allclose(pdfs_of(post(server, npy_bytes(channel_last))), want, atol=1e-6)
+    octet = post(server, npy_bytes(images.astype(np.float64)), {"Content-Type": "application/octet-stream"})
+    np.testing.assert_allclose(pdfs_of(octet), want, atol=1e-6)
+
+
+def test_npz_with_images_or_pasquet_data_key_ebv_and_ids(server, tiny_predictor, rng):
+    images = sky_cutouts(rng, 3)
+    ebv = np.array([0.01, 0.05, 0.2], np.float32)
+    response = post(server, npz_bytes(images=images, ebv=ebv, ids=np.array(["a", "b", "c"])),
+                    {"Content-Type": "application/x-npz"})
+    np.testing.assert_allclose(pdfs_of(response), expected(tiny_predictor, images, ebv), atol=1e-6)
+    assert response.json()["ancil"]["ids"] == ["a", "b", "c"]
+    pasquet = post(server, npz_bytes(data=np.moveaxis(images, 1, -1)), {"Content-Type": "application/octet-stream"})
+    np.testing.assert_allclose(pdfs_of(pasquet), expected(tiny_predictor, images), atol=1e-6)
+
+
+def test_fits_cube_in_primary_or_first_extension_with_header_ebv(server, tiny_predictor, rng):
+    images = sky_cutouts(rng, 2)
+    primary = fits.PrimaryHDU(images)
+    primary.header["EBV"] = 0.07
+    want = expected(tiny_predictor, images, [0.07, 0.07])
+    np.testing.assert_allclose(pdfs_of(post(server, fits_bytes([primary]), {"Content-Type": "application/fits"})),
+                               want, atol=1e-6)
+    single = fits_bytes([fits.PrimaryHDU(), fits.ImageHDU(images[0], name="CUTOUT")])
+    np.testing.assert_allclose(pdfs_of(post(server, single, {"Content-Type": "image/fits"})),
+                               expected(tiny_predictor, images[:1]), atol=1e-6)
+
+
+def test_multi_extension_fits_one_hdu_per_band_in_any_order(server, tiny_predictor, rng):
+    image = sky_cutouts(rng, 1)[0]
+    hdus = [fits.PrimaryHDU()]
+    for b in (3, 0, 4, 2, 1):  # i, u, z, r, g
+        hdu = fits.ImageHDU(image[b].astype(">f8"))
+        if b % 2:
+            hdu.header["FILTER"] = "ugriz"[b]
+        else:
+            hdu.name = "ugriz"[b].upper()
+        hdus.append(hdu)
+    hdus[0].header["EBV"] = 0.03
+    response = post(server, fits_bytes(hdus), {"Content-Type": "application/fits"})
+    np.testing.assert_allclose(pdfs_of(response)[0], expected(tiny_predictor, image[None], [0.03])[0], atol=1e-6)
+
+
+def test_compressed_fits(server, tiny_predictor, rng):
+    image = sky_cutouts(rng, 1)[0]
+    body = fits_bytes([fits.PrimaryHDU(), fits.CompImageHDU(image, compression_type="RICE_1")])
+    with fits.open(io.BytesIO(body)) as hdul:  # float compression quantises: expect what the file holds
+        stored = np.asarray(hdul[1].data, np.float32)
+    assert isinstance(fits.open(io.BytesIO(body))[1], fits.CompImageHDU)
+    assert 0 < np.abs(stored - image).max() < 0.05
+    np.testing.assert_allclose(pdfs_of(post(server, body, {"Content-Type": "application/fits"}))[0],
+                               expected(tiny_predictor, stored[None])[0], atol=1e-6)
+
+
+def test_json_body(server, tiny_predictor, rng):
+    image = sky_cutouts(rng, 1)
+    body = json.dumps({"images": image.tolist(), "ebv": 0.02, "ids": ["gal-1"]})
+    response = post(server, body, {"Content-Type": "application/json"})
+    np.testing.assert_allclose(pdfs_of(response), expected(tiny_predictor, image, [0.02]), atol=1e-6)
+    assert response.json()["ancil"]["ids"] == ["gal-1"]
+
+
+def test_multipart_with_several_files_and_form_fields(server, tiny_predictor, rng):
+    a, b = sky_cutouts(rng, 2), sky_cutouts(rng, 1)
+    files = [("files", ("a.npy", npy_bytes(a), "application/octet-stream")),
+             ("files", ("b.fits", fits_bytes([fits.PrimaryHDU(b)]), "application/fits"))]
+    response = httpx.post(server.url + "/v1/predict", files=files, data={"ebv": "0.01,0.02,0.03"}, timeout=30)
+    want = expected(tiny_predictor, np.concatenate([a, b]), [0.01, 0.02, 0.03])
+    np.testing.assert_allclose(pdfs_of(response), want, atol=1e-6)
+    assert response.json()["ancil"]["ids"] == ["a.npy:0", "a.npy:1", "b.fits:0"]
+
+
+def test_query_ebv_and_ids(server, tiny_predictor, rng):
+    images = sky_cutouts(rng, 2)
+    response = post(server, npy_bytes(images), ebv="0.1,0.2", ids="x,y")
+    np.testing.assert_allclose(pdfs_of(response), expected(tiny_predictor, images, [0.1, 0.2]), atol=1e-6)
+    assert response.json()["ancil"]["ids"] == ["x", "y"]
+
+
+# -- errors ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape,received", [
+    ((5, 32, 32), "32x32"),
+    ((4, 64, 64), "4 bands"),
+    ((2, 64, 64, 3), "3 bands"),
+    ((64, 64), "shape (64, 64)"),
+])
+def test_wrong_shapes_are_422_naming_field_expected_and_received(server, shape, received):
+    response = post(server, npy_bytes(np.zeros(shape, np.float32)))
+    assert response.status_code == 422
+    problem = response.json()
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert problem["field"] == "body"
+    assert "5 bands (u, g, r, i, z) of 64x64 pixels" in problem["expected"]
+    assert received in problem["received"]
+
+
+def test_empty_stack_and_empty_body(server):
+    assert "0 cutouts" in post(server, npy_bytes(np.zeros((0, 5, 64, 64), np.float32))).json()["received"]
+    response = post(server, b"", {"Content-Type": "application/fits"})
+    assert response.status_code == 422 and response.json()["received"] == "0 bytes"
+
+
+def test_non_finite_cutout_is_flagged_while_the_rest_succeed(server, tiny_predictor, rng):
+    images = sky_cutouts(rng, 3)
+    images[1, 2, 10, 10] = np.nan
+    response = post(server, npy_bytes(images))
+    doc = response.json()
+    assert response.status_code == 200
+    assert doc["ancil"]["ids"] == ["0", "2"]
+    assert doc["rejected"] == [{"index": 1, "id": "1", "error": "non-finite pixel values (NaN or inf) in band r"}]
+    np.testing.assert_allclose(np.array(doc["data"]["pdfs"]), expected(tiny_predictor, images[[0, 2]]), atol=1e-6)
+    strict = post(server, npy_bytes(images), all_or_nothing="true")
+    assert strict.status_code == 422 and "object 1" in strict.json()["received"]
+
+
+def test_unreadable_files_are_400(server):
+    for body, content_type in ((b"not a numpy file", "application/x-npy"), (b"PK\x03\x04junk", "application/x-npz"),
+                               (b"SIMPLE  = garbage", "application/fits"), (b"{nope", "application/json")):
+        response = post(server, body, {"Content-Type": content_type})
+        assert response.status_code == 400, (content_type, response.text)
+        assert response.json()["title"] in ("unreadable file", "unreadable body")
+
+
+def test_pickled_npy_is_refused_not_loaded(server):
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
+    response = post(server, buffer.getvalue())
+    assert response.status_code == 400 and "allow_pickle=False" in response.json()["received"]
+
+
+def test_unsupported_media_type_is_415_and_bad_accept_is_406(server):
+    response = post(server, b"hello", {"Content-Type": "text/plain"})
+    assert response.status_code == 415 and response.json()["received"] == "text/plain"
+    sniffed = post(server, b"hello", {"Content-Type": "application/octet-stream"})
+    assert sniffed.status_code == 415
+    response = post(server, npy_bytes(np.zeros((5, 64, 64), np.float32)), {**NPY, "Accept": "text/html"})
+    assert response.status_code == 406
+
+
+def test_fits_missing_a_band_names_it(server, rng):
+    image = sky_cutouts(rng, 1)[0]
+    hdus = [fits.PrimaryHDU()] + [fits.ImageHDU(image[b], name="ugriz"[b]) for b in range(4)]
+    response = post(server, fits_bytes(hdus), {"Content-Type": "application/fits"})
+    assert response.status_code == 422 and "no HDU for band(s) z" in response.json()["received"]
+
+
+def test_bad_ebv_and_bad_query(server, rng):
+    body = npy_bytes(sky_cutouts(rng, 2))
+    response = post(server, body, ebv="0.1,0.2,0.3")
+    assert response.status_code == 422 and response.json()["field"] == "ebv"
+    response = post(server, body, ebv="-1")
+    assert response.status_code == 422 and "between 0 and 10" in response.json()["expected"]
+    response = post(server, body, pdf="some")
+    assert response.status_code == 422 and response.json()["field"] == "query.pdf"
+
+
+def test_oversize_body_is_413_and_states_the_limit(tiny_bundle, tmp_path):
+    from tests.servers import LiveServer
+
+    srv = LiveServer(tiny_bundle, tmp_path / "small.log", max_body_mb=0.1)
+    try:
+        response = post(srv, npy_bytes(np.zeros((2, 5, 64, 64), np.float32)))
+        assert response.status_code == 413
+        assert response.json()["expected"] == "at most 104857 bytes (0 MiB)"
+        assert post(srv, npy_bytes(np.zeros((5, 64, 64), np.float32))).status_code == 200
+    finally:
+        srv.stop()
+
+
+# -- outputs --------------------------------------------------------------------
+
+def test_json_builds_a_qp_ensemble(server, rng):
+    import qp
+
+    doc = post(server, npy_bytes(sky_cutouts(rng, 4))).json()
+    ens = qp.Ensemble(qp.hist, data=dict(bins=np.array(doc["meta"]["bins"]), pdfs=np.array(doc["data"]["pdfs"])))
+    assert ens.npdf == 4
+    assert np.allclose(ens.mean().ravel(), doc["ancil"]["z_mean"], atol=2e-3)
+
+
+def test_fits_table_output(server, tiny_predictor, rng):
+    images = sky_cutouts(rng, 3)
+    images[2, 0, 0, 0] = np.inf
+    response = post(server, npy_bytes(images), {**NPY, "Accept": "application/fits"}, ids="p,q,r")
+    assert response.headers["content-type"] == "application/fits"
+    with fits.open(io.BytesIO(response.content)) as hdul:
+        table = hdul["PHOTOZ"].data
+        assert list(table["ID"]) == ["p", "q", "r"]
+        assert list(table["VALID"]) == [True, True, False]
+        np.testing.assert_allclose(table["PDF"][:2], expected(tiny_predictor, images[:2]), atol=1e-6)
+        assert np.isnan(table["Z_MEAN"][2]) and "band u" in table["ERROR"][2]
+        assert len(hdul["BINS"].data["Z_EDGES"]) == 181
+        assert hdul[0].header["MODEL"] == "photoz-test-tiny"
+
+
+def test_hdf5_output_is_read_by_qp(server, tiny_predictor, rng, tmp_path):
+    import qp
+
+    images = sky_cutouts(rng, 3)
+    response = post(server, npy_bytes(images), {**NPY, "Accept": "application/x-hdf5"})
+    path = tmp_path / "out.hdf5"
+    path.write_bytes(response.content)
+    ens = qp.read(str(path))
+    assert ens.npdf == 3
+    np.testing.assert_allclose(ens.objdata["pdfs"] / ens.objdata["pdfs"].sum(axis=1, keepdims=True),
+                               expected(tiny_predictor, images), atol=1e-5)
+
+
+def test_pdf_none_gives_point_estimates_only(server, rng):
+    doc = post(server, npy_bytes(sky_cutouts(rng, 2)), pdf="none").json()
+    assert "data" not in doc and len(doc["ancil"]["z_median"]) == 2
+
+
+# -- batching, operations ---------------------------------------------------------
+
+def test_concurrent_requests_get_their_own_results(server, tiny_predictor):
+    rng = np.random.default_rng(7)
+    requests = [sky_cutouts(rng, int(n)) for n in rng.integers(1, 12, 24)]
+    wants = [expected(tiny_predictor, images) for images in requests]
+    results = [None] * len(requests)
+
+    def call(i):
+        results[i] = post(server, npy_bytes(requests[i]))
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got, want in zip(results, wants):
+        np.testing.assert_allclose(pdfs_of(got), want, atol=1e-6)
+    # inputs are distinct, so a mix-up could not pass
+    assert np.abs(wants[0][0] - wants[1][0]).max() > 1e-4
+    metrics = httpx.get(server.url + "/metrics").text
+    count = float(_metric(metrics, "photoz_batch_size_count"))
+    total = float(_metric(metrics, "photoz_batch_size_sum"))
+    assert total / count > 1.0  # requests were combined into batches
+    assert float(_metric(metrics, 'photoz_batch_size_bucket{le="8.0"}')) == count  # never above max_batch_size
+
+
+def _metric(text: str, name: str) -> str:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{") and line.split(" ")[0] == name:
+            return line.rsplit(" ", 1)[1]
+    raise KeyError(name)
+
+
+def test_large_request_is_split_across_batches(server, tiny_predictor, rng):
+    images = sky_cutouts(rng, 30)  # max_batch_size is 8
+    np.testing.assert_allclose(pdfs_of(post(server, npy_bytes(images))), expected(tiny_predictor, images), atol=1e-6)
+
+
+def test_metrics_exposition(server, rng):
+    post(server, npy_bytes(sky_cutouts(rng, 1)))
+    post(server, b"x", {"Content-Type": "text/plain"})
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("photoz_requests_total{status=\"200\"}", "photoz_requests_total{status=\"415\"}",
+                 "photoz_request_latency_seconds_bucket", "photoz_queue_latency_seconds_bucket",
+                 "photoz_compute_latency_seconds_bucket", "photoz_batch_size_bucket", "photoz_queue_depth",
+                 "photoz_objects_total"):
+        assert name in text, name
+    assert float(_metric(text, "photoz_objects_total")) >= 1
+
+
+def test_models_health_and_ready(server):
+    models = httpx.get(server.url + "/v1/models").json()["models"][0]
+    assert models["name"] == "photoz-test-tiny" and models["bins"]["n_bins"] == 180
+    assert models["metadata"]["architecture"]["name"] == "pasquet2019_tiny"
+    assert models["provider"] == "CPUExecutionProvider"
+    assert httpx.get(server.url + "/healthz").json() == {"status": "alive"}
+    assert httpx.get(server.url + "/readyz").status_code == 200
+
+
+def test_startup_log_names_the_provider_and_the_cpu_fallback(server):
+    log = server.log()
+    assert "execution provider: CPUExecutionProvider" in log
+    assert "falling back to CPUExecutionProvider" in log
+    assert "warmed up batch sizes [1, 2, 4, 8]" in log
+
+
+def test_api_key_auth(tiny_bundle, tmp_path, rng):
+    from tests.servers import LiveServer
+
+    srv = LiveServer(tiny_bundle, tmp_path / "auth.log", env={"PHOTOZ_API_KEYS": "k1,k2"})
+    try:
+        body = npy_bytes(sky_cutouts(rng, 1))
+        denied = post(srv, body)
+        assert denied.status_code == 401 and denied.headers["www-authenticate"] == "Bearer"
+        assert post(srv, body, {**NPY, "Authorization": "Bearer wrong"}).status_code == 401
+        assert post(srv, body, {**NPY, "Authorization": "Bearer k2"}).status_code == 200
+        assert httpx.get(srv.url + "/v1/models").status_code == 401
+        assert httpx.get(srv.url + "/healthz").status_code == 200  # probes stay open
+    finally:
+        srv.stop()
+
+
+def test_overload_is_429_with_retry_after_immediately(tiny_bundle, tmp_path, rng):
+    from tests.servers import LiveServer
+
+    srv = LiveServer(tiny_bundle, tmp_path / "queue.log", max_queue_objects=16, max_batch_size=4)
+    try:
+        response = post(srv, npy_bytes(sky_cutouts(rng, 20)))
+        assert response.status_code == 429
+        assert int(response.headers["retry-after"]) >= 1
+        assert "queue holds 0 of 16 cutouts" in response.json()["detail"]
+        assert post(srv, npy_bytes(sky_cutouts(rng, 16))).status_code == 200
+    finally:
+        srv.stop()
+
+
+def test_expired_deadline_is_dropped_before_the_model(server, rng):
+    big = npy_bytes(sky_cutouts(rng, 200))
+    slow = threading.Thread(target=post, args=(server, big))
+    slow.start()
+    import time
+
+    time.sleep(0.05)
+    before = float(_metric(httpx.get(server.url + "/metrics").text, "photoz_objects_total"))
+    response = post(server, npy_bytes(sky_cutouts(rng, 1)), deadline_ms="1")
+    slow.join()
+    assert response.status_code == 504
+    after = float(_metric(httpx.get(server.url + "/metrics").text, "photoz_objects_total"))
+    assert after - before == 200  # the expired cutout never reached the model
+
+
+def test_sigterm_drains_in_flight_work_then_exits_0(tiny_bundle, tmp_path, rng):
+    from tests.servers import LiveServer
+
+    srv = LiveServer(tiny_bundle, tmp_path / "drain.log", max_batch_size=4)
+    images = sky_cutouts(rng, 400)
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(r=post(srv, npy_bytes(images))))
+    worker.start()
+    import time
+
+    time.sleep(0.3)  # the request is queued / running
+    code = srv.stop()
+    worker.join()
+    assert result["r"].status_code == 200 and len(result["r"].json()["data"]["pdfs"]) == 400
+    assert code == 0
+    assert "draining" in srv.log() and "drained and stopped" in srv.log()
