@@ -39,6 +39,7 @@ class PopulationConfig:
     red_fraction_width_mag: float = 0.9
     # continuous CWW type t (0 = E ... 3 = Im); calibrated on real SDSS colours
     red_type_mean: float = 0.325
+    red_type_slope_per_mag: float = 0.0  # brighter red galaxies are earlier types: t_mean + slope (M + 21)
     red_type_sigma: float = 0.15
     blue_type_min: float = 1.0
     blue_type_max: float = 3.0
@@ -117,7 +118,8 @@ def draw_candidates(cfg: PopulationConfig, n: int, rng: np.random.Generator,
     abs_mag = mag_grid[im] + rng.uniform(-0.5, 0.5, n) * dmag
 
     red = rng.uniform(size=n) < 1 / (1 + np.exp((abs_mag - cfg.red_fraction_m_half) / cfg.red_fraction_width_mag))
-    t = np.where(red, np.clip(rng.normal(cfg.red_type_mean, cfg.red_type_sigma, n), 0, 1.0),
+    red_mean = cfg.red_type_mean + cfg.red_type_slope_per_mag * (abs_mag + 21.0)
+    t = np.where(red, np.clip(rng.normal(red_mean, cfg.red_type_sigma, n), 0, 1.0),
                  rng.uniform(cfg.blue_type_min, cfg.blue_type_max, n))
     dust = np.where(red, np.abs(rng.normal(0, cfg.red_dust_ebv_sigma, n)),
                     np.minimum(rng.exponential(cfg.blue_dust_ebv_mean, n), 0.5))

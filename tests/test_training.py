@@ -1,0 +1,151 @@
+"""Training end to end on a tiny simulated set: simulate -> train -> resume -> export -> load -> predict."""
+import csv
+import os
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from model.bundle import load_bundle
+from model.runtime import OnnxPredictor
+from training.data import CutoutDataset, DataFormatError, inspect, split_indices
+from training.train import TrainConfig, epoch_batches, load_checkpoint, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from training.sim.simulate import simulate
+
+    return simulate(tmp_path_factory.mktemp("data") / "tiny.h5", 160, seed=21, workers=2, chunk_size=32,
+                    progress=False)
+
+
+def tiny_config(data, out, **kw):
+    settings = dict(variant="pasquet2019_tiny", epochs=2, batch_size=16, workers=0, max_steps_per_epoch=3,
+                    validation_fraction=0.2)
+    return TrainConfig(data=str(data), out_dir=str(out), **{**settings, **kw})
+
+
+def test_end_to_end_train_resume_export_predict(tiny_data, tmp_path):
+    run = train(tiny_config(tiny_data, tmp_path / "run"), progress=False)
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert float(rows[1]["lr"]) == pytest.approx(1e-4 / 5)  # divided by 5 halfway
+    for key in ("val_sigma_mad", "val_outlier_fraction", "val_bias", "val_crps", "val_pit_ks"):
+        assert np.isfinite(float(rows[0][key]))
+    assert (run / "best.pt").exists()
+    before = torch.load(run / "last.pt", weights_only=False)
+
+    # resume continues from the checkpoint: epoch 3 only, weights moved on from epoch 2's
+    train(tiny_config(tiny_data, tmp_path / "run", epochs=3), resume=True, progress=False)
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    after = torch.load(run / "last.pt", weights_only=False)
+    assert after["epoch"] == 3 and before["epoch"] == 2
+    assert not torch.equal(after["model"]["classifier.4.weight"], before["model"]["classifier.4.weight"])
+
+    # export with the training record, load without torch's help, predict
+    from training.evaluate import evaluate
+    from training.export import export_checkpoint
+
+    report = evaluate(run / "best.pt", tiny_data, tmp_path / "eval", baseline_train=tiny_data, figures=True)
+    assert (tmp_path / "eval" / "photoz_diagnostics.png").stat().st_size > 10_000
+    assert report["baseline"]["metrics"]["n"] == 160
+    bundle = export_checkpoint(run / "best.pt", tmp_path / "b.onnx", "tiny-e2e", "0.0.1", tmp_path / "eval" / "metrics.json")
+    record = load_bundle(bundle.path).metadata.document["training"]
+    assert record["dataset"]["name"] == "tiny.h5" and record["dataset"]["n_objects"] == 160
+    assert record["seed"] == 0 and record["epochs"] >= 1
+    assert "held_out" in record["metrics"] and "baseline" in record["metrics"]
+    net, _ = load_checkpoint(run / "best.pt")
+    with h5py.File(tiny_data) as h5:
+        images, ebv = h5["images"][:5], h5["ebv"][:5]
+    onnx_p = OnnxPredictor(bundle, providers="cpu").predict(images, ebv)
+    with torch.no_grad():
+        torch_p = net(torch.from_numpy(images), torch.from_numpy(ebv).reshape(-1, 1)).numpy()
+    np.testing.assert_allclose(onnx_p, torch_p, atol=1e-5)
+
+
+def test_sigterm_checkpoint_and_exact_batch_resume(tiny_data, tmp_path):
+    """A SIGTERM mid-epoch writes last.pt at the batch reached; resume skips exactly those batches."""
+    out = tmp_path / "sig"
+    code = (
+        "import os, signal, sys\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "import training.train as t\n"
+        "orig = t._Logits.forward\n"
+        "calls = {'n': 0}\n"
+        "def forward(self, images, ebv):\n"
+        "    calls['n'] += 1\n"
+        "    if calls['n'] == 2:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return orig(self, images, ebv)\n"
+        "t._Logits.forward = forward\n"
+        f"t.train(t.TrainConfig(data={str(tiny_data)!r}, out_dir={str(out)!r}, variant='pasquet2019_tiny', epochs=2,"
+        " batch_size=16, workers=0, max_steps_per_epoch=5, validation_fraction=0.2), progress=False)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    state = torch.load(out / "last.pt", weights_only=False)
+    assert state["epoch"] == 0 and state["batch_in_epoch"] == 2
+    train(tiny_config(tiny_data, out, max_steps_per_epoch=5), resume=True, progress=False)
+    assert torch.load(out / "last.pt", weights_only=False)["epoch"] == 2
+
+
+def test_epoch_batches_are_deterministic_disjoint_and_sharded():
+    idx = np.arange(100, 200)
+    a = epoch_batches(idx, 10, seed=1, epoch=0, rank=0, world=2)
+    b = epoch_batches(idx, 10, seed=1, epoch=0, rank=1, world=2)
+    assert a == epoch_batches(idx, 10, seed=1, epoch=0, rank=0, world=2)
+    flat_a, flat_b = sum(a, []), sum(b, [])
+    assert not set(flat_a) & set(flat_b) and set(flat_a) | set(flat_b) <= set(idx.tolist())
+    assert epoch_batches(idx, 10, seed=1, epoch=1, rank=0, world=2) != a
+
+
+def test_validation_split_is_by_object_and_fixed():
+    train_idx, val_idx = split_indices(1000, 0.1, seed=3)
+    assert len(val_idx) == 100 and not set(train_idx) & set(val_idx)
+    assert np.array_equal(split_indices(1000, 0.1, seed=3)[1], val_idx)
+
+
+def test_dataset_reads_channel_last_user_files_and_augments(tmp_path):
+    path = tmp_path / "user.h5"
+    images = np.random.default_rng(0).normal(size=(4, 64, 64, 5)).astype(np.float32)
+    with h5py.File(path, "w") as h5:
+        h5["images"], h5["z"] = images, np.array([0.1, 0.2, 0.05, 0.3])
+    info = inspect(path)
+    assert info["channel_last"] and not info["has_ebv"]
+    image, ebv, z = CutoutDataset(path)[1]
+    assert image.shape == (5, 64, 64) and np.array_equal(image, np.moveaxis(images[1], -1, 0))
+    assert ebv[0] == 0 and z == pytest.approx(0.2)
+    aug = CutoutDataset(path, augment=True)
+    np.random.seed(0)
+    seen = {aug[0][0].tobytes() for _ in range(30)}
+    assert len(seen) > 3  # rotations and flips
+    for a in seen:
+        flat = np.sort(np.frombuffer(a, np.float32))
+        assert np.array_equal(flat, np.sort(np.moveaxis(images[0], -1, 0).ravel()))
+    with h5py.File(tmp_path / "bad.h5", "w") as h5:
+        h5["images"] = np.zeros((2, 3, 64, 64), np.float32)
+        h5["z"] = np.zeros(2)
+    with pytest.raises(DataFormatError, match=r"\(N, 5, S, S\)"):
+        inspect(tmp_path / "bad.h5")
+
+
+@pytest.mark.slow
+def test_ddp_with_two_cpu_processes_on_gloo(tiny_data, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", "29517",
+           "-m", "photoz", "train", "--data", str(tiny_data), "--out", str(out), "--variant", "pasquet2019_tiny",
+           "--epochs", "1", "--batch-size", "8", "--workers", "0", "--max-steps-per-epoch", "2",
+           "--validation-fraction", "0.2", "--device", "cpu", "--quiet"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=240,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert len(rows) == 1
+    state = torch.load(out / "last.pt", weights_only=False)
+    assert state["epoch"] == 1
