@@ -1,0 +1,215 @@
+"""Realism and calibration report of the simulator against real SDSS: figures + JSON + tables.
+
+    python -m training.sim.calibrate --sim-train data/sim-train.h5 --sim-test data/sim-test.h5 --out docs
+
+Compares the simulated catalogue (noisy Petrosian magnitudes measured on the
+rendered cutouts) with real SDSS spectroscopic galaxies in
+``training/sim/sdss_reference``: median colours against redshift, Petrosian
+half-light radius against redshift, and the transfer test (a kNN trained on
+simulated catalogues, tested on real galaxies, against a kNN trained and
+tested on real ones). Also draws the realism figures of docs/simulation.md.
+Without ``--sim-train``/``--sim-test`` it simulates fresh samples.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from model.conventions import BANDS
+from model.pdf import photoz_metrics, point_estimates
+from training.baseline import KNNPhotoZ
+from training.data import read_labels
+
+REFERENCE = Path(__file__).resolve().parent / "sdss_reference"
+MGS_LIMIT = 17.77
+Z_EDGES = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
+COLOURS = {"g-r": (1, 2, 0.05), "r-i": (2, 3, 0.05), "u-g": (0, 1, 0.10)}  # bands, tolerance (mag)
+MIN_PER_BIN = 30
+
+
+def load_real(split: str) -> dict:
+    """Real SDSS galaxies of the ANNz file, restricted to the MGS limit and z < 0.4."""
+    table = np.loadtxt(REFERENCE / f"sdss.ugriz.{split}")
+    keep = (table[:, 2] < MGS_LIMIT) & (table[:, 10] < 0.4)
+    return {"mags": table[keep, :5], "z": table[keep, 10]}
+
+
+def load_real_sizes() -> dict:
+    from astropy.table import Table
+
+    t = Table.read(REFERENCE / "sdss_dr18_sizes_1k.csv", format="ascii.csv")
+    keep = (np.asarray(t["r"]) < MGS_LIMIT) & (np.asarray(t["redshift"]) < 0.4)
+    return {"z": np.asarray(t["redshift"])[keep], "r50": np.asarray(t["petroR50_r"])[keep]}
+
+
+def colour_comparison(sim: dict, real: dict) -> list[dict]:
+    rows = []
+    for lo, hi in zip(Z_EDGES[:-1], Z_EDGES[1:]):
+        s = (sim["z"] >= lo) & (sim["z"] < hi)
+        r = (real["z"] >= lo) & (real["z"] < hi)
+        row = {"z_lo": lo, "z_hi": hi, "n_sim": int(s.sum()), "n_real": int(r.sum())}
+        enough = s.sum() >= MIN_PER_BIN and r.sum() >= MIN_PER_BIN
+        for name, (a, b, tol) in COLOURS.items():
+            if s.sum() and r.sum():
+                d = float(np.median(sim["mags"][s, a] - sim["mags"][s, b]) - np.median(real["mags"][r, a] - real["mags"][r, b]))
+                row[f"d_{name}"] = d
+                row[f"ok_{name}"] = bool(abs(d) <= tol) if enough else None
+        rows.append(row)
+    return rows
+
+
+def knn_sigma(train_mags, train_z, test_mags, test_z) -> dict:
+    knn = KNNPhotoZ().fit(train_mags, train_z)
+    pdfs = knn.predict_pdfs(test_mags)
+    return photoz_metrics(point_estimates(pdfs, knn.bins)["z_mean"], test_z, pdfs, knn.bins)
+
+
+def transfer_test(sim: dict) -> dict:
+    real_train, real_test = load_real("train"), load_real("test")
+    real_real = knn_sigma(real_train["mags"], real_train["z"], real_test["mags"], real_test["z"])
+    sim_real = knn_sigma(sim["mags"], sim["z"], real_test["mags"], real_test["z"])
+    return {"real_to_real": real_real, "sim_to_real": sim_real,
+            "sigma_mad_ratio": sim_real["sigma_mad"] / real_real["sigma_mad"]}
+
+
+def sim_catalogue(path) -> dict:
+    labels = read_labels(path)
+    return {"z": labels["z"], "mags": labels["catalogue/petro_mag"].astype(np.float64),
+            "r50": labels["catalogue/petro_r50_arcsec"], "red": labels["truth/red"],
+            "type": labels["truth/type"], "true_mags": labels["truth/mag_true"]}
+
+
+def figures(sim: dict, sim_test_path, out: Path, baseline: dict) -> list[str]:
+    import h5py
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    real = load_real("train")
+    sizes = load_real_sizes()
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    ax = axes[0, 0]
+    ax.hist(sim["z"], bins=40, range=(0, 0.4), density=True, histtype="step", lw=1.5, label="simulated")
+    ax.hist(real["z"], bins=40, range=(0, 0.4), density=True, histtype="step", lw=1.5, label="real SDSS (r<17.77)")
+    ax.set(xlabel="z", ylabel="n(z)", title="redshift distribution of the selected sample")
+    ax.legend()
+    ax = axes[0, 1]
+    ax.hist(sim["mags"][:, 2], bins=40, range=(13, 18), density=True, histtype="step", lw=1.5, label="simulated")
+    ax.hist(real["mags"][:, 2], bins=40, range=(13, 18), density=True, histtype="step", lw=1.5, label="real")
+    ax.set(xlabel="Petrosian r (mag)", ylabel="density", title="r magnitudes (MGS cut 17.77)")
+    ax.legend()
+    for ax, (name, (a, b, _)) in zip((axes[0, 2], axes[1, 0]), [("g-r", COLOURS["g-r"]), ("u-g", COLOURS["u-g"])]):
+        for label, sel, colour in (("sim red", sim["red"].astype(bool), "tab:red"),
+                                   ("sim blue", ~sim["red"].astype(bool), "tab:blue")):
+            ax.scatter(sim["z"][sel][:3000], (sim["mags"][sel, a] - sim["mags"][sel, b])[:3000], s=1, alpha=0.3,
+                       color=colour, label=label)
+        ax.scatter(real["z"], real["mags"][:, a] - real["mags"][:, b], s=1, alpha=0.3, color="k", label="real SDSS")
+        centres = 0.5 * (np.array(Z_EDGES[:-1]) + np.array(Z_EDGES[1:]))
+        for data, style, lab in ((sim, "-", "sim median"), (real, "--", "real median")):
+            med = [np.median(data["mags"][(data["z"] >= lo) & (data["z"] < hi), a]
+                             - data["mags"][(data["z"] >= lo) & (data["z"] < hi), b])
+                   if np.sum((data["z"] >= lo) & (data["z"] < hi)) else np.nan
+                   for lo, hi in zip(Z_EDGES[:-1], Z_EDGES[1:])]
+            ax.plot(centres, med, style, color="orange", lw=2, label=lab)
+        ax.set(xlabel="z", ylabel=name, title=f"{name} against redshift", xlim=(0, 0.35),
+               ylim=(0, 2.2 if name == "g-r" else 3.2))
+        ax.legend(markerscale=6, fontsize=7)
+    ax = axes[1, 1]
+    ax.scatter(sim["z"][:4000], sim["r50"][:4000], s=1, alpha=0.3, label="simulated (measured)")
+    ax.scatter(sizes["z"], sizes["r50"], s=2, alpha=0.5, color="k", label="real DR18 petroR50_r")
+    ax.set(xlabel="z", ylabel="Petrosian R50, r (arcsec)", yscale="log", title="size against redshift", xlim=(0, 0.35))
+    ax.legend(markerscale=6)
+    ax = axes[1, 2]
+    ax.axis("off")
+    ax.text(0, 0.9, "kNN baseline on held-out simulated set", fontsize=11, weight="bold")
+    for k, (key, val) in enumerate((("sigma_MAD", f"{baseline['sigma_mad']:.4f}"),
+                                    ("outlier fraction", f"{baseline['outlier_fraction']:.2%}"),
+                                    ("bias", f"{baseline['bias']:+.5f}"), ("CRPS", f"{baseline['crps']:.4f}"),
+                                    ("PIT KS", f"{baseline['pit_ks']:.3f}"))):
+        ax.text(0.05, 0.75 - 0.1 * k, f"{key}: {val}", fontsize=11)
+    fig.tight_layout()
+    paths.append(out / "simulation_realism.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+
+    with h5py.File(sim_test_path) as h5:
+        images, z = h5["images"][:24], h5["z"][:24]
+    fig, axes = plt.subplots(4, 6, figsize=(12, 8.5))
+    for ax, image, zz in zip(axes.ravel(), images, z):
+        rgb = np.stack([image[BANDS.index(b)] for b in ("i", "r", "g")], axis=-1)
+        rgb = np.arcsinh(np.clip(rgb, 0, None) / 0.1) / np.arcsinh(300)
+        ax.imshow(np.clip(rgb, 0, 1), origin="lower")
+        ax.set_title(f"z = {zz:.3f}", fontsize=9)
+        ax.axis("off")
+    fig.suptitle("simulated cutouts (i, r, g as RGB, asinh stretch; 64 x 64 pixels of 0.396\")")
+    fig.tight_layout()
+    paths.append(out / "simulation_cutouts.png")
+    fig.savefig(paths[-1], dpi=90)
+    plt.close(fig)
+    return [str(p) for p in paths]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sim-train", help="simulated training set (default: simulate 20000 galaxies)")
+    parser.add_argument("--sim-test", help="simulated held-out set (default: simulate 4000 galaxies)")
+    parser.add_argument("--out", default="docs", help="where figures/ and simulation_calibration.json go")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if not args.sim_train or not args.sim_test:
+        from training.sim.simulate import simulate
+
+        (out / "tmp").mkdir(parents=True, exist_ok=True)
+        args.sim_train = args.sim_train or str(simulate(out / "tmp" / "calib-train.h5", 20000, seed=101))
+        args.sim_test = args.sim_test or str(simulate(out / "tmp" / "calib-test.h5", 4000, seed=102))
+    sim_train, sim_test = sim_catalogue(args.sim_train), sim_catalogue(args.sim_test)
+    real = load_real("train")
+    real_sizes = load_real_sizes()
+    colours = colour_comparison(sim_train, real)
+    sizes = [{"z_lo": lo, "z_hi": hi,
+              "sim_median_r50": float(np.median(sim_train["r50"][(sim_train["z"] >= lo) & (sim_train["z"] < hi)])),
+              "real_median_r50": float(np.median(real_sizes["r50"][(real_sizes["z"] >= lo) & (real_sizes["z"] < hi)]))
+              if np.any((real_sizes["z"] >= lo) & (real_sizes["z"] < hi)) else None}
+             for lo, hi in zip(Z_EDGES[:-1], Z_EDGES[1:])]
+    transfer = transfer_test(sim_train)
+    baseline = knn_sigma(sim_train["mags"], sim_train["z"], sim_test["mags"], sim_test["z"])
+    report = {"sim_train": args.sim_train, "sim_test": args.sim_test, "median_z_sim": float(np.median(sim_train["z"])),
+              "median_z_real": float(np.median(real["z"])), "colours": colours, "sizes": sizes,
+              "transfer": transfer, "baseline_sim_to_sim": baseline}
+    report["figures"] = figures(sim_train, args.sim_test, out / "figures", baseline)
+    (out / "simulation_calibration.json").write_text(json.dumps(report, indent=2))
+    print(format_tables(report))
+    return 0
+
+
+def format_tables(report: dict) -> str:
+    lines = ["| z | n sim | n real | d(g-r) | d(r-i) | d(u-g) |", "| --- | --- | --- | --- | --- | --- |"]
+    for row in report["colours"]:
+        cells = []
+        for name in COLOURS:
+            ok = row.get(f"ok_{name}")
+            mark = "" if ok is None else (" ok" if ok else " **off**")
+            cells.append(f"{row[f'd_{name}']:+.3f}{mark}" if f"d_{name}" in row else "-")
+        lines.append(f"| {row['z_lo']:.2f}-{row['z_hi']:.2f} | {row['n_sim']} | {row['n_real']} | " + " | ".join(cells) + " |")
+    lines += ["", "| z | median Petrosian R50 sim (\") | real (\") |", "| --- | --- | --- |"]
+    for row in report["sizes"]:
+        real = f"{row['real_median_r50']:.2f}" if row["real_median_r50"] is not None else "-"
+        lines.append(f"| {row['z_lo']:.2f}-{row['z_hi']:.2f} | {row['sim_median_r50']:.2f} | {real} |")
+    t = report["transfer"]
+    b = report["baseline_sim_to_sim"]
+    lines += ["", f"median z: simulated {report['median_z_sim']:.3f}, real {report['median_z_real']:.3f}",
+              f"transfer test: kNN real->real sigma_MAD {t['real_to_real']['sigma_mad']:.4f}, "
+              f"sim->real {t['sim_to_real']['sigma_mad']:.4f}, ratio {t['sigma_mad_ratio']:.2f} (target <= 1.5)",
+              f"kNN baseline on held-out simulated set: sigma_MAD {b['sigma_mad']:.4f}, outliers "
+              f"{b['outlier_fraction']:.2%}, bias {b['bias']:+.5f}, CRPS {b['crps']:.4f}, PIT KS {b['pit_ks']:.3f}"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
