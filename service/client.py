@@ -1,0 +1,170 @@
+"""Python client of the photoz service.
+
+    from service.client import PhotozClient
+    client = PhotozClient("http://127.0.0.1:8000", api_key=None)
+    results = client.predict(images)             # (N, 5, 64, 64) nanomaggies, or channel-last
+    results = client.predict(["a.fits", "b.npz"])  # or files
+    table = results.to_table()                    # astropy Table, one row per object
+    ensemble = results.to_qp()                    # qp.Ensemble of the PDFs (needs qp)
+
+Large arrays are sent in chunks, several at a time; 429 and 503 answers
+(overload, draining) are retried after the server's ``Retry-After``.
+"""
+from __future__ import annotations
+
+import io
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+RETRY_STATUSES = (429, 503)
+CONTENT_TYPES = {".fits": "application/fits", ".fit": "application/fits", ".fz": "application/fits",
+                 ".npy": "application/x-npy", ".npz": "application/x-npz"}
+
+
+class PhotozError(RuntimeError):
+    """The service refused a request; ``problem`` is its JSON problem body."""
+
+    def __init__(self, status: int, problem: dict | str):
+        detail = problem.get("detail", problem) if isinstance(problem, dict) else problem
+        super().__init__(f"HTTP {status}: {detail}")
+        self.status, self.problem = status, problem
+
+
+@dataclass
+class PhotozResults:
+    """Predictions for many objects: ``ids``, point estimates, PDFs on ``bins`` (edges)."""
+
+    bins: np.ndarray
+    ids: list[str] = field(default_factory=list)
+    estimates: dict[str, np.ndarray] = field(default_factory=dict)
+    pdfs: np.ndarray | None = None
+    flags: list[list[str]] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)
+    model: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, doc: dict, id_prefix: str = "") -> "PhotozResults":
+        ancil = doc["ancil"]
+        estimates = {k: np.asarray(v, dtype=np.float64) for k, v in ancil.items() if k.startswith("z_")}
+        pdfs = np.asarray(doc["data"]["pdfs"], dtype=np.float64) if "data" in doc else None
+        rejected = [{**r, "id": id_prefix + r["id"]} for r in doc.get("rejected", [])]
+        return cls(np.asarray(doc["meta"]["bins"]), [id_prefix + i for i in ancil["ids"]], estimates, pdfs,
+                   ancil["flags"], rejected, doc["model"])
+
+    @classmethod
+    def concatenate(cls, parts: list["PhotozResults"]) -> "PhotozResults":
+        first = parts[0]
+        pdfs = None if first.pdfs is None else np.concatenate([p.pdfs for p in parts])
+        return cls(first.bins, [i for p in parts for i in p.ids],
+                   {k: np.concatenate([p.estimates[k] for p in parts]) for k in first.estimates}, pdfs,
+                   [f for p in parts for f in p.flags], [r for p in parts for r in p.rejected], first.model)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def to_table(self):
+        """astropy Table: one row per object with a PDF; ``meta`` holds the bins and the model."""
+        from astropy.table import Table
+
+        table = Table({"id": self.ids, **self.estimates, "flags": [",".join(f) for f in self.flags]})
+        if self.pdfs is not None:
+            table["pdf"] = self.pdfs
+        table.meta.update({"z_bin_edges": self.bins.tolist(), "model": self.model, "rejected": self.rejected})
+        return table
+
+    def to_qp(self):
+        """qp.Ensemble of histogram PDFs, with ids and point estimates as ancillary data."""
+        import qp
+
+        if self.pdfs is None:
+            raise ValueError("no PDFs in these results: ask for them with pdf=True")
+        ensemble = qp.Ensemble(qp.hist, data={"bins": self.bins, "pdfs": self.pdfs})
+        ensemble.set_ancil({"ids": np.asarray(self.ids), **self.estimates})
+        return ensemble
+
+
+class PhotozClient:
+    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 120.0, retries: int = 8,
+                 max_concurrency: int = 4, chunk_size: int = 256):
+        self.url = url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.timeout_s, self.retries = timeout_s, retries
+        self.max_concurrency, self.chunk_size = max_concurrency, chunk_size
+        self._http = httpx.Client(timeout=timeout_s, headers=self.headers)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def models(self) -> dict:
+        response = self._http.get(f"{self.url}/v1/models")
+        self._raise_for(response)
+        return response.json()
+
+    def predict(self, inputs, ebv=None, ids=None, pdf: bool = True) -> PhotozResults:
+        """PDFs and point estimates for an array of cutouts, or a file path, or a list of paths."""
+        if isinstance(inputs, (str, Path)):
+            inputs = [inputs]
+        if isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], (str, Path)):
+            jobs = [self._file_job(Path(p), len(inputs) > 1, pdf) for p in inputs]
+        else:
+            jobs = self._array_jobs(np.asarray(inputs), ebv, ids, pdf)
+        with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
+            parts = list(pool.map(lambda job: job(), jobs))
+        return PhotozResults.concatenate(parts)
+
+    def _array_jobs(self, images: np.ndarray, ebv, ids, pdf: bool) -> list:
+        if images.ndim == 3:
+            images = images[None]
+        n = images.shape[0]
+        ebv = np.zeros(n, np.float32) if ebv is None else np.broadcast_to(np.asarray(ebv, np.float32), (n,))
+        ids = np.array([str(i) for i in range(n)]) if ids is None else np.asarray(ids).astype(str)
+        jobs = []
+        for start in range(0, n, self.chunk_size):
+            sl = slice(start, start + self.chunk_size)
+            buffer = io.BytesIO()
+            np.savez(buffer, images=images[sl], ebv=ebv[sl], ids=ids[sl])
+            body = buffer.getvalue()
+            jobs.append(lambda body=body: self._post(body, "application/x-npz", pdf))
+        return jobs
+
+    def _file_job(self, path: Path, prefix: bool, pdf: bool):
+        content_type = CONTENT_TYPES.get(path.suffix.lower(), "application/octet-stream")
+        return lambda: self._post(path.read_bytes(), content_type, pdf, f"{path.name}:" if prefix else "")
+
+    def _post(self, body: bytes, content_type: str, pdf: bool, id_prefix: str = "") -> PhotozResults:
+        params = {"pdf": "full" if pdf else "none"}
+        for attempt in range(self.retries + 1):
+            try:
+                response = self._http.post(f"{self.url}/v1/predict", content=body, params=params,
+                                           headers={"Content-Type": content_type, "Accept": "application/json"})
+            except httpx.TransportError:
+                if attempt == self.retries:
+                    raise
+                time.sleep(min(2**attempt * 0.2, 10))
+                continue
+            if response.status_code in RETRY_STATUSES and attempt < self.retries:
+                time.sleep(float(response.headers.get("retry-after", 1)))
+                continue
+            self._raise_for(response)
+            return PhotozResults.from_json(response.json(), id_prefix)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _raise_for(response: httpx.Response) -> None:
+        if response.status_code >= 400:
+            try:
+                problem = response.json()
+            except ValueError:
+                problem = response.text
+            raise PhotozError(response.status_code, problem)
