@@ -52,6 +52,12 @@ class OnnxPredictor:
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = inter_op_threads
         requested = choose_providers(providers)
+        if requested[0] != "CPUExecutionProvider" and hasattr(ort, "preload_dlls"):
+            # CUDA and cuDNN from pip wheels (onnxruntime-gpu[cuda,cudnn]) are found this way
+            try:
+                ort.preload_dlls()
+            except Exception as exc:  # a missing library is reported by the session below
+                log.warning("could not preload CUDA libraries: %s", exc)
         self.session = ort.InferenceSession(str(bundle.path), options, providers=requested)
         self.providers = self.session.get_providers()
         if requested[0] != self.providers[0]:
