@@ -42,7 +42,7 @@ class OnnxPredictor:
     """
 
     def __init__(self, bundle: Bundle, providers: str = "auto", intra_op_threads: int = 0,
-                 inter_op_threads: int = 0):
+                 inter_op_threads: int = 0, allow_spinning: bool = True):
         import onnxruntime as ort
 
         self.bundle = bundle
@@ -51,6 +51,9 @@ class OnnxPredictor:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = inter_op_threads
+        # spinning threads wait hot for the next call: good offline, but in a server
+        # they steal the cores that HTTP parsing and encoding need between batches
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
         requested = choose_providers(providers)
         if requested[0] != "CPUExecutionProvider" and hasattr(ort, "preload_dlls"):
             # CUDA and cuDNN from pip wheels (onnxruntime-gpu[cuda,cudnn]) are found this way
@@ -75,6 +78,13 @@ class OnnxPredictor:
             md.input_ebv: np.ascontiguousarray(np.asarray(ebv, dtype=np.float32).reshape(-1, 1)),
         }
         return self.session.run([md.output_probabilities], feeds)[0]
+
+    def predict_with_estimates(self, images: np.ndarray, ebv: np.ndarray) -> dict[str, np.ndarray]:
+        """Probabilities plus point estimates, all row-aligned (estimates vectorised over the batch)."""
+        from model.pdf import point_estimates
+
+        probs = self.predict(images, ebv)
+        return {"probs": probs, **point_estimates(probs, self.metadata.bins)}
 
     def predict_batched(self, images: np.ndarray, ebv: np.ndarray, batch_size: int = 64) -> np.ndarray:
         out = [self.predict(images[i:i + batch_size], ebv[i:i + batch_size])

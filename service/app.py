@@ -70,7 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         state.bundle = load_bundle(settings.model)
         state.predictor = OnnxPredictor(state.bundle, settings.providers, settings.intra_op_threads,
-                                        settings.inter_op_threads)
+                                        settings.inter_op_threads, allow_spinning=False)
         md = state.bundle.metadata
         import onnxruntime as ort
 
@@ -84,7 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.warmup:
             sizes = await asyncio.to_thread(warm_up, state.predictor, settings.max_batch_size)
             log.info("warmed up batch sizes %s", sizes)
-        state.batcher = Batcher(state.predictor.predict, settings.max_batch_size,
+        state.batcher = Batcher(state.predictor.predict_with_estimates, settings.max_batch_size,
                                 settings.max_queue_delay_ms / 1000, settings.max_queue_objects,
                                 settings.inference_workers, state.metrics.batch_stats())
         state.batcher.start()
@@ -200,12 +200,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise InputError("images", "finite pixel values in every band",
                              "; ".join(f"object {i}: {p}" for i, p in bad[:5]) + (" ..." if len(bad) > 5 else ""))
         timeout = deadline_ms / 1000 if deadline_ms else settings.request_timeout_s
-        probs = await _submit_unless_disconnected(request, state.batcher, cutouts.images[valid],
-                                                  cutouts.ebv[valid], timeout)
-        if probs is None:
+        outputs = await _submit_unless_disconnected(request, state.batcher, cutouts.images[valid],
+                                                    cutouts.ebv[valid], timeout)
+        if outputs is None:
             return Response(status_code=499)
         state.metrics.objects_rejected.inc(int((~valid).sum()))
-        results = Results(state.bundle, cutouts.ids, cutouts.problems, probs)
+        probs = outputs.pop("probs")
+        results = Results(state.bundle, cutouts.ids, cutouts.problems, probs, outputs)
         body = await asyncio.to_thread(ENCODERS[media_type], results, pdf == "full")
         return Response(body, media_type=media_type)
 

@@ -59,7 +59,7 @@ class BatchStats:
 
 
 class Batcher:
-    def __init__(self, infer: Callable[[np.ndarray, np.ndarray], np.ndarray], max_batch_size: int,
+    def __init__(self, infer: Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]], max_batch_size: int,
                  max_queue_delay_s: float, max_queue_objects: int, workers: int = 1,
                  stats: BatchStats | None = None):
         self.infer = infer
@@ -84,8 +84,8 @@ class Batcher:
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="photoz-batcher")
 
-    async def submit(self, images: np.ndarray, ebv: np.ndarray, timeout_s: float) -> np.ndarray:
-        """Probabilities for ``images``, in order; raises QueueFull, DeadlineExceeded, Draining."""
+    async def submit(self, images: np.ndarray, ebv: np.ndarray, timeout_s: float) -> dict[str, np.ndarray]:
+        """``infer``'s row-aligned outputs for ``images``, in order; raises QueueFull, DeadlineExceeded, Draining."""
         n = images.shape[0]
         if not self.accepting:
             raise Draining("the server is shutting down")
@@ -109,7 +109,9 @@ class Batcher:
             for p in pieces:  # caller gone: its remaining pieces are dropped unrun
                 p.future.cancel()
             raise
-        return np.concatenate(results) if len(results) > 1 else results[0]
+        if len(results) == 1:
+            return results[0]
+        return {key: np.concatenate([r[key] for r in results]) for key in results[0]}
 
     async def _loop(self) -> None:
         while True:
@@ -159,7 +161,7 @@ class Batcher:
             ebv = np.concatenate([p.ebv for p in batch]) if len(batch) > 1 else batch[0].ebv
             start = time.perf_counter()
             try:
-                probs = await asyncio.get_running_loop().run_in_executor(self._executor, self.infer, images, ebv)
+                outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self.infer, images, ebv)
             except Exception as exc:  # an engine failure fails this batch's callers, not the server
                 for p in batch:
                     if not p.future.done():
@@ -171,7 +173,7 @@ class Batcher:
             offset = 0
             for p in batch:
                 if not p.future.done():
-                    p.future.set_result(probs[offset:offset + p.n])
+                    p.future.set_result({key: value[offset:offset + p.n] for key, value in outputs.items()})
                 offset += p.n
         finally:
             self._slots.release()

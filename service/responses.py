@@ -26,12 +26,12 @@ class Results:
     ids: list[str]
     problems: list[str | None]
     probs: np.ndarray  # (n_valid, n_bins)
+    estimates: dict[str, np.ndarray] | None = None  # computed here when not given
 
     def __post_init__(self):
-        bins = self.bundle.metadata.bins
         self.valid = np.array([p is None for p in self.problems], dtype=bool)
-        self.estimates = point_estimates(self.probs, bins) if len(self.probs) else \
-            {k: np.zeros(0) for k in ESTIMATES}
+        if self.estimates is None:
+            self.estimates = point_estimates(self.probs, self.bundle.metadata.bins)
         at_edge = self.probs[:, -EDGE_BINS:].sum(axis=1) >= EDGE_PROBABILITY if len(self.probs) else np.zeros(0, bool)
         self.flags = [["pdf_at_grid_edge"] if e else [] for e in at_edge]
 
@@ -55,6 +55,16 @@ def choose_media_type(accept: str | None) -> str | None:
     return None
 
 
+_BIN_LISTS: dict[str, list[float]] = {}
+
+
+def _bins_json(bundle: Bundle) -> list[float]:
+    """The bin edges as a JSON-ready list, made once per bundle (they are in every response)."""
+    if bundle.sha256 not in _BIN_LISTS:
+        _BIN_LISTS[bundle.sha256] = np.round(bundle.metadata.bins.edges, 12).tolist()
+    return _BIN_LISTS[bundle.sha256]
+
+
 def to_json(results: Results, include_pdf: bool) -> bytes:
     """qp layout: pdf_name/pdf_version, meta.bins, data.pdfs, ancil columns; invalid objects in ``rejected``.
 
@@ -67,7 +77,7 @@ def to_json(results: Results, include_pdf: bool) -> bytes:
         "n_objects": len(results.ids),
         "pdf_name": "hist",
         "pdf_version": 0,
-        "meta": {"bins": np.round(results.bundle.metadata.bins.edges, 12).tolist()},
+        "meta": {"bins": _bins_json(results.bundle)},
         "ancil": {"ids": ids[results.valid].tolist(),
                   **{k: np.round(v, 6).tolist() for k, v in results.estimates.items()},
                   "flags": results.flags},
