@@ -65,22 +65,46 @@ def export_random_bundle(path: Path) -> Path:
     return path
 
 
-def offline_throughput(bundle_path: Path, sizes=(1, 8, 16, 32, 64, 128), seconds: float = 3.0) -> dict:
+def offline_throughput(bundle_path: Path, sizes=(1, 8, 16, 32, 64), seconds: float = 1.5, passes: int = 2) -> dict:
+    """Cutouts/s of the engine alone per batch size, in its best arrangement on this machine.
+
+    Two arrangements are timed: one session using every core, and one
+    single-threaded run per core in parallel (the server's default); each
+    figure is the best of interleaved passes, so machine noise lowers
+    nothing but the served/offline ratios' denominators can only go up.
+    """
+    import threading
+
     from model.bundle import load_bundle
     from model.runtime import OnnxPredictor
 
-    predictor = OnnxPredictor(load_bundle(bundle_path), providers="cpu", allow_spinning=False)
+    bundle = load_bundle(bundle_path)
+    cores = os.cpu_count() or 1
+    arrangements = {"1 session x all cores": (1, 0), f"{cores} runs x 1 thread": (cores, 1)}
     rng = np.random.default_rng(0)
-    out = {}
-    for n in sizes:
-        images = rng.normal(0, 0.05, (n, 5, 64, 64)).astype(np.float32)
-        ebv = np.zeros(n, np.float32)
-        predictor.predict(images, ebv)
-        done, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            predictor.predict(images, ebv)
-            done += n
-        out[n] = done / (time.perf_counter() - start)
+    out = {name: {n: 0.0 for n in sizes} for name in arrangements}
+    for _ in range(passes):
+        for name, (workers, threads) in arrangements.items():
+            predictor = OnnxPredictor(bundle, providers="cpu", intra_op_threads=threads, allow_spinning=False)
+            for n in sizes:
+                images = rng.normal(0, 0.05, (n, 5, 64, 64)).astype(np.float32)
+                ebv = np.zeros(n, np.float32)
+                predictor.predict(images, ebv)
+                counts = [0] * workers
+
+                def run(i):
+                    start = time.perf_counter()
+                    while time.perf_counter() - start < seconds:
+                        predictor.predict(images, ebv)
+                        counts[i] += n
+
+                start = time.perf_counter()
+                threads_ = [threading.Thread(target=run, args=(i,)) for i in range(workers)]
+                for t in threads_:
+                    t.start()
+                for t in threads_:
+                    t.join()
+                out[name][n] = max(out[name][n], sum(counts) / (time.perf_counter() - start))
     return out
 
 
@@ -118,11 +142,23 @@ def run_load(name, url, body_file, content_type, connections, duration, cutouts_
     return row
 
 
+def stop_group(proc: subprocess.Popen) -> None:
+    """Stop LitServe and the worker processes it spawned."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def start_litserve(bundle: Path, max_batch_size: int, log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "litserve_peer.py"), "--model", str(bundle),
                              "--port", str(port), "--max-batch-size", str(max_batch_size)],
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -132,7 +168,7 @@ def start_litserve(bundle: Path, max_batch_size: int, log: Path) -> tuple[subpro
         except httpx.HTTPError:
             pass
         time.sleep(0.3)
-    proc.kill()
+    stop_group(proc)
     raise TimeoutError(f"LitServe did not start:\n{log.read_text()}")
 
 
@@ -141,7 +177,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", type=Path, help="bundle (default: a random-weight pasquet2019_half)")
     parser.add_argument("--duration", type=int, default=10, help="seconds per load point")
     parser.add_argument("--connections", default="1,8,32,128")
-    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--max-queue-delay-ms", type=float, default=2.0)
     parser.add_argument("--skip-litserve", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -160,8 +196,6 @@ def main(argv=None) -> int:
 
     print("offline engine throughput (ONNX Runtime, CPU) ...", flush=True)
     offline = offline_throughput(bundle)
-    best_size = max(offline, key=offline.get)
-    best = offline[best_size]
 
     rows = []
     server = LiveServer(bundle, work / "photoz.log", max_batch_size=args.max_batch_size,
@@ -186,14 +220,19 @@ def main(argv=None) -> int:
                 rows.append(run_load("litserve", url + "/predict", work / "single.json", "application/json", c,
                                      args.duration, 1))
         finally:
-            proc.terminate()
-            proc.wait(30)
+            stop_group(proc)
 
+    print("offline engine throughput again ...", flush=True)
+    after = offline_throughput(bundle)
+    offline = {name: {n: max(v, after[name][n]) for n, v in sizes.items()} for name, sizes in offline.items()}
+    best_arrangement, best_size = max(((a, n) for a in offline for n in offline[a]), key=lambda k: offline[k[0]][k[1]])
+    best = offline[best_arrangement][best_size]
     for row in rows:
         row["ratio_to_offline"] = row["cutouts_per_s"] / best
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "bundle": str(bundle),
-              "offline_cutouts_per_s": offline, "offline_best_batch_size": best_size, "offline_best": best,
+              "offline_cutouts_per_s": offline, "offline_best_batch_size": best_size,
+              "offline_best_arrangement": best_arrangement, "offline_best": best,
               "settings": {"max_batch_size": args.max_batch_size, "max_queue_delay_ms": args.max_queue_delay_ms,
                            "duration_s": args.duration, "load_generator": "wrk -t1"}, "rows": rows}
     photoz32 = next((r for r in rows if r["server"] == "photoz" and r["connections"] == 32 and r["cutouts_per_request"] == 1), None)
@@ -209,8 +248,10 @@ def main(argv=None) -> int:
 
 
 def format_table(report: dict) -> str:
-    lines = ["offline engine: " + ", ".join(f"batch {k}: {v:.0f}/s" for k, v in report["offline_cutouts_per_s"].items())
-             + f"  (best {report['offline_best']:.0f} cutouts/s at batch {report['offline_best_batch_size']})", "",
+    lines = [f"offline engine, {name}: " + ", ".join(f"batch {k}: {v:.0f}/s" for k, v in sizes.items())
+             for name, sizes in report["offline_cutouts_per_s"].items()]
+    lines += [f"best offline: {report['offline_best']:.0f} cutouts/s ({report['offline_best_arrangement']}, "
+              f"batch {report['offline_best_batch_size']})", "",
              "| server | connections | cutouts/request | cutouts/s | x offline | p50 ms | p95 ms | p99 ms | mean batch | errors |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["rows"]:

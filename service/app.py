@@ -69,7 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.bundle = load_bundle(settings.model)
-        state.predictor = OnnxPredictor(state.bundle, settings.providers, settings.intra_op_threads,
+        state.predictor = OnnxPredictor(state.bundle, settings.providers, settings.threads_per_batch,
                                         settings.inter_op_threads, allow_spinning=False)
         md = state.bundle.metadata
         import onnxruntime as ort
@@ -89,8 +89,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                 settings.inference_workers, state.metrics.batch_stats())
         state.batcher.start()
         state.ready = True
-        log.info("ready: max_batch_size=%d max_queue_delay_ms=%g", settings.max_batch_size,
-                 settings.max_queue_delay_ms)
+        log.info("ready: max_batch_size=%d max_queue_delay_ms=%g inference_workers=%d threads_per_batch=%d",
+                 settings.max_batch_size, settings.max_queue_delay_ms, settings.inference_workers,
+                 settings.threads_per_batch)
         try:
             yield
         finally:

@@ -16,10 +16,10 @@ class Settings(BaseModel):
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535)
     providers: str = Field("auto", description="ONNX Runtime providers: auto | tensorrt | cuda | cpu")
-    intra_op_threads: int = Field(0, ge=0, description="ORT threads per inference (0: one per core)")
-    inter_op_threads: int = Field(0, ge=0)
-    inference_workers: int = Field(1, ge=1, description="batches run concurrently")
-    max_batch_size: int = Field(32, ge=1, description="most cutouts per model call")
+    intra_op_threads: int = Field(0, ge=0, description="ORT threads per batch (0: cores / inference_workers)")
+    inter_op_threads: int = Field(0, ge=0, description="ORT inter-op threads (0: ORT's default)")
+    inference_workers: int = Field(2, ge=1, description="batches run at the same time")
+    max_batch_size: int = Field(8, ge=1, description="most cutouts per model call (CPU: ~8; GPU: 64-256)")
     max_queue_delay_ms: float = Field(2.0, ge=0, description="longest wait of the oldest queued cutout")
     max_queue_objects: int = Field(8192, ge=1, description="queued cutouts beyond which requests get 429")
     max_body_mb: float = Field(512.0, gt=0, description="largest request body, MiB")
@@ -37,6 +37,11 @@ class Settings(BaseModel):
         if value not in PROVIDER_CHOICES:
             raise ValueError(f"must be one of {', '.join(PROVIDER_CHOICES)}")
         return value
+
+    @property
+    def threads_per_batch(self) -> int:
+        """ORT intra-op threads: the cores shared among concurrent batches unless set."""
+        return self.intra_op_threads or max(1, (os.cpu_count() or 1) // self.inference_workers)
 
     @property
     def max_body_bytes(self) -> int:
