@@ -14,8 +14,37 @@ def _serve(args) -> int:
     return serve(Settings.from_env(**overrides))
 
 
+def _predict(args) -> int:
+    from service.offline import predict_files
+
+    if not args.url and not args.model:
+        from service.settings import DEFAULT_MODEL
+
+        args.model = DEFAULT_MODEL
+    summary = predict_files(args.inputs, args.out, model=args.model, url=args.url, api_key=args.api_key,
+                            providers=args.providers, chunk_size=args.chunk_size, batch_size=args.batch_size,
+                            progress=not args.quiet)
+    print(f"{summary['out']}: {summary['written']} rows ({summary['objects']} objects) "
+          f"by {summary['model']['name']} {summary['model']['version']}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from service.settings import Settings
+
+    p = sub.add_parser("predict", help="run a bundle offline over files or directories into one table",
+                       description="Photo-z for every cutout in FITS/.npy/.npz files, directories of them, or HDF5 "
+                                   "data sets. Resumable: finished chunks are kept in OUT.parts/ until the end.")
+    p.add_argument("inputs", nargs="+", help="files or directories")
+    p.add_argument("--out", required=True, help="output table: .fits, .parquet or .hdf5 (qp-readable)")
+    p.add_argument("--model", default=None, help="bundle (default: the shipped one)")
+    p.add_argument("--url", default=None, help="send the work to a running service instead")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--providers", default="auto", help="auto | tensorrt | cuda | cpu")
+    p.add_argument("--chunk-size", type=int, default=4096, help="objects per resumable chunk")
+    p.add_argument("--batch-size", type=int, default=64, help="cutouts per model call")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_predict)
 
     p = sub.add_parser("serve", help="serve a model bundle over HTTP",
                        description="Serve a bundle with dynamic batching. Every flag also reads from the "
