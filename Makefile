@@ -6,7 +6,7 @@ MODEL  ?= model/bundles/photoz-sdss-sim.onnx
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: serve test install install-dev docker-test clean
+.PHONY: serve test install install-dev ship clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,3 +35,15 @@ test: $(VENV)/.dev-installed
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Evaluate the best checkpoint of RUN on the held-out set, export it as the shipped bundle, write its card.
+RUN      ?= runs/default
+TRAIN_H5 ?= data/sim-train.h5
+TEST_H5  ?= data/sim-test.h5
+VERSION  ?= 0.1.0
+ship: $(VENV)/.dev-installed
+	$(BIN)/photoz evaluate --model $(RUN)/best.pt --data $(TEST_H5) --baseline-train $(TRAIN_H5) --out $(RUN)/eval
+	$(BIN)/photoz export --checkpoint $(RUN)/best.pt --out $(MODEL) --name photoz-sdss-sim --version $(VERSION) \
+		--held-out-report $(RUN)/eval/metrics.json
+	$(BIN)/python -m training.model_card --bundle $(MODEL) --report $(RUN)/eval/metrics.json \
+		--out $(basename $(MODEL)).md

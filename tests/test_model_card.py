@@ -1,0 +1,20 @@
+import json
+
+from training.model_card import render
+
+
+def test_card_states_data_metrics_targets_and_limits(tiny_bundle, tmp_path):
+    m = {"point_estimate": "z_mean", "sigma_mad": 0.012, "outlier_fraction": 0.01, "bias": 0.0004, "crps": 0.008,
+         "pit_ks": 0.03, "n": 1000, "by_redshift": [{"lo": 0.0, "hi": 0.05, "sigma_mad": 0.01,
+                                                   "outlier_fraction": 0.0, "bias": 0.0, "n": 100}]}
+    knn = dict(m, sigma_mad=0.022, outlier_fraction=0.04)
+    report = {"data": "sim-test.h5", "n": 1000, "model_metrics": m,
+              "baseline": {"name": "kNN", "trained_on": "sim-train.h5", "metrics": knn}}
+    card = render(tiny_bundle, report, ["photoz_diagnostics.png"])
+    assert "| this CNN | 0.0120 | 1.00% | +0.00040 |" in card
+    assert "| kNN baseline | 0.0220 | 4.00% |" in card
+    assert "| sigma_MAD <= 0.75 x baseline | yes | ratio 0.55 |" in card
+    assert "retrain on real labelled cutouts" in card and "**simulated**" in card
+    bad = dict(report, model_metrics=dict(m, bias=0.01))
+    assert "| |bias| < 0.001 | **no** | +0.01000 |" in render(tiny_bundle, bad, [])
+    json.dumps(report)
