@@ -179,6 +179,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except DeadlineExceeded as exc:
             status = 504
             return problem_response(504, "deadline exceeded", str(exc))
+        except asyncio.CancelledError:  # the client went away; its queued work is dropped
+            status = 499
+            raise
         except Exception as exc:  # never let one request take the server down
             log.exception("prediction failed")
             return problem_response(500, "internal error", f"{type(exc).__name__}: {exc}")

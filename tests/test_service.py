@@ -408,3 +408,23 @@ def test_sigterm_drains_in_flight_work_then_exits_0(tiny_bundle, tmp_path, rng):
     assert result["r"].status_code == 200 and len(result["r"].json()["data"]["pdfs"]) == 400
     assert code == 0
     assert "draining" in srv.log() and "drained and stopped" in srv.log()
+
+
+def test_disconnected_client_work_is_dropped_before_the_model(tiny_bundle, tmp_path, rng):
+    import time
+
+    from tests.servers import LiveServer
+
+    srv = LiveServer(tiny_bundle, tmp_path / "gone.log", max_batch_size=2, inference_workers=1)
+    try:
+        body = npy_bytes(sky_cutouts(rng, 600))
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(srv.url + "/v1/predict", content=body, headers=NPY, timeout=0.5)
+        time.sleep(3)  # far longer than the remaining work would take if it were still running
+        metrics = httpx.get(srv.url + "/metrics").text
+        done = float(_metric(metrics, "photoz_objects_total"))
+        assert done < 600  # the rest was dropped when the client went away
+        assert float(_metric(metrics, "photoz_queue_depth")) == 0
+        assert "photoz_requests_total{status=\"499\"}" in metrics, [l for l in metrics.splitlines() if "requests_total" in l]
+    finally:
+        srv.stop()
