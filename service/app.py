@@ -280,10 +280,10 @@ async def _submit_unless_disconnected(request: Request, batcher: Batcher, images
     try:
         await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        if not work.done() and gone.done():
-            work.cancel()
         gone.cancel()
-    if work.cancelled():
+        if not work.done():  # the client went away first (or this handler was cancelled)
+            work.cancel()
+    if not work.done() or work.cancelled():
         return None
     return work.result()
 
