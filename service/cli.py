@@ -23,7 +23,7 @@ def _predict(args) -> int:
         args.model = DEFAULT_MODEL
     summary = predict_files(args.inputs, args.out, model=args.model, url=args.url, api_key=args.api_key,
                             providers=args.providers, chunk_size=args.chunk_size, batch_size=args.batch_size,
-                            progress=not args.quiet)
+                            progress=not args.quiet, dask=args.dask, keep_parts=args.keep_parts)
     print(f"{summary['out']}: {summary['written']} rows ({summary['objects']} objects) "
           f"by {summary['model']['name']} {summary['model']['version']}")
     return 0
@@ -43,6 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--providers", default="auto", help="auto | tensorrt | cuda | cpu")
     p.add_argument("--chunk-size", type=int, default=4096, help="objects per resumable chunk")
     p.add_argument("--batch-size", type=int, default=64, help="cutouts per model call")
+    p.add_argument("--dask", default=None, metavar="SCHEDULER",
+                   help="run the chunks on Dask: local:N for N local worker processes, or a scheduler address")
+    p.add_argument("--keep-parts", action="store_true", help="keep the per-chunk files and manifest in OUT.parts/")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_predict)
 

@@ -142,8 +142,16 @@ class _RemoteEngine:
 
 
 def predict_files(inputs, out, model=None, url=None, api_key=None, providers="auto", chunk_size=4096,
-                  batch_size=64, progress=True) -> dict:
-    """Run the model over ``inputs`` into the table ``out``; returns a summary dict."""
+                  batch_size=64, progress=True, dask: str | None = None, keep_parts: bool = False) -> dict:
+    """Run the model over ``inputs`` into the table ``out``; returns a summary dict.
+
+    ``dask``: ``"local:N"`` (a LocalCluster of N single-threaded worker
+    processes) or a scheduler address; chunks are then the partitions, each
+    worker loads the bundle once. ``keep_parts`` keeps the per-chunk files
+    and their manifest beside the table.
+    """
+    if dask and url:
+        raise ValueError("--dask and --url are two different routes: choose one")
     out = Path(out)
     fmt = OUTPUT_FORMATS.get(out.suffix.lower())
     if fmt is None:
@@ -172,7 +180,44 @@ def predict_files(inputs, out, model=None, url=None, api_key=None, providers="au
     total = sum(s.n for s in sources)
     bar = _Progress(total, total - sum(sum(b - a for _, a, b in plan[k]) for k in todo), progress)
 
-    # reading and decoding run one chunk ahead of inference, in a thread
+    if dask:
+        _run_on_dask(dask, Path(model).resolve(), providers, batch_size, plan, todo, geometry, len(bins) - 1,
+                     parts_dir.resolve(), bar)
+    else:
+        _run_local(engine, plan, todo, geometry, len(bins) - 1, parts_dir, bar)
+    bar.close()
+    n_written = write_table(sorted(parts_dir.glob("chunk-*.npz")), out, fmt, bins, model_info)
+    if keep_parts:
+        manifest = json.loads(manifest_path.read_text())
+        manifest["parts"] = [p.name for p in sorted(parts_dir.glob("chunk-*.npz"))]
+        manifest_path.write_text(json.dumps(manifest, indent=1))
+    else:
+        shutil.rmtree(parts_dir)
+    return {"objects": total, "written": n_written, "out": str(out), "format": fmt, "model": model_info}
+
+
+def process_chunk(engine, plan_k, geometry: Geometry, n_bins: int, parts_dir: Path, k: int, data=None) -> int:
+    """Predict one chunk and save it as ``chunk-K.npz``; returns its number of objects."""
+    images, ebv, ids = data if data is not None else _read_chunk(plan_k, geometry)
+    problems = flag_non_finite(images, geometry.bands)
+    valid = np.array([p is None for p in problems])
+    result = {"probs": np.full((len(ids), n_bins), np.nan, np.float32),
+              **{key: np.full(len(ids), np.nan) for key in ESTIMATES}}
+    if valid.any():
+        outputs = engine.run(images[valid], ebv[valid])
+        rows = outputs.pop("_rows", None)
+        rows = np.flatnonzero(valid) if rows is None else np.flatnonzero(valid)[rows]
+        result["probs"][rows] = outputs["probs"]
+        for key in ESTIMATES:
+            result[key][rows] = outputs[key]
+    tmp = parts_dir / f"unfinished-{k:06d}.npz"
+    np.savez(tmp, ids=np.asarray(ids), valid=valid, errors=np.asarray([p or "" for p in problems]), **result)
+    tmp.replace(parts_dir / f"chunk-{k:06d}.npz")  # a chunk file exists only once complete
+    return len(ids)
+
+
+def _run_local(engine, plan, todo, geometry, n_bins, parts_dir, bar) -> None:
+    """Reading and decoding run one chunk ahead of inference, in a thread."""
     ready: queue.Queue = queue.Queue(maxsize=2)
 
     def reader():
@@ -189,27 +234,39 @@ def predict_files(inputs, out, model=None, url=None, api_key=None, providers="au
         if k is None:
             if isinstance(item, BaseException):
                 raise item
-            break
-        images, ebv, ids = item
-        problems = flag_non_finite(images, geometry.bands)
-        valid = np.array([p is None for p in problems])
-        n_bins = len(bins) - 1
-        result = {"probs": np.full((len(ids), n_bins), np.nan, np.float32),
-                  **{key: np.full(len(ids), np.nan) for key in ESTIMATES}}
-        if valid.any():
-            outputs = engine.run(images[valid], ebv[valid])
-            rows = outputs.pop("_rows", None)
-            rows = np.flatnonzero(valid) if rows is None else np.flatnonzero(valid)[rows]
-            result["probs"][rows] = outputs["probs"]
-            for key in ESTIMATES:
-                result[key][rows] = outputs[key]
-        np.savez(parts_dir / f"chunk-{k:06d}.npz", ids=np.asarray(ids), valid=valid,
-                 errors=np.asarray([p or "" for p in problems]), **result)
-        bar.update(len(ids))
-    bar.close()
-    n_written = write_table(sorted(parts_dir.glob("chunk-*.npz")), out, fmt, bins, model_info)
-    shutil.rmtree(parts_dir)
-    return {"objects": total, "written": n_written, "out": str(out), "format": fmt, "model": model_info}
+            return
+        bar.update(process_chunk(engine, plan[k], geometry, n_bins, parts_dir, k, data=item))
+
+
+_WORKER_ENGINES: dict = {}
+
+
+def _dask_task(model, providers, batch_size, plan_k, geometry, n_bins, parts_dir, k) -> int:
+    """One partition on a Dask worker; the bundle is loaded once per worker process."""
+    key = (str(model), providers, batch_size)
+    if key not in _WORKER_ENGINES:
+        _WORKER_ENGINES[key] = _LocalEngine(model, providers, batch_size)
+    return process_chunk(_WORKER_ENGINES[key], plan_k, geometry, n_bins, Path(parts_dir), k)
+
+
+def _run_on_dask(address, model, providers, batch_size, plan, todo, geometry, n_bins, parts_dir, bar) -> None:
+    from dask.distributed import Client, LocalCluster, as_completed
+
+    if address.startswith("local:"):
+        cluster = LocalCluster(n_workers=int(address.split(":", 1)[1]), threads_per_worker=1, processes=True,
+                               dashboard_address=None)
+        client = Client(cluster)
+    else:
+        cluster, client = None, Client(address)
+    try:
+        futures = [client.submit(_dask_task, str(model), providers, batch_size, plan[k], geometry, n_bins,
+                                 str(parts_dir), k, pure=False) for k in todo]
+        for future in as_completed(futures):
+            bar.update(future.result())
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
 
 
 def _edges_from(doc: dict):

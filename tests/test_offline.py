@@ -114,3 +114,20 @@ def test_missing_input_is_a_clear_error(tmp_path, tiny_bundle):
         predict_files([tmp_path / "nope"], tmp_path / "o.fits", model=tiny_bundle, progress=False)
     with pytest.raises(ValueError, match=r"\.fits, \.parquet or \.hdf5"):
         predict_files([tmp_path], tmp_path / "o.csv", model=tiny_bundle, progress=False)
+
+
+@pytest.mark.slow
+def test_dask_local_cluster_of_two_workers_gives_the_single_process_table(inputs, tiny_bundle, tmp_path):
+    d, _, _ = inputs
+    predict_files([d], tmp_path / "single.fits", model=tiny_bundle, chunk_size=3, progress=False)
+    predict_files([d], tmp_path / "dask.fits", model=tiny_bundle, chunk_size=3, progress=False, dask="local:2",
+                  keep_parts=True)
+    a, b = Table.read(tmp_path / "single.fits", hdu="PHOTOZ"), Table.read(tmp_path / "dask.fits", hdu="PHOTOZ")
+    assert a.colnames == b.colnames and len(a) == len(b) == 10
+    for name in a.colnames:
+        if a[name].dtype.kind == "f":
+            np.testing.assert_array_equal(np.asarray(a[name]), np.asarray(b[name]))
+        else:
+            assert list(a[name]) == list(b[name])
+    manifest = __import__("json").loads((tmp_path / "dask.fits.parts" / "manifest.json").read_text())
+    assert len(manifest["parts"]) == 4 and manifest["signature"]["chunk_size"] == 3
