@@ -6,7 +6,7 @@ MODEL  ?= model/bundles/photoz-sdss-sim.onnx
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: serve test install install-dev ship clean
+.PHONY: serve test install install-dev ship docker-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ serve: $(VENV)/.serve-installed
 
 test: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest -q
+
+# Build the CPU image with buildah from a debootstrap base (no Docker engine needed) and smoke-test it;
+# DOCKER_GPU=1 also builds and checks the CUDA image.
+docker-test: $(VENV)/.dev-installed
+	$(BIN)/python tests/docker_smoke.py $(if $(DOCKER_GPU),--gpu,)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

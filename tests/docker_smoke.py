@@ -1,0 +1,196 @@
+"""Build the Docker images without a Docker engine and smoke-test them (``make docker-test``).
+
+Recipe (Debian): a base image from ``debootstrap --variant=minbase`` with
+Debian's python3 and python3-venv, imported with podman; the Dockerfile built
+by ``buildah bud --isolation chroot`` with ``BASE_IMAGE`` pointing at it and
+the host's CA bundle mounted for pip; containers run with ``buildah from`` +
+``buildah run --isolation chroot`` on the host network (``podman run`` cannot
+``setrlimit`` here).
+
+CPU image: start ``photoz serve`` exactly as the image's CMD does, wait for
+/readyz, POST a FITS cutout, check the PDF and /metrics, send SIGTERM and
+check it drained and exited 0; check it runs as non-root and holds no
+torch. GPU image (``--gpu``): CUDAExecutionProvider among ONNX Runtime's
+providers, and the service falling back to the CPU, saying so, when there is
+no GPU. Image sizes are printed and written to benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = "localhost/photoz-base:bookworm"
+CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+
+
+def sh(*cmd, check=True, capture=True, **kw) -> str:
+    result = subprocess.run(cmd, check=False, text=True, capture_output=capture, **kw)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result.stdout if capture else ""
+
+
+def ensure_tools() -> None:
+    missing = [t for t in ("buildah", "podman", "debootstrap") if not shutil.which(t)]
+    if missing:
+        print(f"installing {', '.join(missing)} ...", flush=True)
+        sh("apt-get", "install", "-y", "-q", "buildah", "podman", "debootstrap")
+
+
+def ensure_base() -> None:
+    if subprocess.run(["podman", "image", "exists", BASE]).returncode == 0:
+        return
+    print("making the base image with debootstrap ...", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        rootfs = Path(tmp) / "rootfs"
+        sh("debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates", "bookworm",
+           str(rootfs), "http://deb.debian.org/debian")
+        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+        sh("podman", "import", "-", BASE, stdin=tar.stdout)
+        tar.wait()
+
+
+def build(tag: str, variant: str) -> None:
+    print(f"building {tag} ...", flush=True)
+    sh("buildah", "bud", "--isolation", "chroot", "--format", "docker", "--build-arg", f"BASE_IMAGE={BASE}", "--build-arg",
+       f"VARIANT={variant}", "-v", f"{CA_BUNDLE}:{CA_BUNDLE}:ro", "-t", tag, str(ROOT), cwd=ROOT)
+
+
+def image_config(tag: str) -> dict:
+    return json.loads(sh("buildah", "inspect", "--type", "image", tag))["OCIv1"]["config"]
+
+
+def image_size_mb(tag: str) -> float:
+    return float(sh("podman", "image", "inspect", "--format", "{{.Size}}", tag).strip()) / 1e6
+
+
+class Container:
+    def __init__(self, tag: str):
+        self.name = sh("buildah", "from", tag).strip()
+
+    def run(self, *cmd, **kw) -> str:
+        return sh("buildah", "run", "--isolation", "chroot", "--network", "host", self.name, "--", *cmd, **kw)
+
+    def start(self, cmd: list[str], log: Path) -> subprocess.Popen:
+        return subprocess.Popen(["buildah", "run", "--isolation", "chroot", "--network", "host", self.name, "--",
+                                 *cmd], stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+    def remove(self) -> None:
+        sh("buildah", "rm", self.name, check=False)
+
+
+def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited {proc.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(log.read_text())
+
+
+def serve_pid(cmd: list[str]) -> int:
+    pids = sh("pgrep", "-f", " ".join(cmd[1:])).split()
+    return int(pids[-1])
+
+
+def smoke_cpu(tag: str, work: Path) -> dict:
+    import httpx
+    import numpy as np
+    from astropy.io import fits
+
+    cmd = image_config(tag)["Cmd"]
+    assert cmd[:2] == ["photoz", "serve"], cmd
+    ctr = Container(tag)
+    try:
+        uid = ctr.run("id", "-u").strip()
+        assert uid != "0", f"image runs as root (uid {uid})"
+        ctr.run("python3", "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)")
+        log = work / "cpu-serve.log"
+        proc = ctr.start(cmd, log)
+        url = "http://127.0.0.1:" + cmd[cmd.index("--port") + 1]
+        wait_ready(url, proc, log)
+        cutout = np.random.default_rng(0).normal(0, 0.05, (5, 64, 64)).astype(np.float32)
+        cutout[:, 28:36, 28:36] += 20
+        buffer = io.BytesIO()
+        fits.PrimaryHDU(cutout).writeto(buffer)
+        response = httpx.post(url + "/v1/predict", content=buffer.getvalue(),
+                              headers={"Content-Type": "application/fits"}, timeout=60)
+        assert response.status_code == 200, response.text
+        doc = response.json()
+        pdf = np.array(doc["data"]["pdfs"][0])
+        assert pdf.size == len(doc["meta"]["bins"]) - 1 and abs(pdf.sum() - 1) < 1e-4
+        metrics = httpx.get(url + "/metrics").text
+        assert 'photoz_requests_total{status="200"} 1.0' in metrics
+        os.kill(serve_pid(cmd), signal.SIGTERM)
+        code = proc.wait(60)
+        text = log.read_text()
+        assert code == 0, f"exit {code}:\n{text}"
+        assert "draining" in text and "drained and stopped" in text, text
+        return {"uid": uid, "z_mean": doc["ancil"]["z_mean"][0], "exit_code": code}
+    finally:
+        ctr.remove()
+
+
+def smoke_gpu(tag: str, work: Path) -> dict:
+    ctr = Container(tag)
+    try:
+        providers = ctr.run("python3", "-c", "import onnxruntime as ort; print(ort.get_available_providers())")
+        assert "CUDAExecutionProvider" in providers, providers
+        cmd = image_config(tag)["Cmd"]
+        log = work / "gpu-serve.log"
+        proc = ctr.start(cmd, log)
+        url = "http://127.0.0.1:" + cmd[cmd.index("--port") + 1]
+        wait_ready(url, proc, log)
+        os.kill(serve_pid(cmd), signal.SIGTERM)
+        proc.wait(60)
+        text = log.read_text()
+        assert "falling back to CPUExecutionProvider" in text, text
+        return {"providers": providers.strip()}
+    finally:
+        ctr.remove()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--gpu", action="store_true", help="also build and check the CUDA image (several GB)")
+    args = parser.parse_args(argv)
+    if not (ROOT / "model" / "bundles" / "photoz-sdss-sim.onnx").exists():
+        print("no shipped bundle in model/bundles: nothing to put in the image", file=sys.stderr)
+        return 1
+    ensure_tools()
+    ensure_base()
+    work = Path(tempfile.mkdtemp(prefix="photoz-docker-"))
+    report = {}
+    build("photoz:cpu", "cpu")
+    report["cpu"] = {**smoke_cpu("photoz:cpu", work), "size_mb": round(image_size_mb("photoz:cpu"))}
+    print(f"CPU image OK: {report['cpu']}", flush=True)
+    if args.gpu:
+        build("photoz:gpu", "gpu")
+        report["gpu"] = {**smoke_gpu("photoz:gpu", work), "size_mb": round(image_size_mb("photoz:gpu"))}
+        print(f"GPU image OK: {report['gpu']}", flush=True)
+    out = ROOT / "benchmarks" / "results" / "docker-images.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
