@@ -7,7 +7,7 @@ FROM ${BASE_IMAGE} AS build
 ARG VARIANT=cpu
 WORKDIR /src
 RUN python3 -m venv /opt/photoz
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY photoz ./photoz
 COPY model ./model
 COPY service ./service
