@@ -114,9 +114,9 @@ def _read_chunk(plan, geometry):
 
 
 class _LocalEngine:
-    def __init__(self, bundle_path, providers: str, batch_size: int):
+    def __init__(self, bundle_path, providers: str, batch_size: int, threads: int = 0):
         self.bundle = load_bundle(bundle_path)
-        self.predictor = OnnxPredictor(self.bundle, providers)
+        self.predictor = OnnxPredictor(self.bundle, providers, intra_op_threads=threads)
         self.batch_size = batch_size
 
     def run(self, images, ebv):
@@ -243,9 +243,12 @@ _WORKER_ENGINES: dict = {}
 
 def _dask_task(model, providers, batch_size, plan_k, geometry, n_bins, parts_dir, k) -> int:
     """One partition on a Dask worker; the bundle is loaded once per worker process."""
+    from distributed import get_worker
+
     key = (str(model), providers, batch_size)
     if key not in _WORKER_ENGINES:
-        _WORKER_ENGINES[key] = _LocalEngine(model, providers, batch_size)
+        # as many ORT threads as the worker has task threads: workers sharing a machine do not oversubscribe it
+        _WORKER_ENGINES[key] = _LocalEngine(model, providers, batch_size, threads=get_worker().state.nthreads)
     return process_chunk(_WORKER_ENGINES[key], plan_k, geometry, n_bins, Path(parts_dir), k)
 
 
