@@ -120,3 +120,19 @@ def test_serving_and_bundle_loader_never_import_torch(tiny_bundle):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "clean"
+
+
+def test_fp16_bundle_keeps_float32_io_and_stays_close(tiny_net, tmp_path):
+    from model.runtime import OnnxPredictor
+
+    md = make_metadata(tiny_net, "pasquet2019_tiny", "tiny-fp16", "1", untrained_record())
+    bundle = export_bundle(tiny_net, tmp_path / "h.onnx", md, fp16=True)
+    assert bundle.metadata.document["precision"] == "float16"
+    proto = onnx.load(str(tmp_path / "h.onnx"))
+    assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in proto.graph.initializer)
+    images = np.random.default_rng(1).normal(0, 1, (3, 5, 64, 64)).astype(np.float32)
+    probs = OnnxPredictor(bundle, providers="cpu").predict(images, np.zeros(3, np.float32))
+    assert probs.dtype == np.float32
+    with torch.no_grad():
+        ref = tiny_net(torch.from_numpy(images), torch.zeros(3, 1)).numpy()
+    assert np.max(np.abs(probs - ref)) < 2e-3

@@ -42,7 +42,8 @@ def _evaluate(args) -> int:
 def _export(args) -> int:
     from training.export import export_checkpoint
 
-    bundle = export_checkpoint(args.checkpoint, args.out, args.name, args.version, args.held_out_report)
+    bundle = export_checkpoint(args.checkpoint, args.out, args.name, args.version, args.held_out_report,
+                               fp16=args.fp16)
     print(f"{bundle.path}  sha256 {bundle.sha256}  (ONNX/torch parity checked)")
     return 0
 
@@ -93,4 +94,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default="photoz-sdss-sim")
     p.add_argument("--version", default="0.1.0")
     p.add_argument("--held-out-report", default=None, help="metrics.json of `photoz evaluate` on held-out data")
+    p.add_argument("--fp16", action="store_true",
+                   help="float16 weights and compute (GPU serving); inputs and outputs stay float32")
     p.set_defaults(func=_export)

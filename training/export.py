@@ -26,10 +26,10 @@ def training_record(state: dict, held_out: dict | None) -> dict:
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, name: str, version: str,
-                      held_out_report: str | Path | None = None):
+                      held_out_report: str | Path | None = None, fp16: bool = False):
     net, state = load_checkpoint(checkpoint)
     held_out = json.loads(Path(held_out_report).read_text()) if held_out_report else None
     bins = RedshiftBins.from_metadata(state["train_config"]["z_bins"])
     metadata = make_metadata(net, state["train_config"]["variant"], name, version,
                              training_record(state, held_out), bins=bins)
-    return export_bundle(net, out, metadata)
+    return export_bundle(net, out, metadata, fp16=fp16)
