@@ -166,8 +166,9 @@ def measure_catalogue(noisy: np.ndarray) -> dict[str, np.ndarray]:
         n_pix = np.pi * aperture**2
         errors[:, b] = np.sqrt(n_pix * sky_sigma_nmgy_per_pixel(band) ** 2
                                + np.maximum(fluxes[:, b], 0) / effective_gain_e_per_nmgy(band))
-    # half-light radius: radius enclosing half the Petrosian flux in r
-    r50 = np.array([np.interp(0.5 * ft, f, radii) if np.all(np.diff(f) > -1e9) else np.nan
+    # half-light radius: radius enclosing half the Petrosian flux in r (on the
+    # running maximum of the growth curve, which noise can make dip)
+    r50 = np.array([np.interp(0.5 * ft, f, radii)
                     for ft, f in zip(fluxes[:, r_band], np.maximum.accumulate(flux_r, axis=1))])
     model_flux, model_err = _template_photometry(noisy, aperture)
     out = {
