@@ -72,3 +72,21 @@ def test_every_setting_is_documented():
 
     for name in Settings.model_fields:
         assert f"PHOTOZ_{name.upper()}" in README, name
+
+
+def test_readme_settings_defaults_match_the_code():
+    from service.settings import Settings
+
+    rows = re.findall(r"^\| `(PHOTOZ_[A-Z_]+)` \| `([^`]*)` \|", README, re.M)
+    assert len(rows) >= 10
+    for variable, documented in rows:
+        name = variable.removeprefix("PHOTOZ_").lower()
+        default = Settings.model_fields[name].default
+        if isinstance(default, bool):
+            assert documented == str(default).lower(), variable
+        elif isinstance(default, (int, float)):
+            assert float(documented) == float(default), variable
+        elif name == "model":
+            assert str(default).endswith(documented), variable
+        else:
+            assert documented == str(default), variable
