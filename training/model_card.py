@@ -63,7 +63,7 @@ def render(bundle_path: Path, report: dict, figures: list[str]) -> str:
         checks = [("sigma_MAD <= 0.75 x baseline", ratio <= TARGETS["sigma_mad_ratio"], f"ratio {ratio:.2f}"),
                   ("outlier fraction below the baseline's", cnn["outlier_fraction"] < knn["outlier_fraction"],
                    f"{cnn['outlier_fraction']:.2%} vs {knn['outlier_fraction']:.2%}"),
-                  ("|bias| < 0.001", abs(cnn["bias"]) < TARGETS["abs_bias"], f"{cnn['bias']:+.5f}"),
+                  ("abs(bias) < 0.001", abs(cnn["bias"]) < TARGETS["abs_bias"], f"{cnn['bias']:+.5f}"),
                   ("PIT KS < 0.05", cnn["pit_ks"] < TARGETS["pit_ks"], f"{cnn['pit_ks']:.3f}")]
         lines += ["| target | met | value |", "| --- | --- | --- |"]
         lines += [f"| {name} | {'yes' if ok else '**no**'} | {value} |" for name, ok, value in checks]
