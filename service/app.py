@@ -17,6 +17,7 @@ import numpy as np
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.requests import ClientDisconnect
 
 from model.bundle import Bundle, load_bundle
 from model.runtime import OnnxPredictor
@@ -182,6 +183,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except asyncio.CancelledError:  # the client went away; its queued work is dropped
             status = 499
             raise
+        except ClientDisconnect:  # gone while still sending the body
+            status = 499
+            return Response(status_code=499)
         except Exception as exc:  # never let one request take the server down
             log.exception("prediction failed")
             return problem_response(500, "internal error", f"{type(exc).__name__}: {exc}")
