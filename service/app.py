@@ -257,9 +257,8 @@ async def read_cutouts(request: Request, state: ServiceState, ebv, ids) -> Cutou
             data = await upload.read()
             kind = kind_for_filename(upload.filename, upload.content_type)
             part = await asyncio.to_thread(decode, data, kind, geometry, None, None, f"file {upload.filename!r}")
-            prefix = f"{upload.filename}:" if len(files) > 1 else ""
-            if prefix or part.ids == [str(i) for i in range(len(part))]:
-                part.ids = [f"{prefix}{i}" for i in part.ids]
+            if len(files) > 1:  # ids stay unique across files
+                part.ids = [f"{upload.filename}:{i}" for i in part.ids]
             parts.append(part)
         cutouts = concatenate(parts)
         ebv = ebv if ebv is not None else parse_list_field(form.get("ebv"), "ebv")
