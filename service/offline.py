@@ -11,6 +11,7 @@ HDF5 file) with ids, validity, point estimates, flags and PDFs.
 """
 from __future__ import annotations
 
+import functools
 import json
 import queue
 import shutil
@@ -54,8 +55,7 @@ class Source:
             images = canonical_stack(array if array.ndim == 3 else array[start:stop], geometry, self.path.name)
             ebv, ids = None, None
         else:
-            cut = decode(self.path.read_bytes(), kind_for_filename(self.path.name, None), geometry,
-                         field=self.path.name)
+            cut = _decoded_file(self.path, geometry)
             images, ebv, ids = cut.images[start:stop], cut.ebv[start:stop], cut.ids[start:stop]
         n = images.shape[0]
         ids = ids if ids is not None else [f"{self.path.name}:{i}" for i in range(start, start + n)]
@@ -72,7 +72,14 @@ def count_objects(path: Path, geometry: Geometry) -> int:
     if suffix == ".npy":
         shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
         return 1 if len(shape) == 3 else int(shape[0])
-    return len(decode(path.read_bytes(), kind_for_filename(path.name, None), geometry, field=path.name))
+    return len(_decoded_file(path, geometry))
+
+
+@functools.lru_cache(maxsize=1)
+def _decoded_file(path: Path, geometry: Geometry):
+    """A whole FITS/.npz file, decoded once: counting it and reading its chunks reuse it
+    (one file held at a time, so memory stays bounded by the largest file)."""
+    return decode(path.read_bytes(), kind_for_filename(path.name, None), geometry, field=path.name)
 
 
 def find_sources(inputs: list[str | Path], geometry: Geometry) -> list[Source]:
