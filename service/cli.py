@@ -29,9 +29,19 @@ def _predict(args) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    from service.settings import Settings
+def _missing_serving_packages(reason: str) -> int:
+    import sys
 
+    print(f"photoz serve needs the serving packages ({reason}): pip install photoz", file=sys.stderr)
+    return 2
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    try:
+        from service.settings import Settings
+    except ImportError as exc:  # a training-only environment without the serving packages
+        missing = str(exc)
+        Settings = None
     p = sub.add_parser("predict", help="run a bundle offline over files or directories into one table",
                        description="Photo-z for every cutout in FITS/.npy/.npz files, directories of them, or HDF5 "
                                    "data sets. Resumable: finished chunks are kept in OUT.parts/ until the end.")
@@ -49,6 +59,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_predict)
 
+    if Settings is None:
+        p = sub.add_parser("serve", help="serve a model bundle over HTTP (needs the serving packages)")
+        p.set_defaults(func=lambda _args: _missing_serving_packages(missing))
+        return
     p = sub.add_parser("serve", help="serve a model bundle over HTTP",
                        description="Serve a bundle with dynamic batching. Every flag also reads from the "
                                    "environment variable PHOTOZ_<NAME> (e.g. PHOTOZ_MAX_BATCH_SIZE); flags win.")

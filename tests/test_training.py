@@ -12,7 +12,7 @@ import torch
 from model.bundle import load_bundle
 from model.runtime import OnnxPredictor
 from training.data import CutoutDataset, DataFormatError, inspect, split_indices
-from training.train import TrainConfig, epoch_batches, load_checkpoint, train
+from training.train import InMemoryData, TrainConfig, augment_batch, epoch_batches, load_checkpoint, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -93,6 +93,41 @@ def test_sigterm_checkpoint_and_exact_batch_resume(tiny_data, tmp_path):
     assert state["epoch"] == 0 and state["batch_in_epoch"] == 2
     train(tiny_config(tiny_data, out, max_steps_per_epoch=5), resume=True, progress=False)
     assert torch.load(out / "last.pt", weights_only=False)["epoch"] == 2
+
+
+def test_preload_trains_in_memory_and_matches_streamed_validation(tiny_data, tmp_path):
+    """--preload holds the data set as tensors; validation on it scores exactly like the streamed reader."""
+    run = train(tiny_config(tiny_data, tmp_path / "pre", epochs=1, preload=True), progress=False)
+    row = next(csv.DictReader(open(run / "metrics.csv")))
+    net, state = load_checkpoint(run / "last.pt")
+    assert state["train_config"]["preload"] is True and state["epoch"] == 1
+    from model.pdf import RedshiftBins
+    from training.train import validate
+
+    _, val_idx = split_indices(160, 0.2, 0)
+    bins = RedshiftBins.uniform()
+    in_memory = validate(net, InMemoryData(tiny_data, torch.device("cpu")).subset(val_idx), bins, "cpu", 0)
+    streamed = validate(net, CutoutDataset(tiny_data, val_idx), bins, "cpu", 0)
+    assert in_memory["n"] == streamed["n"] == 32
+    assert in_memory["sigma_mad"] == pytest.approx(streamed["sigma_mad"], rel=1e-6)
+    assert float(row["val_crps"]) == pytest.approx(streamed["crps"], rel=1e-4)
+    # the augmented batches hold the right objects, rotated or flipped
+    data = InMemoryData(tiny_data, torch.device("cpu"))
+    (images, ebv, z), = list(data.batches([[3, 7]], seed=(0, 0, 0, 0)))
+    with h5py.File(tiny_data) as h5:
+        assert np.allclose(z.numpy(), h5["z"][[3, 7]]) and np.allclose(ebv.numpy()[:, 0], h5["ebv"][[3, 7]])
+        for got, want in zip(images.numpy(), h5["images"][[3, 7]]):
+            assert np.array_equal(np.sort(got.ravel()), np.sort(want.ravel()))
+
+
+def test_augment_batch_is_the_numpy_rotation_and_flip():
+    images = torch.arange(4 * 2 * 3 * 3, dtype=torch.float32).reshape(4, 2, 3, 3)
+    rot, flip = torch.tensor([0, 1, 2, 3]), torch.tensor([1, 0, 1, 0])
+    out = augment_batch(images, rot, flip).numpy()
+    for i in range(4):
+        want = np.rot90(images[i].numpy(), k=int(rot[i]), axes=(1, 2))
+        want = want[:, :, ::-1] if flip[i] else want
+        assert np.array_equal(out[i], want)
 
 
 def test_epoch_batches_are_deterministic_disjoint_and_sharded():

@@ -1,0 +1,100 @@
+"""Training throughput benchmark: cutouts/s of a training step for each network variant.
+
+    python benchmarks/train_speed.py [--device auto|cpu|cuda] [--variants pasquet2019_half,pasquet2019]
+
+One training step = forward + cross-entropy + backward + Adam update on a
+batch already in device memory (what ``photoz train --preload`` feeds), with
+the same mixed precision ``photoz train`` uses (bfloat16 autocast on a GPU,
+float32 on CPU). Also the in-memory augmentation cost per batch. Prints a
+table and writes JSON to benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from model.pasquet import build, variant_config  # noqa: E402
+from training.train import augment_batch  # noqa: E402
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_variant(variant: str, device, batch_size: int, steps: int, amp: bool) -> dict:
+    net = build(variant_config(variant)).to(device).train()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+    images = torch.rand(batch_size, 5, 64, 64, device=device) * 10
+    ebv = torch.full((batch_size, 1), 0.03, device=device)
+    target = torch.randint(net.config.n_bins, (batch_size,), device=device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=amp and device.type == "cuda"):
+            loss = F.cross_entropy(net.logits(images, ebv), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(max(3, steps // 10)):
+        step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    elapsed = time.perf_counter() - t0
+    rot, flip = torch.randint(4, (batch_size,)), torch.randint(2, (batch_size,))
+    _sync(device)
+    t1 = time.perf_counter()
+    for _ in range(steps):
+        augment_batch(images, rot, flip)
+    _sync(device)
+    return {"variant": variant, "parameters": sum(p.numel() for p in net.parameters()), "batch_size": batch_size,
+            "steps": steps, "cutouts_per_s": steps * batch_size / elapsed,
+            "augment_ms_per_batch": 1e3 * (time.perf_counter() - t1) / steps}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--variants", default="pasquet2019_half,pasquet2019")
+    parser.add_argument("--batch-sizes", default="128")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 200 on GPU, 5 on CPU)")
+    parser.add_argument("--no-amp", action="store_true")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if cuda else "cpu")
+    steps = args.steps or (200 if cuda else 5)
+    rows = [time_variant(v, device, int(b), steps, not args.no_amp)
+            for v in args.variants.split(",") for b in args.batch_sizes.split(",")]
+    name = torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine()
+    print(f"training step throughput on {name} (torch {torch.__version__}, "
+          f"{'bf16 autocast' if cuda and not args.no_amp else 'fp32'})")
+    print(f"| variant | parameters | batch | cutouts/s | augmentation ms/batch |\n| --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['variant']} | {r['parameters']:,} | {r['batch_size']} | {r['cutouts_per_s']:.0f} "
+              f"| {r['augment_ms_per_batch']:.2f} |")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"train-speed-{device.type}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps({"device": name, "torch": torch.__version__, "amp": cuda and not args.no_amp,
+                                "rows": rows}, indent=2))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
