@@ -49,7 +49,10 @@ def render(bundle_path: Path, report: dict, figures: list[str]) -> str:
         f"simulator {training['dataset'].get('simulator_version')}, simulation seed {training['dataset'].get('seed')}",
         f"- epochs: {training['epochs']}, batch {training.get('batch_size')}, Adam at {training.get('learning_rate')} "
         "(divided by 5 halfway), cross-entropy over the bins, random 90-degree rotations and flips",
-        f"- code commit: `{training['code_commit']}`", "",
+        f"- code commit: `{training['code_commit']}`"]
+    if report.get("hardware"):
+        lines.append(f"- how: {report['hardware']}")
+    lines += ["",
         "## Held-out metrics", "",
         f"On `{report['data']}` ({report['n']:,} simulated galaxies, a separate simulation seed), point estimate "
         f"= PDF {cnn['point_estimate'].replace('z_', '')}, dz = (z_phot - z_spec)/(1 + z_spec), outliers |dz| > 0.05. "
@@ -80,8 +83,10 @@ def render(bundle_path: Path, report: dict, figures: list[str]) -> str:
               "- Valid for SDSS-like data: ugriz, 0.396\"/pixel, nanomaggies, r < 17.77, z < 0.4. Other "
               "surveys need retraining; objects beyond the grid pile up in the last bins "
               "(flag `pdf_at_grid_edge`).",
-              "- Luminous red galaxies at z > 0.2 are under-represented and too blue in u - g in the "
-              "simulation (docs/simulation.md), so photo-z there is less reliable."]
+              "- Few simulated galaxies lie at z > 0.2 (as in the MGS) and the simulated luminous red "
+              "galaxies at 0.25-0.30 are ~0.06 mag too blue in r - i (docs/simulation.md): photo-z there "
+              "is less reliable and, like every template-free estimator, pulled towards the bulk of the "
+              "training sample (the per-bin bias above: positive below z = 0.1, negative beyond 0.15)."]
     return "\n".join(lines) + "\n"
 
 
