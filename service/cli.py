@@ -29,6 +29,35 @@ def _predict(args) -> int:
     return 0
 
 
+def _cutouts(args) -> int:
+    import sys
+
+    from service.cutouts import CutoutError, make_cutouts, parse_band_options
+
+    if not args.model:
+        from service.settings import DEFAULT_MODEL
+
+        args.model = DEFAULT_MODEL
+    try:
+        summary = make_cutouts(args.image, args.catalogue, args.out, model=args.model, ra_col=args.ra_col,
+                               dec_col=args.dec_col, id_col=args.id_col, ebv_col=args.ebv_col,
+                               units=parse_band_options(args.unit, "unit"),
+                               zero_points={b: float(v) for b, v in parse_band_options(args.zero_point,
+                                                                                      "zero-point").items()})
+    except CutoutError as exc:
+        print(f"photoz cutouts: {exc}", file=sys.stderr)
+        return 2
+    print(f"{summary['out']}: {summary['objects']} cutouts, {summary['near_edge']} too near an edge "
+          f"(NaN beyond the field; predict reports them without a PDF)")
+    if args.predict:
+        from service.offline import predict_files
+
+        result = predict_files([summary["out"]], args.predict, model=args.model, providers=args.providers,
+                               progress=not args.quiet)
+        print(f"{result['out']}: {result['written']} rows by {result['model']['name']} {result['model']['version']}")
+    return 0
+
+
 def _missing_serving_packages(reason: str) -> int:
     import sys
 
@@ -58,6 +87,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-parts", action="store_true", help="keep the per-chunk files and manifest in OUT.parts/")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("cutouts", help="cut bundle-sized cutouts from calibrated field images at catalogue positions",
+                       description="One calibrated FITS image per band (WCS; pixels in nanomaggies, a flux density "
+                                   "BUNIT, or counts with NMGY or a zero point) and a catalogue of RA/Dec (FITS, CSV "
+                                   "or Parquet) -> an .npz of cutouts aligned to the r-band WCS, ready for "
+                                   "`photoz predict` (or straight to a photo-z table with --predict).")
+    p.add_argument("--image", action="append", required=True, metavar="[BAND=]PATH",
+                   help="one per band; the band comes from BAND= or the FITS FILTER/BAND header")
+    p.add_argument("--catalogue", required=True, help="FITS, CSV or Parquet table with RA/Dec in degrees")
+    p.add_argument("--out", required=True, help="output .npz (images, ebv, ids, ra, dec, x, y, near_edge)")
+    p.add_argument("--model", default=None, help="bundle whose bands, cutout size and pixel scale to use "
+                                                 "(default: the shipped one)")
+    p.add_argument("--ra-col", default=None)
+    p.add_argument("--dec-col", default=None)
+    p.add_argument("--id-col", default=None)
+    p.add_argument("--ebv-col", default=None, help="Galactic E(B-V) column (0 when absent)")
+    p.add_argument("--unit", action="append", metavar="BAND=UNIT",
+                   help="override a band's pixel unit (nanomaggy, maggy, Jy, uJy, nJy, ...)")
+    p.add_argument("--zero-point", action="append", metavar="BAND=MAG",
+                   help="AB magnitude of one pixel unit of a band (for images in counts)")
+    p.add_argument("--predict", default=None, metavar="TABLE",
+                   help="then run photoz predict on the cutouts into TABLE (.fits, .parquet or .hdf5)")
+    p.add_argument("--providers", default="auto", help="with --predict: auto | tensorrt | cuda | cpu")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cutouts)
 
     if Settings is None:
         p = sub.add_parser("serve", help="serve a model bundle over HTTP (needs the serving packages)")

@@ -17,6 +17,16 @@ def _simulate(args) -> int:
     return 0
 
 
+def _simulate_field(args) -> int:
+    from training.sim.field import render_field
+
+    summary = render_field(args.out, n=args.n, seed=args.seed, n_edge=args.n_edge)
+    print(f"{summary['out']}: {summary['n']} galaxies on a {summary['shape'][1]} x {summary['shape'][0]} pixel field, "
+          f"frame-[ugriz].fits ({', '.join(f'{b}: {u}' for b, u in summary['units'].items())}), catalogue.csv, "
+          "truth.npz")
+    return 0
+
+
 def _train(args) -> int:
     from training.train import TrainConfig, train
 
@@ -61,6 +71,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk-size", type=int, default=256, help="galaxies per deterministic chunk (default 256)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_simulate)
+
+    p = sub.add_parser("simulate-field", help="simulate field images (one FITS per band) and a catalogue",
+                       description="Galaxies of the simulated population at known sky positions on one calibrated "
+                                   "FITS image per band (each with its own WCS and unit convention), a catalogue "
+                                   "and the truth: the test bed of `photoz cutouts`.")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--n", type=int, default=36, help="number of galaxies")
+    p.add_argument("--seed", type=int, default=3)
+    p.add_argument("--n-edge", type=int, default=2, help="how many of them sit too near an edge")
+    p.set_defaults(func=_simulate_field)
 
     p = sub.add_parser("train", help="train a network variant on a labelled HDF5 data set",
                        description="Train with cross-entropy over redshift bins. Use torchrun for DDP.")
