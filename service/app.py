@@ -82,17 +82,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.providers != "cpu" and state.predictor.provider == "CPUExecutionProvider":
             log.warning("no GPU execution provider is usable here: falling back to CPUExecutionProvider")
         state.metrics = Metrics(settings.max_batch_size)
+        solo = None
+        if state.predictor.provider == "CPUExecutionProvider" and \
+                settings.threads_when_alone > settings.threads_per_batch:
+            # a second session on the same bundle for lone batches (a GPU needs none: one batch fills it)
+            solo = OnnxPredictor(state.bundle, "cpu", settings.threads_when_alone, settings.inter_op_threads,
+                                 allow_spinning=False)
         if settings.warmup:
-            sizes = await asyncio.to_thread(warm_up, state.predictor, settings.max_batch_size)
+            for engine in (state.predictor, solo):
+                if engine is not None:
+                    sizes = await asyncio.to_thread(warm_up, engine, settings.max_batch_size)
             log.info("warmed up batch sizes %s", sizes)
         state.batcher = Batcher(state.predictor.predict_with_estimates, settings.max_batch_size,
                                 settings.max_queue_delay_ms / 1000, settings.max_queue_objects,
-                                settings.inference_workers, state.metrics.batch_stats())
+                                settings.inference_workers, state.metrics.batch_stats(),
+                                infer_alone=solo.predict_with_estimates if solo is not None else None)
         state.batcher.start()
         state.ready = True
-        log.info("ready: max_batch_size=%d max_queue_delay_ms=%g inference_workers=%d threads_per_batch=%d",
-                 settings.max_batch_size, settings.max_queue_delay_ms, settings.inference_workers,
-                 settings.threads_per_batch)
+        log.info("ready: max_batch_size=%d max_queue_delay_ms=%g inference_workers=%d threads_per_batch=%d "
+                 "threads_when_alone=%s", settings.max_batch_size, settings.max_queue_delay_ms,
+                 settings.inference_workers, settings.threads_per_batch,
+                 settings.threads_when_alone if solo is not None else "-")
         try:
             yield
         finally:

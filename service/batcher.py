@@ -4,7 +4,10 @@ Requests are cut into pieces of at most ``max_batch_size`` cutouts and
 queued. A single loop forms a batch when it holds ``max_batch_size``
 cutouts or when the oldest waiting piece has waited ``max_queue_delay``,
 runs it off the event loop, and hands each piece its rows. While a batch
-runs, the next one accumulates, so a busy server forms full batches. The
+runs, the next one accumulates, so a busy server forms full batches. Under
+light load (a batch runs alone and nothing waits) the optional
+``infer_alone`` engine runs it instead: on a CPU, one using every core, so
+a lone request is not held to its share of the cores. The
 queue is bounded (in cutouts): a request that does not fit is refused at
 once. Pieces whose caller gave up (deadline passed, client gone) are
 dropped before they reach the model.
@@ -61,8 +64,11 @@ class BatchStats:
 class Batcher:
     def __init__(self, infer: Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]], max_batch_size: int,
                  max_queue_delay_s: float, max_queue_objects: int, workers: int = 1,
-                 stats: BatchStats | None = None):
+                 stats: BatchStats | None = None,
+                 infer_alone: Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]] | None = None):
         self.infer = infer
+        # under light load (one batch running, nothing queued) a wider engine uses the idle cores
+        self.infer_alone = infer_alone
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_objects = max_queue_objects
@@ -159,9 +165,11 @@ class Batcher:
         try:
             images = np.concatenate([p.images for p in batch]) if len(batch) > 1 else batch[0].images
             ebv = np.concatenate([p.ebv for p in batch]) if len(batch) > 1 else batch[0].ebv
+            alone = self.infer_alone is not None and len(self._running) <= 1 and not self._queue
+            infer = self.infer_alone if alone else self.infer
             start = time.perf_counter()
             try:
-                outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self.infer, images, ebv)
+                outputs = await asyncio.get_running_loop().run_in_executor(self._executor, infer, images, ebv)
             except Exception as exc:  # an engine failure fails this batch's callers, not the server
                 for p in batch:
                     if not p.future.done():

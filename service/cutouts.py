@@ -179,8 +179,11 @@ def align(images: dict[str, BandImage], scale_arcsec: float = PIXEL_SCALE_ARCSEC
             stack.append(image.data)
             notes[band] = f"{image.unit_note}; on the reference grid"
             continue
-        from reproject import reproject_interp
-
+        try:
+            from reproject import reproject_interp
+        except ImportError:
+            raise CutoutError(f"{image.path}: the {band} band's pixel grid differs from the reference grid and "
+                              "resampling needs the reproject package: pip install 'photoz[pipeline]'") from None
         resampled, _ = reproject_interp((image.data, image.wcs), wcs, shape_out=shape, order="bicubic")
         area_ratio = proj_plane_pixel_area(wcs) / proj_plane_pixel_area(image.wcs)
         stack.append((resampled * area_ratio).astype(np.float32))

@@ -19,6 +19,8 @@ class Settings(BaseModel):
     intra_op_threads: int = Field(0, ge=0, description="ORT threads per batch (0: cores / inference_workers)")
     inter_op_threads: int = Field(0, ge=0, description="ORT inter-op threads (0: ORT's default)")
     inference_workers: int = Field(2, ge=1, description="batches run at the same time")
+    solo_threads: int = Field(0, ge=0, description="CPU: ORT threads for a batch that runs alone, with nothing "
+                                                   "queued (light load); 0: all cores")
     max_batch_size: int = Field(8, ge=1, description="most cutouts per model call (CPU: ~8; GPU: 64-256)")
     max_queue_delay_ms: float = Field(2.0, ge=0, description="longest wait of the oldest queued cutout")
     max_queue_objects: int = Field(8192, ge=1, description="queued cutouts beyond which requests get 429")
@@ -42,6 +44,11 @@ class Settings(BaseModel):
     def threads_per_batch(self) -> int:
         """ORT intra-op threads: the cores shared among concurrent batches unless set."""
         return self.intra_op_threads or max(1, (os.cpu_count() or 1) // self.inference_workers)
+
+    @property
+    def threads_when_alone(self) -> int:
+        """ORT intra-op threads for a batch with no other batch running and nothing queued."""
+        return self.solo_threads or (os.cpu_count() or 1)
 
     @property
     def max_body_bytes(self) -> int:

@@ -429,3 +429,48 @@ def test_disconnected_client_work_is_dropped_before_the_model(tiny_bundle, tmp_p
         assert "photoz_requests_total{status=\"499\"}" in metrics, [l for l in metrics.splitlines() if "requests_total" in l]
     finally:
         srv.stop()
+
+
+def test_lone_batch_runs_on_the_wide_engine_concurrent_batches_on_the_narrow():
+    """Light load: a batch alone with nothing queued takes infer_alone; under load the shared engine."""
+    import asyncio
+    import time as _time
+
+    from service.batcher import Batcher
+
+    used = []
+
+    def engine(name):
+        def infer(images, ebv):
+            used.append(name)
+            _time.sleep(0.05)
+            return {"probs": images.reshape(len(images), -1)[:, :1]}
+        return infer
+
+    async def scenario():
+        batcher = Batcher(engine("narrow"), max_batch_size=2, max_queue_delay_s=0.001, max_queue_objects=100,
+                          workers=2, infer_alone=engine("wide"))
+        batcher.start()
+        one = np.ones((1, 5, 4, 4), np.float32)
+        out = await batcher.submit(one, np.zeros(1, np.float32), 5.0)
+        assert out["probs"].shape == (1, 1) and used == ["wide"]
+        used.clear()
+        stack = np.arange(12 * 80, dtype=np.float32).reshape(12, 5, 4, 4)
+        results = await asyncio.gather(*(batcher.submit(stack[i:i + 3], np.zeros(3, np.float32), 5.0)
+                                         for i in range(0, 12, 3)))
+        for i, r in enumerate(results):  # rows back to the right caller, whichever engine ran them
+            assert np.array_equal(r["probs"][:, 0], stack[3 * i:3 * i + 3, 0, 0, 0])
+        # 4 requests of 3 = 8 pieces of <= 2; only a last batch left alone may take the wide engine
+        assert len(used) == 8 and used.count("narrow") >= 7, used
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_startup_log_states_the_threads(server):
+    import os
+
+    log = server.log()
+    assert "threads_per_batch=" in log
+    if (os.cpu_count() or 1) > 1:  # a second, all-core session for lone batches
+        assert f"threads_when_alone={os.cpu_count()}" in log

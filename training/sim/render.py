@@ -10,6 +10,7 @@ fluxes in every band through the same aperture, asinh magnitudes.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -49,6 +50,13 @@ def star_magnitudes(rng: np.random.Generator, n: int) -> np.ndarray:
     return np.stack([u, g, r, i, z], axis=1)
 
 
+@functools.lru_cache(maxsize=1)
+def _gsparams():
+    import galsim
+
+    return galsim.GSParams(**GSPARAMS)
+
+
 def draw(profiles: list, psf_fwhm_arcsec: float) -> np.ndarray:
     """Sum of GalSim profiles (flux in nanomaggies, positions in arcsec from the centre)
     seen through a Moffat PSF, drawn (with the pixel response) on the cutout grid."""
@@ -59,7 +67,7 @@ def draw(profiles: list, psf_fwhm_arcsec: float) -> np.ndarray:
     # GalSim notes when a truncated profile falls back from real-space to DFT
     # convolution; that is the method we want, so the note is noise
     warnings.filterwarnings("ignore", message=".*real space convolution.*", category=galsim.GalSimWarning)
-    gsparams = galsim.GSParams(**GSPARAMS)
+    gsparams = _gsparams()
     psf = galsim.Moffat(beta=PSF_MOFFAT_BETA, fwhm=psf_fwhm_arcsec, gsparams=gsparams)
     image = galsim.ImageF(CUTOUT_SIZE_PIXELS, CUTOUT_SIZE_PIXELS, scale=PIXEL_SCALE_ARCSEC)
     galsim.Convolve(galsim.Add(profiles), psf, gsparams=gsparams).drawImage(image=image, method="auto")
@@ -74,10 +82,11 @@ def _galaxy_profile(galsim, row: dict, band_index: int, dx_arcsec: float, dy_arc
     disk_flux = mag_to_nanomaggies(row["mag_disk"][band_index])
     if row["bulge_fraction"] > 0.01:
         bulge_hlr = r50 * (1.0 if row["bulge_fraction"] > 0.8 else 0.6)
-        parts.append(galsim.DeVaucouleurs(half_light_radius=bulge_hlr, flux=bulge_flux, trunc=8 * bulge_hlr)
+        parts.append(galsim.DeVaucouleurs(half_light_radius=bulge_hlr, flux=bulge_flux, trunc=8 * bulge_hlr,
+                                          gsparams=_gsparams())
                      .shear(q=float(row["bulge_q"]), beta=beta))
     if row["bulge_fraction"] < 0.99:
-        parts.append(galsim.Exponential(half_light_radius=r50, flux=disk_flux)
+        parts.append(galsim.Exponential(half_light_radius=r50, flux=disk_flux, gsparams=_gsparams())
                      .shear(q=float(row["disk_q"]), beta=beta))
     return galsim.Add(parts).shift(dx_arcsec, dy_arcsec)
 
@@ -114,7 +123,8 @@ def render_galaxies(pop: dict, rng: np.random.Generator, inst: InstrumentConfig,
             profiles = [_galaxy_profile(galsim, row, b, *offsets[k])]
             for kind, what, (x, y) in neighbours:
                 if kind == "star":
-                    profiles.append(galsim.DeltaFunction(flux=mag_to_nanomaggies(what[b])).shift(x, y))
+                    profiles.append(galsim.DeltaFunction(flux=mag_to_nanomaggies(what[b]), gsparams=_gsparams())
+                                    .shift(x, y))
                 else:
                     profiles.append(_galaxy_profile(galsim, what, b, x, y))
             clean[k, b] = draw(profiles, float(fwhm[k, b]))
