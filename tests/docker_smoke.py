@@ -44,7 +44,11 @@ def ensure_tools() -> None:
     missing = [t for t in ("buildah", "podman", "debootstrap") if not shutil.which(t)]
     if missing:
         print(f"installing {', '.join(missing)} ...", flush=True)
-        sh("apt-get", "install", "-y", "-q", "buildah", "podman", "debootstrap")
+        try:
+            sh("apt-get", "install", "-y", "-q", "buildah", "podman", "debootstrap")
+        except RuntimeError:  # a fresh machine may have no package lists yet
+            sh("apt-get", "update", "-q")
+            sh("apt-get", "install", "-y", "-q", "buildah", "podman", "debootstrap")
 
 
 def ensure_base() -> None:
@@ -136,6 +140,14 @@ def smoke_cpu(tag: str, work: Path) -> dict:
         doc = response.json()
         pdf = np.array(doc["data"]["pdfs"][0])
         assert pdf.size == len(doc["meta"]["bins"]) - 1 and abs(pdf.sum() - 1) < 1e-4
+        # the image serves the shipped bundle: the same numbers as the engine on the host
+        from model.bundle import load_bundle
+        from model.runtime import OnnxPredictor
+
+        shipped = load_bundle(ROOT / "model" / "bundles" / "photoz-sdss-sim.onnx")
+        assert doc["model"]["sha256"] == shipped.sha256, (doc["model"], shipped.sha256)
+        host = OnnxPredictor(shipped, providers="cpu").predict_with_estimates(cutout[None], np.zeros(1, np.float32))
+        assert abs(doc["ancil"]["z_mean"][0] - float(host["z_mean"][0])) < 1e-4, (doc["ancil"]["z_mean"], host)
         metrics = httpx.get(url + "/metrics").text
         assert 'photoz_requests_total{status="200"} 1.0' in metrics
         os.kill(serve_pid(cmd), signal.SIGTERM)
