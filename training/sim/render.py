@@ -52,21 +52,22 @@ def star_magnitudes(rng: np.random.Generator, n: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=1)
 def _gsparams():
+    """One GSParams for every profile (shared, so GalSim never copies profiles to apply it)."""
+    import warnings
+
     import galsim
 
+    # GalSim notes when a truncated profile falls back from real-space to DFT
+    # convolution; that is the method we want, so the note is noise (set once per process)
+    warnings.filterwarnings("ignore", message=".*real space convolution.*", category=galsim.GalSimWarning)
     return galsim.GSParams(**GSPARAMS)
 
 
 def draw(profiles: list, psf_fwhm_arcsec: float) -> np.ndarray:
     """Sum of GalSim profiles (flux in nanomaggies, positions in arcsec from the centre)
     seen through a Moffat PSF, drawn (with the pixel response) on the cutout grid."""
-    import warnings
-
     import galsim
 
-    # GalSim notes when a truncated profile falls back from real-space to DFT
-    # convolution; that is the method we want, so the note is noise
-    warnings.filterwarnings("ignore", message=".*real space convolution.*", category=galsim.GalSimWarning)
     gsparams = _gsparams()
     psf = galsim.Moffat(beta=PSF_MOFFAT_BETA, fwhm=psf_fwhm_arcsec, gsparams=gsparams)
     image = galsim.ImageF(CUTOUT_SIZE_PIXELS, CUTOUT_SIZE_PIXELS, scale=PIXEL_SCALE_ARCSEC)
@@ -138,11 +139,18 @@ def noise_sigma(clean: np.ndarray) -> np.ndarray:
     """Per-pixel noise (nanomaggies): sky + read noise at the depth, plus source Poisson."""
     sky = np.array([sky_sigma_nmgy_per_pixel(b) for b in BANDS])[None, :, None, None]
     gain = np.array([effective_gain_e_per_nmgy(b) for b in BANDS])[None, :, None, None]
-    return np.sqrt(sky**2 + np.maximum(clean, 0) / gain)
+    # sqrt(sky^2 + max(clean, 0) / gain) in float64, computed in place (same numbers, no temporaries)
+    sigma = np.empty(clean.shape, np.float64)
+    np.divide(np.maximum(clean, 0), gain, out=sigma)
+    np.add(sky**2, sigma, out=sigma)
+    return np.sqrt(sigma, out=sigma)
 
 
 def add_noise(clean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    return (clean + rng.normal(size=clean.shape) * noise_sigma(clean)).astype(np.float32)
+    noise = rng.normal(size=clean.shape)
+    np.multiply(noise, noise_sigma(clean), out=noise)
+    np.add(clean, noise, out=noise)
+    return noise.astype(np.float32)
 
 
 def _radial_profile(images: np.ndarray, radii: np.ndarray):
