@@ -24,6 +24,9 @@ FLUX_UNIT: str = "nanomaggy"
 #: AB magnitude of a flux of one nanomaggy.
 NANOMAGGY_ZEROPOINT_MAG: float = 22.5
 
+#: One nanomaggy in jansky: the AB zero point 3631 Jy times 1e-9.
+NANOMAGGY_JANSKY: float = 3631e-9
+
 #: Milky Way extinction A_band / E(B-V) for SDSS ugriz
 #: (Schlafly & Finkbeiner 2011, R_V = 3.1).
 EXTINCTION_A_OVER_EBV: dict[str, float] = {

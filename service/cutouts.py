@@ -30,11 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from model.conventions import BANDS, CUTOUT_SIZE_PIXELS, NANOMAGGY_ZEROPOINT_MAG, PIXEL_SCALE_ARCSEC
+from model.conventions import BANDS, CUTOUT_SIZE_PIXELS, NANOMAGGY_JANSKY, NANOMAGGY_ZEROPOINT_MAG, PIXEL_SCALE_ARCSEC
 
 REFERENCE_BAND = "r"
-#: AB zero point of 1 nanomaggy in jansky: 3631 Jy x 10^-9.
-NANOMAGGY_JY = 3631e-9
 ZERO_POINT_KEYWORDS = ("MAGZP", "MAGZERO", "ZEROPT", "PHOTZP", "ZP")
 NANOMAGGY_NAMES = {"nanomaggy", "nanomaggies", "nmgy", "nmaggy"}
 COUNT_NAMES = {"count", "counts", "adu", "dn", "electron", "electrons", "e-", "ct"}
@@ -77,7 +75,7 @@ def nanomaggies_per_unit(header, path: str = "image", unit: str | None = None,
         import astropy.units as u
 
         try:
-            factor = u.Unit(raw.strip() if unit is None else unit).to(u.Jy) / NANOMAGGY_JY
+            factor = u.Unit(raw.strip() if unit is None else unit).to(u.Jy) / NANOMAGGY_JANSKY
             return float(factor), f"BUNIT {raw!r} (flux density)"
         except (ValueError, u.UnitConversionError, TypeError):
             raise CutoutError(f"{path}: BUNIT {raw!r} is not a unit photoz can convert to nanomaggies "

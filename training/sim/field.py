@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from model.conventions import BANDS, CUTOUT_SIZE_PIXELS, MEDIAN_SEEING_FWHM_ARCSEC, PIXEL_SCALE_ARCSEC, PSF_MOFFAT_BETA
+from model.conventions import (BANDS, CUTOUT_SIZE_PIXELS, MEDIAN_SEEING_FWHM_ARCSEC, NANOMAGGY_JANSKY, NANOMAGGY_ZEROPOINT_MAG,
+                               PIXEL_SCALE_ARCSEC, PSF_MOFFAT_BETA)
 
 FIELD_CENTRE_DEG = (150.1, 2.2)  # (RA, Dec) of the reference pixel
 #: Pixel shift of each band's grid against r (x, y): SDSS frames of one field are offset by a few arcsec.
@@ -36,7 +37,6 @@ BAND_SHIFT_PIXELS = {"u": (3.3, -1.7), "g": (1.2, 0.45), "r": (0.0, 0.0), "i": (
 UNIT_OF_BAND = {"u": "count+NMGY", "g": "nanomaggy", "r": "nanomaggy", "i": "adu+MAGZP", "z": "uJy"}
 U_NMGY_PER_COUNT = 0.0052
 I_MAGZP = 28.3
-NANOMAGGY_MICROJY = 3.631  # 1 nanomaggy = 3.631 microjansky (AB)
 STAMP_PIXELS = 96
 
 
@@ -135,10 +135,10 @@ def render_field(out_dir: str | Path, n: int = 36, seed: int = 3, spacing_pixels
         elif UNIT_OF_BAND[band] == "adu+MAGZP":
             header["BUNIT"] = "adu"
             header["MAGZP"] = (I_MAGZP, "AB magnitude of 1 adu")
-            data = data * 10 ** (0.4 * (I_MAGZP - 22.5))
+            data = data * 10 ** (0.4 * (I_MAGZP - NANOMAGGY_ZEROPOINT_MAG))
         else:
             header["BUNIT"] = "uJy"
-            data = data * NANOMAGGY_MICROJY
+            data = data * NANOMAGGY_JANSKY * 1e6  # microjansky
         paths[band] = out / f"frame-{band}.fits"
         fits.PrimaryHDU(data.astype(np.float32), header=header).writeto(paths[band], overwrite=True)
 
