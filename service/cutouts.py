@@ -181,7 +181,7 @@ def align(images: dict[str, BandImage], scale_arcsec: float = PIXEL_SCALE_ARCSEC
             from reproject import reproject_interp
         except ImportError:
             raise CutoutError(f"{image.path}: the {band} band's pixel grid differs from the reference grid and "
-                              "resampling needs the reproject package: pip install 'photoz[pipeline]'") from None
+                              "resampling needs the reproject package: pip install 'photoz[pipeline]' (or '.[pipeline]' in a checkout)") from None
         resampled, _ = reproject_interp((image.data, image.wcs), wcs, shape_out=shape, order="bicubic")
         area_ratio = proj_plane_pixel_area(wcs) / proj_plane_pixel_area(image.wcs)
         stack.append((resampled * area_ratio).astype(np.float32))
