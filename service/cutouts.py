@@ -100,6 +100,20 @@ def _image_hdu(hdul, path):
     raise CutoutError(f"{path}: no 2-D image HDU (expected one calibrated image per band)")
 
 
+def band_from_header(header, bands: tuple[str, ...] = BANDS) -> str | None:
+    """The band named by FILTER or BAND: the whole value ('r') or its one band-named token ('SDSS r', 'r.MP9601', 'HSC-R')."""
+    for key in ("FILTER", "BAND"):
+        value = str(header.get(key, "")).strip().lower()
+        if not value:
+            continue
+        if value in bands:
+            return value
+        tokens = {t for t in re.split(r"[\s._\-/]+", value) if t in bands}
+        if len(tokens) == 1:
+            return tokens.pop()
+    return None
+
+
 def read_band_image(path: str | Path, band: str | None = None, unit: str | None = None,
                     zero_point: float | None = None, bands: tuple[str, ...] = BANDS) -> BandImage:
     """One calibrated image: data in nanomaggies per pixel, celestial WCS, band."""
@@ -115,11 +129,7 @@ def read_band_image(path: str | Path, band: str | None = None, unit: str | None 
         hdu = _image_hdu(hdul, path)
         header = hdu.header
         if band is None:
-            for key in ("FILTER", "BAND"):
-                value = str(header.get(key, "")).strip()
-                if value:
-                    band = value.split()[0].rstrip("'").lower()[-1:] if value.lower() not in bands else value.lower()
-                    break
+            band = band_from_header(header, bands)
         if band not in bands:
             raise CutoutError(f"{path}: band {band!r} is not one of the bundle's bands {bands}; "
                               "name it as BAND=PATH or set the FILTER header")

@@ -118,6 +118,16 @@ def test_other_pixel_scale_and_rotation_are_resampled_onto_the_bundle_grid(tmp_p
     assert {xc, yc} <= {31, 32}
 
 
+def test_band_from_filter_headers():
+    from service.cutouts import band_from_header
+
+    for value, band in (("r", "r"), ("SDSS r", "r"), ("r.MP9601", "r"), ("HSC-G", "g"), ("z_DECam", "z"),
+                        ("Y", None), ("g r", None)):
+        assert band_from_header(fits.Header({"FILTER": value})) == band, value
+    assert band_from_header(fits.Header({"BAND": "i"})) == "i"
+    assert band_from_header(fits.Header({})) is None
+
+
 def test_catalogue_formats_and_errors(tmp_path):
     t = Table({"ID": ["a", "b"], "ra_deg": [10.0, 10.001], "dec_deg": [1.0, 1.0], "EBV": [0.02, 0.03]})
     t.write(tmp_path / "c.parquet")
