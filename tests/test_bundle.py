@@ -112,7 +112,7 @@ def test_custom_bins_are_exported(tmp_path):
 
 def test_serving_and_bundle_loader_never_import_torch(tiny_bundle):
     code = (
-        "import sys, service, service.app, model.bundle, model.pdf\n"
+        "import sys, service, service.app, service.offline, service.cutouts, service.client, model.bundle, model.pdf\n"
         f"model.bundle.load_bundle({str(tiny_bundle)!r})\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
         "print('clean')\n"
