@@ -52,7 +52,8 @@ def _cutouts(args) -> int:
     if args.predict:
         from service.offline import predict_files
 
-        result = predict_files([summary["out"]], args.predict, model=args.model, providers=args.providers,
+        result = predict_files([summary["out"]], args.predict, model=None if args.url else args.model,
+                               url=args.url, api_key=args.api_key, providers=args.providers,
                                progress=not args.quiet)
         print(f"{result['out']}: {result['written']} rows by {result['model']['name']} {result['model']['version']}")
     return 0
@@ -110,6 +111,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--predict", default=None, metavar="TABLE",
                    help="then run photoz predict on the cutouts into TABLE (.fits, .parquet or .hdf5)")
     p.add_argument("--providers", default="auto", help="with --predict: auto | tensorrt | cuda | cpu")
+    p.add_argument("--url", default=None, help="with --predict: send the cutouts to a running service instead")
+    p.add_argument("--api-key", default=None)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cutouts)
 

@@ -165,3 +165,17 @@ def test_cut_flags_positions_off_the_image():
     assert list(near_edge) == [False, True, True]
     assert np.isfinite(images[0]).all() and np.isnan(images[2]).all()
     assert np.isnan(images[1]).any() and np.isfinite(images[1]).any()
+
+
+def test_cutouts_predict_through_a_running_service(tmp_path, server, tiny_bundle, capsys):
+    """--predict --url sends the cutouts to the service: same table as running the bundle locally."""
+    render_field(tmp_path, n=6, seed=4, n_edge=1)
+    common = ["cutouts", *[f"--image={tmp_path / f}" for f in FRAMES], "--catalogue", str(tmp_path / "catalogue.csv"),
+              "--out", str(tmp_path / "c.npz"), "--quiet"]
+    assert photoz([*common, "--predict", str(tmp_path / "remote.fits"), "--url", server.url]) == 0
+    assert photoz([*common, "--predict", str(tmp_path / "local.fits"), "--model", str(tiny_bundle)]) == 0
+    remote, local = Table.read(tmp_path / "remote.fits", hdu=1), Table.read(tmp_path / "local.fits", hdu=1)
+    assert list(remote["ID"]) == list(local["ID"]) and list(remote["VALID"]) == list(local["VALID"])
+    assert (~np.asarray(remote["VALID"])).sum() == 1
+    ok = np.asarray(local["VALID"])
+    assert np.allclose(np.asarray(remote["Z_MEAN"])[ok], np.asarray(local["Z_MEAN"])[ok], atol=1e-5)
