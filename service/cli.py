@@ -14,14 +14,20 @@ def _serve(args) -> int:
     return serve(Settings.from_env(**overrides))
 
 
+def _model_or_default(model):
+    """The bundle a command runs: the one named, else the shipped default."""
+    if model:
+        return model
+    from service.settings import DEFAULT_MODEL
+
+    return DEFAULT_MODEL
+
+
 def _predict(args) -> int:
     from service.offline import predict_files
 
-    if not args.url and not args.model:
-        from service.settings import DEFAULT_MODEL
-
-        args.model = DEFAULT_MODEL
-    summary = predict_files(args.inputs, args.out, model=args.model, url=args.url, api_key=args.api_key,
+    model = args.model if args.url else _model_or_default(args.model)
+    summary = predict_files(args.inputs, args.out, model=model, url=args.url, api_key=args.api_key,
                             providers=args.providers, chunk_size=args.chunk_size, batch_size=args.batch_size,
                             progress=not args.quiet, dask=args.dask, keep_parts=args.keep_parts)
     print(f"{summary['out']}: {summary['written']} rows ({summary['objects']} objects) "
@@ -34,10 +40,7 @@ def _cutouts(args) -> int:
 
     from service.cutouts import CutoutError, make_cutouts, parse_band_options
 
-    if not args.model:
-        from service.settings import DEFAULT_MODEL
-
-        args.model = DEFAULT_MODEL
+    args.model = _model_or_default(args.model)
     try:
         summary = make_cutouts(args.image, args.catalogue, args.out, model=args.model, ra_col=args.ra_col,
                                dec_col=args.dec_col, id_col=args.id_col, ebv_col=args.ebv_col,

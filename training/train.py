@@ -76,17 +76,17 @@ class InMemoryData:
     The same random 90-degree rotations and flips as ``CutoutDataset`` (the
     sky has no preferred orientation), drawn per object from a generator
     seeded by (seed, epoch, rank, first batch) so a resumed epoch is
-    reproducible. Loading reads the file in blocks, never all at once twice.
+    reproducible. The file is read in blocks of ``block`` objects, so host
+    memory holds one block at a time on the way to the device.
     """
 
-    def __init__(self, path, device, indices: np.ndarray | None = None, block: int = 4096):
+    def __init__(self, path, device, block: int = 4096):
         import h5py
 
         info = inspect(path)
         with h5py.File(path, "r") as h5:
-            n = info["n"]
-            first = h5["images"][:1]
-            shape = (n, 5, first.shape[-1], first.shape[-1]) if info["channel_last"] else (n,) + first.shape[1:]
+            n, *rest = h5["images"].shape
+            shape = (n, rest[2], rest[0], rest[1]) if info["channel_last"] else (n, *rest)
             self.images = torch.empty(shape, dtype=torch.float32, device=device)
             for start in range(0, n, block):
                 chunk = np.asarray(h5["images"][start:start + block], dtype=np.float32)
@@ -97,7 +97,7 @@ class InMemoryData:
             self.ebv = torch.from_numpy(ebv[:, None]).to(device)
             self.z = torch.from_numpy(np.asarray(h5["z"][:], np.float32)).to(device)
         self.device = device
-        self.indices = None if indices is None else np.asarray(indices)
+        self.indices = None  # all objects; subset() gives a view on some
 
     def subset(self, indices: np.ndarray) -> "InMemoryData":
         view = object.__new__(InMemoryData)

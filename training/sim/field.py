@@ -77,7 +77,7 @@ def render_field(out_dir: str | Path, n: int = 36, seed: int = 3, spacing_pixels
     from astropy.table import Table
 
     from training.sim.population import PopulationConfig, draw_selected
-    from training.sim.render import GSPARAMS, _galaxy_profile, add_noise
+    from training.sim.render import _galaxy_profile, _gsparams, add_noise
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -94,8 +94,8 @@ def render_field(out_dir: str | Path, n: int = 36, seed: int = 3, spacing_pixels
     xy = centres + rng.uniform(-8, 8, centres.shape)
     edge = np.stack([rng.uniform(3, 20, n_edge), rng.uniform(spacing_pixels, size - spacing_pixels, n_edge)], 1)
     xy = np.concatenate([xy, edge])
-    fwhm = {b: MEDIAN_SEEING_FWHM_ARCSEC[b] for b in BANDS}
-    gsparams = galsim.GSParams(**GSPARAMS)
+    gsparams = _gsparams()  # the simulator's, shared by every profile
+    psfs = [galsim.Moffat(beta=PSF_MOFFAT_BETA, fwhm=MEDIAN_SEEING_FWHM_ARCSEC[b], gsparams=gsparams) for b in BANDS]
 
     clean = np.zeros((len(BANDS),) + shape, np.float32)
     own_clean = np.zeros((n, len(BANDS), CUTOUT_SIZE_PIXELS, CUTOUT_SIZE_PIXELS), np.float32)
@@ -105,9 +105,7 @@ def render_field(out_dir: str | Path, n: int = 36, seed: int = 3, spacing_pixels
         # where the galaxy falls in a cutout of the r grid: the cutter centres it to within half a pixel
         own_offset = tuple(v - np.round(v - half) - half for v in xy[k])
         for b, band in enumerate(BANDS):
-            profile = _galaxy_profile(galsim, row, b, 0.0, 0.0)
-            psf = galsim.Moffat(beta=PSF_MOFFAT_BETA, fwhm=fwhm[band], gsparams=gsparams)
-            galaxy = galsim.Convolve(profile, psf, gsparams=gsparams)
+            galaxy = galsim.Convolve(_galaxy_profile(galsim, row, b, 0.0, 0.0), psfs[b], gsparams=gsparams)
             own_image = galsim.ImageF(CUTOUT_SIZE_PIXELS, CUTOUT_SIZE_PIXELS, scale=PIXEL_SCALE_ARCSEC)
             own_clean[k, b] = galaxy.drawImage(image=own_image, offset=own_offset).array
             x, y = xy[k] + np.array(BAND_SHIFT_PIXELS[band])
