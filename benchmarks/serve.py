@@ -2,11 +2,18 @@
 
     python benchmarks/serve.py [--model bundle.onnx] [--duration 10]
 
-1. offline: the ONNX Runtime engine alone at several batch sizes (best = reference);
+1. offline: the ONNX Runtime engine alone at several batch sizes, in two
+   arrangements (one all-core session; one single-thread run per core): the
+   best of these is the reference configuration;
 2. photoz served on 127.0.0.1, driven by wrk (one client thread, so the load
    generator does not eat the server's cores) at 1, 8, 32 and 128 connections
    posting single cutouts, and with requests of 256 cutouts;
 3. the same bundle served by LitServe with its own dynamic batching, same load.
+
+Every load point is bracketed by a run of the engine offline in the reference
+configuration just before and just after it, and its ratio is taken to the
+better of the two: these shared machines drift by 10-20% within minutes, so a
+reference measured minutes away says more about the machine than the server.
 
 Prints a table (throughput in cutouts/s, p50/p95/p99 latency, mean batch
 size, ratio to offline) and writes JSON to benchmarks/results/. Without
@@ -65,47 +72,51 @@ def export_random_bundle(path: Path) -> Path:
     return path
 
 
-def offline_throughput(bundle_path: Path, sizes=(1, 8, 16, 32, 64), seconds: float = 1.5, passes: int = 2) -> dict:
-    """Cutouts/s of the engine alone per batch size, in its best arrangement on this machine.
+ARRANGEMENTS = {"1 session x all cores": (1, 0), "1 thread per core": (0, 1)}  # (runs in parallel, threads)
 
-    Two arrangements are timed: one session using every core, and one
-    single-threaded run per core in parallel (the server's default); each
-    figure is the best of interleaved passes, so machine noise lowers
-    nothing but the served/offline ratios' denominators can only go up.
-    """
-    import threading
 
-    from model.bundle import load_bundle
-    from model.runtime import OnnxPredictor
+class Offline:
+    """The engine alone: cutouts/s for an arrangement and batch size, on distinct cutouts (no cache reuse)."""
 
-    bundle = load_bundle(bundle_path)
-    cores = os.cpu_count() or 1
-    arrangements = {"1 session x all cores": (1, 0), f"{cores} runs x 1 thread": (cores, 1)}
-    rng = np.random.default_rng(0)
-    out = {name: {n: 0.0 for n in sizes} for name in arrangements}
-    for _ in range(passes):
-        for name, (workers, threads) in arrangements.items():
-            predictor = OnnxPredictor(bundle, providers="cpu", intra_op_threads=threads, allow_spinning=False)
-            for n in sizes:
-                images = rng.normal(0, 0.05, (n, 5, 64, 64)).astype(np.float32)
-                ebv = np.zeros(n, np.float32)
-                predictor.predict(images, ebv)
-                counts = [0] * workers
+    def __init__(self, bundle_path: Path):
+        from model.bundle import load_bundle
+        from model.runtime import OnnxPredictor
 
-                def run(i):
-                    start = time.perf_counter()
-                    while time.perf_counter() - start < seconds:
-                        predictor.predict(images, ebv)
-                        counts[i] += n
+        bundle = load_bundle(bundle_path)
+        self.cores = os.cpu_count() or 1
+        self.predictors = {name: OnnxPredictor(bundle, providers="cpu", intra_op_threads=threads,
+                                               allow_spinning=False)
+                           for name, (_, threads) in ARRANGEMENTS.items()}
+        self.images = np.random.default_rng(0).normal(0, 0.05, (256, 5, 64, 64)).astype(np.float32)
 
-                start = time.perf_counter()
-                threads_ = [threading.Thread(target=run, args=(i,)) for i in range(workers)]
-                for t in threads_:
-                    t.start()
-                for t in threads_:
-                    t.join()
-                out[name][n] = max(out[name][n], sum(counts) / (time.perf_counter() - start))
-    return out
+    def measure(self, arrangement: str, n: int, seconds: float) -> float:
+        import threading
+
+        predictor = self.predictors[arrangement]
+        workers = ARRANGEMENTS[arrangement][0] or self.cores
+        ebv = np.zeros(n, np.float32)
+        predictor.predict(self.images[:n], ebv)
+        counts = [0] * workers
+
+        def run(i):
+            start, k = time.perf_counter(), i
+            while time.perf_counter() - start < seconds:
+                offset = (k * n) % (len(self.images) - n + 1)
+                predictor.predict(self.images[offset:offset + n], ebv)
+                counts[i] += n
+                k += workers
+
+        start = time.perf_counter()
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return sum(counts) / (time.perf_counter() - start)
+
+    def scan(self, sizes=(1, 8, 16, 32, 64), seconds: float = 1.5) -> dict:
+        """{arrangement: {batch size: cutouts/s}}."""
+        return {name: {n: self.measure(name, n, seconds) for n in sizes} for name in ARRANGEMENTS}
 
 
 def wrk(url: str, body_file: Path, content_type: str, connections: int, duration: int) -> dict:
@@ -179,6 +190,8 @@ def main(argv=None) -> int:
     parser.add_argument("--connections", default="1,8,32,128")
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--max-queue-delay-ms", type=float, default=2.0)
+    parser.add_argument("--offline-seconds", type=float, default=4.0,
+                        help="engine-alone run before and after each load point")
     parser.add_argument("--skip-litserve", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
@@ -194,8 +207,20 @@ def main(argv=None) -> int:
         (work / name).write_bytes(buffer.getvalue())
     (work / "single.json").write_text(json.dumps({"npy": base64.b64encode((work / "single.npy").read_bytes()).decode()}))
 
-    print("offline engine throughput (ONNX Runtime, CPU) ...", flush=True)
-    offline = offline_throughput(bundle)
+    print("offline engine throughput (ONNX Runtime, CPU), scanning arrangements and batch sizes ...", flush=True)
+    offline = Offline(bundle)
+    scan = offline.scan()
+    best_arrangement, best_size = max(((a, n) for a in scan for n in scan[a]), key=lambda k: scan[k[0]][k[1]])
+    print(f"reference: {best_arrangement}, batch {best_size}", flush=True)
+
+    def bracketed(run):
+        before = offline.measure(best_arrangement, best_size, args.offline_seconds)
+        row = run()
+        after = offline.measure(best_arrangement, best_size, args.offline_seconds)
+        row.update(offline_before=before, offline_after=after, ratio_to_offline=row["cutouts_per_s"] / max(before, after))
+        print(f"  {row['cutouts_per_s']:.0f} cutouts/s, offline {before:.0f} / {after:.0f}: "
+              f"x{row['ratio_to_offline']:.2f}", flush=True)
+        return row
 
     rows = []
     server = LiveServer(bundle, work / "photoz.log", max_batch_size=args.max_batch_size,
@@ -204,12 +229,12 @@ def main(argv=None) -> int:
     try:
         for c in conns:
             print(f"photoz, {c} connections ...", flush=True)
-            rows.append(run_load("photoz", server.url + "/v1/predict", work / "single.npy", "application/x-npy", c,
-                                 args.duration, 1, server.url))
+            rows.append(bracketed(lambda: run_load("photoz", server.url + "/v1/predict", work / "single.npy",
+                                                   "application/x-npy", c, args.duration, 1, server.url)))
         print("photoz, requests of 256 cutouts ...", flush=True)
         # long enough for many 256-cutout requests (each takes about a second)
-        rows.append(run_load("photoz", server.url + "/v1/predict", work / "batch256.npy", "application/x-npy", 2,
-                             3 * args.duration, 256, server.url))
+        rows.append(bracketed(lambda: run_load("photoz", server.url + "/v1/predict", work / "batch256.npy",
+                                               "application/x-npy", 2, 3 * args.duration, 256, server.url)))
     finally:
         server.stop()
     if not args.skip_litserve:
@@ -217,24 +242,18 @@ def main(argv=None) -> int:
         try:
             for c in conns:
                 print(f"LitServe, {c} connections ...", flush=True)
-                rows.append(run_load("litserve", url + "/predict", work / "single.json", "application/json", c,
-                                     args.duration, 1))
+                rows.append(bracketed(lambda: run_load("litserve", url + "/predict", work / "single.json",
+                                                       "application/json", c, args.duration, 1)))
         finally:
             stop_group(proc)
 
-    print("offline engine throughput again ...", flush=True)
-    after = offline_throughput(bundle)
-    offline = {name: {n: max(v, after[name][n]) for n, v in sizes.items()} for name, sizes in offline.items()}
-    best_arrangement, best_size = max(((a, n) for a in offline for n in offline[a]), key=lambda k: offline[k[0]][k[1]])
-    best = offline[best_arrangement][best_size]
-    for row in rows:
-        row["ratio_to_offline"] = row["cutouts_per_s"] / best
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "bundle": str(bundle),
-              "offline_cutouts_per_s": offline, "offline_best_batch_size": best_size,
-              "offline_best_arrangement": best_arrangement, "offline_best": best,
+              "offline_cutouts_per_s": scan, "offline_best_batch_size": best_size,
+              "offline_best_arrangement": best_arrangement, "offline_best": scan[best_arrangement][best_size],
               "settings": {"max_batch_size": args.max_batch_size, "max_queue_delay_ms": args.max_queue_delay_ms,
-                           "duration_s": args.duration, "load_generator": "wrk -t1"}, "rows": rows}
+                           "duration_s": args.duration, "offline_seconds": args.offline_seconds,
+                           "load_generator": "wrk -t1"}, "rows": rows}
     photoz32 = next((r for r in rows if r["server"] == "photoz" and r["connections"] == 32 and r["cutouts_per_request"] == 1), None)
     lit32 = next((r for r in rows if r["server"] == "litserve" and r["connections"] == 32), None)
     if photoz32 and lit32:
@@ -250,15 +269,17 @@ def main(argv=None) -> int:
 def format_table(report: dict) -> str:
     lines = [f"offline engine, {name}: " + ", ".join(f"batch {k}: {v:.0f}/s" for k, v in sizes.items())
              for name, sizes in report["offline_cutouts_per_s"].items()]
-    lines += [f"best offline: {report['offline_best']:.0f} cutouts/s ({report['offline_best_arrangement']}, "
-              f"batch {report['offline_best_batch_size']})", "",
-             "| server | connections | cutouts/request | cutouts/s | x offline | p50 ms | p95 ms | p99 ms | mean batch | errors |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"reference: the engine offline, {report['offline_best_arrangement']}, batch "
+              f"{report['offline_best_batch_size']} ({report['offline_best']:.0f} cutouts/s in the scan), "
+              "run before and after each load point", "",
+              "| server | connections | cutouts/request | cutouts/s | offline before / after | x offline | p50 ms "
+              "| p95 ms | p99 ms | mean batch | errors |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["rows"]:
         batch = f"{r['mean_batch_size']:.1f}" if "mean_batch_size" in r else "-"
         lines.append(f"| {r['server']} | {r['connections']} | {r['cutouts_per_request']} | {r['cutouts_per_s']:.0f} | "
-                     f"{r['ratio_to_offline']:.2f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | "
-                     f"{batch} | {r['errors']} |")
+                     f"{r['offline_before']:.0f} / {r['offline_after']:.0f} | {r['ratio_to_offline']:.2f} | "
+                     f"{r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {batch} | {r['errors']} |")
     if "photoz_over_litserve_at_32" in report:
         lines.append(f"\nphotoz / LitServe at 32 connections: {report['photoz_over_litserve_at_32']:.2f}")
     return "\n".join(lines)

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 
 import numpy as np
+import orjson
 
 from model.bundle import Bundle
 from model.pdf import point_estimates
@@ -72,21 +73,22 @@ def to_json(results: Results, include_pdf: bool) -> bytes:
     rebuilds the ensemble; ``ancil`` rows line up with ``data.pdfs`` rows.
     """
     ids = np.asarray(results.ids, dtype=object)
+    estimates = np.round(np.array(list(results.estimates.values()), np.float64), 6)  # one call, not eight
     doc = {
         "model": results.model_info(),
         "n_objects": len(results.ids),
         "pdf_name": "hist",
         "pdf_version": 0,
         "meta": {"bins": _bins_json(results.bundle)},
-        "ancil": {"ids": ids[results.valid].tolist(),
-                  **{k: np.round(v, 6).tolist() for k, v in results.estimates.items()},
+        "ancil": {"ids": ids[results.valid].tolist(), **dict(zip(results.estimates, estimates)),
                   "flags": results.flags},
         "rejected": [{"index": int(i), "id": results.ids[i], "error": results.problems[i]}
                      for i in np.flatnonzero(~results.valid)],
     }
     if include_pdf:
-        doc["data"] = {"pdfs": np.round(results.probs.astype(np.float64), 7).tolist()}
-    return json.dumps(doc, separators=(",", ":")).encode()
+        doc["data"] = {"pdfs": np.round(results.probs.astype(np.float64), 7)}
+    # orjson writes the numpy arrays directly (shortest round-trip floats), ~10x faster than json + tolist
+    return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def to_fits(results: Results, include_pdf: bool) -> bytes:
