@@ -42,15 +42,21 @@ class PopulationConfig:
     red_type_slope_per_mag: float = 0.0  # brighter red galaxies are earlier types: t_mean + slope (M + 21)
     red_type_sigma: float = 0.15
     blue_type_min: float = 0.9
-    blue_type_max: float = 3.0
+    blue_type_max: float = 2.7  # 1.4.0: 3.0 -> 2.7 (nearby dwarfs were too blue in u-g and g-r)
     # fainter star-forming galaxies are later types: t shifted by slope (M + 21), then clipped to [0.8, 3]
     blue_type_slope_per_mag: float = 0.0
     template_uv_suppression_mag: tuple[float, ...] = (0.62, 0.43, 0.0, 0.0)  # E, Sbc, Scd, Im
     template_halpha_ew_aa: tuple[float, ...] = (0.0, 30.0, 80.0, 160.0)  # rest H-alpha EW (Angstrom): E, Sbc, Scd, Im
+    template_oii_to_halpha: float = 0.4  # observed [OII] 3727 / H-alpha flux ratio (1.3.0: 0.8)
+    template_nir_suppression_mag: float = 0.1  # rest near-IR dimming (6800 -> 8000 A ramp), all templates
     red_dust_ebv_sigma: float = 0.02
+    # red-sequence colour-magnitude relation (more luminous ellipticals are redder: metallicity),
+    # applied as extra Calzetti reddening of red galaxies brighter than the pivot: slope x (pivot - M)
+    red_sequence_ebv_per_mag: float = 0.04
+    red_sequence_pivot_mag: float = -22.0
     blue_dust_ebv_mean: float = 0.108  # at M_r = -21; exponential distribution
     # dust rises with luminosity (e.g. Garn & Best 2010): mean x exp(-slope (M + 21))
-    blue_dust_ln_slope_per_mag: float = 0.4
+    blue_dust_ln_slope_per_mag: float = 0.3
     # Galactic E(B-V): log-normal, median and log-scatter (high-latitude sky)
     mw_ebv_median: float = 0.03
     mw_ebv_sigma_ln: float = 0.6
@@ -128,8 +134,9 @@ def draw_candidates(cfg: PopulationConfig, n: int, rng: np.random.Generator,
                  np.clip(rng.uniform(cfg.blue_type_min, cfg.blue_type_max, n)
                          + cfg.blue_type_slope_per_mag * (abs_mag + 21.0), 0.8, 3.0))
     blue_dust_mean = cfg.blue_dust_ebv_mean * np.exp(-cfg.blue_dust_ln_slope_per_mag * (abs_mag + 21.0))
-    dust = np.where(red, np.abs(rng.normal(0, cfg.red_dust_ebv_sigma, n)),
-                    np.minimum(rng.exponential(1.0, n) * blue_dust_mean, 0.5))
+    red_dust = np.abs(rng.normal(0, cfg.red_dust_ebv_sigma, n)) \
+        + cfg.red_sequence_ebv_per_mag * np.maximum(cfg.red_sequence_pivot_mag - abs_mag, 0)
+    dust = np.where(red, red_dust, np.minimum(rng.exponential(1.0, n) * blue_dust_mean, 0.5))
     bulge_fraction = np.clip(0.95 - 0.4 * t + rng.normal(0, 0.08, n), 0, 1)
     # colour gradient: bulges are redder, disks bluer than the galaxy's mean type
     bulge_type, disk_type = 0.5 * t, np.clip(t + 0.3, 0, 3)
@@ -142,7 +149,8 @@ def draw_candidates(cfg: PopulationConfig, n: int, rng: np.random.Generator,
 
     mw_ebv = np.clip(cfg.mw_ebv_median * np.exp(rng.normal(0, cfg.mw_ebv_sigma_ln, n)), 0.003, 0.3)
     dmod = distance_modulus(z)
-    tuning = (cfg.template_uv_suppression_mag, cfg.template_halpha_ew_aa)
+    tuning = (cfg.template_uv_suppression_mag, cfg.template_halpha_ew_aa, cfg.template_nir_suppression_mag,
+              cfg.template_oii_to_halpha)
     mag_bulge = _component_mags(abs_mag, bulge_fraction, bulge_type, dust, z, dmod, mw_ebv, tuning)
     mag_disk = _component_mags(abs_mag, 1 - bulge_fraction, disk_type, dust, z, dmod, mw_ebv, tuning)
     total_mag = -2.5 * np.log10(10 ** (-0.4 * mag_bulge) + 10 ** (-0.4 * mag_disk))
@@ -157,7 +165,8 @@ def draw_candidates(cfg: PopulationConfig, n: int, rng: np.random.Generator,
 def _component_mags(abs_mag, light_fraction, comp_type, dust, z, dmod, mw_ebv, template_tuning):
     """Observed magnitudes (N, 5) of one component, with Milky Way extinction.
 
-    ``template_tuning`` is (UV suppression per template, H-alpha EW per template).
+    ``template_tuning`` is (UV suppression per template, H-alpha EW per template, near-IR suppression,
+    [OII]/H-alpha): the arguments of ``sed.k_corrections`` after z.
     """
     frac = np.maximum(light_fraction, 1e-6)
     a_mw = np.array([EXTINCTION_A_OVER_EBV[b] for b in BANDS])

@@ -44,7 +44,8 @@ EMISSION_LINE_SIGMA_AA = 4.0  # Gaussian width (instrumental + velocity dispersi
 
 
 def load_templates(uv_suppression_mag: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0),
-                   halpha_ew_aa: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)) -> np.ndarray:
+                   halpha_ew_aa: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0), nir_suppression_mag: float = 0.0,
+                   oii_to_halpha: float = EMISSION_LINES_AA["[OII]3727"][1]) -> np.ndarray:
     """CWW templates f_lambda on REST_WAVELENGTH_AA.
 
     ``uv_suppression_mag`` (one per template) dims the rest-frame near-UV,
@@ -57,6 +58,13 @@ def load_templates(uv_suppression_mag: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0),
     their flux ratios. The CWW spectra are continua without nebular lines;
     in star-forming galaxies H-alpha + [NII] sits in the r band below
     z ~ 0.05 and moves into i beyond, which real r - i colours show.
+    ``oii_to_halpha`` replaces the [OII] 3727 line's ratio (observed, dust
+    attenuated; [OII] sits in u below z ~ 0.07 and in g beyond z ~ 0.1).
+
+    ``nir_suppression_mag`` dims every template's rest-frame near-IR, rising
+    from 0 at 6800 A to the full value at 8000 A and beyond (the extended,
+    model part of the CWW spectra): the knob that brings r - i at z < 0.1
+    onto real SDSS without touching the colours of distant galaxies.
     """
     import galsim
 
@@ -70,12 +78,14 @@ def load_templates(uv_suppression_mag: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0),
         seds.append(photons / REST_WAVELENGTH_AA)
     ramp = np.clip((4000.0 - REST_WAVELENGTH_AA) / 1500.0, 0, 1)
     seds = np.array(seds) * 10 ** (-0.4 * np.asarray(uv_suppression_mag)[:, None] * ramp[None, :])
+    seds *= 10 ** (-0.4 * nir_suppression_mag * np.clip((REST_WAVELENGTH_AA - 6800.0) / 1200.0, 0, 1))[None, :]
+    lines = {**EMISSION_LINES_AA, "[OII]3727": (EMISSION_LINES_AA["[OII]3727"][0], oii_to_halpha)}
     near_halpha = np.abs(REST_WAVELENGTH_AA - 6564.6) < 60
     for k, ew in enumerate(halpha_ew_aa):
         if ew <= 0:
             continue
         halpha_flux = ew * np.median(seds[k, near_halpha])  # EW x continuum, f_lambda x Angstrom
-        for wavelength, ratio in EMISSION_LINES_AA.values():
+        for wavelength, ratio in lines.values():
             profile = np.exp(-0.5 * ((REST_WAVELENGTH_AA - wavelength) / EMISSION_LINE_SIGMA_AA) ** 2)
             seds[k] += halpha_flux * ratio * profile / (profile.sum() * np.diff(REST_WAVELENGTH_AA)[0])
     return seds
@@ -83,7 +93,8 @@ def load_templates(uv_suppression_mag: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0),
 
 @functools.lru_cache(maxsize=4)
 def photometry_table(uv_suppression_mag: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0),
-                     halpha_ew_aa: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)) -> tuple[np.ndarray, np.ndarray]:
+                     halpha_ew_aa: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0), nir_suppression_mag: float = 0.0,
+                     oii_to_halpha: float = EMISSION_LINES_AA["[OII]3727"][1]) -> tuple[np.ndarray, np.ndarray]:
     """Band fluxes of every (template, dust, redshift), relative to rest r flux.
 
     Returns ``observed`` with shape (n_templates, n_dust, n_z, n_bands), the
@@ -95,7 +106,7 @@ def photometry_table(uv_suppression_mag: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0
     import speclite.filters
 
     filters = speclite.filters.load_filters(*[f"sdss2010-{b}" for b in BANDS])
-    templates = load_templates(uv_suppression_mag, halpha_ew_aa)
+    templates = load_templates(uv_suppression_mag, halpha_ew_aa, nir_suppression_mag, oii_to_halpha)
     dust = 10 ** (-0.4 * calzetti_k(REST_WAVELENGTH_AA)[None, :] * TABLE_DUST_EBV[:, None])
     spectra = templates[:, None, :] * dust[None, :, :]  # (T, D, L)
     flat = spectra.reshape(-1, REST_WAVELENGTH_AA.size)
@@ -130,7 +141,8 @@ def _interp_axis(table: np.ndarray, grid: np.ndarray, x: np.ndarray, axis: int):
 
 
 def k_corrections(t, dust_ebv, z, uv_suppression_mag: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0),
-                  halpha_ew_aa: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)) -> np.ndarray:
+                  halpha_ew_aa: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0), nir_suppression_mag: float = 0.0,
+                  oii_to_halpha: float = EMISSION_LINES_AA["[OII]3727"][1]) -> np.ndarray:
     """m_band - M_r - DM(z) for each object: (N, 5) magnitudes.
 
     ``t`` continuous type, ``dust_ebv`` internal E(B-V)_star (Calzetti),
@@ -138,7 +150,8 @@ def k_corrections(t, dust_ebv, z, uv_suppression_mag: tuple[float, ...] = (0.0, 
     spectrum, so the result is the K-correction from rest r to each observed
     band, including the colour of the galaxy (and its emission lines).
     """
-    observed, rest_r = photometry_table(tuple(uv_suppression_mag), tuple(halpha_ew_aa))
+    observed, rest_r = photometry_table(tuple(uv_suppression_mag), tuple(halpha_ew_aa), float(nir_suppression_mag),
+                                        float(oii_to_halpha))
     w = type_weights(t)
     t_arr = np.asarray(t, dtype=np.float64).ravel()
     iz, fz = _interp_axis(observed, TABLE_Z, np.asarray(z, dtype=np.float64).ravel(), 2)

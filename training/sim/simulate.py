@@ -28,7 +28,7 @@ from model.conventions import BANDS, CUTOUT_SIZE_PIXELS, FLUX_UNIT, PIXEL_SCALE_
 from training.sim.population import PopulationConfig
 from training.sim.render import InstrumentConfig, simulate_chunk
 
-SIMULATOR_VERSION = "1.3.0"
+SIMULATOR_VERSION = "1.4.0"
 DEFAULT_CHUNK_SIZE = 256
 
 
