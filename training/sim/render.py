@@ -115,7 +115,10 @@ def draw_bands(components: list, fluxes_nmgy: np.ndarray, psf_fwhm_arcsec) -> np
     fluxes = np.asarray(fluxes_nmgy, dtype=np.float32)
     for b, psf in enumerate(psfs):
         psf._drawKImage(kimage)
-        kimage.array[...] *= np.tensordot(fluxes[b], component_k, axes=1) * pixel_k
+        scene = fluxes[b, 0] * component_k[0]  # a few multiply-adds: no BLAS call (its threads fight workers)
+        for flux, k_image in zip(fluxes[b, 1:], component_k[1:]):
+            scene += flux * k_image
+        kimage.array[...] *= scene * pixel_k
         total.drawFFT_finish(image, kimage, wrap, add_to_image=False)
         out[b] = image.array
     return out
