@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from model.conventions import BANDS, DEPTH_5SIGMA_MAG, PIXEL_SCALE_ARCSEC, mag_to_nanomaggies, sky_sigma_nmgy_per_pixel
-from training.sim.population import PopulationConfig, draw_candidates, draw_selected
+from training.sim.population import PopulationConfig, draw_candidates, draw_selected, rest_frame_r
 from training.sim.render import _galaxy_components, _gsparams, add_noise, draw, draw_bands, noise_sigma
 from training.sim.sed import k_corrections
 
@@ -25,10 +25,21 @@ def test_elliptical_reddens_with_redshift():
 def test_selection_cut_holds_and_median_redshift_is_mgs_like():
     pop = draw_selected(PopulationConfig(), 5000, np.random.default_rng(0))
     assert np.all(pop["mag_true"][:, R] < 17.77)
-    assert 0.08 < np.median(pop["z"]) < 0.11
+    assert 0.09 < np.median(pop["z"]) < 0.11  # SDSS MGS: 0.10
     # the parent population reaches below the cut: the cut is doing the selecting
     parent = draw_candidates(PopulationConfig(), 5000, np.random.default_rng(0))
     assert np.mean(parent["mag_true"][:, R] >= 17.77) > 0.2
+
+
+def test_luminosity_function_band_is_converted_to_rest_frame_r_with_each_sed():
+    """Blanton's ^{0.1}r: a galaxy at z = 0.1 has K = -2.5 log10(1.1) in it, so M_0.1r - M_r = K_r(0.1) + 0.1035."""
+    t, dust = np.array([0.0, 2.5]), np.zeros(2)
+    k_r = k_corrections(t, dust, np.full(2, 0.1))[:, R]
+    rest = rest_frame_r(np.array([-21.0, -21.0]), 0.1, np.ones(2), t, t, dust, ())
+    np.testing.assert_allclose(-21.0 - rest, k_r + 2.5 * np.log10(1.1), atol=1e-9)
+    assert (-21.0 - rest[0]) > (-21.0 - rest[1]) > 0  # a red spectrum is fainter in the bluer ^{0.1}r band
+    np.testing.assert_array_equal(rest_frame_r(np.array([-20.0]), 0.0, np.ones(1), t[:1], t[:1], dust[:1], ()),
+                                  [-20.0])
 
 
 def test_red_fraction_rises_with_luminosity():

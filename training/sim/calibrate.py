@@ -163,11 +163,19 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     if not args.sim_train or not args.sim_test:
-        from training.sim.simulate import simulate
+        from training.sim.simulate import SimulationMismatch, simulate
+
+        def fresh(path: Path, n: int, seed: int) -> str:
+            """Reuse (or resume) the last run's sample; one of another simulator version or settings is replaced."""
+            try:
+                return str(simulate(path, n, seed=seed))
+            except SimulationMismatch:
+                path.unlink()
+                return str(simulate(path, n, seed=seed))
 
         (out / "tmp").mkdir(parents=True, exist_ok=True)
-        args.sim_train = args.sim_train or str(simulate(out / "tmp" / "calib-train.h5", 20000, seed=101))
-        args.sim_test = args.sim_test or str(simulate(out / "tmp" / "calib-test.h5", 4000, seed=102))
+        args.sim_train = args.sim_train or fresh(out / "tmp" / "calib-train.h5", 20000, 101)
+        args.sim_test = args.sim_test or fresh(out / "tmp" / "calib-test.h5", 4000, 102)
     sim_train, sim_test = sim_catalogue(args.sim_train), sim_catalogue(args.sim_test)
     real = load_real("train")
     real_sizes = load_real_sizes()

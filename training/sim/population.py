@@ -24,13 +24,16 @@ Z_MIN = 0.005  # below this, peculiar velocities dominate; SDSS MGS has very few
 
 @dataclass(frozen=True)
 class PopulationConfig:
-    """Population parameters. Luminosities are rest-frame r, h = Planck18's h."""
+    """Population parameters. Luminosities are in the LF's band (``lf_band_redshift``), h = Planck18's h."""
 
     # Blanton et al. (2003) r-band Schechter function at z = 0.1, with h = 1 units
     lf_mstar_minus_5logh: float = -20.44
     lf_alpha: float = -1.05
     lf_phistar_h3_mpc3: float = 1.49e-2
     lf_evolution_q_mag_per_z: float = 1.62  # M*(z) = M*(0.1) - Q (z - 0.1)
+    # Blanton et al.'s magnitudes are in the ^{0.1}r band (SDSS r blueshifted by 1 + 0.1); the spectra are
+    # normalised in rest-frame r, converted per galaxy with its own SED (0: treat the LF as rest-frame r)
+    lf_band_redshift: float = 0.1
     abs_mag_faint: float = -15.0
     abs_mag_bright: float = -24.0
     r_limit_mag: float = 17.77  # MGS Petrosian limit, applied to the noise-free model r
@@ -45,7 +48,7 @@ class PopulationConfig:
     blue_type_max: float = 2.7  # 1.4.0: 3.0 -> 2.7 (nearby dwarfs were too blue in u-g and g-r)
     # fainter star-forming galaxies are later types: t shifted by slope (M + 21), then clipped to [0.8, 3]
     blue_type_slope_per_mag: float = 0.0
-    template_uv_suppression_mag: tuple[float, ...] = (0.62, 0.43, 0.0, 0.0)  # E, Sbc, Scd, Im
+    template_uv_suppression_mag: tuple[float, ...] = (0.9, 0.55, 0.0, 0.0)  # E, Sbc, Scd, Im (1.3.0: 0.62, 0.43)
     template_halpha_ew_aa: tuple[float, ...] = (0.0, 30.0, 80.0, 160.0)  # rest H-alpha EW (Angstrom): E, Sbc, Scd, Im
     template_oii_to_halpha: float = 0.4  # observed [OII] 3727 / H-alpha flux ratio (1.3.0: 0.8)
     template_nir_suppression_mag: float = 0.1  # rest near-IR dimming (6800 -> 8000 A ramp), all templates
@@ -111,8 +114,9 @@ def _candidate_grid(cfg: PopulationConfig, r_limit: float):
     mstar = cfg.lf_mstar_minus_5logh + 5 * np.log10(h) - cfg.lf_evolution_q_mag_per_z * (z - 0.1)
     x = 10 ** (-0.4 * (mags[None, :] - mstar[:, None]))
     phi = x ** (cfg.lf_alpha + 1) * np.exp(-x)
-    # the bluest galaxies have K ~ -0.2 at z = 0.4: keep candidates within that margin
-    could_pass = mags[None, :] + dm[:, None] - 0.25 < r_limit
+    # the bluest galaxies have K ~ -0.2 at z = 0.4, and rest r is up to ~0.35 mag brighter than the
+    # LF's ^{0.1}r: keep candidates within that margin
+    could_pass = mags[None, :] + dm[:, None] - 0.6 < r_limit
     weight = dvdz[:, None] * phi * could_pass
     return z, mags, weight / weight.sum()
 
@@ -126,7 +130,7 @@ def draw_candidates(cfg: PopulationConfig, n: int, rng: np.random.Generator,
     iz, im = np.unravel_index(cell, weight.shape)
     dz, dmag = np.diff(z_grid)[0], np.diff(mag_grid)[0]
     z = np.clip(z_grid[iz] + rng.uniform(-0.5, 0.5, n) * dz, Z_MIN, Z_MAX)
-    abs_mag = mag_grid[im] + rng.uniform(-0.5, 0.5, n) * dmag
+    abs_mag = mag_grid[im] + rng.uniform(-0.5, 0.5, n) * dmag  # in the LF's band; the relations below use it
 
     red = rng.uniform(size=n) < 1 / (1 + np.exp((abs_mag - cfg.red_fraction_m_half) / cfg.red_fraction_width_mag))
     red_mean = cfg.red_type_mean + cfg.red_type_slope_per_mag * (abs_mag + 21.0)
@@ -151,15 +155,33 @@ def draw_candidates(cfg: PopulationConfig, n: int, rng: np.random.Generator,
     dmod = distance_modulus(z)
     tuning = (cfg.template_uv_suppression_mag, cfg.template_halpha_ew_aa, cfg.template_nir_suppression_mag,
               cfg.template_oii_to_halpha)
-    mag_bulge = _component_mags(abs_mag, bulge_fraction, bulge_type, dust, z, dmod, mw_ebv, tuning)
-    mag_disk = _component_mags(abs_mag, 1 - bulge_fraction, disk_type, dust, z, dmod, mw_ebv, tuning)
+    abs_mag_rest = rest_frame_r(abs_mag, cfg.lf_band_redshift, bulge_fraction, bulge_type, disk_type, dust, tuning)
+    mag_bulge = _component_mags(abs_mag_rest, bulge_fraction, bulge_type, dust, z, dmod, mw_ebv, tuning)
+    mag_disk = _component_mags(abs_mag_rest, 1 - bulge_fraction, disk_type, dust, z, dmod, mw_ebv, tuning)
     total_mag = -2.5 * np.log10(10 ** (-0.4 * mag_bulge) + 10 ** (-0.4 * mag_disk))
     return {
-        "z": z, "abs_mag_r": abs_mag, "red": red, "type": t, "dust_ebv": dust,
+        "z": z, "abs_mag_r": abs_mag_rest, "abs_mag_lf_band": abs_mag, "red": red, "type": t, "dust_ebv": dust,
         "bulge_fraction": bulge_fraction, "r50_kpc": r50_kpc, "r50_arcsec": r50_arcsec,
         "disk_q": disk_q, "bulge_q": bulge_q, "position_angle_deg": rng.uniform(0, 180, n),
         "ebv": mw_ebv, "mag_bulge": mag_bulge, "mag_disk": mag_disk, "mag_true": total_mag,
     }
+
+
+def rest_frame_r(abs_mag_band, band_redshift: float, bulge_fraction, bulge_type, disk_type, dust, tuning):
+    """Rest-frame r absolute magnitude of galaxies whose magnitude is given in the SDSS r band shifted to
+    ``band_redshift`` (Blanton et al.'s ^{0.1}r for 0.1), with each galaxy's own bulge + disk spectrum.
+
+    A galaxy at z_b seen in r has K = -2.5 log10(1 + z_b) in the shifted band, whatever its spectrum, so
+    M_shifted = M_r + K_r(z_b) + 2.5 log10(1 + z_b), with K_r the synthetic-photometry K-correction.
+    """
+    if band_redshift == 0:
+        return np.asarray(abs_mag_band, dtype=np.float64)
+    r = BANDS.index("r")
+    zb = np.full(np.shape(abs_mag_band), float(band_redshift))
+    k_bulge = k_corrections(bulge_type, dust, zb, *tuning)[:, r]
+    k_disk = k_corrections(disk_type, dust, zb, *tuning)[:, r]
+    k_r = -2.5 * np.log10(bulge_fraction * 10 ** (-0.4 * k_bulge) + (1 - bulge_fraction) * 10 ** (-0.4 * k_disk))
+    return abs_mag_band - k_r - 2.5 * np.log10(1 + band_redshift)
 
 
 def _component_mags(abs_mag, light_fraction, comp_type, dust, z, dmod, mw_ebv, template_tuning):
