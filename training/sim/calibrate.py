@@ -8,7 +8,8 @@ rendered cutouts) with real SDSS spectroscopic galaxies in
 half-light radius against redshift, and the transfer test (a kNN trained on
 simulated catalogues, tested on real galaxies, against a kNN trained and
 tested on real ones). Also draws the realism figures of docs/simulation.md.
-Without ``--sim-train``/``--sim-test`` it simulates fresh samples.
+Without ``--sim-train``/``--sim-test`` it simulates fresh samples into data/calibration/
+(kept for the next run; replaced when the simulator or its settings change).
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from training.baseline import KNNPhotoZ
 from training.data import read_labels
 
 REFERENCE = Path(__file__).resolve().parent / "sdss_reference"
+#: where the fresh simulated samples are kept between runs (2 GB; data/ is not under version control)
+SAMPLES = Path(__file__).resolve().parents[2] / "data" / "calibration"
 MGS_LIMIT = 17.77
 Z_EDGES = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
 COLOURS = {"g-r": (1, 2, 0.05), "r-i": (2, 3, 0.05), "u-g": (0, 1, 0.10)}  # bands, tolerance (mag)
@@ -173,9 +176,9 @@ def main(argv=None) -> int:
                 path.unlink()
                 return str(simulate(path, n, seed=seed))
 
-        (out / "tmp").mkdir(parents=True, exist_ok=True)
-        args.sim_train = args.sim_train or fresh(out / "tmp" / "calib-train.h5", 20000, 101)
-        args.sim_test = args.sim_test or fresh(out / "tmp" / "calib-test.h5", 4000, 102)
+        SAMPLES.mkdir(parents=True, exist_ok=True)
+        args.sim_train = args.sim_train or fresh(SAMPLES / "calib-train.h5", 20000, 101)
+        args.sim_test = args.sim_test or fresh(SAMPLES / "calib-test.h5", 4000, 102)
     sim_train, sim_test = sim_catalogue(args.sim_train), sim_catalogue(args.sim_test)
     real = load_real("train")
     real_sizes = load_real_sizes()
