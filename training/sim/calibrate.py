@@ -158,6 +158,13 @@ def figures(sim: dict, sim_test_path, out: Path, baseline: dict) -> list[str]:
     return [str(p) for p in paths]
 
 
+def _shown(path: str) -> str:
+    """A data set's path as the report shows it: relative to the repository when inside it."""
+    resolved = Path(path).resolve()
+    root = SAMPLES.parents[1]
+    return str(resolved.relative_to(root)) if resolved.is_relative_to(root) else path
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sim-train", help="simulated training set (default: simulate 20000 galaxies)")
@@ -190,7 +197,8 @@ def main(argv=None) -> int:
              for lo, hi in zip(Z_EDGES[:-1], Z_EDGES[1:])]
     transfer = transfer_test(sim_train)
     baseline = knn_sigma(sim_train["mags"], sim_train["z"], sim_test["mags"], sim_test["z"])
-    report = {"sim_train": args.sim_train, "sim_test": args.sim_test, "median_z_sim": float(np.median(sim_train["z"])),
+    report = {"sim_train": _shown(args.sim_train), "sim_test": _shown(args.sim_test),
+              "median_z_sim": float(np.median(sim_train["z"])),
               "median_z_real": float(np.median(real["z"])), "colours": colours, "sizes": sizes,
               "transfer": transfer, "baseline_sim_to_sim": baseline}
     report["figures"] = figures(sim_train, args.sim_test, out / "figures", baseline)
