@@ -65,7 +65,10 @@ def _gsparams():
 
 def draw(profiles: list, psf_fwhm_arcsec: float) -> np.ndarray:
     """Sum of GalSim profiles (flux in nanomaggies, positions in arcsec from the centre)
-    seen through a Moffat PSF, drawn (with the pixel response) on the cutout grid."""
+    seen through a Moffat PSF, drawn (with the pixel response) on the cutout grid.
+
+    One band with GalSim's own ``drawImage``: the reference ``draw_bands`` is tested against,
+    and the way to draw a single stamp (stars for PSF checks)."""
     import galsim
 
     gsparams = _gsparams()
