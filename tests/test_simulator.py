@@ -42,6 +42,22 @@ def test_luminosity_function_band_is_converted_to_rest_frame_r_with_each_sed():
                                   [-20.0])
 
 
+def test_red_sequence_colour_magnitude_relation():
+    """The relation reddens red galaxies brighter than its pivot, by more the brighter they are, and no others
+    (same seed: the same galaxies with and without it)."""
+    def g_r(cfg):
+        pop = draw_candidates(cfg, 40000, np.random.default_rng(4))
+        return pop, pop["mag_true"][:, 1] - pop["mag_true"][:, 2]
+
+    pop, with_relation = g_r(PopulationConfig())
+    _, without = g_r(PopulationConfig(red_sequence_ebv_per_mag=0.0))
+    m, red, pivot = pop["abs_mag_lf_band"], pop["red"].astype(bool), PopulationConfig().red_sequence_pivot_mag
+    redder = with_relation - without
+    np.testing.assert_array_equal(redder[~red | (m > pivot)], 0.0)
+    assert np.median(redder[red & (m < pivot - 1.0)]) > np.median(redder[red & (m < pivot) & (m > pivot - 0.5)]) > 0.005
+    assert np.median(redder[red & (m < pivot - 1.0)]) > 0.03
+
+
 def test_red_fraction_rises_with_luminosity():
     pop = draw_candidates(PopulationConfig(), 20000, np.random.default_rng(1))
     bright, faint = pop["abs_mag_r"] < -21.5, pop["abs_mag_r"] > -19.5
