@@ -356,7 +356,7 @@ async def _submit_unless_disconnected(request: Request, batcher: Batcher, images
     try:
         return await batcher.submit(images, ebv, timeout)
     except asyncio.CancelledError:
-        if gone.done() and not gone.cancelled() and gone.result():
+        if gone.done() and not gone.cancelled():  # it finished: the client went away and it cancelled us
             getattr(work, "uncancel", lambda: None)()  # Python >= 3.11 counts cancellations
             return None  # the client went away: its queued pieces were dropped by submit
         raise
@@ -364,10 +364,10 @@ async def _submit_unless_disconnected(request: Request, batcher: Batcher, images
         gone.cancel()
 
 
-async def _cancel_on_disconnect(request: Request, task: asyncio.Task) -> bool:
-    """Cancel ``task`` when the client disconnects; True if it did."""
+async def _cancel_on_disconnect(request: Request, task: asyncio.Task) -> None:
+    """Cancel ``task`` when the client disconnects (the only way this returns)."""
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             task.cancel()
-            return True
+            return

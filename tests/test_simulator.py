@@ -6,7 +6,7 @@ import pytest
 from model.conventions import BANDS, DEPTH_5SIGMA_MAG, PIXEL_SCALE_ARCSEC, mag_to_nanomaggies, sky_sigma_nmgy_per_pixel
 from training.sim.population import PopulationConfig, draw_candidates, draw_selected, rest_frame_r
 from training.sim.render import _galaxy_components, _gsparams, add_noise, draw, draw_bands, noise_sigma
-from training.sim.sed import k_corrections
+from training.sim.sed import TemplateTuning, k_corrections
 
 R = BANDS.index("r")
 
@@ -35,10 +35,10 @@ def test_luminosity_function_band_is_converted_to_rest_frame_r_with_each_sed():
     """Blanton's ^{0.1}r: a galaxy at z = 0.1 has K = -2.5 log10(1.1) in it, so M_0.1r - M_r = K_r(0.1) + 0.1035."""
     t, dust = np.array([0.0, 2.5]), np.zeros(2)
     k_r = k_corrections(t, dust, np.full(2, 0.1))[:, R]
-    rest = rest_frame_r(np.array([-21.0, -21.0]), 0.1, np.ones(2), t, t, dust, ())
+    rest = rest_frame_r(np.array([-21.0, -21.0]), 0.1, np.ones(2), t, t, dust, TemplateTuning())
     np.testing.assert_allclose(-21.0 - rest, k_r + 2.5 * np.log10(1.1), atol=1e-9)
     assert (-21.0 - rest[0]) > (-21.0 - rest[1]) > 0  # a red spectrum is fainter in the bluer ^{0.1}r band
-    np.testing.assert_array_equal(rest_frame_r(np.array([-20.0]), 0.0, np.ones(1), t[:1], t[:1], dust[:1], ()),
+    np.testing.assert_array_equal(rest_frame_r(np.array([-20.0]), 0.0, np.ones(1), t[:1], t[:1], dust[:1], TemplateTuning()),
                                   [-20.0])
 
 

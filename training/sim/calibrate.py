@@ -25,8 +25,9 @@ from training.baseline import KNNPhotoZ
 from training.data import read_labels
 
 REFERENCE = Path(__file__).resolve().parent / "sdss_reference"
+ROOT = Path(__file__).resolve().parents[2]
 #: where the fresh simulated samples are kept between runs (2 GB; data/ is not under version control)
-SAMPLES = Path(__file__).resolve().parents[2] / "data" / "calibration"
+SAMPLES = ROOT / "data" / "calibration"
 MGS_LIMIT = 17.77
 Z_EDGES = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
 COLOURS = {"g-r": (1, 2, 0.05), "r-i": (2, 3, 0.05), "u-g": (0, 1, 0.10)}  # bands, tolerance (mag)
@@ -161,8 +162,7 @@ def figures(sim: dict, sim_test_path, out: Path, baseline: dict) -> list[str]:
 def _shown(path: str) -> str:
     """A data set's path as the report shows it: relative to the repository when inside it."""
     resolved = Path(path).resolve()
-    root = SAMPLES.parents[1]
-    return str(resolved.relative_to(root)) if resolved.is_relative_to(root) else path
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else path
 
 
 def main(argv=None) -> int:

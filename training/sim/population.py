@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from model.conventions import EXTINCTION_A_OVER_EBV, BANDS
-from training.sim.sed import k_corrections
+from training.sim.sed import TemplateTuning, k_corrections
 
 Z_MAX = 0.4
 Z_MIN = 0.005  # below this, peculiar velocities dominate; SDSS MGS has very few galaxies
@@ -68,6 +68,11 @@ class PopulationConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def template_tuning(self) -> TemplateTuning:
+        return TemplateTuning(self.template_uv_suppression_mag, self.template_halpha_ew_aa,
+                              self.template_nir_suppression_mag, self.template_oii_to_halpha)
 
 
 @functools.lru_cache(maxsize=4)
@@ -153,8 +158,7 @@ def draw_candidates(cfg: PopulationConfig, n: int, rng: np.random.Generator,
 
     mw_ebv = np.clip(cfg.mw_ebv_median * np.exp(rng.normal(0, cfg.mw_ebv_sigma_ln, n)), 0.003, 0.3)
     dmod = distance_modulus(z)
-    tuning = (cfg.template_uv_suppression_mag, cfg.template_halpha_ew_aa, cfg.template_nir_suppression_mag,
-              cfg.template_oii_to_halpha)
+    tuning = cfg.template_tuning
     abs_mag_rest = rest_frame_r(abs_mag, cfg.lf_band_redshift, bulge_fraction, bulge_type, disk_type, dust, tuning)
     mag_bulge = _component_mags(abs_mag_rest, bulge_fraction, bulge_type, dust, z, dmod, mw_ebv, tuning)
     mag_disk = _component_mags(abs_mag_rest, 1 - bulge_fraction, disk_type, dust, z, dmod, mw_ebv, tuning)
@@ -167,7 +171,8 @@ def draw_candidates(cfg: PopulationConfig, n: int, rng: np.random.Generator,
     }
 
 
-def rest_frame_r(abs_mag_band, band_redshift: float, bulge_fraction, bulge_type, disk_type, dust, tuning):
+def rest_frame_r(abs_mag_band, band_redshift: float, bulge_fraction, bulge_type, disk_type, dust,
+                 tuning: TemplateTuning):
     """Rest-frame r absolute magnitude of galaxies whose magnitude is given in the SDSS r band shifted to
     ``band_redshift`` (Blanton et al.'s ^{0.1}r for 0.1), with each galaxy's own bulge + disk spectrum.
 
@@ -178,21 +183,17 @@ def rest_frame_r(abs_mag_band, band_redshift: float, bulge_fraction, bulge_type,
         return np.asarray(abs_mag_band, dtype=np.float64)
     r = BANDS.index("r")
     zb = np.full(np.shape(abs_mag_band), float(band_redshift))
-    k_bulge = k_corrections(bulge_type, dust, zb, *tuning)[:, r]
-    k_disk = k_corrections(disk_type, dust, zb, *tuning)[:, r]
+    k_bulge = k_corrections(bulge_type, dust, zb, tuning)[:, r]
+    k_disk = k_corrections(disk_type, dust, zb, tuning)[:, r]
     k_r = -2.5 * np.log10(bulge_fraction * 10 ** (-0.4 * k_bulge) + (1 - bulge_fraction) * 10 ** (-0.4 * k_disk))
     return abs_mag_band - k_r - 2.5 * np.log10(1 + band_redshift)
 
 
-def _component_mags(abs_mag, light_fraction, comp_type, dust, z, dmod, mw_ebv, template_tuning):
-    """Observed magnitudes (N, 5) of one component, with Milky Way extinction.
-
-    ``template_tuning`` is (UV suppression per template, H-alpha EW per template, near-IR suppression,
-    [OII]/H-alpha): the arguments of ``sed.k_corrections`` after z.
-    """
+def _component_mags(abs_mag, light_fraction, comp_type, dust, z, dmod, mw_ebv, tuning: TemplateTuning):
+    """Observed magnitudes (N, 5) of one component, with Milky Way extinction."""
     frac = np.maximum(light_fraction, 1e-6)
     a_mw = np.array([EXTINCTION_A_OVER_EBV[b] for b in BANDS])
-    return (abs_mag - 2.5 * np.log10(frac) + dmod)[:, None] + k_corrections(comp_type, dust, z, *template_tuning) \
+    return (abs_mag - 2.5 * np.log10(frac) + dmod)[:, None] + k_corrections(comp_type, dust, z, tuning) \
         + mw_ebv[:, None] * a_mw[None, :]
 
 

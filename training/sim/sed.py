@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -36,29 +37,30 @@ def calzetti_k(wavelength_aa: np.ndarray) -> np.ndarray:
 
 #: Nebular emission lines added to the (line-free) CWW continua: rest wavelength in Angstrom and
 #: flux relative to H-alpha, typical of SDSS star-forming galaxies (Balmer decrement ~3.5 with
-#: mild dust, [NII]/Halpha ~ 0.3, [OIII]/Hbeta ~ 1.5, [OII]/Halpha ~ 0.8).
-EMISSION_LINES_AA = {"[OII]3727": (3727.4, 0.8), "Hbeta": (4862.7, 0.29), "[OIII]4959": (4960.3, 0.14),
+#: mild dust, [NII]/Halpha ~ 0.3, [OIII]/Hbeta ~ 1.5). [OII] is given by ``TemplateTuning.oii_to_halpha``.
+EMISSION_LINES_AA = {"Hbeta": (4862.7, 0.29), "[OIII]4959": (4960.3, 0.14),
                      "[OIII]5007": (5008.2, 0.42), "[NII]6548": (6549.9, 0.1), "Halpha": (6564.6, 1.0),
                      "[NII]6584": (6585.3, 0.3), "[SII]6717+31": (6724.0, 0.3)}
+OII_WAVELENGTH_AA = 3727.4
 EMISSION_LINE_SIGMA_AA = 4.0  # Gaussian width (instrumental + velocity dispersion ~ 180 km/s)
 
 
-def load_templates(uv_suppression_mag: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0),
-                   halpha_ew_aa: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0), nir_suppression_mag: float = 0.0,
-                   oii_to_halpha: float = EMISSION_LINES_AA["[OII]3727"][1]) -> np.ndarray:
-    """CWW templates f_lambda on REST_WAVELENGTH_AA.
+@dataclass(frozen=True)
+class TemplateTuning:
+    """How the CWW templates are adjusted; the defaults leave them as GalSim ships them (no lines).
 
-    ``uv_suppression_mag`` (one per template) dims the rest-frame near-UV,
-    rising linearly from 0 at 4000 A to the full value at 2500 A and below:
-    the calibration knob that brings the templates' u - g onto the real SDSS
-    red sequence (CWW E is too bright in the rest UV for SDSS ellipticals).
+    ``uv_suppression_mag`` (one per template: E, Sbc, Scd, Im) dims the
+    rest-frame near-UV, rising linearly from 0 at 4000 A to the full value at
+    2500 A and below: the calibration knob that brings the templates' u - g
+    onto the real SDSS red sequence (CWW E is too bright in the rest UV for
+    SDSS ellipticals).
 
     ``halpha_ew_aa`` (one per template) is the rest-frame H-alpha equivalent
     width in Angstrom; the other lines of ``EMISSION_LINES_AA`` follow with
     their flux ratios. The CWW spectra are continua without nebular lines;
     in star-forming galaxies H-alpha + [NII] sits in the r band below
     z ~ 0.05 and moves into i beyond, which real r - i colours show.
-    ``oii_to_halpha`` replaces the [OII] 3727 line's ratio (observed, dust
+    ``oii_to_halpha`` is the [OII] 3727 line's ratio (observed, dust
     attenuated; [OII] sits in u below z ~ 0.07 and in g beyond z ~ 0.1).
 
     ``nir_suppression_mag`` dims every template's rest-frame near-IR, rising
@@ -66,6 +68,21 @@ def load_templates(uv_suppression_mag: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0),
     model part of the CWW spectra): the knob that brings r - i at z < 0.1
     onto real SDSS without touching the colours of distant galaxies.
     """
+
+    uv_suppression_mag: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)
+    halpha_ew_aa: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)
+    nir_suppression_mag: float = 0.0
+    oii_to_halpha: float = 0.8
+
+    def __post_init__(self):  # hashable (the photometry table is cached per tuning) whatever sequences arrive
+        object.__setattr__(self, "uv_suppression_mag", tuple(float(x) for x in self.uv_suppression_mag))
+        object.__setattr__(self, "halpha_ew_aa", tuple(float(x) for x in self.halpha_ew_aa))
+        object.__setattr__(self, "nir_suppression_mag", float(self.nir_suppression_mag))
+        object.__setattr__(self, "oii_to_halpha", float(self.oii_to_halpha))
+
+
+def load_templates(tuning: TemplateTuning = TemplateTuning()) -> np.ndarray:
+    """CWW templates f_lambda on REST_WAVELENGTH_AA, adjusted by ``tuning``."""
     import galsim
 
     seds = []
@@ -77,11 +94,12 @@ def load_templates(uv_suppression_mag: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0),
         photons = sed(REST_WAVELENGTH_AA / 10.0)
         seds.append(photons / REST_WAVELENGTH_AA)
     ramp = np.clip((4000.0 - REST_WAVELENGTH_AA) / 1500.0, 0, 1)
-    seds = np.array(seds) * 10 ** (-0.4 * np.asarray(uv_suppression_mag)[:, None] * ramp[None, :])
-    seds *= 10 ** (-0.4 * nir_suppression_mag * np.clip((REST_WAVELENGTH_AA - 6800.0) / 1200.0, 0, 1))[None, :]
-    lines = {**EMISSION_LINES_AA, "[OII]3727": (EMISSION_LINES_AA["[OII]3727"][0], oii_to_halpha)}
-    near_halpha = np.abs(REST_WAVELENGTH_AA - 6564.6) < 60
-    for k, ew in enumerate(halpha_ew_aa):
+    seds = np.array(seds) * 10 ** (-0.4 * np.asarray(tuning.uv_suppression_mag)[:, None] * ramp[None, :])
+    seds *= 10 ** (-0.4 * tuning.nir_suppression_mag
+                   * np.clip((REST_WAVELENGTH_AA - 6800.0) / 1200.0, 0, 1))[None, :]
+    lines = {"[OII]3727": (OII_WAVELENGTH_AA, tuning.oii_to_halpha), **EMISSION_LINES_AA}
+    near_halpha = np.abs(REST_WAVELENGTH_AA - EMISSION_LINES_AA["Halpha"][0]) < 60
+    for k, ew in enumerate(tuning.halpha_ew_aa):
         if ew <= 0:
             continue
         halpha_flux = ew * np.median(seds[k, near_halpha])  # EW x continuum, f_lambda x Angstrom
@@ -92,9 +110,7 @@ def load_templates(uv_suppression_mag: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0),
 
 
 @functools.lru_cache(maxsize=4)
-def photometry_table(uv_suppression_mag: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0),
-                     halpha_ew_aa: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0), nir_suppression_mag: float = 0.0,
-                     oii_to_halpha: float = EMISSION_LINES_AA["[OII]3727"][1]) -> tuple[np.ndarray, np.ndarray]:
+def photometry_table(tuning: TemplateTuning = TemplateTuning()) -> tuple[np.ndarray, np.ndarray]:
     """Band fluxes of every (template, dust, redshift), relative to rest r flux.
 
     Returns ``observed`` with shape (n_templates, n_dust, n_z, n_bands), the
@@ -106,7 +122,7 @@ def photometry_table(uv_suppression_mag: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0
     import speclite.filters
 
     filters = speclite.filters.load_filters(*[f"sdss2010-{b}" for b in BANDS])
-    templates = load_templates(uv_suppression_mag, halpha_ew_aa, nir_suppression_mag, oii_to_halpha)
+    templates = load_templates(tuning)
     dust = 10 ** (-0.4 * calzetti_k(REST_WAVELENGTH_AA)[None, :] * TABLE_DUST_EBV[:, None])
     spectra = templates[:, None, :] * dust[None, :, :]  # (T, D, L)
     flat = spectra.reshape(-1, REST_WAVELENGTH_AA.size)
@@ -140,9 +156,7 @@ def _interp_axis(table: np.ndarray, grid: np.ndarray, x: np.ndarray, axis: int):
     return i, f
 
 
-def k_corrections(t, dust_ebv, z, uv_suppression_mag: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0),
-                  halpha_ew_aa: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0), nir_suppression_mag: float = 0.0,
-                  oii_to_halpha: float = EMISSION_LINES_AA["[OII]3727"][1]) -> np.ndarray:
+def k_corrections(t, dust_ebv, z, tuning: TemplateTuning = TemplateTuning()) -> np.ndarray:
     """m_band - M_r - DM(z) for each object: (N, 5) magnitudes.
 
     ``t`` continuous type, ``dust_ebv`` internal E(B-V)_star (Calzetti),
@@ -150,8 +164,7 @@ def k_corrections(t, dust_ebv, z, uv_suppression_mag: tuple[float, ...] = (0.0, 
     spectrum, so the result is the K-correction from rest r to each observed
     band, including the colour of the galaxy (and its emission lines).
     """
-    observed, rest_r = photometry_table(tuple(uv_suppression_mag), tuple(halpha_ew_aa), float(nir_suppression_mag),
-                                        float(oii_to_halpha))
+    observed, rest_r = photometry_table(tuning)
     w = type_weights(t)
     t_arr = np.asarray(t, dtype=np.float64).ravel()
     iz, fz = _interp_axis(observed, TABLE_Z, np.asarray(z, dtype=np.float64).ravel(), 2)
