@@ -1,6 +1,6 @@
 """The reference peer of benchmarks/serve.py: the same bundle served by LitServe with its own batching.
 
-    python benchmarks/litserve_peer.py --model bundle.onnx --port 8001
+    python -m benchmarks.litserve_peer --model bundle.onnx --port 8001
 
 Requests are JSON {"npy": base64 of a .npy cutout}: LitServe decodes JSON bodies,
 and base64 keeps the pixel payload binary (parsing cost ~ that of a raw .npy).
@@ -18,11 +18,10 @@ from pathlib import Path
 import litserve as ls
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model.bundle import load_bundle  # noqa: E402
-from model.pdf import point_estimates  # noqa: E402
-from model.runtime import OnnxPredictor  # noqa: E402
+from photoz.model.bundle import load_bundle  # noqa: E402
+from photoz.model.pdf import point_estimates  # noqa: E402
+from photoz.model.runtime import OnnxPredictor  # noqa: E402
 
 
 class PhotozLitAPI(ls.LitAPI):

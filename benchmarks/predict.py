@@ -1,6 +1,6 @@
 """Offline prediction benchmark: `photoz predict` against the engine's raw throughput, and on Dask.
 
-    python benchmarks/predict.py [--n 4096] [--model bundle.onnx]
+    python -m benchmarks.predict [--n 4096] [--model bundle.onnx]
 
 Times, in one run on the same input (an .npy stack of N SDSS-like cutouts):
 the engine alone (OnnxPredictor as predict runs it, data in memory, at batch
@@ -23,12 +23,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from benchmarks.serve import export_random_bundle  # noqa: E402
-from model.bundle import load_bundle  # noqa: E402
-from model.runtime import OnnxPredictor  # noqa: E402
-from service.offline import predict_files  # noqa: E402
+from photoz.model.bundle import load_bundle  # noqa: E402
+from photoz.model.runtime import OnnxPredictor  # noqa: E402
+from photoz.pipeline.predict import predict_files  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,6 @@
 """Serving benchmark: photoz over HTTP against the engine offline and against LitServe, in one run.
 
-    python benchmarks/serve.py [--model bundle.onnx] [--duration 10]
+    python -m benchmarks.serve [--model bundle.onnx] [--duration 10]
 
 1. offline: the ONNX Runtime engine alone at several batch sizes, in two
    arrangements (one all-core session; one single-thread run per core): the
@@ -40,9 +40,8 @@ import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from tests.servers import LiveServer, free_port  # noqa: E402
+from photoz.service.live import LiveServer, free_port  # noqa: E402
 
 WRK_SCRIPT = """
 wrk.method = "POST"
@@ -63,8 +62,8 @@ end
 def export_random_bundle(path: Path) -> Path:
     import torch
 
-    from model.export import export_bundle, make_metadata, untrained_record
-    from model.pasquet import build
+    from photoz.model.export import export_bundle, make_metadata, untrained_record
+    from photoz.model.pasquet import build
 
     torch.manual_seed(0)
     net = build("pasquet2019_half").eval()
@@ -79,8 +78,8 @@ class Offline:
     """The engine alone: cutouts/s for an arrangement and batch size, on distinct cutouts (no cache reuse)."""
 
     def __init__(self, bundle_path: Path):
-        from model.bundle import load_bundle
-        from model.runtime import OnnxPredictor
+        from photoz.model.bundle import load_bundle
+        from photoz.model.runtime import OnnxPredictor
 
         bundle = load_bundle(bundle_path)
         self.cores = os.cpu_count() or 1
@@ -167,8 +166,8 @@ def stop_group(proc: subprocess.Popen) -> None:
 
 def start_litserve(bundle: Path, max_batch_size: int, log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "litserve_peer.py"), "--model", str(bundle),
-                             "--port", str(port), "--max-batch-size", str(max_batch_size)],
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.litserve_peer", "--model", str(bundle),
+                             "--port", str(port), "--max-batch-size", str(max_batch_size)], cwd=ROOT,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120

@@ -1,6 +1,6 @@
 """What the HTTP path costs per request, without the model: the server's CPU time per request.
 
-    python benchmarks/serve_overhead.py [--model bundle.onnx] [--duration 8]
+    python -m benchmarks.serve_overhead [--model bundle.onnx] [--duration 8]
 
 Serves a bundle with the real app (uvicorn, FastAPI, batcher, decoding,
 encoding, metrics) but with the engine's call replaced by a copy of a result
@@ -28,14 +28,13 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 
 def serve_without_model(model: str, port: int) -> None:
     """Child mode: the real server, the engine call replaced by a cached result (one per batch size)."""
-    from model.runtime import OnnxPredictor
-    from service.server import serve
-    from service.settings import Settings
+    from photoz.model.runtime import OnnxPredictor
+    from photoz.service.server import serve
+    from photoz.service.settings import Settings
 
     real, cache = OnnxPredictor.predict_with_estimates, {}
 
@@ -69,7 +68,7 @@ def main(argv=None) -> int:
     import httpx
 
     from benchmarks.serve import export_random_bundle, wrk
-    from tests.servers import free_port
+    from photoz.service.live import free_port
 
     work = Path(tempfile.mkdtemp(prefix="photoz-overhead-"))
     bundle = args.model or export_random_bundle(work / "bench.onnx")
@@ -78,7 +77,7 @@ def main(argv=None) -> int:
     (work / "single.npy").write_bytes(buffer.getvalue())
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, __file__, "--serve-without-model", str(bundle), str(port)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.serve_overhead", "--serve-without-model", str(bundle), str(port)], cwd=ROOT,
                             stdout=open(work / "server.log", "w"), stderr=subprocess.STDOUT)
     rows = []
     try:

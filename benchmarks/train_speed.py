@@ -1,6 +1,6 @@
 """Training throughput benchmark: cutouts/s of a training step for each network variant.
 
-    python benchmarks/train_speed.py [--device auto|cpu|cuda] [--variants pasquet2019_half,pasquet2019]
+    python -m benchmarks.train_speed [--device auto|cpu|cuda] [--variants pasquet2019_half,pasquet2019]
 
 One training step = forward + cross-entropy + backward + Adam update on a
 batch already in device memory (what ``photoz train --preload`` feeds), with
@@ -22,10 +22,9 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from model.pasquet import build, variant_config  # noqa: E402
-from training.train import augment_batch  # noqa: E402
+from photoz.model.pasquet import build, variant_config  # noqa: E402
+from photoz.training.train import augment_batch  # noqa: E402
 
 
 def _sync(device):

@@ -27,7 +27,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.pdf import RedshiftBins
+from photoz.model.pdf import RedshiftBins
 
 METADATA_KEY = "photoz"
 FORMAT_VERSION = 1

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.bundle import FORMAT_VERSION, METADATA_KEY, Bundle, load_bundle, parse_metadata
-from model.conventions import BANDS, FLUX_UNIT, PIXEL_SCALE_ARCSEC
-from model.pasquet import PasquetNet
-from model.pdf import RedshiftBins
+from photoz.model.bundle import FORMAT_VERSION, METADATA_KEY, Bundle, load_bundle, parse_metadata
+from photoz.model.conventions import BANDS, FLUX_UNIT, PIXEL_SCALE_ARCSEC
+from photoz.model.pasquet import PasquetNet
+from photoz.model.pdf import RedshiftBins
 
 INPUT_IMAGES, INPUT_EBV, OUTPUT_PROBABILITIES = "images", "ebv", "probabilities"
 

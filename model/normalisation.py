@@ -1,7 +1,7 @@
 """Pixel normalisation, the first layer of every photoz network.
 
 Being a layer, it is exported inside the ONNX graph: the service hands raw
-nanomaggies to the graph and cannot skew from training.
+nanomaggies to the graph and cannot skew from photoz.training.
 """
 from __future__ import annotations
 

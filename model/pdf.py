@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model.conventions import (
+from photoz.model.conventions import (
     DEFAULT_N_BINS,
     DEFAULT_Z_MAX,
     DEFAULT_Z_MIN,

@@ -10,7 +10,7 @@ import logging
 
 import numpy as np
 
-from model.bundle import Bundle
+from photoz.model.bundle import Bundle
 
 log = logging.getLogger("photoz.runtime")
 
@@ -81,7 +81,7 @@ class OnnxPredictor:
 
     def predict_with_estimates(self, images: np.ndarray, ebv: np.ndarray) -> dict[str, np.ndarray]:
         """Probabilities plus point estimates, all row-aligned (estimates vectorised over the batch)."""
-        from model.pdf import point_estimates
+        from photoz.model.pdf import point_estimates
 
         probs = self.predict(images, ebv)
         return {"probs": probs, **point_estimates(probs, self.metadata.bins)}

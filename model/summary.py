@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from model.pasquet import PasquetNet
+from photoz.model.pasquet import PasquetNet
 
 
 @dataclass

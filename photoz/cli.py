@@ -7,8 +7,8 @@ import sys
 
 
 def _summary(args) -> int:
-    from model.pasquet import VARIANTS, build
-    from model.summary import format_summary
+    from photoz.model.pasquet import VARIANTS, build
+    from photoz.model.summary import format_summary
 
     if args.variant not in VARIANTS:
         print(f"unknown variant {args.variant!r}; known: {', '.join(VARIANTS)}", file=sys.stderr)
@@ -25,8 +25,8 @@ def _add_summary(sub) -> None:
 
 def _add_room_commands(sub) -> None:
     """Subcommands defined next to the code they run (their modules import only argparse)."""
-    from service import cli as service_cli
-    from training import cli as training_cli
+    from photoz.service import cli as service_cli
+    from photoz.training import cli as training_cli
 
     training_cli.register(sub)
     service_cli.register(sub)

@@ -20,14 +20,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field, ValidationError
 from starlette.requests import ClientDisconnect
 
-from model.bundle import Bundle, load_bundle
-from model.runtime import OnnxPredictor
-from service.batcher import Batcher, DeadlineExceeded, Draining, QueueFull
-from service.decode import (Cutouts, Geometry, InputError, MEDIA_TYPES, concatenate, decode, ebv_vector, id_list,
+from photoz.model.bundle import Bundle, load_bundle
+from photoz.model.runtime import OnnxPredictor
+from photoz.service.batcher import Batcher, DeadlineExceeded, Draining, QueueFull
+from photoz.formats.inputs import (Cutouts, Geometry, InputError, MEDIA_TYPES, concatenate, decode, ebv_vector, id_list,
                             kind_for_filename, parse_list_field)
-from service.metrics import Metrics
-from service.responses import ACCEPTED, ENCODERS, Results, choose_media_type
-from service.settings import Settings
+from photoz.service.metrics import Metrics
+from photoz.formats.results import ACCEPTED, ENCODERS, Results, choose_media_type
+from photoz.service.settings import Settings
 
 log = logging.getLogger("photoz.service")
 

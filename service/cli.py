@@ -5,8 +5,8 @@ import argparse
 
 
 def _serve(args) -> int:
-    from service.server import serve
-    from service.settings import Settings
+    from photoz.service.server import serve
+    from photoz.service.settings import Settings
 
     overrides = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None}
     if args.api_keys is not None:
@@ -18,13 +18,13 @@ def _model_or_default(model):
     """The bundle a command runs: the one named, else the shipped default."""
     if model:
         return model
-    from service.settings import DEFAULT_MODEL
+    from photoz.service.settings import DEFAULT_MODEL
 
     return DEFAULT_MODEL
 
 
 def _predict(args) -> int:
-    from service.offline import predict_files
+    from photoz.pipeline.predict import predict_files
 
     model = args.model if args.url else _model_or_default(args.model)
     summary = predict_files(args.inputs, args.out, model=model, url=args.url, api_key=args.api_key,
@@ -38,7 +38,7 @@ def _predict(args) -> int:
 def _cutouts(args) -> int:
     import sys
 
-    from service.cutouts import CutoutError, make_cutouts, parse_band_options
+    from photoz.pipeline.cutouts import CutoutError, make_cutouts, parse_band_options
 
     args.model = _model_or_default(args.model)
     try:
@@ -53,7 +53,7 @@ def _cutouts(args) -> int:
     print(f"{summary['out']}: {summary['objects']} cutouts, {summary['near_edge']} too near an edge "
           f"(NaN beyond the field; predict reports them without a PDF)")
     if args.predict:
-        from service.offline import predict_files
+        from photoz.pipeline.predict import predict_files
 
         result = predict_files([summary["out"]], args.predict, model=None if args.url else args.model,
                                url=args.url, api_key=args.api_key, providers=args.providers,
@@ -71,7 +71,7 @@ def _missing_serving_packages(reason: str) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     try:
-        from service.settings import Settings
+        from photoz.service.settings import Settings
     except ImportError as exc:  # a training-only environment without the serving packages
         missing = str(exc)
         Settings = None

@@ -1,6 +1,6 @@
 """Python client of the photoz service.
 
-    from service.client import PhotozClient
+    from photoz.service.client import PhotozClient
     client = PhotozClient("http://127.0.0.1:8000", api_key=None)
     results = client.predict(images)             # (N, 5, 64, 64) nanomaggies, or channel-last
     results = client.predict(["a.fits", "b.npz"])  # or files

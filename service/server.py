@@ -6,8 +6,8 @@ import signal
 
 import uvicorn
 
-from service.app import create_app
-from service.settings import Settings
+from photoz.service.app import create_app
+from photoz.service.settings import Settings
 
 
 class DrainingServer(uvicorn.Server):

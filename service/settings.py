@@ -34,7 +34,7 @@ class Settings(BaseModel):
     @field_validator("providers")
     @classmethod
     def _known_provider(cls, value: str) -> str:
-        from model.runtime import PROVIDER_CHOICES
+        from photoz.model.runtime import PROVIDER_CHOICES
 
         if value not in PROVIDER_CHOICES:
             raise ValueError(f"must be one of {', '.join(PROVIDER_CHOICES)}")

@@ -1,17 +1,11 @@
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 
 @pytest.fixture(scope="session")
 def tiny_net():
     import torch
 
-    from model.pasquet import build
+    from photoz.model.pasquet import build
 
     torch.manual_seed(0)
     net = build("pasquet2019_tiny").eval()
@@ -23,7 +17,7 @@ def tiny_net():
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory, tiny_net):
     """A random-weight tiny bundle, exported once per test session."""
-    from model.export import export_bundle, make_metadata, untrained_record
+    from photoz.model.export import export_bundle, make_metadata, untrained_record
 
     path = tmp_path_factory.mktemp("bundle") / "tiny.onnx"
     metadata = make_metadata(tiny_net, "pasquet2019_tiny", "photoz-test-tiny", "0.0.1", untrained_record())
@@ -38,8 +32,8 @@ def rng():
 
 @pytest.fixture(scope="session")
 def tiny_predictor(tiny_bundle):
-    from model.bundle import load_bundle
-    from model.runtime import OnnxPredictor
+    from photoz.model.bundle import load_bundle
+    from photoz.model.runtime import OnnxPredictor
 
     return OnnxPredictor(load_bundle(tiny_bundle), providers="cpu")
 
@@ -47,19 +41,9 @@ def tiny_predictor(tiny_bundle):
 @pytest.fixture(scope="session")
 def server(tiny_bundle, tmp_path_factory):
     """The default server: tiny bundle, small batches so batching is exercised."""
-    from tests.servers import LiveServer
+    from photoz.service.live import LiveServer
 
     srv = LiveServer(tiny_bundle, tmp_path_factory.mktemp("logs") / "server.log",
                      max_batch_size=8, max_queue_delay_ms=20)
     yield srv
     srv.stop()
-
-
-def sky_cutouts(rng, n, ebv=None):
-    """Distinct SDSS-like cutouts: sky noise plus a central source of random brightness and colour."""
-    images = rng.normal(0, 0.05, (n, 5, 64, 64)).astype(np.float32)
-    yy, xx = np.mgrid[:64, :64]
-    for k in range(n):
-        profile = np.exp(-((xx - 32) ** 2 + (yy - 32) ** 2) / (2 * rng.uniform(1.5, 6) ** 2))
-        images[k] += (rng.uniform(1, 80, 5)[:, None, None] * profile).astype(np.float32)
-    return images

@@ -141,8 +141,8 @@ def smoke_cpu(tag: str, work: Path) -> dict:
         pdf = np.array(doc["data"]["pdfs"][0])
         assert pdf.size == len(doc["meta"]["bins"]) - 1 and abs(pdf.sum() - 1) < 1e-4
         # the image serves the shipped bundle: the same numbers as the engine on the host
-        from model.bundle import load_bundle
-        from model.runtime import OnnxPredictor
+        from photoz.model.bundle import load_bundle
+        from photoz.model.runtime import OnnxPredictor
 
         shipped = load_bundle(ROOT / "model" / "bundles" / "photoz-sdss-sim.onnx")
         assert doc["model"]["sha256"] == shipped.sha256, (doc["model"], shipped.sha256)

@@ -8,8 +8,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from model.bundle import METADATA_KEY, BundleError, load_bundle, parse_metadata
-from model.export import check_parity, export_bundle, make_metadata, untrained_record
+from photoz.model.bundle import METADATA_KEY, BundleError, load_bundle, parse_metadata
+from photoz.model.export import check_parity, export_bundle, make_metadata, untrained_record
 
 
 def test_metadata_round_trip(tiny_bundle, tiny_net):
@@ -100,8 +100,8 @@ def test_parse_metadata_rejects_wrong_format_version(tiny_bundle):
 
 
 def test_custom_bins_are_exported(tmp_path):
-    from model.pasquet import build
-    from model.pdf import RedshiftBins
+    from photoz.model.pasquet import build
+    from photoz.model.pdf import RedshiftBins
 
     net = build("pasquet2019_tiny", n_bins=4).eval()
     bins = RedshiftBins(np.array([0.0, 0.05, 0.1, 0.2, 0.6]))
@@ -112,8 +112,10 @@ def test_custom_bins_are_exported(tmp_path):
 
 def test_serving_and_bundle_loader_never_import_torch(tiny_bundle):
     code = (
-        "import sys, service, service.app, service.offline, service.cutouts, service.client, model.bundle, model.pdf\n"
-        f"model.bundle.load_bundle({str(tiny_bundle)!r})\n"
+        "import sys, photoz.cli, photoz.service.app, photoz.service.client, photoz.pipeline.predict,"
+        " photoz.pipeline.cutouts, photoz.formats.inputs, photoz.formats.results, photoz.model.bundle\n"
+        "photoz.cli.build_parser()\n"
+        f"photoz.model.bundle.load_bundle({str(tiny_bundle)!r})\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
         "print('clean')\n"
     )
@@ -123,7 +125,7 @@ def test_serving_and_bundle_loader_never_import_torch(tiny_bundle):
 
 
 def test_fp16_bundle_keeps_float32_io_and_stays_close(tiny_net, tmp_path):
-    from model.runtime import OnnxPredictor
+    from photoz.model.runtime import OnnxPredictor
 
     md = make_metadata(tiny_net, "pasquet2019_tiny", "tiny-fp16", "1", untrained_record())
     bundle = export_bundle(tiny_net, tmp_path / "h.onnx", md, fp16=True)

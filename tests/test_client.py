@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from service.client import PhotozClient, PhotozError
-from tests.conftest import sky_cutouts
+from photoz.service.client import PhotozClient, PhotozError
+from tests.helpers import sky_cutouts
 
 
 def test_arrays_in_chunks_with_concurrency_keep_order(server, tiny_predictor, rng):
@@ -43,7 +43,7 @@ def test_errors_raise_with_the_problem(server):
 
 
 def test_retries_after_429(tiny_bundle, tmp_path, rng):
-    from tests.servers import LiveServer
+    from photoz.service.live import LiveServer
 
     srv = LiveServer(tiny_bundle, tmp_path / "busy.log", max_queue_objects=40, max_batch_size=8)
     try:

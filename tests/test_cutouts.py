@@ -5,13 +5,13 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
 
-from model.bundle import load_bundle
-from model.pdf import point_estimates
-from model.runtime import OnnxPredictor
+from photoz.model.bundle import load_bundle
+from photoz.model.pdf import point_estimates
+from photoz.model.runtime import OnnxPredictor
 from photoz.cli import main as photoz
-from service.cutouts import CutoutError, cut, make_cutouts, nanomaggies_per_unit, read_catalogue
-from service.settings import DEFAULT_MODEL
-from training.sim.field import render_field
+from photoz.pipeline.cutouts import CutoutError, cut, make_cutouts, nanomaggies_per_unit, read_catalogue
+from photoz.service.settings import DEFAULT_MODEL
+from photoz.training.sim.field import render_field
 
 FRAMES = [f"frame-{b}.fits" for b in "ugriz"]
 
@@ -119,7 +119,7 @@ def test_other_pixel_scale_and_rotation_are_resampled_onto_the_bundle_grid(tmp_p
 
 
 def test_band_from_filter_headers():
-    from service.cutouts import band_from_header
+    from photoz.pipeline.cutouts import band_from_header
 
     for value, band in (("r", "r"), ("SDSS r", "r"), ("r.MP9601", "r"), ("HSC-G", "g"), ("z_DECam", "z"),
                         ("Y", None), ("g r", None)):

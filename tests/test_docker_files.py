@@ -68,14 +68,14 @@ def test_compose_gpu_service_cpu_profile_healthcheck_and_port_agree():
 
 
 def test_every_setting_is_documented():
-    from service.settings import Settings
+    from photoz.service.settings import Settings
 
     for name in Settings.model_fields:
         assert f"PHOTOZ_{name.upper()}" in README, name
 
 
 def test_readme_settings_defaults_match_the_code():
-    from service.settings import Settings
+    from photoz.service.settings import Settings
 
     rows = re.findall(r"^\| `(PHOTOZ_[A-Z_]+)` \| `([^`]*)` \|", README, re.M)
     assert len(rows) >= 10

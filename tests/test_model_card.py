@@ -1,6 +1,6 @@
 import json
 
-from training.model_card import render
+from photoz.training.model_card import render
 
 
 def test_card_states_data_metrics_targets_and_limits(tiny_bundle, tmp_path):

@@ -4,7 +4,7 @@ import sys
 import pytest
 import torch
 
-from model.pasquet import INCEPTION_SPECS, POOL_AFTER, STEM_CHANNELS, VARIANTS, build, variant_config
+from photoz.model.pasquet import INCEPTION_SPECS, POOL_AFTER, STEM_CHANNELS, VARIANTS, build, variant_config
 
 
 def expected_parameter_count(cfg) -> int:
@@ -45,7 +45,7 @@ def test_every_variant_matches_its_layer_list(variant):
 
 
 def test_cpu_variant_is_about_a_quarter_of_the_flops():
-    from model.summary import layer_table
+    from photoz.model.summary import layer_table
 
     full = sum(r.flops for r in layer_table(build("pasquet2019")))
     half = sum(r.flops for r in layer_table(build("pasquet2019_half")))

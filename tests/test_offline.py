@@ -8,8 +8,8 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
-from service.offline import chunk_plan, find_sources, predict_files
-from tests.conftest import sky_cutouts
+from photoz.pipeline.predict import chunk_plan, find_sources, predict_files
+from tests.helpers import sky_cutouts
 
 
 @pytest.fixture
@@ -65,7 +65,7 @@ def test_hdf5_dataset_input_and_resume_skips_finished_chunks(tiny_bundle, tmp_pa
     images = sky_cutouts(rng, 12)
     with h5py.File(data, "w") as h5:
         h5["images"], h5["ebv"] = images, np.full(12, 0.02, np.float32)
-    import service.offline as offline
+    import photoz.pipeline.predict as offline
 
     calls = []
     original = offline._LocalEngine.run

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy import integrate, stats
 
-from model.pdf import (RedshiftBins, crps, ks_uniform, outlier_fraction, photoz_metrics, pit, point_estimates,
+from photoz.model.pdf import (RedshiftBins, crps, ks_uniform, outlier_fraction, photoz_metrics, pit, point_estimates,
                        quantile, sigma_mad)
 
 BINS = RedshiftBins.uniform(0.0, 0.4, 180)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from tests.conftest import sky_cutouts
+from tests.helpers import sky_cutouts
 
 NPY = {"Content-Type": "application/x-npy"}
 
@@ -54,7 +54,7 @@ def test_single_npy_cutout_gives_the_engine_pdf_and_estimates(server, tiny_predi
     assert doc["n_objects"] == 1 and doc["pdf_name"] == "hist"
     assert len(doc["meta"]["bins"]) == 181
     np.testing.assert_allclose(pdfs_of(response)[0], expected(tiny_predictor, image[None])[0], atol=1e-6)
-    from model.pdf import RedshiftBins, point_estimates
+    from photoz.model.pdf import RedshiftBins, point_estimates
 
     est = point_estimates(expected(tiny_predictor, image[None]), RedshiftBins.uniform())
     assert doc["ancil"]["z_mean"][0] == pytest.approx(est["z_mean"][0], abs=1e-6)
@@ -202,7 +202,7 @@ def test_pickled_npy_is_refused_not_loaded(server):
                                    np.zeros((3, 64, 64, 5), np.int16), np.zeros((0, 5, 64, 64), np.float32),
                                    np.asfortranarray(np.ones((5, 64, 64), np.float32))])
 def test_npy_reader_matches_numpy_for_every_layout_numpy_writes(array):
-    from service.decode import Geometry, _npy_fast, decode_npy
+    from photoz.formats.inputs import Geometry, _npy_fast, decode_npy
 
     body = npy_bytes(array)
     fast = _npy_fast(body)
@@ -250,7 +250,7 @@ def test_bad_ebv_and_bad_query(server, rng):
 
 
 def test_oversize_body_is_413_and_states_the_limit(tiny_bundle, tmp_path):
-    from tests.servers import LiveServer
+    from photoz.service.live import LiveServer
 
     srv = LiveServer(tiny_bundle, tmp_path / "small.log", max_body_mb=0.1)
     try:
@@ -374,7 +374,7 @@ def test_startup_log_names_the_provider_and_the_cpu_fallback(server):
 
 
 def test_api_key_auth(tiny_bundle, tmp_path, rng):
-    from tests.servers import LiveServer
+    from photoz.service.live import LiveServer
 
     srv = LiveServer(tiny_bundle, tmp_path / "auth.log", env={"PHOTOZ_API_KEYS": "k1,k2"})
     try:
@@ -390,7 +390,7 @@ def test_api_key_auth(tiny_bundle, tmp_path, rng):
 
 
 def test_overload_is_429_with_retry_after_immediately(tiny_bundle, tmp_path, rng):
-    from tests.servers import LiveServer
+    from photoz.service.live import LiveServer
 
     srv = LiveServer(tiny_bundle, tmp_path / "queue.log", max_queue_objects=16, max_batch_size=4)
     try:
@@ -415,7 +415,7 @@ def test_expired_deadline_is_dropped_before_the_model(server, rng):
 
 
 def test_sigterm_drains_in_flight_work_then_exits_0(tiny_bundle, tmp_path, rng):
-    from tests.servers import LiveServer
+    from photoz.service.live import LiveServer
 
     srv = LiveServer(tiny_bundle, tmp_path / "drain.log", max_batch_size=4)
     images = sky_cutouts(rng, 400)
@@ -440,7 +440,7 @@ def test_sigterm_drains_in_flight_work_then_exits_0(tiny_bundle, tmp_path, rng):
 def test_disconnected_client_work_is_dropped_before_the_model(tiny_bundle, tmp_path, rng):
     import time
 
-    from tests.servers import LiveServer
+    from photoz.service.live import LiveServer
 
     srv = LiveServer(tiny_bundle, tmp_path / "gone.log", max_batch_size=2, inference_workers=1)
     try:
@@ -462,7 +462,7 @@ def test_lone_batch_runs_on_the_wide_engine_concurrent_batches_on_the_narrow():
     import asyncio
     import time as _time
 
-    from service.batcher import Batcher
+    from photoz.service.batcher import Batcher
 
     used = []
 
@@ -507,8 +507,8 @@ def test_declared_route_and_fast_path_answer_alike(tiny_bundle, rng):
     handler: same answers for a good request, a bad query, a bad body and a missing key."""
     from fastapi.testclient import TestClient
 
-    from service.app import PredictFastPath, create_app
-    from service.settings import Settings
+    from photoz.service.app import PredictFastPath, create_app
+    from photoz.service.settings import Settings
 
     body = npy_bytes(sky_cutouts(rng, 3))
     answers = {}

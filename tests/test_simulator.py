@@ -3,10 +3,10 @@ import h5py
 import numpy as np
 import pytest
 
-from model.conventions import BANDS, DEPTH_5SIGMA_MAG, PIXEL_SCALE_ARCSEC, mag_to_nanomaggies, sky_sigma_nmgy_per_pixel
-from training.sim.population import PopulationConfig, draw_candidates, draw_selected, rest_frame_r
-from training.sim.render import _galaxy_components, _gsparams, add_noise, draw, draw_bands, noise_sigma
-from training.sim.sed import TemplateTuning, k_corrections
+from photoz.model.conventions import BANDS, DEPTH_5SIGMA_MAG, PIXEL_SCALE_ARCSEC, mag_to_nanomaggies, sky_sigma_nmgy_per_pixel
+from photoz.training.sim.population import PopulationConfig, draw_candidates, draw_selected, rest_frame_r
+from photoz.training.sim.render import _galaxy_components, _gsparams, add_noise, draw, draw_bands, noise_sigma
+from photoz.training.sim.sed import TemplateTuning, k_corrections
 
 R = BANDS.index("r")
 
@@ -72,7 +72,7 @@ def test_blank_sky_noise_matches_configured_depth():
 
 def test_point_source_at_the_depth_is_detected_at_about_5_sigma():
     """PSF-weighted flux of a star of the 5-sigma depth magnitude has S/N ~ 5 at median seeing."""
-    from model.conventions import MEDIAN_SEEING_FWHM_ARCSEC
+    from photoz.model.conventions import MEDIAN_SEEING_FWHM_ARCSEC
 
     for band in ("r", "z"):
         flux = mag_to_nanomaggies(DEPTH_5SIGMA_MAG[band])
@@ -138,7 +138,7 @@ def test_source_poisson_noise_adds_to_sky():
 
 @pytest.fixture(scope="module")
 def small_sim(tmp_path_factory):
-    from training.sim.simulate import simulate
+    from photoz.training.sim.simulate import simulate
 
     path = tmp_path_factory.mktemp("sim") / "a.h5"
     simulate(path, 96, seed=11, workers=2, chunk_size=32, progress=False)
@@ -146,7 +146,7 @@ def small_sim(tmp_path_factory):
 
 
 def test_same_seed_gives_identical_files_whatever_the_workers(small_sim, tmp_path):
-    from training.sim.simulate import simulate
+    from photoz.training.sim.simulate import simulate
 
     other = simulate(tmp_path / "b.h5", 96, seed=11, workers=1, chunk_size=32, progress=False)
     with h5py.File(small_sim) as a, h5py.File(other) as b:
@@ -160,7 +160,7 @@ def test_same_seed_gives_identical_files_whatever_the_workers(small_sim, tmp_pat
 
 
 def test_resume_and_extend_reproduce_a_single_run(small_sim, tmp_path):
-    from training.sim.simulate import SimulationMismatch, simulate
+    from photoz.training.sim.simulate import SimulationMismatch, simulate
 
     path = tmp_path / "grow.h5"
     simulate(path, 40, seed=11, workers=1, chunk_size=32, progress=False)  # 1 full + 1 partial chunk

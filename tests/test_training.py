@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from model.bundle import load_bundle
-from model.runtime import OnnxPredictor
-from training.data import CutoutDataset, DataFormatError, inspect, split_indices
-from training.train import InMemoryData, TrainConfig, augment_batch, epoch_batches, load_checkpoint, train
+from photoz.model.bundle import load_bundle
+from photoz.model.runtime import OnnxPredictor
+from photoz.training.data import CutoutDataset, DataFormatError, inspect, split_indices
+from photoz.training.train import InMemoryData, TrainConfig, augment_batch, epoch_batches, load_checkpoint, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    from training.sim.simulate import simulate
+    from photoz.training.sim.simulate import simulate
 
     return simulate(tmp_path_factory.mktemp("data") / "tiny.h5", 160, seed=21, workers=2, chunk_size=32,
                     progress=False)
@@ -50,8 +50,8 @@ def test_end_to_end_train_resume_export_predict(tiny_data, tmp_path):
     assert not torch.equal(after["model"]["classifier.4.weight"], before["model"]["classifier.4.weight"])
 
     # export with the training record, load without torch's help, predict
-    from training.evaluate import evaluate
-    from training.export import export_checkpoint
+    from photoz.training.evaluate import evaluate
+    from photoz.training.export import export_checkpoint
 
     report = evaluate(run / "best.pt", tiny_data, tmp_path / "eval", baseline_train=tiny_data, figures=True)
     assert (tmp_path / "eval" / "photoz_diagnostics.png").stat().st_size > 10_000
@@ -75,8 +75,7 @@ def test_sigterm_checkpoint_and_exact_batch_resume(tiny_data, tmp_path):
     out = tmp_path / "sig"
     code = (
         "import os, signal, sys\n"
-        f"sys.path.insert(0, {ROOT!r})\n"
-        "import training.train as t\n"
+        "import photoz.training.train as t\n"
         "orig = t._Logits.forward\n"
         "calls = {'n': 0}\n"
         "def forward(self, images, ebv):\n"
@@ -101,8 +100,8 @@ def test_preload_trains_in_memory_and_matches_streamed_validation(tiny_data, tmp
     row = next(csv.DictReader(open(run / "metrics.csv")))
     net, state = load_checkpoint(run / "last.pt")
     assert state["train_config"]["preload"] is True and state["epoch"] == 1
-    from model.pdf import RedshiftBins
-    from training.train import validate
+    from photoz.model.pdf import RedshiftBins
+    from photoz.training.train import validate
 
     _, val_idx = split_indices(160, 0.2, 0)
     bins = RedshiftBins.uniform()

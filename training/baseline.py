@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model.conventions import BANDS
-from model.pdf import RedshiftBins
+from photoz.model.conventions import BANDS
+from photoz.model.pdf import RedshiftBins
 
 
 def catalogue_features(mags: np.ndarray) -> np.ndarray:

@@ -9,7 +9,7 @@ import argparse
 
 
 def _simulate(args) -> int:
-    from training.sim.simulate import simulate
+    from photoz.training.sim.simulate import simulate
 
     path = simulate(args.out, args.n, seed=args.seed, workers=args.workers, chunk_size=args.chunk_size,
                     progress=not args.quiet)
@@ -18,7 +18,7 @@ def _simulate(args) -> int:
 
 
 def _simulate_field(args) -> int:
-    from training.sim.field import render_field
+    from photoz.training.sim.field import render_field
 
     summary = render_field(args.out, n=args.n, seed=args.seed, n_edge=args.n_edge)
     print(f"{summary['out']}: {summary['n']} galaxies on a {summary['shape'][1]} x {summary['shape'][0]} pixel field, "
@@ -28,7 +28,7 @@ def _simulate_field(args) -> int:
 
 
 def _train(args) -> int:
-    from training.train import TrainConfig, train
+    from photoz.training.train import TrainConfig, train
 
     cfg = TrainConfig(data=args.data, out_dir=args.out, variant=args.variant, epochs=args.epochs,
                       batch_size=args.batch_size, lr=args.lr, seed=args.seed, workers=args.workers,
@@ -41,7 +41,7 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from training.evaluate import evaluate, format_report
+    from photoz.training.evaluate import evaluate, format_report
 
     report = evaluate(args.model, args.data, args.out, baseline_train=args.baseline_train,
                       figures=not args.no_figures)
@@ -51,7 +51,7 @@ def _evaluate(args) -> int:
 
 
 def _export(args) -> int:
-    from training.export import export_checkpoint
+    from photoz.training.export import export_checkpoint
 
     bundle = export_checkpoint(args.checkpoint, args.out, args.name, args.version, args.held_out_report,
                                fp16=args.fp16)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from model.conventions import BANDS
-from model.pdf import RedshiftBins, photoz_metrics, point_estimates, pit
+from photoz.model.conventions import BANDS
+from photoz.model.pdf import RedshiftBins, photoz_metrics, point_estimates, pit
 
 Z_BIN_EDGES = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4)
 R_MAG_BIN_EDGES = (10.0, 15.5, 16.5, 17.0, 17.5, 18.0)
@@ -26,15 +26,15 @@ def predict_file(model_path: str | Path, data_path: str | Path, batch_size: int 
 
     model_path = Path(model_path)
     if model_path.suffix == ".onnx":
-        from model.bundle import load_bundle
-        from model.runtime import OnnxPredictor
+        from photoz.model.bundle import load_bundle
+        from photoz.model.runtime import OnnxPredictor
 
         predictor = OnnxPredictor(load_bundle(model_path), providers="cpu")
         bins, run = predictor.metadata.bins, predictor.predict
     else:
         import torch
 
-        from training.train import load_checkpoint
+        from photoz.training.train import load_checkpoint
 
         net, state = load_checkpoint(model_path)
         bins = RedshiftBins.from_metadata(state["train_config"]["z_bins"])
@@ -75,7 +75,7 @@ def score(pdfs, bins: RedshiftBins, z_spec, r_mag=None) -> dict:
 
 def evaluate(model_path, data_path, out_dir, baseline_train=None, figures: bool = True) -> dict:
     """Score the model (and the kNN baseline when ``baseline_train`` has a catalogue); write JSON + figures."""
-    from training.data import read_labels
+    from photoz.training.data import read_labels
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -88,7 +88,7 @@ def evaluate(model_path, data_path, out_dir, baseline_train=None, figures: bool 
               "model_metrics": score(pdfs, bins, z, r_mag)}
     results = {"CNN": pdfs}
     if baseline_train is not None and mags is not None:
-        from training.baseline import KNNPhotoZ
+        from photoz.training.baseline import KNNPhotoZ
 
         train = read_labels(baseline_train)
         knn = KNNPhotoZ(bins=bins).fit(train["catalogue/petro_mag"], train["z"])

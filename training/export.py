@@ -4,9 +4,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from model.export import code_commit, export_bundle, make_metadata
-from model.pdf import RedshiftBins
-from training.train import load_checkpoint
+from photoz.model.export import code_commit, export_bundle, make_metadata
+from photoz.model.pdf import RedshiftBins
+from photoz.training.train import load_checkpoint
 
 
 def training_record(state: dict, held_out: dict | None) -> dict:

@@ -1,6 +1,6 @@
 """Model card of a bundle: what it was trained on, its held-out metrics beside the baseline's, its limits.
 
-    python -m training.model_card --bundle model/bundles/photoz-sdss-sim.onnx \
+    python -m photoz.training.model_card --bundle model/bundles/photoz-sdss-sim.onnx \
         --report runs/default/eval/metrics.json --out model/bundles/photoz-sdss-sim.md
 
 ``make ship`` runs evaluate, export and this in one go.
@@ -12,7 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
-from model.bundle import load_bundle
+from photoz.model.bundle import load_bundle
 
 TARGETS = {"sigma_mad_ratio": 0.75, "abs_bias": 0.001, "pit_ks": 0.05}
 

@@ -24,9 +24,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model.pasquet import PasquetNet, build, variant_config
-from model.pdf import RedshiftBins, photoz_metrics, point_estimates
-from training.data import CutoutDataset, inspect, split_indices
+from photoz.model.pasquet import PasquetNet, build, variant_config
+from photoz.model.pdf import RedshiftBins, photoz_metrics, point_estimates
+from photoz.training.data import CutoutDataset, inspect, split_indices
 
 
 @dataclass
@@ -315,7 +315,7 @@ def _bar(total: int, initial: int, epoch: int, epochs: int, enabled: bool):
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[PasquetNet, dict]:
     """Network (eval mode) and the checkpoint's record."""
-    from model.pasquet import PasquetConfig
+    from photoz.model.pasquet import PasquetConfig
 
     state = torch.load(path, map_location=device, weights_only=False)
     net = build(PasquetConfig.from_dict(state["network_config"]))

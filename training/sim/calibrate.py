@@ -1,6 +1,6 @@
 """Realism and calibration report of the simulator against real SDSS: figures + JSON + tables.
 
-    python -m training.sim.calibrate --sim-train data/sim-train.h5 --sim-test data/sim-test.h5 --out docs
+    python -m photoz.training.sim.calibrate --sim-train data/sim-train.h5 --sim-test data/sim-test.h5 --out docs
 
 Compares the simulated catalogue (noisy Petrosian magnitudes measured on the
 rendered cutouts) with real SDSS spectroscopic galaxies in
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from model.conventions import BANDS
-from model.pdf import photoz_metrics, point_estimates
-from training.baseline import KNNPhotoZ
-from training.data import read_labels
+from photoz.model.conventions import BANDS
+from photoz.model.pdf import photoz_metrics, point_estimates
+from photoz.training.baseline import KNNPhotoZ
+from photoz.training.data import read_labels
 
 REFERENCE = Path(__file__).resolve().parent / "sdss_reference"
 ROOT = Path(__file__).resolve().parents[2]
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     if not args.sim_train or not args.sim_test:
-        from training.sim.simulate import SimulationMismatch, simulate
+        from photoz.training.sim.simulate import SimulationMismatch, simulate
 
         def fresh(path: Path, n: int, seed: int) -> str:
             """Reuse (or resume) the last run's sample; one of another simulator version or settings is replaced."""

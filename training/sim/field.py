@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.conventions import (BANDS, CUTOUT_SIZE_PIXELS, MEDIAN_SEEING_FWHM_ARCSEC, NANOMAGGY_JANSKY, NANOMAGGY_ZEROPOINT_MAG,
+from photoz.model.conventions import (BANDS, CUTOUT_SIZE_PIXELS, MEDIAN_SEEING_FWHM_ARCSEC, NANOMAGGY_JANSKY, NANOMAGGY_ZEROPOINT_MAG,
                                PIXEL_SCALE_ARCSEC, PSF_MOFFAT_BETA)
 
 FIELD_CENTRE_DEG = (150.1, 2.2)  # (RA, Dec) of the reference pixel
@@ -76,8 +76,8 @@ def render_field(out_dir: str | Path, n: int = 36, seed: int = 3, spacing_pixels
     from astropy.io import fits
     from astropy.table import Table
 
-    from training.sim.population import PopulationConfig, draw_selected
-    from training.sim.render import _galaxy_profile, _gsparams, add_noise
+    from photoz.training.sim.population import PopulationConfig, draw_selected
+    from photoz.training.sim.render import _galaxy_profile, _gsparams, add_noise
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from model.conventions import EXTINCTION_A_OVER_EBV, BANDS
-from training.sim.sed import TemplateTuning, k_corrections
+from photoz.model.conventions import EXTINCTION_A_OVER_EBV, BANDS
+from photoz.training.sim.sed import TemplateTuning, k_corrections
 
 Z_MAX = 0.4
 Z_MIN = 0.005  # below this, peculiar velocities dominate; SDSS MGS has very few galaxies

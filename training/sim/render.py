@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from model.conventions import (BANDS, CUTOUT_SIZE_PIXELS, MEDIAN_SEEING_FWHM_ARCSEC, PIXEL_SCALE_ARCSEC, PSF_MOFFAT_BETA,
+from photoz.model.conventions import (BANDS, CUTOUT_SIZE_PIXELS, MEDIAN_SEEING_FWHM_ARCSEC, PIXEL_SCALE_ARCSEC, PSF_MOFFAT_BETA,
                                ASINH_SOFTENING_MAGGIES, asinh_mag, effective_gain_e_per_nmgy, mag_to_nanomaggies, sky_sigma_nmgy_per_pixel)
-from training.sim.population import PopulationConfig, draw_candidates, draw_selected
+from photoz.training.sim.population import PopulationConfig, draw_candidates, draw_selected
 
 PETROSIAN_ETA = 0.2
 #: Looser than GalSim's defaults (folding 5e-3): flux lost to aliasing stays

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model.conventions import BANDS
+from photoz.model.conventions import BANDS
 
 TEMPLATE_NAMES = ("E", "Sbc", "Scd", "Im")
 #: Rest-frame wavelength grid, Angstrom: covers the SDSS u..z filters for 0 <= z <= 0.45.

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from model.conventions import BANDS, CUTOUT_SIZE_PIXELS, FLUX_UNIT, PIXEL_SCALE_ARCSEC
-from training.sim.population import PopulationConfig
-from training.sim.render import InstrumentConfig, simulate_chunk
+from photoz.model.conventions import BANDS, CUTOUT_SIZE_PIXELS, FLUX_UNIT, PIXEL_SCALE_ARCSEC
+from photoz.training.sim.population import PopulationConfig
+from photoz.training.sim.render import InstrumentConfig, simulate_chunk
 
 SIMULATOR_VERSION = "1.4.0"
 DEFAULT_CHUNK_SIZE = 256

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
-from model.bundle import Bundle
-from model.pdf import point_estimates
+from photoz.model.bundle import Bundle
+from photoz.model.pdf import point_estimates
 
 ESTIMATES = ("z_mean", "z_median", "z_mode", "z_std", "z_lo68", "z_hi68", "z_lo95", "z_hi95")
 #: A PDF with at least this much probability in the top EDGE_BINS bins may lie beyond the grid.

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.conventions import BANDS, CUTOUT_SIZE_PIXELS, NANOMAGGY_JANSKY, NANOMAGGY_ZEROPOINT_MAG, PIXEL_SCALE_ARCSEC
+from photoz.model.conventions import BANDS, CUTOUT_SIZE_PIXELS, NANOMAGGY_JANSKY, NANOMAGGY_ZEROPOINT_MAG, PIXEL_SCALE_ARCSEC
 
 REFERENCE_BAND = "r"
 ZERO_POINT_KEYWORDS = ("MAGZP", "MAGZERO", "ZEROPT", "PHOTZP", "ZP")
@@ -276,7 +276,7 @@ def make_cutouts(image_args: list[str], catalogue: str | Path, out: str | Path, 
     """Field images + catalogue -> ``out`` (.npz that ``photoz predict`` reads). Returns a summary."""
     bands, size, scale = BANDS, CUTOUT_SIZE_PIXELS, PIXEL_SCALE_ARCSEC
     if model is not None:
-        from model.bundle import load_bundle
+        from photoz.model.bundle import load_bundle
 
         doc = load_bundle(model).metadata.document
         bands, size = tuple(doc["bands"]), int(doc["cutout_size_pixels"])

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from model.bundle import load_bundle
-from model.runtime import OnnxPredictor
-from service.decode import Geometry, canonical_stack, decode, ebv_vector, flag_non_finite, kind_for_filename
-from service.responses import EDGE_BINS, EDGE_PROBABILITY, ESTIMATES, write_qp_hdf5
+from photoz.model.bundle import load_bundle
+from photoz.model.runtime import OnnxPredictor
+from photoz.formats.inputs import Geometry, canonical_stack, decode, ebv_vector, flag_non_finite, kind_for_filename
+from photoz.formats.results import EDGE_BINS, EDGE_PROBABILITY, ESTIMATES, write_qp_hdf5
 
 FILE_SUFFIXES = (".fits", ".fit", ".fts", ".fz", ".npy", ".npz", ".h5", ".hdf5")
 #: qp.read takes ".hdf5" for h5py files (".h5" means pandas HDF5 to it), hence no ".h5" here.
@@ -136,7 +136,7 @@ class _RemoteEngine:
     """The same work sent to a running service through the Python client."""
 
     def __init__(self, url: str, api_key: str | None):
-        from service.client import PhotozClient
+        from photoz.service.client import PhotozClient
 
         self.client = PhotozClient(url, api_key=api_key)
 
@@ -280,7 +280,7 @@ def _run_on_dask(address, model, providers, batch_size, plan, todo, geometry, n_
 
 
 def _edges_from(doc: dict):
-    from model.pdf import RedshiftBins
+    from photoz.model.pdf import RedshiftBins
 
     return RedshiftBins.from_metadata(doc).edges
 
