@@ -13,23 +13,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from photoz.formats.errors import InputError
+from photoz.model.conventions import CHANNEL_FIRST_AXIS, stack_band_axis
+
 NPY_MAGIC = b"\x93NUMPY"
 ZIP_MAGIC = b"PK\x03\x04"
 FITS_MAGIC = b"SIMPLE  ="
+#: Header keywords that name an image's band, in the order they are read.
 BAND_KEYWORDS = ("FILTER", "BAND", "EXTNAME")
-
-
-class InputError(ValueError):
-    """A bad request: HTTP ``status`` and the problem's field / expected / received."""
-
-    def __init__(self, field: str, expected: str, received: str, status: int = 422, title: str = "invalid input"):
-        super().__init__(f"{field}: expected {expected}, got {received}")
-        self.field, self.expected, self.received, self.status, self.title = field, expected, received, status, title
-
-    def problem(self) -> dict:
-        """RFC 9457 problem details."""
-        return {"type": "about:blank", "title": self.title, "status": self.status, "detail": str(self),
-                "field": self.field, "expected": self.expected, "received": self.received}
 
 
 @dataclass
@@ -68,10 +59,9 @@ def canonical_stack(array, geometry: Geometry, field: str) -> np.ndarray:
         raise InputError(field, geometry.describe(), f"an array of shape {array.shape}")
     if array.shape[0] == 0:
         raise InputError(field, "at least one cutout", "an empty stack (0 cutouts)", status=422)
-    if array.shape[1] == nb and array.shape[2:] == (s, s):
-        stack = array
-    elif array.shape[3] == nb and array.shape[1:3] == (s, s):
-        stack = np.moveaxis(array, 3, 1)
+    axis = stack_band_axis(array.shape, nb, s)
+    if axis is not None:
+        stack = array if axis == CHANNEL_FIRST_AXIS else np.moveaxis(array, axis, CHANNEL_FIRST_AXIS)
     else:
         shape = array.shape[1:]
         if shape[0] == shape[1] and shape[2] != nb and shape[0] != nb:
@@ -194,15 +184,22 @@ def _header_ebv(headers) -> float | None:
     return None
 
 
-def _band_of(hdu, bands: tuple[str, ...]) -> str | None:
-    for key in BAND_KEYWORDS:
-        value = str(hdu.header.get(key, "")).strip()
+def band_from_header(header, bands: tuple[str, ...], keywords: tuple[str, ...] = BAND_KEYWORDS) -> str | None:
+    """The band a FITS header names in FILTER, BAND or EXTNAME (the first keyword that names one).
+
+    A value names a band when it is the band ('r', 'R') or holds exactly one
+    band-named token ('SDSS r', 'r.MP9601', 'HSC-R', 'IMAGE_R'); 'g-r' names none.
+    """
+    lower = {b.lower(): b for b in bands}
+    for key in keywords:
+        value = str(header.get(key, "")).strip().lower()
         if not value:
             continue
-        for token in (value, value.split()[-1], value.split("_")[-1], value.split("-")[-1]):
-            for band in bands:
-                if token.lower() == band.lower():
-                    return band
+        if value in lower:
+            return lower[value]
+        tokens = {t for t in re.split(r"[\s._\-/]+", value) if t in lower}
+        if len(tokens) == 1:
+            return lower[tokens.pop()]
     return None
 
 
@@ -234,7 +231,7 @@ def decode_fits(body: bytes, geometry: Geometry, ebv=None, ids=None, field: str 
     planes = [h for h in image_hdus if h.data.ndim == 2]
     by_band: dict[str, list] = {}
     for h in planes:
-        band = _band_of(h, geometry.bands)
+        band = band_from_header(h.header, geometry.bands)
         if band is not None:
             by_band.setdefault(band, []).append(h)
     missing = [b for b in geometry.bands if b not in by_band]
@@ -286,8 +283,20 @@ MEDIA_TYPES = {
     "application/octet-stream": "sniff",
     "application/json": "json",
 }
-EXTENSIONS = {".fits": "fits", ".fit": "fits", ".fts": "fits", ".fz": "fits", ".fits.gz": "fits",
-              ".npy": "npy", ".npz": "npz", ".json": "json"}
+#: Input kinds by file suffix (the longest matching suffix wins): the one table for every reader.
+INPUT_SUFFIXES = {".fits": "fits", ".fit": "fits", ".fts": "fits", ".fz": "fits", ".fits.gz": "fits",
+                  ".fit.gz": "fits", ".fits.fz": "fits", ".npy": "npy", ".npz": "npz", ".json": "json",
+                  ".h5": "hdf5", ".hdf5": "hdf5"}
+#: The media type a client sends for each kind.
+KIND_MEDIA_TYPES = {"fits": "application/fits", "npy": "application/x-npy", "npz": "application/x-npz",
+                    "json": "application/json"}
+
+
+def kind_for_suffix(name: str) -> str | None:
+    """The input kind of a file name by its longest known suffix (``.fits.gz`` -> fits), or None."""
+    lower = name.lower()
+    matches = [ext for ext in INPUT_SUFFIXES if lower.endswith(ext)]
+    return INPUT_SUFFIXES[max(matches, key=len)] if matches else None
 
 
 def decode(body: bytes, kind: str, geometry: Geometry, ebv=None, ids=None, field: str = "body") -> Cutouts:
@@ -309,10 +318,10 @@ def decode(body: bytes, kind: str, geometry: Geometry, ebv=None, ids=None, field
 
 
 def kind_for_filename(name: str | None, content_type: str | None) -> str:
-    lower = (name or "").lower()
-    for ext, kind in sorted(EXTENSIONS.items(), key=lambda kv: -len(kv[0])):
-        if lower.endswith(ext):
-            return kind
+    """The kind of an uploaded part: by file name, else by its media type, else sniffed from its bytes."""
+    kind = kind_for_suffix(name or "")
+    if kind is not None and kind != "hdf5":
+        return kind
     base = (content_type or "").split(";")[0].strip().lower()
     return MEDIA_TYPES.get(base, "sniff")
 

@@ -1,22 +1,106 @@
-"""Prediction results and their encodings: JSON (qp layout), FITS table, qp-readable HDF5."""
+"""Prediction results and their encodings, for the service and the pipeline alike.
+
+One request's outcome is a :class:`Results` (PDFs and point estimates of the
+valid objects, the problem of each invalid one). Every table output has one
+row per input object, valid or not: :class:`ResultRows`. The encodings:
+
+- JSON in qp's layout (service responses): valid objects only, the others
+  listed in ``rejected``;
+- FITS binary table (``PHOTOZ`` HDU, bin edges in ``BINS``): one row per object,
+  ``VALID``/``ERROR`` columns;
+- qp-readable HDF5 (a ``hist`` ensemble of the valid objects, rejected ids and
+  errors as attributes);
+- Parquet (pipeline tables), the bin edges in the schema metadata.
+
+Ids are UTF-8 everywhere (FITS columns hold their UTF-8 bytes).
+"""
 from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
 
 from photoz.model.bundle import Bundle
-from photoz.model.pdf import point_estimates
-
-ESTIMATES = ("z_mean", "z_median", "z_mode", "z_std", "z_lo68", "z_hi68", "z_lo95", "z_hi95")
-#: A PDF with at least this much probability in the top EDGE_BINS bins may lie beyond the grid.
-EDGE_PROBABILITY, EDGE_BINS = 0.1, 5
+from photoz.model.pdf import ESTIMATES, at_grid_edge, GRID_EDGE_FLAG, pdf_flags, point_estimates
 
 JSON_TYPE, FITS_TYPE, HDF5_TYPE = "application/json", "application/fits", "application/x-hdf5"
 ACCEPTED = (JSON_TYPE, FITS_TYPE, HDF5_TYPE)
+#: Output table formats by file suffix. qp.read takes ".hdf5" for h5py files (".h5" is pandas HDF5 to it).
+TABLE_SUFFIXES = {".fits": "fits", ".fit": "fits", ".parquet": "parquet", ".hdf5": "hdf5"}
+
+
+@dataclass
+class ModelInfo:
+    """Which model made the numbers: name, version and the bundle's sha256."""
+
+    name: str
+    version: str
+    sha256: str
+
+    @classmethod
+    def of(cls, bundle: Bundle) -> ModelInfo:
+        return cls(bundle.metadata.name, bundle.metadata.version, bundle.sha256)
+
+    def as_dict(self) -> dict[str, str]:
+        return {"name": self.name, "version": self.version, "sha256": self.sha256}
+
+
+@dataclass
+class ResultRows:
+    """One row per input object; invalid rows have NaN estimates and PDF and a non-empty error."""
+
+    ids: list[str]
+    valid: np.ndarray  # (n,) bool
+    errors: list[str]
+    estimates: dict[str, np.ndarray]  # each (n,) float64
+    probs: np.ndarray  # (n, n_bins) float32
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def flags(self) -> list[str]:
+        """Comma-joined flags per row ("" for none)."""
+        return [GRID_EDGE_FLAG if edge else "" for edge in at_grid_edge(self.probs)]
+
+    @classmethod
+    def empty(cls, ids: list[str], problems: list[str | None], n_bins: int) -> ResultRows:
+        """Rows with no prediction yet: fill ``probs`` and ``estimates`` of the valid rows with :meth:`fill`."""
+        n = len(ids)
+        return cls(list(ids), np.array([p is None for p in problems], bool), [p or "" for p in problems],
+                   {key: np.full(n, np.nan) for key in ESTIMATES}, np.full((n, n_bins), np.nan, np.float32))
+
+    def fill(self, rows: np.ndarray, outputs: dict[str, np.ndarray]) -> None:
+        """Put the engine's ``outputs`` (``probs`` and the estimates) into ``rows``."""
+        self.probs[rows] = outputs["probs"]
+        for key in ESTIMATES:
+            self.estimates[key][rows] = outputs[key]
+
+    def save(self, path: Path) -> None:
+        """An ``.npz`` (no pickles), written atomically: the file exists only once complete."""
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, ids=_utf8(self.ids), valid=self.valid, errors=_utf8(self.errors), probs=self.probs,
+                 **self.estimates)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> ResultRows:
+        with np.load(path, allow_pickle=False) as d:
+            return cls(_from_utf8(d["ids"]), d["valid"], _from_utf8(d["errors"]),
+                       {key: d[key] for key in ESTIMATES}, d["probs"])
+
+    @classmethod
+    def concatenate(cls, parts: list[ResultRows]) -> ResultRows:
+        return cls([i for p in parts for i in p.ids], np.concatenate([p.valid for p in parts]),
+                   [e for p in parts for e in p.errors],
+                   {key: np.concatenate([p.estimates[key] for p in parts]) for key in ESTIMATES},
+                   np.concatenate([p.probs for p in parts]))
 
 
 @dataclass
@@ -27,18 +111,22 @@ class Results:
     ids: list[str]
     problems: list[str | None]
     probs: np.ndarray  # (n_valid, n_bins)
-    estimates: dict[str, np.ndarray] | None = None  # computed here when not given
+    estimates: dict[str, np.ndarray] = field(default_factory=dict)  # computed here when not given
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.valid = np.array([p is None for p in self.problems], dtype=bool)
-        if self.estimates is None:
+        if not self.estimates:
             self.estimates = point_estimates(self.probs, self.bundle.metadata.bins)
-        at_edge = self.probs[:, -EDGE_BINS:].sum(axis=1) >= EDGE_PROBABILITY if len(self.probs) else np.zeros(0, bool)
-        self.flags = [["pdf_at_grid_edge"] if e else [] for e in at_edge]
+        self.flags = pdf_flags(self.probs)
 
-    def model_info(self) -> dict:
-        md = self.bundle.metadata
-        return {"name": md.name, "version": md.version, "sha256": self.bundle.sha256}
+    def model_info(self) -> ModelInfo:
+        return ModelInfo.of(self.bundle)
+
+    def rows(self) -> ResultRows:
+        """One row per input object."""
+        table = ResultRows.empty(self.ids, self.problems, self.bundle.metadata.bins.n_bins)
+        table.fill(np.flatnonzero(self.valid), {"probs": self.probs, **self.estimates})
+        return table
 
 
 def choose_media_type(accept: str | None) -> str | None:
@@ -74,8 +162,8 @@ def to_json(results: Results, include_pdf: bool) -> bytes:
     """
     ids = np.asarray(results.ids, dtype=object)
     estimates = np.round(np.array(list(results.estimates.values()), np.float64), 6)  # one call, not eight
-    doc = {
-        "model": results.model_info(),
+    doc: dict[str, Any] = {
+        "model": results.model_info().as_dict(),
         "n_objects": len(results.ids),
         "pdf_name": "hist",
         "pdf_version": 0,
@@ -91,49 +179,102 @@ def to_json(results: Results, include_pdf: bool) -> bytes:
     return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def to_fits(results: Results, include_pdf: bool) -> bytes:
-    """Binary table, one row per input object (invalid rows: VALID false, NaN estimates, ERROR set)."""
+def _utf8(values: list[str]) -> np.ndarray:
+    """Strings as UTF-8 bytes (FITS and HDF5 hold bytes; any id must survive the trip)."""
+    return np.array([v.encode("utf-8") for v in values], dtype=bytes) if values else np.zeros(0, "S1")
+
+
+def _from_utf8(values: np.ndarray) -> list[str]:
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values.tolist()]
+
+
+def _text_column(name: str, values: list[str]) -> Any:
     from astropy.io import fits
 
-    n, n_bins = len(results.ids), results.bundle.metadata.bins.n_bins
-    columns = [fits.Column(name="ID", format=f"{max(1, max(len(i) for i in results.ids))}A", array=results.ids),
-               fits.Column(name="VALID", format="L", array=results.valid)]
-    for key in ESTIMATES:
-        full = np.full(n, np.nan)
-        full[results.valid] = results.estimates[key]
-        columns.append(fits.Column(name=key.upper(), format="D", array=full))
-    flags = [""] * n
-    for i, f in zip(np.flatnonzero(results.valid), results.flags):
-        flags[i] = ",".join(f)
-    errors = [p or "" for p in results.problems]
-    columns.append(fits.Column(name="FLAGS", format=f"{max(1, max(map(len, flags)))}A", array=flags))
-    columns.append(fits.Column(name="ERROR", format=f"{max(1, max(map(len, errors)))}A", array=errors))
+    data = _utf8(values)
+    return fits.Column(name=name, format=f"{max(1, data.dtype.itemsize)}A", array=data)
+
+
+def fits_hdus(rows: ResultRows, edges: np.ndarray, model: ModelInfo, include_pdf: bool = True) -> Any:
+    """HDUList: primary (model keywords), ``PHOTOZ`` (one row per object), ``BINS`` (``Z_EDGES``)."""
+    from astropy.io import fits
+
+    columns = [_text_column("ID", rows.ids), fits.Column(name="VALID", format="L", array=rows.valid)]
+    columns += [fits.Column(name=key.upper(), format="D", array=rows.estimates[key]) for key in ESTIMATES]
+    columns += [_text_column("FLAGS", rows.flags), _text_column("ERROR", rows.errors)]
     if include_pdf:
-        pdf = np.full((n, n_bins), np.nan, np.float32)
-        pdf[results.valid] = results.probs
-        columns.append(fits.Column(name="PDF", format=f"{n_bins}E", array=pdf))
-    table = fits.BinTableHDU.from_columns(columns, name="PHOTOZ")
-    info = results.model_info()
+        columns.append(fits.Column(name="PDF", format=f"{rows.probs.shape[1]}E", array=rows.probs))
     primary = fits.PrimaryHDU()
-    primary.header["MODEL"], primary.header["MODELVER"] = info["name"], info["version"]
-    primary.header["SHA256"] = info["sha256"][:68]
-    bins = fits.BinTableHDU.from_columns([fits.Column(name="Z_EDGES", format="D",
-                                                      array=results.bundle.metadata.bins.edges)], name="BINS")
+    primary.header["MODEL"], primary.header["MODELVER"] = model.name, model.version
+    primary.header["SHA256"] = model.sha256[:68]
+    bins = fits.BinTableHDU.from_columns([fits.Column(name="Z_EDGES", format="D", array=edges)], name="BINS")
+    return fits.HDUList([primary, fits.BinTableHDU.from_columns(columns, name="PHOTOZ"), bins])
+
+
+def to_fits(results: Results, include_pdf: bool) -> bytes:
+    """Binary table, one row per input object (invalid rows: VALID false, NaN estimates, ERROR set)."""
     buffer = io.BytesIO()
-    fits.HDUList([primary, table, bins]).writeto(buffer)
+    fits_hdus(results.rows(), results.bundle.metadata.bins.edges, results.model_info(), include_pdf) \
+        .writeto(buffer)
     return buffer.getvalue()
 
 
-def write_qp_hdf5(h5, edges: np.ndarray, probs: np.ndarray, ancil: dict) -> None:
-    """qp's on-disk layout of a 'hist' ensemble (readable by ``qp.read``)."""
-    meta = h5.create_group("meta")
-    meta.create_dataset("pdf_name", data=np.array([b"hist"]))
-    meta.create_dataset("pdf_version", data=np.array([0]))
-    meta.create_dataset("bins", data=np.asarray(edges, np.float64)[None, :])
-    h5.create_group("data").create_dataset("pdfs", data=np.asarray(probs, np.float64))
-    group = h5.create_group("ancil")
-    for key, value in ancil.items():
-        group.create_dataset(key, data=value)
+class QpHdf5Writer:
+    """qp's on-disk layout of a 'hist' ensemble (readable by ``qp.read``), written in appended blocks.
+
+    Only valid rows enter the ensemble; rejected ids and errors go to the
+    ``rejected_ids`` / ``rejected_errors`` attributes (JSON lists).
+    """
+
+    def __init__(self, h5: Any, edges: np.ndarray, model: ModelInfo, include_pdf: bool = True) -> None:
+        self.h5, self.include_pdf = h5, include_pdf
+        self.rejected_ids: list[str] = []
+        self.rejected_errors: list[str] = []
+        meta = h5.create_group("meta")
+        meta.create_dataset("pdf_name", data=np.array([b"hist"]))
+        meta.create_dataset("pdf_version", data=np.array([0]))
+        meta.create_dataset("bins", data=np.asarray(edges, np.float64)[None, :])
+        h5.attrs.update({"model_name": model.name, "model_version": model.version, "model_sha256": model.sha256})
+        self.n_bins = len(edges) - 1 if include_pdf else 0
+        self.pdfs = h5.create_group("data").create_dataset("pdfs", shape=(0, self.n_bins), maxshape=(None, self.n_bins),
+                                                          dtype=np.float64, chunks=(4096, max(1, self.n_bins)))
+        self.ancil = h5.create_group("ancil")
+
+    def append(self, rows: ResultRows) -> int:
+        """Add the valid rows; returns how many."""
+        v = rows.valid
+        ancil = {"ids": _utf8([i for i, ok in zip(rows.ids, v) if ok]),
+                 **{key: rows.estimates[key][v] for key in ESTIMATES},
+                 "flags": _utf8([f for f, ok in zip(rows.flags, v) if ok])}
+        _append(self.pdfs, rows.probs[v].astype(np.float64) if self.include_pdf else np.zeros((int(v.sum()), 0)))
+        for key, value in ancil.items():
+            if key not in self.ancil:
+                self.ancil.create_dataset(key, shape=(0,), maxshape=(None,), dtype=value.dtype, chunks=(4096,))
+            dataset = self.ancil[key]
+            if value.dtype.kind == "S" and value.dtype.itemsize > dataset.dtype.itemsize:
+                dataset = _widen(self.ancil, key, value.dtype)
+            _append(dataset, value)
+        self.rejected_ids += [i for i, ok in zip(rows.ids, v) if not ok]
+        self.rejected_errors += [e for e, ok in zip(rows.errors, v) if not ok]
+        return int(v.sum())
+
+    def close(self) -> None:
+        if self.rejected_ids:
+            self.h5.attrs["rejected_ids"] = json.dumps(self.rejected_ids, ensure_ascii=False)
+            self.h5.attrs["rejected_errors"] = json.dumps(self.rejected_errors, ensure_ascii=False)
+
+
+def _append(dataset: Any, values: np.ndarray) -> None:
+    start = dataset.shape[0]
+    dataset.resize(start + len(values), axis=0)
+    dataset[start:] = values
+
+
+def _widen(group: Any, key: str, dtype: np.dtype) -> Any:
+    """A fixed-width string data set re-made with a wider dtype (a later block has longer strings)."""
+    old = group[key][...]
+    del group[key]
+    return group.create_dataset(key, data=old.astype(dtype), maxshape=(None,), chunks=(4096,))
 
 
 def to_hdf5(results: Results, include_pdf: bool) -> bytes:
@@ -141,17 +282,56 @@ def to_hdf5(results: Results, include_pdf: bool) -> bytes:
 
     buffer = io.BytesIO()
     with h5py.File(buffer, "w") as h5:
-        ids = np.asarray(results.ids)[results.valid].astype("S")
-        ancil = {"ids": ids, **results.estimates,
-                 "flags": np.array([",".join(f) for f in results.flags], dtype="S")}
-        probs = results.probs if include_pdf else np.zeros((len(ids), 0))
-        write_qp_hdf5(h5, results.bundle.metadata.bins.edges, probs, ancil)
-        info = results.model_info()
-        h5.attrs.update({"model_name": info["name"], "model_version": info["version"], "model_sha256": info["sha256"]})
-        if (~results.valid).any():
-            h5.attrs["rejected_ids"] = json.dumps([results.ids[i] for i in np.flatnonzero(~results.valid)])
-            h5.attrs["rejected_errors"] = json.dumps([p for p in results.problems if p])
+        writer = QpHdf5Writer(h5, results.bundle.metadata.bins.edges, results.model_info(), include_pdf)
+        writer.append(results.rows())
+        writer.close()
     return buffer.getvalue()
 
 
-ENCODERS = {JSON_TYPE: to_json, FITS_TYPE: to_fits, HDF5_TYPE: to_hdf5}
+def parquet_table(rows: ResultRows, edges: np.ndarray, model: ModelInfo) -> Any:
+    """A pyarrow Table, one row per object; the bin edges and model in the schema metadata."""
+    import pyarrow as pa
+
+    table = pa.table({"id": rows.ids, "valid": rows.valid, "error": rows.errors,
+                      **{key: rows.estimates[key] for key in ESTIMATES}, "flags": rows.flags,
+                      "pdf": pa.FixedSizeListArray.from_arrays(pa.array(rows.probs.ravel()), rows.probs.shape[1])})
+    meta = {b"photoz": json.dumps({"z_bin_edges": [float(e) for e in edges], "model": model.as_dict()}).encode()}
+    return table.replace_schema_metadata(meta)
+
+
+def write_table(parts: list[ResultRows] | Any, out: Path, fmt: str, edges: np.ndarray, model: ModelInfo) -> int:
+    """Write an iterable of row blocks as one table (FITS, Parquet or qp HDF5), atomically; returns the rows.
+
+    Parquet and HDF5 stream block by block; FITS holds the table in memory.
+    """
+    tmp = out.with_name(out.name + ".tmp")
+    n = 0
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        writer = None
+        for rows in parts:
+            table = parquet_table(rows, edges, model)
+            writer = writer or pq.ParquetWriter(tmp, table.schema)
+            writer.write_table(table)
+            n += len(rows)
+        if writer is not None:
+            writer.close()
+    elif fmt == "hdf5":
+        import h5py
+
+        with h5py.File(tmp, "w") as h5:
+            qp = QpHdf5Writer(h5, edges, model)
+            n = sum(qp.append(rows) for rows in parts)
+            qp.close()
+    elif fmt == "fits":
+        rows = ResultRows.concatenate(list(parts))
+        fits_hdus(rows, edges, model).writeto(tmp, overwrite=True)
+        n = len(rows)
+    else:
+        raise ValueError(f"unknown table format {fmt!r}: one of {', '.join(sorted(set(TABLE_SUFFIXES.values())))}")
+    tmp.replace(out)
+    return n
+
+
+ENCODERS: dict[str, Callable[[Results, bool], bytes]] = {JSON_TYPE: to_json, FITS_TYPE: to_fits, HDF5_TYPE: to_hdf5}

@@ -56,6 +56,17 @@ REQUIRED_NESTED: dict[str, tuple[str, ...]] = {
 REQUIRED_DATASET_FIELDS = ("name", "provenance", "n_objects")
 
 
+#: File name of the shipped default bundle inside ``photoz.model``'s ``bundles/`` folder.
+DEFAULT_BUNDLE_NAME = "photoz-sdss-sim.onnx"
+
+
+def default_bundle_path() -> Path:
+    """Where the shipped default bundle is installed (found as package data, wherever photoz is installed)."""
+    from importlib.resources import files
+
+    return Path(str(files("photoz.model").joinpath("bundles", DEFAULT_BUNDLE_NAME)))
+
+
 class BundleError(ValueError):
     """A model bundle that cannot be used, with every reason found."""
 

@@ -15,6 +15,21 @@ BANDS: tuple[str, ...] = ("u", "g", "r", "i", "z")
 #: Cutout side length, pixels.
 CUTOUT_SIZE_PIXELS: int = 64
 
+#: Axis of the bands in a cutout stack: channel first (N, bands, S, S) is the canonical
+#: layout; channel last (N, S, S, bands) is the layout of Pasquet et al.'s data.
+CHANNEL_FIRST_AXIS, CHANNEL_LAST_AXIS = 1, 3
+
+
+def stack_band_axis(shape: tuple[int, ...], n_bands: int = len(BANDS), size: int = CUTOUT_SIZE_PIXELS) -> int | None:
+    """Which axis of a stack of shape (N, ., ., .) holds the bands (found by its length), or None."""
+    if len(shape) != 4:
+        return None
+    if shape[1] == n_bands and shape[2:] == (size, size):
+        return CHANNEL_FIRST_AXIS
+    if shape[3] == n_bands and shape[1:3] == (size, size):
+        return CHANNEL_LAST_AXIS
+    return None
+
 #: SDSS pixel scale, arcsec per pixel.
 PIXEL_SCALE_ARCSEC: float = 0.396
 

@@ -98,6 +98,28 @@ def quantile(pdfs, bins: RedshiftBins, q: float) -> np.ndarray:
     return bins.edges[upper - 1] + frac * bins.widths[upper - 1]
 
 
+#: The point estimates of :func:`point_estimates`, in the order every output lists them.
+ESTIMATES: tuple[str, ...] = ("z_mean", "z_median", "z_mode", "z_std", "z_lo68", "z_hi68", "z_lo95", "z_hi95")
+
+#: Flag of a PDF that may extend beyond the grid: at least ``EDGE_PROBABILITY`` of it
+#: lies in the top ``EDGE_BINS`` bins.
+GRID_EDGE_FLAG = "pdf_at_grid_edge"
+EDGE_PROBABILITY, EDGE_BINS = 0.1, 5
+
+
+def at_grid_edge(pdfs: np.ndarray) -> np.ndarray:
+    """Boolean per row: the PDF may extend beyond the top of the grid (NaN rows: False)."""
+    pdfs = np.asarray(pdfs)
+    if pdfs.ndim != 2 or pdfs.shape[0] == 0:
+        return np.zeros(pdfs.shape[0] if pdfs.ndim else 0, bool)
+    return np.asarray(np.nan_to_num(pdfs[:, -EDGE_BINS:]).sum(axis=1) >= EDGE_PROBABILITY)
+
+
+def pdf_flags(pdfs: np.ndarray) -> list[list[str]]:
+    """The flags of each PDF (today only :data:`GRID_EDGE_FLAG`)."""
+    return [[GRID_EDGE_FLAG] if edge else [] for edge in at_grid_edge(pdfs)]
+
+
 def point_estimates(pdfs, bins: RedshiftBins) -> dict[str, np.ndarray]:
     """Mean, median, mode, standard deviation and 68%/95% central intervals.
 

@@ -25,10 +25,12 @@ def _add_summary(sub) -> None:
 
 def _add_room_commands(sub) -> None:
     """Subcommands defined next to the code they run (their modules import only argparse)."""
+    from photoz.pipeline import cli as pipeline_cli
     from photoz.service import cli as service_cli
     from photoz.training import cli as training_cli
 
     training_cli.register(sub)
+    pipeline_cli.register(sub)
     service_cli.register(sub)
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from photoz.formats.inputs import band_from_header
 from photoz.model.conventions import BANDS, CUTOUT_SIZE_PIXELS, NANOMAGGY_JANSKY, NANOMAGGY_ZEROPOINT_MAG, PIXEL_SCALE_ARCSEC
 
 REFERENCE_BAND = "r"
@@ -98,20 +99,6 @@ def _image_hdu(hdul, path):
         if getattr(hdu, "data", None) is not None and hdu.is_image and np.asarray(hdu.data).ndim == 2:
             return hdu
     raise CutoutError(f"{path}: no 2-D image HDU (expected one calibrated image per band)")
-
-
-def band_from_header(header, bands: tuple[str, ...] = BANDS) -> str | None:
-    """The band named by FILTER or BAND: the whole value ('r') or its one band-named token ('SDSS r', 'r.MP9601', 'HSC-R')."""
-    for key in ("FILTER", "BAND"):
-        value = str(header.get(key, "")).strip().lower()
-        if not value:
-            continue
-        if value in bands:
-            return value
-        tokens = {t for t in re.split(r"[\s._\-/]+", value) if t in bands}
-        if len(tokens) == 1:
-            return tokens.pop()
-    return None
 
 
 def read_band_image(path: str | Path, band: str | None = None, unit: str | None = None,
@@ -305,9 +292,11 @@ def make_cutouts(image_args: list[str], catalogue: str | Path, out: str | Path, 
         log("  no E(B-V) column in the catalogue: using 0 (give --ebv-col; e.g. SFD values from the survey)")
         cat["ebv"] = np.zeros(len(cat["ra"]), np.float32)
     cutouts, x, y, near_edge = cut(stack, wcs, cat["ra"], cat["dec"], size)
-    out = Path(out)
+    out = Path(out) if str(out).lower().endswith(".npz") else Path(f"{out}.npz")  # what np.savez would write
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, images=cutouts, ebv=cat["ebv"], ids=cat["ids"], ra=cat["ra"], dec=cat["dec"], x=x, y=y,
+    tmp = out.with_name(out.name + ".tmp.npz")
+    np.savez(tmp, images=cutouts, ebv=cat["ebv"], ids=cat["ids"], ra=cat["ra"], dec=cat["dec"], x=x, y=y,
              near_edge=near_edge, bands=np.asarray(bands))
+    tmp.replace(out)  # the cutouts file exists only once complete
     return {"out": str(out), "objects": len(cutouts), "near_edge": int(near_edge.sum()),
             "grid_pixel_scale_arcsec": pixel_scale_arcsec(wcs), "notes": notes}

@@ -1,13 +1,15 @@
-"""``photoz predict``: the service's model over files, offline (no HTTP), resumable.
+"""``photoz predict``: a bundle over files, offline, resumable, the service's numbers.
 
 Inputs: FITS / .npy / .npz files, directories of them, or HDF5 data sets
 (``images`` + optional ``ebv``, ``ids``). Objects are numbered in input order
 and processed in chunks of ``chunk_size``; each finished chunk is saved under
 ``OUT.parts/``, so an interrupted run resumes without redoing finished
-chunks. Reading the next chunk overlaps with inference of the current one.
-The same decoders and engine as the service are used, so the numbers are
-the service's numbers. Output: one table (FITS, Parquet, or a qp-readable
-HDF5 file) with ids, validity, point estimates, flags and PDFs.
+chunks (the manifest records every input's size and modification time: a
+changed input starts the run afresh rather than mixing old and new rows).
+Reading the next chunk overlaps with inference of the current one. The
+decoders, engine and table writers are the service's (``photoz.formats``,
+``photoz.model.runtime``), so the numbers are the service's numbers. The
+model runs here, on a running service (``url``), or on Dask workers.
 """
 from __future__ import annotations
 
@@ -15,22 +17,22 @@ import functools
 import json
 import queue
 import shutil
-import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from photoz.model.bundle import load_bundle
-from photoz.model.runtime import OnnxPredictor
-from photoz.formats.inputs import Geometry, canonical_stack, decode, ebv_vector, flag_non_finite, kind_for_filename
-from photoz.formats.results import EDGE_BINS, EDGE_PROBABILITY, ESTIMATES, write_qp_hdf5
+from photoz.formats.errors import InputError
+from photoz.formats.inputs import Cutouts, Geometry, canonical_stack, decode, flag_non_finite, kind_for_suffix
+from photoz.formats.results import TABLE_SUFFIXES, ResultRows, write_table
+from photoz.pipeline.engines import Engine, LocalEngine, open_engine
+from photoz.progress import Progress
 
-FILE_SUFFIXES = (".fits", ".fit", ".fts", ".fz", ".npy", ".npz", ".h5", ".hdf5")
-#: qp.read takes ".hdf5" for h5py files (".h5" means pandas HDF5 to it), hence no ".h5" here.
-OUTPUT_FORMATS = {".fits": "fits", ".fit": "fits", ".parquet": "parquet", ".hdf5": "hdf5"}
+
+class InputFileError(ValueError):
+    """An input file that cannot be read, named with what is wrong with it."""
 
 
 @dataclass
@@ -40,53 +42,79 @@ class Source:
     path: Path
     n: int
 
-    def read(self, start: int, stop: int, geometry: Geometry):
-        suffix = self.path.suffix.lower()
-        if suffix in (".h5", ".hdf5"):
+    @property
+    def kind(self) -> str | None:
+        return kind_for_suffix(self.path.name)
+
+    def read(self, start: int, stop: int, geometry: Geometry) -> Cutouts:
+        """Objects [start, stop) as cutouts; an E(B-V) that is not a finite value in 0-10 mag is that
+        object's problem, like non-finite pixels."""
+        try:
+            images, ebv, ids = self._read(start, stop, geometry)
+        except InputError:
+            raise
+        except Exception as exc:  # h5py, numpy and astropy raise many kinds for damaged files
+            raise InputFileError(f"{self.path}: unreadable {self.kind or 'input'} file ({exc})") from None
+        n = images.shape[0]
+        ids = ids if ids is not None else [f"{self.path.name}:{i}" for i in range(start, start + n)]
+        ebv = np.zeros(n) if ebv is None else np.asarray(ebv, np.float64).reshape(-1)
+        if ebv.shape != (n,):
+            raise InputFileError(f"{self.path}: {ebv.size} E(B-V) values for {n} cutouts")
+        problems = flag_non_finite(images, geometry.bands)
+        bad_ebv = ~(np.isfinite(ebv) & (ebv >= 0) & (ebv <= 10))
+        for i in np.flatnonzero(bad_ebv):
+            problems[i] = "; ".join(filter(None, [problems[i], f"E(B-V) {ebv[i]} is not a finite value in 0-10 mag"]))
+        return Cutouts(images, np.where(bad_ebv, 0, ebv).astype(np.float32), ids, problems)
+
+    def _read(self, start: int, stop: int, geometry: Geometry) -> tuple[np.ndarray, Any, list[str] | None]:
+        if self.kind == "hdf5":
             import h5py
 
             with h5py.File(self.path, "r") as h5:
-                images = canonical_stack(h5["images"][start:stop], geometry, f"{self.path.name}[images]")
+                images = canonical_stack(h5["images"][start:stop], geometry, f"{self.path}[images]")
                 ebv = h5["ebv"][start:stop] if "ebv" in h5 else None
-                ids = [i.decode() if isinstance(i, bytes) else str(i) for i in h5["ids"][start:stop]] \
+                ids = [i.decode("utf-8") if isinstance(i, bytes) else str(i) for i in h5["ids"][start:stop]] \
                     if "ids" in h5 else None
-        elif suffix == ".npy":
+            return images, ebv, ids
+        if self.kind == "npy":
             array = np.load(self.path, mmap_mode="r", allow_pickle=False)
-            images = canonical_stack(array if array.ndim == 3 else array[start:stop], geometry, self.path.name)
-            ebv, ids = None, None
-        else:
-            cut = _decoded_file(self.path, geometry)
-            images, ebv, ids = cut.images[start:stop], cut.ebv[start:stop], cut.ids[start:stop]
-        n = images.shape[0]
-        ids = ids if ids is not None else [f"{self.path.name}:{i}" for i in range(start, start + n)]
-        return images, ebv_vector(ebv, n, f"{self.path.name}[ebv]"), ids
+            return canonical_stack(array if array.ndim == 3 else array[start:stop], geometry, str(self.path)), None, None
+        cut = _decoded_file(self.path, geometry)
+        return cut.images[start:stop], cut.ebv[start:stop], cut.ids[start:stop]
 
 
 def count_objects(path: Path, geometry: Geometry) -> int:
-    suffix = path.suffix.lower()
-    if suffix in (".h5", ".hdf5"):
-        import h5py
+    """How many cutouts a file holds, reading no more than its header where the format allows."""
+    kind = kind_for_suffix(path.name)
+    try:
+        if kind == "hdf5":
+            import h5py
 
-        with h5py.File(path, "r") as h5:
-            return int(h5["images"].shape[0])
-    if suffix == ".npy":
-        shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
-        return 1 if len(shape) == 3 else int(shape[0])
-    return len(_decoded_file(path, geometry))
+            with h5py.File(path, "r") as h5:
+                return int(h5["images"].shape[0])
+        if kind == "npy":
+            shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+            return 1 if len(shape) == 3 else int(shape[0])
+        return len(_decoded_file(path, geometry))
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputFileError(f"{path}: unreadable {kind or 'input'} file ({exc})") from None
 
 
 @functools.lru_cache(maxsize=1)
-def _decoded_file(path: Path, geometry: Geometry):
+def _decoded_file(path: Path, geometry: Geometry) -> Cutouts:
     """A whole FITS/.npz file, decoded once: counting it and reading its chunks reuse it
     (one file held at a time, so memory stays bounded by the largest file)."""
-    return decode(path.read_bytes(), kind_for_filename(path.name, None), geometry, field=path.name)
+    return decode(path.read_bytes(), kind_for_suffix(path.name) or "sniff", geometry, field=str(path))
 
 
 def find_sources(inputs: list[str | Path], geometry: Geometry) -> list[Source]:
+    """Every input file (directories searched recursively for known suffixes), in a stable order."""
     paths = []
     for item in map(Path, inputs):
         if item.is_dir():
-            paths += sorted(p for p in item.rglob("*") if p.suffix.lower() in FILE_SUFFIXES and p.is_file())
+            paths += sorted(p for p in item.rglob("*") if p.is_file() and kind_for_suffix(p.name) not in (None, "json"))
         elif item.is_file():
             paths.append(item)
         else:
@@ -96,9 +124,16 @@ def find_sources(inputs: list[str | Path], geometry: Geometry) -> list[Source]:
     return [Source(p, count_objects(p, geometry)) for p in paths]
 
 
-def chunk_plan(sources: list[Source], chunk_size: int) -> list[list[tuple[Source, int, int]]]:
+Plan = list[list[tuple[Source, int, int]]]
+
+
+def chunk_plan(sources: list[Source], chunk_size: int) -> Plan:
     """Object ranges per chunk: chunk k holds objects [k * chunk_size, (k + 1) * chunk_size) of all inputs."""
-    chunks, current, room = [], [], chunk_size
+    if chunk_size < 1:
+        raise ValueError(f"chunk size must be at least 1, got {chunk_size}")
+    chunks: Plan = []
+    current: list[tuple[Source, int, int]] = []
+    room = chunk_size
     for src in sources:
         start = 0
         while start < src.n:
@@ -114,123 +149,121 @@ def chunk_plan(sources: list[Source], chunk_size: int) -> list[list[tuple[Source
     return chunks
 
 
-def _read_chunk(plan, geometry):
-    parts = [src.read(a, b, geometry) for src, a, b in plan]
-    images = np.concatenate([p[0] for p in parts])
-    return images, np.concatenate([p[1] for p in parts]), [i for p in parts for i in p[2]]
+def _read_chunk(plan: list[tuple[Source, int, int]], geometry: Geometry) -> Cutouts:
+    from photoz.formats.inputs import concatenate
+
+    return concatenate([src.read(a, b, geometry) for src, a, b in plan])
 
 
-class _LocalEngine:
-    def __init__(self, bundle_path, providers: str, batch_size: int, threads: int = 0):
-        self.bundle = load_bundle(bundle_path)
-        self.predictor = OnnxPredictor(self.bundle, providers, intra_op_threads=threads)
-        self.batch_size = batch_size
-
-    def run(self, images, ebv):
-        outs = [self.predictor.predict_with_estimates(images[i:i + self.batch_size], ebv[i:i + self.batch_size])
-                for i in range(0, len(images), self.batch_size)]
-        return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+def _signature(sources: list[Source], chunk_size: int, engine: Engine) -> dict[str, Any]:
+    """What a finished chunk depends on: each input's path, size, modification time and count; the model."""
+    files = [{"path": str(s.path.resolve()), "bytes": s.path.stat().st_size, "mtime_ns": s.path.stat().st_mtime_ns,
+              "objects": s.n} for s in sources]
+    return {"inputs": files, "chunk_size": chunk_size, "model": engine.model.as_dict()}
 
 
-class _RemoteEngine:
-    """The same work sent to a running service through the Python client."""
+def predict_files(inputs: list[str | Path], out: str | Path, model: str | Path | None = None, url: str | None = None,
+                  api_key: str | None = None, providers: str = "auto", chunk_size: int = 4096, batch_size: int = 64,
+                  progress: bool = True, dask: str | None = None, keep_parts: bool = False) -> dict[str, Any]:
+    """Run a model over files into one table.
 
-    def __init__(self, url: str, api_key: str | None):
-        from photoz.service.client import PhotozClient
+    Parameters
+    ----------
+    inputs : list of path
+        FITS, .npy, .npz or HDF5 files, or directories of them (searched recursively).
+    out : path
+        The table to write: ``.fits``, ``.parquet`` or ``.hdf5`` (qp-readable).
+    model : path, optional
+        The bundle to run here (or on the Dask workers).
+    url, api_key : str, optional
+        Send the work to a running photoz service instead.
+    providers : str
+        ONNX Runtime providers for a local model: auto, tensorrt, cuda or cpu.
+    chunk_size : int
+        Objects per resumable chunk (>= 1).
+    batch_size : int
+        Cutouts per model call (>= 1).
+    progress : bool
+        Report progress on stderr.
+    dask : str, optional
+        ``"local:N"`` (N single-threaded local worker processes) or a scheduler address: chunks run
+        there, each worker loading the bundle once.
+    keep_parts : bool
+        Keep the per-chunk files and their manifest in ``OUT.parts/``.
 
-        self.client = PhotozClient(url, api_key=api_key)
-
-    def run(self, images, ebv):
-        res = self.client.predict(images, ebv=ebv, ids=[str(i) for i in range(len(images))])
-        self.bins = res.bins
-        self.model = res.model
-        order = np.array([int(i) for i in res.ids], dtype=int)
-        return {"probs": res.pdfs, **res.estimates, "_rows": order}
-
-
-def predict_files(inputs, out, model=None, url=None, api_key=None, providers="auto", chunk_size=4096,
-                  batch_size=64, progress=True, dask: str | None = None, keep_parts: bool = False) -> dict:
-    """Run the model over ``inputs`` into the table ``out``; returns a summary dict.
-
-    ``dask``: ``"local:N"`` (a LocalCluster of N single-threaded worker
-    processes) or a scheduler address; chunks are then the partitions, each
-    worker loads the bundle once. ``keep_parts`` keeps the per-chunk files
-    and their manifest beside the table.
+    Returns
+    -------
+    dict
+        ``objects`` (inputs), ``written`` (table rows), ``out``, ``format`` and ``model``.
     """
     if dask and url:
         raise ValueError("--dask and --url are two different routes: choose one")
+    if chunk_size < 1 or batch_size < 1:
+        raise ValueError(f"chunk size and batch size must be at least 1, got {chunk_size} and {batch_size}")
     out = Path(out)
-    fmt = OUTPUT_FORMATS.get(out.suffix.lower())
+    fmt = TABLE_SUFFIXES.get(out.suffix.lower())
     if fmt is None:
         raise ValueError(f"output must end in .fits, .parquet or .hdf5 (qp-readable), got {out.name}")
-    engine = _RemoteEngine(url, api_key) if url else _LocalEngine(model, providers, batch_size)
-    if url:
-        info = engine.client.models()["models"][0]
-        geometry = Geometry(tuple(info["bands"]), info["cutout_size_pixels"])
-        bins = np.asarray(_edges_from(info["metadata"]["redshift_bins"]))
-        model_info = {"name": info["name"], "version": info["version"], "sha256": info["sha256"]}
-    else:
-        md = engine.bundle.metadata
-        geometry, bins = Geometry(md.bands, md.cutout_size), md.bins.edges
-        model_info = {"name": md.name, "version": md.version, "sha256": engine.bundle.sha256}
-    sources = find_sources(inputs, geometry)
+    engine = open_engine(model, url, api_key, providers, batch_size)
+    sources = find_sources(inputs, engine.geometry)
     plan = chunk_plan(sources, chunk_size)
     parts_dir = out.with_name(out.name + ".parts")
     manifest_path = parts_dir / "manifest.json"
-    signature = {"inputs": [str(s.path) for s in sources], "counts": [s.n for s in sources],
-                 "chunk_size": chunk_size, "model": model_info}
+    signature = _signature(sources, chunk_size, engine)
     if manifest_path.exists() and json.loads(manifest_path.read_text())["signature"] != signature:
-        raise RuntimeError(f"{parts_dir} holds a run with other inputs or model: remove it to start afresh")
+        raise RuntimeError(f"{parts_dir} holds a run over other inputs (or changed files) or another model: "
+                           "remove it to start afresh")
     parts_dir.mkdir(parents=True, exist_ok=True)
     manifest_path.write_text(json.dumps({"signature": signature}))
-    todo = [k for k in range(len(plan)) if not (parts_dir / f"chunk-{k:06d}.npz").exists()]
+    todo = [k for k in range(len(plan)) if not _part(parts_dir, k).exists()]
     total = sum(s.n for s in sources)
-    bar = _Progress(total, total - sum(sum(b - a for _, a, b in plan[k]) for k in todo), progress)
-
-    if dask:
-        _run_on_dask(dask, Path(model).resolve(), providers, batch_size, plan, todo, geometry, len(bins) - 1,
-                     parts_dir.resolve(), bar)
-    else:
-        _run_local(engine, plan, todo, geometry, len(bins) - 1, parts_dir, bar)
-    bar.close()
-    n_written = write_table(sorted(parts_dir.glob("chunk-*.npz")), out, fmt, bins, model_info)
+    done = total - sum(b - a for k in todo for _, a, b in plan[k])
+    with Progress(total, done, "predict", "objects", progress) as bar:
+        if dask:
+            if model is None:
+                raise ValueError("--dask needs a model bundle")
+            _run_on_dask(dask, Path(model).resolve(), providers, batch_size, plan, todo, engine, parts_dir.resolve(),
+                         bar)
+        else:
+            _run_here(engine, plan, todo, parts_dir, bar)
+    parts = sorted(parts_dir.glob("chunk-*.npz"))
+    n_written = write_table((ResultRows.load(p) for p in parts), out, fmt, engine.edges, engine.model)
     if keep_parts:
-        manifest = json.loads(manifest_path.read_text())
-        manifest["parts"] = [p.name for p in sorted(parts_dir.glob("chunk-*.npz"))]
-        manifest_path.write_text(json.dumps(manifest, indent=1))
+        manifest_path.write_text(json.dumps({"signature": signature, "parts": [p.name for p in parts]}, indent=1))
     else:
         shutil.rmtree(parts_dir)
-    return {"objects": total, "written": n_written, "out": str(out), "format": fmt, "model": model_info}
+    return {"objects": total, "written": n_written, "out": str(out), "format": fmt, "model": engine.model.as_dict()}
 
 
-def process_chunk(engine, plan_k, geometry: Geometry, n_bins: int, parts_dir: Path, k: int, data=None) -> int:
-    """Predict one chunk and save it as ``chunk-K.npz``; returns its number of objects."""
-    images, ebv, ids = data if data is not None else _read_chunk(plan_k, geometry)
-    problems = flag_non_finite(images, geometry.bands)
-    valid = np.array([p is None for p in problems])
-    result = {"probs": np.full((len(ids), n_bins), np.nan, np.float32),
-              **{key: np.full(len(ids), np.nan) for key in ESTIMATES}}
-    if valid.any():
-        outputs = engine.run(images[valid], ebv[valid])
-        rows = outputs.pop("_rows", None)
-        rows = np.flatnonzero(valid) if rows is None else np.flatnonzero(valid)[rows]
-        result["probs"][rows] = outputs["probs"]
-        for key in ESTIMATES:
-            result[key][rows] = outputs[key]
-    tmp = parts_dir / f"unfinished-{k:06d}.npz"
-    np.savez(tmp, ids=np.asarray(ids), valid=valid, errors=np.asarray([p or "" for p in problems]), **result)
-    tmp.replace(parts_dir / f"chunk-{k:06d}.npz")  # a chunk file exists only once complete
-    return len(ids)
+def _part(parts_dir: Path, k: int) -> Path:
+    return parts_dir / f"chunk-{k:06d}.npz"
 
 
-def _run_local(engine, plan, todo, geometry, n_bins, parts_dir, bar) -> None:
+def process_chunk(engine: Engine, plan_k: list[tuple[Source, int, int]], parts_dir: Path, k: int,
+                  data: Cutouts | None = None) -> int:
+    """Predict one chunk and save it as ``chunk-K.npz`` (atomically); returns its number of objects."""
+    cutouts = data if data is not None else _read_chunk(plan_k, engine.geometry)
+    rows = ResultRows.empty(cutouts.ids, cutouts.problems, len(engine.edges) - 1)
+    if rows.valid.any():
+        valid = np.flatnonzero(rows.valid)
+        outputs = engine.run(cutouts.images[valid], cutouts.ebv[valid])
+        rows.fill(valid, outputs)
+        refused = valid[~np.isfinite(outputs["probs"]).all(axis=1)]  # a service may refuse what we passed
+        rows.valid[refused] = False
+        for i in refused:
+            rows.errors[i] = "no PDF: refused by the service, or non-finite model output"
+    rows.save(_part(parts_dir, k))
+    return len(rows)
+
+
+def _run_here(engine: Engine, plan: Plan, todo: list[int], parts_dir: Path, bar: Progress) -> None:
     """Reading and decoding run one chunk ahead of inference, in a thread."""
-    ready: queue.Queue = queue.Queue(maxsize=2)
+    ready: queue.Queue[tuple[int | None, Any]] = queue.Queue(maxsize=2)
 
-    def reader():
+    def reader() -> None:
         try:
             for k in todo:
-                ready.put((k, _read_chunk(plan[k], geometry)))
+                ready.put((k, _read_chunk(plan[k], engine.geometry)))
         except BaseException as exc:  # handed to the main thread
             ready.put((None, exc))
         ready.put((None, None))
@@ -242,24 +275,26 @@ def _run_local(engine, plan, todo, geometry, n_bins, parts_dir, bar) -> None:
             if isinstance(item, BaseException):
                 raise item
             return
-        bar.update(process_chunk(engine, plan[k], geometry, n_bins, parts_dir, k, data=item))
+        bar.update(process_chunk(engine, plan[k], parts_dir, k, data=item))
 
 
-_WORKER_ENGINES: dict = {}
+_WORKER_ENGINES: dict[tuple[str, str, int], LocalEngine] = {}
 
 
-def _dask_task(model, providers, batch_size, plan_k, geometry, n_bins, parts_dir, k) -> int:
+def _dask_task(model: str, providers: str, batch_size: int, plan_k: list[tuple[Source, int, int]],
+               parts_dir: str, k: int) -> int:
     """One partition on a Dask worker; the bundle is loaded once per worker process."""
     from distributed import get_worker
 
-    key = (str(model), providers, batch_size)
+    key = (model, providers, batch_size)
     if key not in _WORKER_ENGINES:
         # as many ORT threads as the worker has task threads: workers sharing a machine do not oversubscribe it
-        _WORKER_ENGINES[key] = _LocalEngine(model, providers, batch_size, threads=get_worker().state.nthreads)
-    return process_chunk(_WORKER_ENGINES[key], plan_k, geometry, n_bins, Path(parts_dir), k)
+        _WORKER_ENGINES[key] = LocalEngine(model, providers, batch_size, threads=get_worker().state.nthreads)
+    return process_chunk(_WORKER_ENGINES[key], plan_k, Path(parts_dir), k)
 
 
-def _run_on_dask(address, model, providers, batch_size, plan, todo, geometry, n_bins, parts_dir, bar) -> None:
+def _run_on_dask(address: str, model: Path, providers: str, batch_size: int, plan: Plan, todo: list[int],
+                 engine: Engine, parts_dir: Path, bar: Progress) -> None:
     from dask.distributed import Client, LocalCluster, as_completed
 
     if address.startswith("local:"):
@@ -269,119 +304,11 @@ def _run_on_dask(address, model, providers, batch_size, plan, todo, geometry, n_
     else:
         cluster, client = None, Client(address)
     try:
-        futures = [client.submit(_dask_task, str(model), providers, batch_size, plan[k], geometry, n_bins,
-                                 str(parts_dir), k, pure=False) for k in todo]
+        futures = [client.submit(_dask_task, str(model), providers, batch_size, plan[k], str(parts_dir), k,
+                                 pure=False) for k in todo]
         for future in as_completed(futures):
             bar.update(future.result())
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
-
-
-def _edges_from(doc: dict):
-    from photoz.model.pdf import RedshiftBins
-
-    return RedshiftBins.from_metadata(doc).edges
-
-
-def _flags(probs: np.ndarray) -> np.ndarray:
-    at_edge = np.nan_to_num(probs[:, -EDGE_BINS:]).sum(axis=1) >= EDGE_PROBABILITY
-    return np.where(at_edge, "pdf_at_grid_edge", "")
-
-
-def write_table(parts: list[Path], out: Path, fmt: str, bins: np.ndarray, model_info: dict) -> int:
-    """Assemble chunk files into the output table, streaming for Parquet and HDF5."""
-    tmp = out.with_name(out.name + ".tmp")
-    n = 0
-    if fmt == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        writer = None
-        for part in parts:
-            d = np.load(part, allow_pickle=False)
-            table = pa.table({"id": d["ids"].astype(str), "valid": d["valid"], "error": d["errors"].astype(str),
-                              **{k: d[k] for k in ESTIMATES}, "flags": _flags(d["probs"]),
-                              "pdf": pa.FixedSizeListArray.from_arrays(pa.array(d["probs"].ravel()), d["probs"].shape[1])})
-            if writer is None:
-                meta = {b"photoz": json.dumps({"z_bin_edges": list(map(float, bins)), "model": model_info}).encode()}
-                writer = pq.ParquetWriter(tmp, table.schema.with_metadata(meta))
-            writer.write_table(table)
-            n += len(d["ids"])
-        writer.close()
-    elif fmt == "hdf5":
-        import h5py
-
-        with h5py.File(tmp, "w") as h5:
-            first = True
-            rejected = []
-            for part in parts:
-                d = np.load(part, allow_pickle=False)
-                v = d["valid"]
-                rejected += [(i, e) for i, e in zip(d["ids"][~v].astype(str), d["errors"][~v].astype(str))]
-                ancil = {"ids": d["ids"][v].astype("S"), **{k: d[k][v] for k in ESTIMATES},
-                         "flags": _flags(d["probs"][v]).astype("S")}
-                if first:
-                    write_qp_hdf5(h5, bins, d["probs"][v], ancil)
-                    for ds in [h5["data/pdfs"], *h5["ancil"].values()]:
-                        _make_extendable(h5, ds)
-                    first = False
-                else:
-                    _append(h5["data/pdfs"], d["probs"][v])
-                    for key, value in ancil.items():
-                        _append(h5["ancil"][key], value)
-                n += int(v.sum())
-            h5.attrs.update({"model_name": model_info["name"], "model_version": model_info["version"],
-                             "model_sha256": model_info["sha256"], "rejected": json.dumps(rejected)})
-    else:
-        from astropy.table import Table, vstack
-
-        tables = []
-        for part in parts:
-            d = np.load(part, allow_pickle=False)
-            tables.append(Table({"ID": d["ids"].astype(str), "VALID": d["valid"], "ERROR": d["errors"].astype(str),
-                                 **{k.upper(): d[k] for k in ESTIMATES}, "FLAGS": _flags(d["probs"]),
-                                 "PDF": d["probs"]}))
-        table = vstack(tables)
-        table.meta.update({"MODEL": model_info["name"], "MODELVER": model_info["version"]})
-        n = len(table)
-        from astropy.io import fits
-
-        hdus = fits.HDUList([fits.PrimaryHDU(), fits.table_to_hdu(table),
-                             fits.BinTableHDU.from_columns([fits.Column("Z_EDGES", "D", array=bins)], name="BINS")])
-        hdus[1].name = "PHOTOZ"
-        hdus.writeto(tmp, overwrite=True)
-    tmp.replace(out)
-    return n
-
-
-def _make_extendable(h5, ds) -> None:
-    name, data, dtype = ds.name, ds[...], ds.dtype
-    del h5[name]
-    h5.create_dataset(name, data=data, maxshape=(None,) + data.shape[1:], dtype=dtype,
-                      chunks=(max(1, min(4096, len(data))),) + data.shape[1:])
-
-
-def _append(ds, values) -> None:
-    start = ds.shape[0]
-    ds.resize(start + len(values), axis=0)
-    ds[start:] = values
-
-
-class _Progress:
-    def __init__(self, total: int, done: int, enabled: bool):
-        self.total, self.done, self.enabled = total, done, enabled
-        self.start, self.base = time.perf_counter(), done
-
-    def update(self, k: int) -> None:
-        self.done += k
-        if self.enabled:
-            rate = (self.done - self.base) / max(time.perf_counter() - self.start, 1e-9)
-            sys.stderr.write(f"\rpredict: {self.done}/{self.total} objects, {rate:.0f} objects/s")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-

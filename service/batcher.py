@@ -23,19 +23,8 @@ from typing import Callable
 
 import numpy as np
 
-
-class QueueFull(RuntimeError):
-    def __init__(self, queued: int, capacity: int, retry_after_s: float):
-        super().__init__(f"queue holds {queued} of {capacity} cutouts; retry in {retry_after_s:.0f} s")
-        self.retry_after_s = retry_after_s
-
-
-class DeadlineExceeded(RuntimeError):
-    pass
-
-
-class Draining(RuntimeError):
-    pass
+from photoz.formats.errors import InputError
+from photoz.service.errors import DeadlineExceeded, Draining, QueueFull
 
 
 @dataclass
@@ -95,6 +84,9 @@ class Batcher:
         n = images.shape[0]
         if not self.accepting:
             raise Draining("the server is shutting down")
+        if n > self.max_queue_objects:  # could never fit: retrying cannot help
+            raise InputError("body", f"at most {self.max_queue_objects} cutouts per request (the queue's capacity; "
+                             "split larger stacks)", f"{n} cutouts", status=413, title="request too large")
         if self._queued + n > self.max_queue_objects:
             wait = max(1.0, (self._queued + n) * self._seconds_per_object)
             raise QueueFull(self._queued, self.max_queue_objects, wait)

@@ -14,54 +14,6 @@ def _serve(args) -> int:
     return serve(Settings.from_env(**overrides))
 
 
-def _model_or_default(model):
-    """The bundle a command runs: the one named, else the shipped default."""
-    if model:
-        return model
-    from photoz.service.settings import DEFAULT_MODEL
-
-    return DEFAULT_MODEL
-
-
-def _predict(args) -> int:
-    from photoz.pipeline.predict import predict_files
-
-    model = args.model if args.url else _model_or_default(args.model)
-    summary = predict_files(args.inputs, args.out, model=model, url=args.url, api_key=args.api_key,
-                            providers=args.providers, chunk_size=args.chunk_size, batch_size=args.batch_size,
-                            progress=not args.quiet, dask=args.dask, keep_parts=args.keep_parts)
-    print(f"{summary['out']}: {summary['written']} rows ({summary['objects']} objects) "
-          f"by {summary['model']['name']} {summary['model']['version']}")
-    return 0
-
-
-def _cutouts(args) -> int:
-    import sys
-
-    from photoz.pipeline.cutouts import CutoutError, make_cutouts, parse_band_options
-
-    args.model = _model_or_default(args.model)
-    try:
-        summary = make_cutouts(args.image, args.catalogue, args.out, model=args.model, ra_col=args.ra_col,
-                               dec_col=args.dec_col, id_col=args.id_col, ebv_col=args.ebv_col,
-                               units=parse_band_options(args.unit, "unit"),
-                               zero_points={b: float(v) for b, v in parse_band_options(args.zero_point,
-                                                                                      "zero-point").items()})
-    except CutoutError as exc:
-        print(f"photoz cutouts: {exc}", file=sys.stderr)
-        return 2
-    print(f"{summary['out']}: {summary['objects']} cutouts, {summary['near_edge']} too near an edge "
-          f"(NaN beyond the field; predict reports them without a PDF)")
-    if args.predict:
-        from photoz.pipeline.predict import predict_files
-
-        result = predict_files([summary["out"]], args.predict, model=None if args.url else args.model,
-                               url=args.url, api_key=args.api_key, providers=args.providers,
-                               progress=not args.quiet)
-        print(f"{result['out']}: {result['written']} rows by {result['model']['name']} {result['model']['version']}")
-    return 0
-
-
 def _missing_serving_packages(reason: str) -> int:
     import sys
 
@@ -75,50 +27,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     except ImportError as exc:  # a training-only environment without the serving packages
         missing = str(exc)
         Settings = None
-    p = sub.add_parser("predict", help="run a bundle offline over files or directories into one table",
-                       description="Photo-z for every cutout in FITS/.npy/.npz files, directories of them, or HDF5 "
-                                   "data sets. Resumable: finished chunks are kept in OUT.parts/ until the end.")
-    p.add_argument("inputs", nargs="+", help="files or directories")
-    p.add_argument("--out", required=True, help="output table: .fits, .parquet or .hdf5 (qp-readable)")
-    p.add_argument("--model", default=None, help="bundle (default: the shipped one)")
-    p.add_argument("--url", default=None, help="send the work to a running service instead")
-    p.add_argument("--api-key", default=None)
-    p.add_argument("--providers", default="auto", help="auto | tensorrt | cuda | cpu")
-    p.add_argument("--chunk-size", type=int, default=4096, help="objects per resumable chunk")
-    p.add_argument("--batch-size", type=int, default=64, help="cutouts per model call")
-    p.add_argument("--dask", default=None, metavar="SCHEDULER",
-                   help="run the chunks on Dask: local:N for N local worker processes, or a scheduler address")
-    p.add_argument("--keep-parts", action="store_true", help="keep the per-chunk files and manifest in OUT.parts/")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_predict)
-
-    p = sub.add_parser("cutouts", help="cut bundle-sized cutouts from calibrated field images at catalogue positions",
-                       description="One calibrated FITS image per band (WCS; pixels in nanomaggies, a flux density "
-                                   "BUNIT, or counts with NMGY or a zero point) and a catalogue of RA/Dec (FITS, CSV "
-                                   "or Parquet) -> an .npz of cutouts aligned to the r-band WCS, ready for "
-                                   "`photoz predict` (or straight to a photo-z table with --predict).")
-    p.add_argument("--image", action="append", required=True, metavar="[BAND=]PATH",
-                   help="one per band; the band comes from BAND= or the FITS FILTER/BAND header")
-    p.add_argument("--catalogue", required=True, help="FITS, CSV or Parquet table with RA/Dec in degrees")
-    p.add_argument("--out", required=True, help="output .npz (images, ebv, ids, ra, dec, x, y, near_edge)")
-    p.add_argument("--model", default=None, help="bundle whose bands, cutout size and pixel scale to use "
-                                                 "(default: the shipped one)")
-    p.add_argument("--ra-col", default=None)
-    p.add_argument("--dec-col", default=None)
-    p.add_argument("--id-col", default=None)
-    p.add_argument("--ebv-col", default=None, help="Galactic E(B-V) column (0 when absent)")
-    p.add_argument("--unit", action="append", metavar="BAND=UNIT",
-                   help="override a band's pixel unit (nanomaggy, maggy, Jy, uJy, nJy, ...)")
-    p.add_argument("--zero-point", action="append", metavar="BAND=MAG",
-                   help="AB magnitude of one pixel unit of a band (for images in counts)")
-    p.add_argument("--predict", default=None, metavar="TABLE",
-                   help="then run photoz predict on the cutouts into TABLE (.fits, .parquet or .hdf5)")
-    p.add_argument("--providers", default="auto", help="with --predict: auto | tensorrt | cuda | cpu")
-    p.add_argument("--url", default=None, help="with --predict: send the cutouts to a running service instead")
-    p.add_argument("--api-key", default=None)
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_cutouts)
-
     if Settings is None:
         p = sub.add_parser("serve", help="serve a model bundle over HTTP (needs the serving packages)")
         p.set_defaults(func=lambda _args: _missing_serving_packages(missing))

@@ -21,9 +21,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from photoz.formats.inputs import KIND_MEDIA_TYPES, kind_for_suffix
+
 RETRY_STATUSES = (429, 503)
-CONTENT_TYPES = {".fits": "application/fits", ".fit": "application/fits", ".fz": "application/fits",
-                 ".npy": "application/x-npy", ".npz": "application/x-npz"}
 
 
 class PhotozError(RuntimeError):
@@ -139,7 +139,7 @@ class PhotozClient:
         return jobs
 
     def _file_job(self, path: Path, prefix: bool, pdf: bool):
-        content_type = CONTENT_TYPES.get(path.suffix.lower(), "application/octet-stream")
+        content_type = KIND_MEDIA_TYPES.get(kind_for_suffix(path.name) or "", "application/octet-stream")
         return lambda: self._post(path.read_bytes(), content_type, pdf, f"{path.name}:" if prefix else "")
 
     def _post(self, body: bytes, content_type: str, pdf: bool, id_prefix: str = "") -> PhotozResults:

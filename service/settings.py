@@ -6,7 +6,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, field_validator
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "model" / "bundles" / "photoz-sdss-sim.onnx"
+from photoz.model.bundle import default_bundle_path
+
+DEFAULT_MODEL = default_bundle_path()
 
 
 class Settings(BaseModel):

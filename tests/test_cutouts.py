@@ -10,7 +10,7 @@ from photoz.model.pdf import point_estimates
 from photoz.model.runtime import OnnxPredictor
 from photoz.cli import main as photoz
 from photoz.pipeline.cutouts import CutoutError, cut, make_cutouts, nanomaggies_per_unit, read_catalogue
-from photoz.service.settings import DEFAULT_MODEL
+from photoz.model.bundle import default_bundle_path
 from photoz.training.sim.field import render_field
 
 FRAMES = [f"frame-{b}.fits" for b in "ugriz"]
@@ -18,7 +18,7 @@ FRAMES = [f"frame-{b}.fits" for b in "ugriz"]
 
 @pytest.fixture(scope="module")
 def shipped():
-    bundle = load_bundle(DEFAULT_MODEL)
+    bundle = load_bundle(default_bundle_path())
     return bundle, OnnxPredictor(bundle, providers="cpu")
 
 
@@ -118,14 +118,19 @@ def test_other_pixel_scale_and_rotation_are_resampled_onto_the_bundle_grid(tmp_p
     assert {xc, yc} <= {31, 32}
 
 
-def test_band_from_filter_headers():
-    from photoz.pipeline.cutouts import band_from_header
+def test_band_from_headers_one_rule_for_uploads_and_field_images():
+    from photoz.formats.inputs import band_from_header
+    from photoz.model.conventions import BANDS
 
-    for value, band in (("r", "r"), ("SDSS r", "r"), ("r.MP9601", "r"), ("HSC-G", "g"), ("z_DECam", "z"),
-                        ("Y", None), ("g r", None)):
-        assert band_from_header(fits.Header({"FILTER": value})) == band, value
-    assert band_from_header(fits.Header({"BAND": "i"})) == "i"
-    assert band_from_header(fits.Header({})) is None
+    for value, band in (("r", "r"), ("R", "r"), ("SDSS r", "r"), ("r.MP9601", "r"), ("HSC-G", "g"),
+                        ("z_DECam", "z"), ("IMAGE_I", "i"), ("Y", None), ("g r", None), ("g-r", None)):
+        assert band_from_header(fits.Header({"FILTER": value}), BANDS) == band, value
+    assert band_from_header(fits.Header({"BAND": "i"}), BANDS) == "i"
+    assert band_from_header(fits.Header({"EXTNAME": "u"}), BANDS) == "u"
+    # FILTER is read first; a value that names no band falls through to the next keyword
+    assert band_from_header(fits.Header({"FILTER": "g", "EXTNAME": "r"}), BANDS) == "g"
+    assert band_from_header(fits.Header({"FILTER": "open", "EXTNAME": "r"}), BANDS) == "r"
+    assert band_from_header(fits.Header({}), BANDS) is None
 
 
 def test_catalogue_formats_and_errors(tmp_path):

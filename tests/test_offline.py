@@ -1,4 +1,5 @@
 """photoz predict: offline over files, resumable, same numbers as the engine and the service."""
+import json
 import subprocess
 import sys
 
@@ -57,7 +58,8 @@ def test_parquet_and_qp_hdf5_outputs(inputs, tiny_bundle, tmp_path):
     ens = qp.read(str(tmp_path / "o.hdf5"))
     assert ens.npdf == 9  # the invalid cutout is listed in the file's attributes, not in the ensemble
     with h5py.File(tmp_path / "o.hdf5") as h5:
-        assert "c2" in h5.attrs["rejected"]
+        assert json.loads(h5.attrs["rejected_ids"]) == ["c2"]
+        assert "band u" in json.loads(h5.attrs["rejected_errors"])[0]
 
 
 def test_hdf5_dataset_input_and_resume_skips_finished_chunks(tiny_bundle, tmp_path, rng, monkeypatch):
@@ -65,10 +67,10 @@ def test_hdf5_dataset_input_and_resume_skips_finished_chunks(tiny_bundle, tmp_pa
     images = sky_cutouts(rng, 12)
     with h5py.File(data, "w") as h5:
         h5["images"], h5["ebv"] = images, np.full(12, 0.02, np.float32)
-    import photoz.pipeline.predict as offline
+    from photoz.pipeline.engines import LocalEngine
 
     calls = []
-    original = offline._LocalEngine.run
+    original = LocalEngine.run
 
     def failing_run(self, im, e):
         calls.append(len(im))
@@ -76,7 +78,7 @@ def test_hdf5_dataset_input_and_resume_skips_finished_chunks(tiny_bundle, tmp_pa
             raise KeyboardInterrupt("simulated interruption")
         return original(self, im, e)
 
-    monkeypatch.setattr(offline._LocalEngine, "run", failing_run)
+    monkeypatch.setattr(LocalEngine, "run", failing_run)
     with pytest.raises(KeyboardInterrupt):
         predict_files([data], tmp_path / "r.fits", model=tiny_bundle, chunk_size=4, progress=False)
     assert len(list((tmp_path / "r.fits.parts").glob("chunk-*.npz"))) == 2
@@ -129,5 +131,5 @@ def test_dask_local_cluster_of_two_workers_gives_the_single_process_table(inputs
             np.testing.assert_array_equal(np.asarray(a[name]), np.asarray(b[name]))
         else:
             assert list(a[name]) == list(b[name])
-    manifest = __import__("json").loads((tmp_path / "dask.fits.parts" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "dask.fits.parts" / "manifest.json").read_text())
     assert len(manifest["parts"]) == 4 and manifest["signature"]["chunk_size"] == 3

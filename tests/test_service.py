@@ -389,15 +389,15 @@ def test_api_key_auth(tiny_bundle, tmp_path, rng):
         srv.stop()
 
 
-def test_overload_is_429_with_retry_after_immediately(tiny_bundle, tmp_path, rng):
+def test_request_beyond_the_queue_capacity_is_413_stating_the_maximum(tiny_bundle, tmp_path, rng):
+    """A request that could never fit gets 413 naming the maximum (a 429 would invite endless retries)."""
     from photoz.service.live import LiveServer
 
     srv = LiveServer(tiny_bundle, tmp_path / "queue.log", max_queue_objects=16, max_batch_size=4)
     try:
         response = post(srv, npy_bytes(sky_cutouts(rng, 20)))
-        assert response.status_code == 429
-        assert int(response.headers["retry-after"]) >= 1
-        assert "queue holds 0 of 16 cutouts" in response.json()["detail"]
+        assert response.status_code == 413 and "retry-after" not in response.headers
+        assert "at most 16 cutouts" in response.json()["expected"] and response.json()["received"] == "20 cutouts"
         assert post(srv, npy_bytes(sky_cutouts(rng, 16))).status_code == 200
     finally:
         srv.stop()

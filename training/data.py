@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from photoz.model.conventions import BANDS, CHANNEL_LAST_AXIS, stack_band_axis
+
 
 class DataFormatError(ValueError):
     pass
@@ -33,14 +35,16 @@ def inspect(path: str | Path) -> dict:
             if key not in h5:
                 raise DataFormatError(f"{path}: missing dataset '{key}' (need images (N,5,64,64) and z (N,))")
         shape = h5["images"].shape
-        if len(shape) != 4 or 5 not in (shape[1], shape[3]):
-            raise DataFormatError(f"{path}: images must be (N, 5, S, S) or (N, S, S, 5), got {shape}")
+        axis = stack_band_axis(shape, len(BANDS), shape[2] if len(shape) == 4 and shape[2] == shape[3] else shape[1])
+        if axis is None:
+            nb = len(BANDS)
+            raise DataFormatError(f"{path}: images must be (N, {nb}, S, S) or (N, S, S, {nb}), got {shape}")
         if h5["z"].shape != (shape[0],):
             raise DataFormatError(f"{path}: z has shape {h5['z'].shape}, images hold {shape[0]} objects")
         attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in h5.attrs.items()}
         return {
             "n": shape[0],
-            "channel_last": shape[1] != 5,
+            "channel_last": axis == CHANNEL_LAST_AXIS,
             "has_ebv": "ebv" in h5,
             "name": Path(path).name,
             "provenance": str(attrs.get("provenance", "user data set")),

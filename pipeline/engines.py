@@ -1,0 +1,87 @@
+"""Where the pipeline's inference runs: a local ONNX Runtime session or a running photoz service.
+
+Both engines answer the same questions (which geometry, which bins, which
+model) and take the same call, so ``photoz predict`` has one route whatever
+runs the model::
+
+    engine = open_engine(model="bundle.onnx")          # or open_engine(url="http://gpu-host:8000")
+    outputs = engine.run(images, ebv)                  # probs + point estimates, row-aligned, NaN if refused
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from photoz.formats.inputs import Geometry
+from photoz.formats.results import ModelInfo
+from photoz.model.bundle import load_bundle
+from photoz.model.pdf import ESTIMATES, RedshiftBins
+from photoz.model.runtime import OnnxPredictor
+
+
+class Engine(Protocol):
+    """What ``photoz predict`` needs of whatever runs the model."""
+
+    geometry: Geometry
+    edges: np.ndarray
+    model: ModelInfo
+
+    def run(self, images: np.ndarray, ebv: np.ndarray) -> dict[str, np.ndarray]:
+        """``probs`` (N, n_bins) and every point estimate (N,), row-aligned with ``images``."""
+        ...
+
+
+class LocalEngine:
+    """A bundle in this process, run in batches of ``batch_size``."""
+
+    def __init__(self, bundle_path: str | Path, providers: str = "auto", batch_size: int = 64,
+                 threads: int = 0) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, got {batch_size}")
+        bundle = load_bundle(bundle_path)
+        self.predictor = OnnxPredictor(bundle, providers, intra_op_threads=threads)
+        self.batch_size = batch_size
+        md = bundle.metadata
+        self.geometry, self.edges, self.model = Geometry(md.bands, md.cutout_size), md.bins.edges, ModelInfo.of(bundle)
+
+    def run(self, images: np.ndarray, ebv: np.ndarray) -> dict[str, np.ndarray]:
+        step = self.batch_size
+        outs = [self.predictor.predict_with_estimates(images[i:i + step], ebv[i:i + step])
+                for i in range(0, len(images), step)]
+        return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+
+class RemoteEngine:
+    """The same work sent to a running service through the Python client."""
+
+    def __init__(self, url: str, api_key: str | None = None) -> None:
+        from photoz.service.client import PhotozClient
+
+        self.client = PhotozClient(url, api_key=api_key)
+        info = self.client.models()["models"][0]
+        self.geometry = Geometry(tuple(info["bands"]), info["cutout_size_pixels"])
+        self.edges = RedshiftBins.from_metadata(info["metadata"]["redshift_bins"]).edges
+        self.model = ModelInfo(info["name"], info["version"], info["sha256"])
+
+    def run(self, images: np.ndarray, ebv: np.ndarray) -> dict[str, np.ndarray]:
+        n = len(images)
+        res = self.client.predict(images, ebv=ebv, ids=[str(i) for i in range(n)])
+        rows = np.array([int(i) for i in res.ids], dtype=int)  # objects the service refused are absent
+        out = {"probs": np.full((n, len(self.edges) - 1), np.nan, np.float32),
+               **{key: np.full(n, np.nan) for key in ESTIMATES}}
+        out["probs"][rows] = res.pdfs
+        for key in ESTIMATES:
+            out[key][rows] = res.estimates[key]
+        return out
+
+
+def open_engine(model: str | Path | None = None, url: str | None = None, api_key: str | None = None,
+                providers: str = "auto", batch_size: int = 64) -> LocalEngine | RemoteEngine:
+    """A :class:`RemoteEngine` when ``url`` is given, else a :class:`LocalEngine` on ``model``."""
+    if url:
+        return RemoteEngine(url, api_key)
+    if model is None:
+        raise ValueError("give a model bundle or the url of a running service")
+    return LocalEngine(model, providers, batch_size)

@@ -1,0 +1,88 @@
+"""The serving engine of one process: the bundle, its ONNX Runtime sessions, metrics and the batcher.
+
+``start()`` loads and validates the bundle, opens the sessions (a second,
+all-core CPU session for batches that run alone), runs every batch-size
+bucket once so the first requests pay no set-up cost, and starts the
+batcher; ``stop()`` drains the queue (up to the drain timeout) and stops it.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import numpy as np
+
+from photoz.formats.inputs import Geometry
+from photoz.model.bundle import Bundle, load_bundle
+from photoz.model.runtime import OnnxPredictor
+from photoz.service.batcher import Batcher
+from photoz.service.metrics import Metrics
+from photoz.service.settings import Settings
+
+log = logging.getLogger("photoz.service")
+
+
+def warm_up(predictor: OnnxPredictor, max_batch_size: int) -> list[int]:
+    """Run each batch-size bucket once so the first real requests pay no set-up cost."""
+    md = predictor.metadata
+    sizes = sorted({min(2**k, max_batch_size) for k in range(max_batch_size.bit_length() + 1)})
+    for n in sizes:
+        predictor.predict(np.zeros((n, len(md.bands), md.cutout_size, md.cutout_size), np.float32),
+                          np.zeros(n, np.float32))
+    return sizes
+
+
+class ServingEngine:
+    """Everything a request needs besides HTTP: ``bundle``, ``geometry``, ``batcher``, ``metrics``, ``provider``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.bundle: Bundle = load_bundle(settings.model)
+        md = self.bundle.metadata
+        self.geometry = Geometry(md.bands, md.cutout_size)
+        self.predictor = OnnxPredictor(self.bundle, settings.providers, settings.threads_per_batch,
+                                       settings.inter_op_threads, allow_spinning=False)
+        self.metrics = Metrics(settings.max_batch_size)
+        self.solo = self._solo_predictor()
+        self.batcher = Batcher(self.predictor.predict_with_estimates, settings.max_batch_size,
+                               settings.max_queue_delay_ms / 1000, settings.max_queue_objects,
+                               settings.inference_workers, self.metrics.batch_stats(),
+                               infer_alone=self.solo.predict_with_estimates if self.solo is not None else None)
+        self._log_loaded()
+
+    @property
+    def provider(self) -> str:
+        return self.predictor.provider
+
+    def _solo_predictor(self) -> OnnxPredictor | None:
+        """On a CPU, a second session on the same bundle for lone batches (a GPU needs none: one batch fills it)."""
+        s = self.settings
+        if self.provider != "CPUExecutionProvider" or s.threads_when_alone <= s.threads_per_batch:
+            return None
+        return OnnxPredictor(self.bundle, "cpu", s.threads_when_alone, s.inter_op_threads, allow_spinning=False)
+
+    def _log_loaded(self) -> None:
+        import onnxruntime as ort
+
+        md, s = self.bundle.metadata, self.settings
+        log.info("model %s %s (sha256 %s) loaded from %s", md.name, md.version, self.bundle.sha256[:12], s.model)
+        log.info("execution provider: %s (requested %r; this onnxruntime offers %s)", self.provider,
+                 s.providers, ", ".join(ort.get_available_providers()))
+        if s.providers != "cpu" and self.provider == "CPUExecutionProvider":
+            log.warning("no GPU execution provider is usable here: falling back to CPUExecutionProvider")
+
+    async def start(self) -> None:
+        s = self.settings
+        if s.warmup:
+            for engine in filter(None, (self.predictor, self.solo)):
+                sizes = await asyncio.to_thread(warm_up, engine, s.max_batch_size)
+            log.info("warmed up batch sizes %s", sizes)
+        self.batcher.start()
+        log.info("ready: max_batch_size=%d max_queue_delay_ms=%g inference_workers=%d threads_per_batch=%d "
+                 "threads_when_alone=%s", s.max_batch_size, s.max_queue_delay_ms, s.inference_workers,
+                 s.threads_per_batch, s.threads_when_alone if self.solo is not None else "-")
+
+    async def stop(self) -> None:
+        await self.batcher.drain(self.settings.drain_timeout_s)
+        await self.batcher.close()
+        log.info("drained and stopped")

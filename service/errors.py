@@ -1,0 +1,97 @@
+"""Every error the service answers with, mapped to its HTTP status in one place.
+
+Client mistakes are :class:`~photoz.formats.errors.InputError` (4xx, naming the
+field, what was expected and what arrived); the service's own refusals are
+:class:`ServiceError` subclasses (401, 429, 503, 504). :func:`problem_for`
+turns any exception into an RFC 9457 problem document: Starlette's HTTP
+errors keep their status, and anything unexpected is a 500 that carries a
+request id and no internals (the traceback goes to the log under that id).
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+
+from photoz.formats.errors import InputError
+
+log = logging.getLogger("photoz.service")
+
+PROBLEM_TYPE = "application/problem+json"
+
+
+class ServiceError(Exception):
+    """A refusal by the service itself: ``status``, ``title`` and the headers that go with it."""
+
+    status = 500
+    title = "error"
+
+    def headers(self) -> dict[str, str] | None:
+        return None
+
+
+class Unauthorized(ServiceError):
+    status, title = 401, "unauthorized"
+
+    def __init__(self) -> None:
+        super().__init__("a valid API key is required: Authorization: Bearer <key>")
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class QueueFull(ServiceError):
+    status, title = 429, "overloaded"
+
+    def __init__(self, queued: int, capacity: int, retry_after_s: float) -> None:
+        super().__init__(f"queue holds {queued} of {capacity} cutouts; retry in {retry_after_s:.0f} s")
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": f"{self.retry_after_s:.0f}"}
+
+
+class Draining(ServiceError):
+    status, title = 503, "unavailable"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "5"}
+
+
+class DeadlineExceeded(ServiceError):
+    status, title = 504, "deadline exceeded"
+
+
+def problem_response(status: int, title: str, detail: str, headers: dict[str, str] | None = None,
+                     **extra: Any) -> JSONResponse:
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra}
+    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_TYPE)
+
+
+def validation_problem(errors: list[Any], prefix: tuple[str, ...] = ()) -> JSONResponse:
+    """422 naming the first invalid field, what it expects and what arrived."""
+    first = errors[0] if errors else {}
+    where = ".".join(str(x) for x in (*prefix, *first.get("loc", ()))) or "request"
+    return problem_response(422, "invalid request", f"{where}: {first.get('msg', 'invalid')}",
+                            field=where, expected=first.get("msg", ""), received=repr(first.get("input"))[:200])
+
+
+def problem_for(exc: BaseException) -> JSONResponse:
+    """The response for any exception a request raised."""
+    if isinstance(exc, InputError):
+        return JSONResponse(exc.problem(), status_code=exc.status, media_type=PROBLEM_TYPE)
+    if isinstance(exc, ServiceError):
+        return problem_response(exc.status, exc.title, str(exc), exc.headers())
+    if isinstance(exc, ValidationError):
+        return validation_problem(exc.errors(), ("query",))
+    if isinstance(exc, HTTPException):  # Starlette's own (e.g. a malformed multipart body: 400)
+        return problem_response(exc.status_code, "bad request" if exc.status_code == 400 else "error",
+                                str(exc.detail), dict(exc.headers) if exc.headers else None)
+    request_id = uuid.uuid4().hex[:16]
+    log.error("request %s failed", request_id, exc_info=(type(exc), exc, exc.__traceback__))
+    return problem_response(500, "internal error", f"the server failed on this request (request id {request_id})",
+                            request_id=request_id)
