@@ -8,16 +8,19 @@ ARG VARIANT=cpu
 WORKDIR /src
 RUN python3 -m venv /opt/photoz
 COPY pyproject.toml README.md LICENSE ./
+# the repository's folders, installed as one package: photoz, photoz.model, photoz.formats, ...
 COPY photoz ./photoz
 COPY model ./model
+COPY formats ./formats
 COPY service ./service
+COPY pipeline ./pipeline
 COPY training ./training
 RUN /opt/photoz/bin/pip install --no-cache-dir . \
  && if [ "$VARIANT" = "gpu" ]; then \
       /opt/photoz/bin/pip uninstall -y onnxruntime \
       && /opt/photoz/bin/pip install --no-cache-dir "onnxruntime-gpu[cuda,cudnn]>=1.20"; \
     fi \
- && /opt/photoz/bin/python -c "import model.bundle, service.app"
+ && /opt/photoz/bin/python -c "import photoz.model.bundle, photoz.service.app, photoz.pipeline.predict"
 
 FROM ${BASE_IMAGE} AS runtime
 ARG VARIANT=cpu

@@ -6,7 +6,7 @@ MODEL  ?= model/bundles/photoz-sdss-sim.onnx
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: serve test install install-dev ship docker-test clean
+.PHONY: serve test lint install install-dev ship docker-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,16 +30,26 @@ serve: $(VENV)/.serve-installed
 	@test -f $(MODEL) || { echo "No model bundle at $(MODEL): train and export one (see README, 'Train on your own data') or set MODEL=path.onnx"; exit 1; }
 	$(BIN)/photoz serve --model $(MODEL) --host $(HOST) --port $(PORT)
 
-test: $(VENV)/.dev-installed
+test: lint
 	$(BIN)/python -m pytest -q
+
+# ruff (lint + import order) over the repository; mypy --strict over photoz.model and photoz.service. mypy cannot
+# follow setuptools' editable import hook, so it reads the photoz namespace from a tree of links to the folders.
+TYPECHECK := build/typecheck
+lint: $(VENV)/.dev-installed
+	$(BIN)/ruff check .
+	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/photoz
+	ln -s $(CURDIR)/photoz/*.py $(TYPECHECK)/photoz/
+	for room in model formats service pipeline training; do ln -s $(CURDIR)/$$room $(TYPECHECK)/photoz/$$room; done
+	MYPYPATH=$(TYPECHECK) $(BIN)/mypy -p photoz.model -p photoz.service
 
 # Build the CPU image with buildah from a debootstrap base (no Docker engine needed) and smoke-test it;
 # DOCKER_GPU=1 also builds and checks the CUDA image.
 docker-test: $(VENV)/.dev-installed
-	$(BIN)/python tests/docker_smoke.py $(if $(DOCKER_GPU),--gpu,)
+	$(BIN)/python -m tests.e2e.docker_smoke $(if $(DOCKER_GPU),--gpu,)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache build
 
 # Evaluate the best checkpoint of RUN on the held-out set, export it as the shipped bundle, write its card.
 RUN      ?= runs/default

@@ -12,12 +12,9 @@ import argparse
 import base64
 import io
 import os
-import sys
-from pathlib import Path
 
 import litserve as ls
 import numpy as np
-
 
 from photoz.model.bundle import load_bundle  # noqa: E402
 from photoz.model.pdf import point_estimates  # noqa: E402

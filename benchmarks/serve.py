@@ -168,7 +168,8 @@ def start_litserve(bundle: Path, max_batch_size: int, log: Path) -> tuple[subpro
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "benchmarks.litserve_peer", "--model", str(bundle),
                              "--port", str(port), "--max-batch-size", str(max_batch_size)], cwd=ROOT,
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=log.open("w"), stderr=subprocess.STDOUT,  # noqa: SIM115 (the child's)
+                            start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -199,12 +200,14 @@ def main(argv=None) -> int:
     bundle = args.model or export_random_bundle(work / "bench.onnx")
 
     rng = np.random.default_rng(1)
-    single, many = rng.normal(0, 0.05, (5, 64, 64)).astype(np.float32), rng.normal(0, 0.05, (256, 5, 64, 64)).astype(np.float32)
+    single = rng.normal(0, 0.05, (5, 64, 64)).astype(np.float32)
+    many = rng.normal(0, 0.05, (256, 5, 64, 64)).astype(np.float32)
     for name, array in (("single.npy", single), ("batch256.npy", many)):
         buffer = io.BytesIO()
         np.save(buffer, array)
         (work / name).write_bytes(buffer.getvalue())
-    (work / "single.json").write_text(json.dumps({"npy": base64.b64encode((work / "single.npy").read_bytes()).decode()}))
+    single_b64 = base64.b64encode((work / "single.npy").read_bytes()).decode()
+    (work / "single.json").write_text(json.dumps({"npy": single_b64}))
 
     print("offline engine throughput (ONNX Runtime, CPU), scanning arrangements and batch sizes ...", flush=True)
     offline = Offline(bundle)
@@ -216,7 +219,8 @@ def main(argv=None) -> int:
         before = offline.measure(best_arrangement, best_size, args.offline_seconds)
         row = run()
         after = offline.measure(best_arrangement, best_size, args.offline_seconds)
-        row.update(offline_before=before, offline_after=after, ratio_to_offline=row["cutouts_per_s"] / max(before, after))
+        row.update(offline_before=before, offline_after=after,
+                   ratio_to_offline=row["cutouts_per_s"] / max(before, after))
         print(f"  {row['cutouts_per_s']:.0f} cutouts/s, offline {before:.0f} / {after:.0f}: "
               f"x{row['ratio_to_offline']:.2f}", flush=True)
         return row
@@ -228,8 +232,8 @@ def main(argv=None) -> int:
     try:
         for c in conns:
             print(f"photoz, {c} connections ...", flush=True)
-            rows.append(bracketed(lambda: run_load("photoz", server.url + "/v1/predict", work / "single.npy",
-                                                   "application/x-npy", c, args.duration, 1, server.url)))
+            rows.append(bracketed(lambda c=c: run_load("photoz", server.url + "/v1/predict", work / "single.npy",
+                                                       "application/x-npy", c, args.duration, 1, server.url)))
         print("photoz, requests of 256 cutouts ...", flush=True)
         # long enough for many 256-cutout requests (each takes about a second)
         rows.append(bracketed(lambda: run_load("photoz", server.url + "/v1/predict", work / "batch256.npy",
@@ -241,8 +245,8 @@ def main(argv=None) -> int:
         try:
             for c in conns:
                 print(f"LitServe, {c} connections ...", flush=True)
-                rows.append(bracketed(lambda: run_load("litserve", url + "/predict", work / "single.json",
-                                                       "application/json", c, args.duration, 1)))
+                rows.append(bracketed(lambda c=c: run_load("litserve", url + "/predict", work / "single.json",
+                                                           "application/json", c, args.duration, 1)))
         finally:
             stop_group(proc)
 
@@ -253,7 +257,8 @@ def main(argv=None) -> int:
               "settings": {"max_batch_size": args.max_batch_size, "max_queue_delay_ms": args.max_queue_delay_ms,
                            "duration_s": args.duration, "offline_seconds": args.offline_seconds,
                            "load_generator": "wrk -t1"}, "rows": rows}
-    photoz32 = next((r for r in rows if r["server"] == "photoz" and r["connections"] == 32 and r["cutouts_per_request"] == 1), None)
+    photoz32 = next((r for r in rows if r["server"] == "photoz" and r["connections"] == 32
+                     and r["cutouts_per_request"] == 1), None)
     lit32 = next((r for r in rows if r["server"] == "litserve" and r["connections"] == 32), None)
     if photoz32 and lit32:
         report["photoz_over_litserve_at_32"] = photoz32["cutouts_per_s"] / lit32["cutouts_per_s"]

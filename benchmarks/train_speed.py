@@ -13,11 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -83,7 +81,7 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine()
     print(f"training step throughput on {name} (torch {torch.__version__}, "
           f"{'bf16 autocast' if cuda and not args.no_amp else 'fp32'})")
-    print(f"| variant | parameters | batch | cutouts/s | augmentation ms/batch |\n| --- | --- | --- | --- | --- |")
+    print("| variant | parameters | batch | cutouts/s | augmentation ms/batch |\n| --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['variant']} | {r['parameters']:,} | {r['batch_size']} | {r['cutouts_per_s']:.0f} "
               f"| {r['augment_ms_per_batch']:.2f} |")

@@ -10,6 +10,7 @@ import io
 import json
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +34,7 @@ class Cutouts:
     problems: list[str | None] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return self.images.shape[0]
+        return int(self.images.shape[0])
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class Geometry:
                f"or channel-last ({s}, {s}, {nb}) / (N, {s}, {s}, {nb})"
 
 
-def canonical_stack(array, geometry: Geometry, field: str) -> np.ndarray:
+def canonical_stack(array: Any, geometry: Geometry, field: str) -> np.ndarray:
     """Any accepted layout -> (N, bands, S, S) float32; the band axis is found by its length."""
     array = np.asarray(array)
     if array.dtype.kind not in "fiu":
@@ -81,11 +82,11 @@ def canonical_stack(array, geometry: Geometry, field: str) -> np.ndarray:
 def flag_non_finite(images: np.ndarray, bands: tuple[str, ...]) -> list[str | None]:
     bad = ~np.isfinite(images).all(axis=(2, 3))  # (N, bands)
     return [None if not row.any() else
-            "non-finite pixel values (NaN or inf) in band " + ", ".join(b for b, x in zip(bands, row) if x)
+            "non-finite pixel values (NaN or inf) in band " + ", ".join(b for b, x in zip(bands, row, strict=True) if x)
             for row in bad]
 
 
-def _vector(values, n: int, field: str, kind: str) -> np.ndarray:
+def _vector(values: Any, n: int, field: str, kind: str) -> np.ndarray:
     arr = np.atleast_1d(np.asarray(values))
     if arr.size == 1 and n > 1:
         arr = np.repeat(arr, n)
@@ -94,7 +95,7 @@ def _vector(values, n: int, field: str, kind: str) -> np.ndarray:
     return arr
 
 
-def ebv_vector(values, n: int, field: str = "ebv") -> np.ndarray:
+def ebv_vector(values: Any, n: int, field: str = "ebv") -> np.ndarray:
     if values is None:
         return np.zeros(n, np.float32)
     try:
@@ -108,13 +109,13 @@ def ebv_vector(values, n: int, field: str = "ebv") -> np.ndarray:
     return arr.astype(np.float32)
 
 
-def id_list(values, n: int, default_prefix: str = "") -> list[str]:
+def id_list(values: Any, n: int, default_prefix: str = "") -> list[str]:
     if values is None:
         return [f"{default_prefix}{i}" for i in range(n)]
     return [str(v) for v in _vector(values, n, "ids", "id").tolist()]
 
 
-def finish(images, geometry: Geometry, ebv, ids, field: str, id_prefix: str = "") -> Cutouts:
+def finish(images: Any, geometry: Geometry, ebv: Any, ids: Any, field: str, id_prefix: str = "") -> Cutouts:
     stack = canonical_stack(images, geometry, field)
     n = stack.shape[0]
     return Cutouts(stack, ebv_vector(ebv, n), id_list(ids, n, id_prefix), flag_non_finite(stack, geometry.bands))
@@ -122,7 +123,7 @@ def finish(images, geometry: Geometry, ebv, ids, field: str, id_prefix: str = ""
 
 # -- formats -----------------------------------------------------------------
 
-def decode_npy(body: bytes, geometry: Geometry, ebv=None, ids=None, field: str = "body") -> Cutouts:
+def decode_npy(body: bytes, geometry: Geometry, ebv: Any = None, ids: Any = None, field: str = "body") -> Cutouts:
     if not body.startswith(NPY_MAGIC):
         raise InputError(field, "a .npy file (starting with the \\x93NUMPY magic)", f"bytes {body[:8]!r}",
                          status=400, title="unreadable file")
@@ -157,7 +158,7 @@ def _npy_fast(body: bytes) -> np.ndarray | None:
     return np.frombuffer(body, dtype, count, end).reshape(shape)
 
 
-def decode_npz(body: bytes, geometry: Geometry, ebv=None, ids=None, field: str = "body") -> Cutouts:
+def decode_npz(body: bytes, geometry: Geometry, ebv: Any = None, ids: Any = None, field: str = "body") -> Cutouts:
     try:
         archive = np.load(io.BytesIO(body), allow_pickle=False)
         names = list(archive.files)
@@ -176,7 +177,7 @@ def decode_npz(body: bytes, geometry: Geometry, ebv=None, ids=None, field: str =
     return finish(images, geometry, ebv, ids, f"{field}[{key}]")
 
 
-def _header_ebv(headers) -> float | None:
+def _header_ebv(headers: list[Any]) -> float | None:
     for header in headers:
         for key in ("EBV", "E_BV", "EBMV"):
             if key in header:
@@ -184,7 +185,7 @@ def _header_ebv(headers) -> float | None:
     return None
 
 
-def band_from_header(header, bands: tuple[str, ...], keywords: tuple[str, ...] = BAND_KEYWORDS) -> str | None:
+def band_from_header(header: Any, bands: tuple[str, ...], keywords: tuple[str, ...] = BAND_KEYWORDS) -> str | None:
     """The band a FITS header names in FILTER, BAND or EXTNAME (the first keyword that names one).
 
     A value names a band when it is the band ('r', 'R') or holds exactly one
@@ -203,7 +204,7 @@ def band_from_header(header, bands: tuple[str, ...], keywords: tuple[str, ...] =
     return None
 
 
-def decode_fits(body: bytes, geometry: Geometry, ebv=None, ids=None, field: str = "body") -> Cutouts:
+def decode_fits(body: bytes, geometry: Geometry, ebv: Any = None, ids: Any = None, field: str = "body") -> Cutouts:
     from astropy.io import fits
 
     try:
@@ -229,7 +230,7 @@ def decode_fits(body: bytes, geometry: Geometry, ebv=None, ids=None, field: str 
     if cubes:
         return finish(cubes[0].data, geometry, ebv, ids, f"{field}[HDU {hdul.index_of(cubes[0])}]")
     planes = [h for h in image_hdus if h.data.ndim == 2]
-    by_band: dict[str, list] = {}
+    by_band: dict[str, list[Any]] = {}
     for h in planes:
         band = band_from_header(h.header, geometry.bands)
         if band is not None:
@@ -299,13 +300,15 @@ def kind_for_suffix(name: str) -> str | None:
     return INPUT_SUFFIXES[max(matches, key=len)] if matches else None
 
 
-def decode(body: bytes, kind: str, geometry: Geometry, ebv=None, ids=None, field: str = "body") -> Cutouts:
+def decode(body: bytes, kind: str, geometry: Geometry, ebv: Any = None, ids: Any = None,
+           field: str = "body") -> Cutouts:
     """Decode one payload of a known kind (fits, npy, npz, json, or sniff)."""
     if kind == "sniff":
-        kind = sniff(body)
-        if kind is None:
+        sniffed = sniff(body)
+        if sniffed is None:
             raise InputError(field, "a .npy, .npz or FITS file (recognised by its first bytes)",
                              f"unrecognised bytes {body[:8]!r}", status=415, title="unsupported media type")
+        kind = sniffed
     if not body:
         raise InputError(field, "a non-empty body", "0 bytes", status=422)
     if kind == "json":
@@ -331,7 +334,7 @@ def concatenate(parts: list[Cutouts]) -> Cutouts:
                    [i for p in parts for i in p.ids], [x for p in parts for x in p.problems])
 
 
-def parse_list_field(raw: str | None, field: str):
+def parse_list_field(raw: str | None, field: str) -> Any:
     """A form/query value: a JSON list, a comma-separated list, or one value."""
     if raw is None or raw == "":
         return None

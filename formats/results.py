@@ -27,7 +27,7 @@ import numpy as np
 import orjson
 
 from photoz.model.bundle import Bundle
-from photoz.model.pdf import ESTIMATES, at_grid_edge, GRID_EDGE_FLAG, pdf_flags, point_estimates
+from photoz.model.pdf import ESTIMATES, GRID_EDGE_FLAG, at_grid_edge, pdf_flags, point_estimates
 
 JSON_TYPE, FITS_TYPE, HDF5_TYPE = "application/json", "application/fits", "application/x-hdf5"
 ACCEPTED = (JSON_TYPE, FITS_TYPE, HDF5_TYPE)
@@ -85,8 +85,9 @@ class ResultRows:
     def save(self, path: Path) -> None:
         """An ``.npz`` (no pickles), written atomically: the file exists only once complete."""
         tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, ids=_utf8(self.ids), valid=self.valid, errors=_utf8(self.errors), probs=self.probs,
-                 **self.estimates)
+        arrays: dict[str, Any] = {"ids": _utf8(self.ids), "valid": self.valid, "errors": _utf8(self.errors),
+                                  "probs": self.probs, **self.estimates}
+        np.savez(tmp, **arrays)
         tmp.replace(path)
 
     @classmethod
@@ -168,7 +169,7 @@ def to_json(results: Results, include_pdf: bool) -> bytes:
         "pdf_name": "hist",
         "pdf_version": 0,
         "meta": {"bins": _bins_json(results.bundle)},
-        "ancil": {"ids": ids[results.valid].tolist(), **dict(zip(results.estimates, estimates)),
+        "ancil": {"ids": ids[results.valid].tolist(), **dict(zip(results.estimates, estimates, strict=True)),
                   "flags": results.flags},
         "rejected": [{"index": int(i), "id": results.ids[i], "error": results.problems[i]}
                      for i in np.flatnonzero(~results.valid)],
@@ -243,9 +244,9 @@ class QpHdf5Writer:
     def append(self, rows: ResultRows) -> int:
         """Add the valid rows; returns how many."""
         v = rows.valid
-        ancil = {"ids": _utf8([i for i, ok in zip(rows.ids, v) if ok]),
+        ancil = {"ids": _utf8([i for i, ok in zip(rows.ids, v, strict=True) if ok]),
                  **{key: rows.estimates[key][v] for key in ESTIMATES},
-                 "flags": _utf8([f for f, ok in zip(rows.flags, v) if ok])}
+                 "flags": _utf8([f for f, ok in zip(rows.flags, v, strict=True) if ok])}
         _append(self.pdfs, rows.probs[v].astype(np.float64) if self.include_pdf else np.zeros((int(v.sum()), 0)))
         for key, value in ancil.items():
             if key not in self.ancil:
@@ -254,8 +255,8 @@ class QpHdf5Writer:
             if value.dtype.kind == "S" and value.dtype.itemsize > dataset.dtype.itemsize:
                 dataset = _widen(self.ancil, key, value.dtype)
             _append(dataset, value)
-        self.rejected_ids += [i for i, ok in zip(rows.ids, v) if not ok]
-        self.rejected_errors += [e for e, ok in zip(rows.errors, v) if not ok]
+        self.rejected_ids += [i for i, ok in zip(rows.ids, v, strict=True) if not ok]
+        self.rejected_errors += [e for e, ok in zip(rows.errors, v, strict=True) if not ok]
         return int(v.sum())
 
     def close(self) -> None:

@@ -26,6 +26,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from photoz.model.pdf import RedshiftBins
 
@@ -64,7 +65,7 @@ def default_bundle_path() -> Path:
     """Where the shipped default bundle is installed (found as package data, wherever photoz is installed)."""
     from importlib.resources import files
 
-    return Path(str(files("photoz.model").joinpath("bundles", DEFAULT_BUNDLE_NAME)))
+    return Path(str(files("photoz.model") / "bundles" / DEFAULT_BUNDLE_NAME))
 
 
 class BundleError(ValueError):
@@ -73,7 +74,7 @@ class BundleError(ValueError):
 
 @dataclass(frozen=True)
 class BundleMetadata:
-    document: dict
+    document: dict[str, Any]
     bins: RedshiftBins
 
     @property
@@ -105,10 +106,8 @@ class BundleMetadata:
         return self.document["outputs"]["probabilities"]
 
 
-def parse_metadata(document) -> BundleMetadata:
-    """Validate a metadata document; raise :class:`BundleError` listing every problem."""
-    if not isinstance(document, dict):
-        raise BundleError(f"bundle metadata must be a JSON object, got {type(document).__name__}")
+def _structure_problems(document: dict[str, Any]) -> list[str]:
+    """Missing or mistyped fields, top-level and nested."""
     problems = []
     for key, kind in REQUIRED_FIELDS.items():
         if key not in document:
@@ -123,10 +122,21 @@ def parse_metadata(document) -> BundleMetadata:
         problems += [f"missing field 'training.dataset.{s}'" for s in REQUIRED_DATASET_FIELDS if s not in dataset]
     elif dataset is not None:
         problems.append("field 'training.dataset' must be an object")
+    return problems
+
+
+def parse_metadata(document: Any) -> BundleMetadata:
+    """Validate a metadata document; raise :class:`BundleError` listing every problem."""
+    if not isinstance(document, dict):
+        raise BundleError(f"bundle metadata must be a JSON object, got {type(document).__name__}")
+    problems = _structure_problems(document)
     if document.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
-        problems.append(f"unsupported format_version {document['format_version']} (this photoz reads {FORMAT_VERSION})")
+        problems.append(f"unsupported format_version {document['format_version']} "
+                        f"(this photoz reads {FORMAT_VERSION})")
     bands = document.get("bands")
-    if isinstance(bands, list) and (not bands or not all(isinstance(b, str) for b in bands) or len(set(bands)) != len(bands)):
+    distinct_names = isinstance(bands, list) and bool(bands) and all(isinstance(b, str) for b in bands) \
+        and len(set(bands)) == len(bands)
+    if isinstance(bands, list) and not distinct_names:
         problems.append(f"field 'bands' must be a non-empty list of distinct band names, got {bands}")
     bins = None
     if isinstance(document.get("redshift_bins"), dict):
@@ -136,10 +146,11 @@ def parse_metadata(document) -> BundleMetadata:
             problems.append(f"field 'redshift_bins' must hold 'edges' or 'z_min', 'z_max', 'n_bins': {exc!r}")
     if problems:
         raise BundleError("invalid photoz bundle metadata: " + "; ".join(problems))
+    assert bins is not None  # a dict 'redshift_bins' that did not parse is a problem above
     return BundleMetadata(document=document, bins=bins)
 
 
-def _kind_name(kind) -> str:
+def _kind_name(kind: type | tuple[type, ...]) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
     names = {int: "an integer", float: "a number", str: "a string", dict: "an object", list: "a list"}
     return " or ".join(names[k] for k in kinds)
@@ -197,7 +208,7 @@ def load_bundle(path: str | Path) -> Bundle:
     return Bundle(path=path, metadata=metadata, sha256=file_sha256(path))
 
 
-def _check_signature(session, metadata: BundleMetadata, path: Path) -> None:
+def _check_signature(session: Any, metadata: BundleMetadata, path: Path) -> None:
     inputs = {i.name: i.shape for i in session.get_inputs()}
     outputs = {o.name: o.shape for o in session.get_outputs()}
     problems = []

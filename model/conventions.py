@@ -8,6 +8,7 @@ through the bundle metadata, which is written from these values).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 #: SDSS band order: the channel order of every cutout tensor.
 BANDS: tuple[str, ...] = ("u", "g", "r", "i", "z")
@@ -74,12 +75,12 @@ DEFAULT_N_BINS: int = 180
 OUTLIER_DZ_THRESHOLD: float = 0.05
 
 
-def mag_to_nanomaggies(mag):
+def mag_to_nanomaggies(mag: Any) -> Any:
     """AB magnitude to flux in nanomaggies."""
     return 10.0 ** ((NANOMAGGY_ZEROPOINT_MAG - mag) / 2.5)
 
 
-def nanomaggies_to_mag(flux_nmgy):
+def nanomaggies_to_mag(flux_nmgy: Any) -> Any:
     """Flux in nanomaggies (> 0) to AB magnitude."""
     import numpy as np
 
@@ -98,7 +99,7 @@ def sky_sigma_nmgy_per_pixel(band: str) -> float:
     beta = PSF_MOFFAT_BETA
     alpha = fwhm_pixels / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
     noise_equivalent_area = math.pi * alpha**2 * (2 * beta - 1) / (beta - 1) ** 2
-    flux_5sigma = mag_to_nanomaggies(DEPTH_5SIGMA_MAG[band])
+    flux_5sigma = float(mag_to_nanomaggies(DEPTH_5SIGMA_MAG[band]))
     return flux_5sigma / 5.0 / math.sqrt(noise_equivalent_area)
 
 
@@ -118,7 +119,7 @@ ASINH_SOFTENING_MAGGIES: dict[str, float] = {
 
 def sky_level_nmgy_per_pixel(band: str) -> float:
     """Mean sky flux in one pixel, nanomaggies."""
-    return mag_to_nanomaggies(SKY_BRIGHTNESS_MAG_ARCSEC2[band]) * PIXEL_SCALE_ARCSEC**2
+    return float(mag_to_nanomaggies(SKY_BRIGHTNESS_MAG_ARCSEC2[band])) * PIXEL_SCALE_ARCSEC**2
 
 
 def effective_gain_e_per_nmgy(band: str) -> float:
@@ -126,7 +127,7 @@ def effective_gain_e_per_nmgy(band: str) -> float:
     return sky_level_nmgy_per_pixel(band) / sky_sigma_nmgy_per_pixel(band) ** 2
 
 
-def asinh_mag(flux_nmgy, band: str):
+def asinh_mag(flux_nmgy: Any, band: str) -> Any:
     """SDSS asinh magnitude ("luptitude") of a flux in nanomaggies; defined for flux <= 0."""
     import numpy as np
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,14 +37,14 @@ def code_commit() -> str:
         return "unknown"
 
 
-def untrained_record(seed: int = 0) -> dict:
+def untrained_record(seed: int = 0) -> dict[str, Any]:
     """Training record of a network that was never trained (random weights)."""
     return {"dataset": {"name": "none", "provenance": "random initial weights, not trained", "n_objects": 0},
             "seed": seed, "epochs": 0, "code_commit": code_commit(), "metrics": {}}
 
 
-def make_metadata(net: PasquetNet, variant: str, model_name: str, model_version: str, training: dict,
-                  bins: RedshiftBins | None = None) -> dict:
+def make_metadata(net: PasquetNet, variant: str, model_name: str, model_version: str, training: dict[str, Any],
+                  bins: RedshiftBins | None = None) -> dict[str, Any]:
     cfg = net.config
     bins = bins or RedshiftBins.uniform(n_bins=cfg.n_bins)
     if bins.n_bins != cfg.n_bins:
@@ -65,7 +66,7 @@ def make_metadata(net: PasquetNet, variant: str, model_name: str, model_version:
     return doc
 
 
-def export_bundle(net: PasquetNet, path: str | Path, metadata: dict, parity_samples: int = 4,
+def export_bundle(net: PasquetNet, path: str | Path, metadata: dict[str, Any], parity_samples: int = 4,
                   seed: int = 0, fp16: bool = False) -> Bundle:
     """Write ``net`` to ``path`` as an ONNX bundle with ``metadata``; check ORT/torch parity.
 

@@ -5,6 +5,8 @@ nanomaggies to the graph and cannot skew from photoz.training.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -20,7 +22,9 @@ class AsinhNormalisation(nn.Module):
     not a trainable parameter.
     """
 
-    def __init__(self, softening_nmgy):
+    softening_nmgy: torch.Tensor
+
+    def __init__(self, softening_nmgy: Sequence[float]) -> None:
         super().__init__()
         b = torch.as_tensor(softening_nmgy, dtype=torch.float32).reshape(1, -1, 1, 1)
         self.register_buffer("softening_nmgy", b)

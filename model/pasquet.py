@@ -15,6 +15,7 @@ so that the exported ONNX graph takes raw nanomaggies.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,13 +51,13 @@ class PasquetConfig:
     cutout_size: int = CUTOUT_SIZE_PIXELS
     softening_nmgy: tuple[float, ...] = field(default_factory=default_softening_nmgy)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["softening_nmgy"] = list(self.softening_nmgy)
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PasquetConfig":
+    def from_dict(cls, d: dict[str, Any]) -> PasquetConfig:
         d = dict(d)
         d["softening_nmgy"] = tuple(d["softening_nmgy"])
         return cls(**d)
@@ -75,7 +76,7 @@ VARIANTS: dict[str, PasquetConfig] = {
 }
 
 
-def variant_config(name: str, **overrides) -> PasquetConfig:
+def variant_config(name: str, **overrides: Any) -> PasquetConfig:
     if name not in VARIANTS:
         raise KeyError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
     return replace(VARIANTS[name], **overrides)
@@ -84,14 +85,14 @@ def variant_config(name: str, **overrides) -> PasquetConfig:
 class ConvPReLU(nn.Sequential):
     """k x k convolution with 'same' padding and a per-channel PReLU."""
 
-    def __init__(self, c_in: int, c_out: int, k: int):
+    def __init__(self, c_in: int, c_out: int, k: int) -> None:
         super().__init__(nn.Conv2d(c_in, c_out, k, padding=k // 2), nn.PReLU(c_out))
 
 
 class SamePadAvgPool(nn.Sequential):
     """2x2 average pooling with stride 1 and 'same' output size (edge replicated)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__(nn.ReplicationPad2d((0, 1, 0, 1)), nn.AvgPool2d(2, stride=1))
 
 
@@ -152,7 +153,7 @@ class PasquetNet(nn.Module):
         return torch.softmax(self.logits(images, ebv), dim=1)
 
 
-def build(name_or_config: str | PasquetConfig, **overrides) -> PasquetNet:
+def build(name_or_config: str | PasquetConfig, **overrides: Any) -> PasquetNet:
     """Build a network from a variant name (with optional overrides) or a config."""
     if isinstance(name_or_config, str):
         config = variant_config(name_or_config, **overrides)

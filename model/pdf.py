@@ -10,8 +10,10 @@ left edges).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from photoz.model.conventions import (
     DEFAULT_N_BINS,
@@ -30,7 +32,7 @@ class RedshiftBins:
 
     edges: np.ndarray
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         edges = np.asarray(self.edges, dtype=np.float64)
         if edges.ndim != 1 or edges.size < 2:
             raise ValueError(f"bin edges must be a 1-d array of >= 2 values, got shape {edges.shape}")
@@ -40,17 +42,17 @@ class RedshiftBins:
 
     @classmethod
     def uniform(cls, z_min: float = DEFAULT_Z_MIN, z_max: float = DEFAULT_Z_MAX,
-                n_bins: int = DEFAULT_N_BINS) -> "RedshiftBins":
+                n_bins: int = DEFAULT_N_BINS) -> RedshiftBins:
         return cls(np.linspace(z_min, z_max, n_bins + 1))
 
     @classmethod
-    def from_metadata(cls, doc: dict) -> "RedshiftBins":
+    def from_metadata(cls, doc: dict[str, Any]) -> RedshiftBins:
         """From a bundle's ``redshift_bins``: either ``edges`` or ``z_min``/``z_max``/``n_bins``."""
         if "edges" in doc:
             return cls(np.asarray(doc["edges"], dtype=np.float64))
         return cls.uniform(float(doc["z_min"]), float(doc["z_max"]), int(doc["n_bins"]))
 
-    def to_metadata(self) -> dict:
+    def to_metadata(self) -> dict[str, Any]:
         if np.allclose(np.diff(self.edges), self.widths[0], rtol=1e-9, atol=0):
             return {"z_min": float(self.edges[0]), "z_max": float(self.edges[-1]), "n_bins": self.n_bins}
         return {"edges": self.edges.tolist()}
@@ -67,26 +69,26 @@ class RedshiftBins:
     def widths(self) -> np.ndarray:
         return np.diff(self.edges)
 
-    def index_of(self, z) -> np.ndarray:
+    def index_of(self, z: ArrayLike) -> np.ndarray:
         """Bin index of each redshift, clipped to the grid (for one-hot targets)."""
         return np.clip(np.searchsorted(self.edges, z, side="right") - 1, 0, self.n_bins - 1)
 
 
-def _as_pdfs(pdfs, bins: RedshiftBins) -> np.ndarray:
+def _as_pdfs(pdfs: ArrayLike, bins: RedshiftBins) -> np.ndarray:
     p = np.atleast_2d(np.asarray(pdfs, dtype=np.float64))
     if p.shape[-1] != bins.n_bins:
         raise ValueError(f"PDFs have {p.shape[-1]} bins, the grid has {bins.n_bins}")
     return p
 
 
-def cdf_at_edges(pdfs, bins: RedshiftBins) -> np.ndarray:
+def cdf_at_edges(pdfs: ArrayLike, bins: RedshiftBins) -> np.ndarray:
     """CDF at every bin edge, shape (N, n_bins + 1), starting at 0 and ending at 1."""
     p = _as_pdfs(pdfs, bins)
     cdf = np.concatenate([np.zeros((p.shape[0], 1)), np.cumsum(p, axis=1)], axis=1)
     return cdf / cdf[:, -1:]
 
 
-def quantile(pdfs, bins: RedshiftBins, q: float) -> np.ndarray:
+def quantile(pdfs: ArrayLike, bins: RedshiftBins, q: float) -> np.ndarray:
     """Redshift below which a fraction ``q`` (0 < q < 1) of each PDF lies."""
     cdf = cdf_at_edges(pdfs, bins)
     # first edge where the CDF reaches q; the quantile lies in the bin before it
@@ -120,7 +122,7 @@ def pdf_flags(pdfs: np.ndarray) -> list[list[str]]:
     return [[GRID_EDGE_FLAG] if edge else [] for edge in at_grid_edge(pdfs)]
 
 
-def point_estimates(pdfs, bins: RedshiftBins) -> dict[str, np.ndarray]:
+def point_estimates(pdfs: ArrayLike, bins: RedshiftBins) -> dict[str, np.ndarray]:
     """Mean, median, mode, standard deviation and 68%/95% central intervals.
 
     Returns a dict of arrays of length N: ``z_mean``, ``z_median``,
@@ -145,31 +147,31 @@ def point_estimates(pdfs, bins: RedshiftBins) -> dict[str, np.ndarray]:
     }
 
 
-def normalised_residuals(z_phot, z_spec) -> np.ndarray:
+def normalised_residuals(z_phot: ArrayLike, z_spec: ArrayLike) -> np.ndarray:
     """dz = (z_phot - z_spec) / (1 + z_spec)."""
     z_phot, z_spec = np.asarray(z_phot, dtype=np.float64), np.asarray(z_spec, dtype=np.float64)
     return (z_phot - z_spec) / (1.0 + z_spec)
 
 
-def sigma_mad(dz) -> float:
+def sigma_mad(dz: ArrayLike) -> float:
     """sigma_MAD = 1.4826 x median(|dz - median(dz)|)."""
     dz = np.asarray(dz, dtype=np.float64)
     return float(MAD_TO_SIGMA * np.median(np.abs(dz - np.median(dz))))
 
 
-def outlier_fraction(dz, threshold: float = OUTLIER_DZ_THRESHOLD) -> float:
+def outlier_fraction(dz: ArrayLike, threshold: float = OUTLIER_DZ_THRESHOLD) -> float:
     """Fraction of objects with |dz| > threshold (0.05, Pasquet et al. 2019)."""
     return float(np.mean(np.abs(np.asarray(dz)) > threshold))
 
 
-def pit(pdfs, bins: RedshiftBins, z_true) -> np.ndarray:
+def pit(pdfs: ArrayLike, bins: RedshiftBins, z_true: ArrayLike) -> np.ndarray:
     """Probability integral transform: each PDF's CDF at the true redshift."""
     cdf = cdf_at_edges(pdfs, bins)
     z_true = np.asarray(z_true, dtype=np.float64)
-    return np.array([np.interp(z, bins.edges, row) for z, row in zip(z_true, cdf)])
+    return np.array([np.interp(z, bins.edges, row) for z, row in zip(z_true, cdf, strict=True)])
 
 
-def ks_uniform(values) -> float:
+def ks_uniform(values: ArrayLike) -> float:
     """Kolmogorov-Smirnov statistic of values in [0, 1] against the uniform law."""
     x = np.sort(np.asarray(values, dtype=np.float64))
     n = x.size
@@ -177,7 +179,7 @@ def ks_uniform(values) -> float:
     return float(max(np.max(i / n - x), np.max(x - (i - 1) / n)))
 
 
-def crps(pdfs, bins: RedshiftBins, z_true) -> np.ndarray:
+def crps(pdfs: ArrayLike, bins: RedshiftBins, z_true: ArrayLike) -> np.ndarray:
     """Continuous ranked probability score of each PDF, in units of redshift.
 
     CRPS = integral of (F(z) - H(z - z_true))^2 dz, computed exactly for the
@@ -189,7 +191,7 @@ def crps(pdfs, bins: RedshiftBins, z_true) -> np.ndarray:
     a, b = bins.edges[None, :-1], bins.edges[None, 1:]
     y0, y1 = cdf[:, :-1], cdf[:, 1:]
 
-    def sq_integral(lo, hi, f0, f1):
+    def sq_integral(lo: np.ndarray, hi: np.ndarray, f0: np.ndarray, f1: np.ndarray) -> np.ndarray:
         # integral over [lo, hi] of a linear function from f0 to f1, squared
         return np.maximum(hi - lo, 0.0) * (f0 * f0 + f0 * f1 + f1 * f1) / 3.0
 
@@ -208,7 +210,8 @@ def crps(pdfs, bins: RedshiftBins, z_true) -> np.ndarray:
     return result
 
 
-def photoz_metrics(z_phot, z_spec, pdfs=None, bins: RedshiftBins | None = None) -> dict[str, float]:
+def photoz_metrics(z_phot: ArrayLike, z_spec: ArrayLike, pdfs: ArrayLike | None = None,
+                   bins: RedshiftBins | None = None) -> dict[str, float]:
     """Standard photo-z metrics of a set of objects.
 
     ``sigma_mad``, ``outlier_fraction`` (|dz| > 0.05), ``bias`` (mean dz) and
@@ -216,13 +219,15 @@ def photoz_metrics(z_phot, z_spec, pdfs=None, bins: RedshiftBins | None = None) 
     PIT values against uniform: 0 for perfectly calibrated PDFs).
     """
     dz = normalised_residuals(z_phot, z_spec)
-    out = {
+    out: dict[str, float] = {
         "n": int(dz.size),
         "sigma_mad": sigma_mad(dz),
         "outlier_fraction": outlier_fraction(dz),
         "bias": float(np.mean(dz)),
     }
     if pdfs is not None:
+        if bins is None:
+            raise ValueError("PDF metrics need the bins the PDFs are on")
         out["crps"] = float(np.mean(crps(pdfs, bins, z_spec)))
         out["pit_ks"] = ks_uniform(pit(pdfs, bins, z_spec))
     return out

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,7 +37,7 @@ def layer_table(net: PasquetNet) -> list[LayerRow]:
         if list(module.children()):
             continue
 
-        def hook(mod, _inputs, output, name=name):
+        def hook(mod: nn.Module, _inputs: Any, output: torch.Tensor, name: str = name) -> None:
             rows.append(LayerRow(
                 name=name,
                 kind=type(mod).__name__,

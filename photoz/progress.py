@@ -19,6 +19,7 @@ class Progress:
         self.total, self.done, self.desc, self.unit, self.enabled = total, initial, desc, unit, enabled
         self._start, self._base = time.perf_counter(), initial
         self._bar: Any = None
+        self._postfix = ""
         if enabled:
             try:
                 from tqdm import tqdm
@@ -26,13 +27,20 @@ class Progress:
                 return
             self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, smoothing=0.05)
 
+    def postfix(self, **values: str) -> None:
+        """Extra figures shown beside the count (loss, rate...)."""
+        self._postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+        if self._bar is not None:
+            self._bar.set_postfix(values)
+
     def update(self, k: int) -> None:
         self.done += k
         if self._bar is not None:
             self._bar.update(k)
         elif self.enabled:
             rate = (self.done - self._base) / max(time.perf_counter() - self._start, 1e-9)
-            sys.stderr.write(f"\r{self.desc}: {self.done}/{self.total} {self.unit}, {rate:.0f} {self.unit}/s")
+            line = f"{self.desc}: {self.done}/{self.total} {self.unit}, {rate:.0f} {self.unit}/s {self._postfix}"
+            sys.stderr.write("\r" + line)
             sys.stderr.flush()
 
     def close(self) -> None:

@@ -60,9 +60,7 @@ def _cutouts(args: argparse.Namespace) -> int:
     print(f"{summary['out']}: {summary['objects']} cutouts, {summary['near_edge']} too near an edge "
           f"(NaN beyond the field; predict reports them without a PDF)")
     if args.predict:
-        from photoz.pipeline.predict import predict_files
-
-        from photoz.pipeline.predict import InputFileError
+        from photoz.pipeline.predict import InputFileError, predict_files
 
         try:
             result = predict_files([summary["out"]], args.predict, model=None if args.url else args.model,

@@ -31,7 +31,13 @@ from pathlib import Path
 import numpy as np
 
 from photoz.formats.inputs import band_from_header
-from photoz.model.conventions import BANDS, CUTOUT_SIZE_PIXELS, NANOMAGGY_JANSKY, NANOMAGGY_ZEROPOINT_MAG, PIXEL_SCALE_ARCSEC
+from photoz.model.conventions import (
+    BANDS,
+    CUTOUT_SIZE_PIXELS,
+    NANOMAGGY_JANSKY,
+    NANOMAGGY_ZEROPOINT_MAG,
+    PIXEL_SCALE_ARCSEC,
+)
 
 REFERENCE_BAND = "r"
 ZERO_POINT_KEYWORDS = ("MAGZP", "MAGZERO", "ZEROPT", "PHOTZP", "ZP")
@@ -178,7 +184,8 @@ def align(images: dict[str, BandImage], scale_arcsec: float = PIXEL_SCALE_ARCSEC
             from reproject import reproject_interp
         except ImportError:
             raise CutoutError(f"{image.path}: the {band} band's pixel grid differs from the reference grid and "
-                              "resampling needs the reproject package: pip install 'photoz[pipeline]' (or '.[pipeline]' in a checkout)") from None
+                              "resampling needs the reproject package: pip install 'photoz[pipeline]' "
+                              "(or '.[pipeline]' in a checkout)") from None
         resampled, _ = reproject_interp((image.data, image.wcs), wcs, shape_out=shape, order="bicubic")
         area_ratio = proj_plane_pixel_area(wcs) / proj_plane_pixel_area(image.wcs)
         stack.append((resampled * area_ratio).astype(np.float32))
@@ -218,7 +225,7 @@ def read_catalogue(path: str | Path, ra_col: str | None = None, dec_col: str | N
     ident = pick(id_col, ("id", "objid", "object_id", "source_id", "specobjid", "name"), "object id", False)
     ebv = pick(ebv_col, ("ebv", "e_bv", "e(b-v)", "ebv_sfd"), "E(B-V)", False)
     out = {"ra": np.asarray(table[ra], np.float64), "dec": np.asarray(table[dec], np.float64),
-           "ids": np.asarray([str(v) for v in table[ident]]) if ident else np.asarray([str(i) for i in range(len(table))]),
+           "ids": np.asarray([str(v) for v in (table[ident] if ident else range(len(table)))]),
            "ebv": np.asarray(table[ebv], np.float32) if ebv else None}
     bad = ~(np.isfinite(out["ra"]) & np.isfinite(out["dec"]) & (np.abs(out["dec"]) <= 90))
     if bad.any():

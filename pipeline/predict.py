@@ -78,7 +78,8 @@ class Source:
             return images, ebv, ids
         if self.kind == "npy":
             array = np.load(self.path, mmap_mode="r", allow_pickle=False)
-            return canonical_stack(array if array.ndim == 3 else array[start:stop], geometry, str(self.path)), None, None
+            images = canonical_stack(array if array.ndim == 3 else array[start:stop], geometry, str(self.path))
+            return images, None, None
         cut = _decoded_file(self.path, geometry)
         return cut.images[start:stop], cut.ebv[start:stop], cut.ids[start:stop]
 

@@ -232,6 +232,10 @@ class PredictFastPath:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: ServiceState = app.state.photoz
     engine = await asyncio.to_thread(ServingEngine, state.settings)
+    if state.key_digests:
+        log.info("auth enabled (%d key%s)", len(state.key_digests), "" if len(state.key_digests) == 1 else "s")
+    else:
+        log.warning("auth DISABLED: every client may predict (set PHOTOZ_API_KEYS or --api-keys)")
     await engine.start()
     state.engine = engine
     try:

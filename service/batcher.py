@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -31,7 +32,7 @@ from photoz.service.errors import DeadlineExceeded, Draining, QueueFull
 class _Piece:
     images: np.ndarray
     ebv: np.ndarray
-    future: asyncio.Future
+    future: asyncio.Future[dict[str, np.ndarray]]
     enqueued: float
     deadline: float
     started: float = field(default=0.0)
@@ -67,8 +68,8 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(workers)
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="photoz-infer")
-        self._task: asyncio.Task | None = None
-        self._running: set[asyncio.Task] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
         self._seconds_per_object = 0.01  # running estimate for Retry-After
         self.accepting = True
 
@@ -158,7 +159,7 @@ class Batcher:
             images = np.concatenate([p.images for p in batch]) if len(batch) > 1 else batch[0].images
             ebv = np.concatenate([p.ebv for p in batch]) if len(batch) > 1 else batch[0].ebv
             alone = self.infer_alone is not None and len(self._running) <= 1 and not self._queue
-            infer = self.infer_alone if alone else self.infer
+            infer = self.infer_alone if alone and self.infer_alone is not None else self.infer
             start = time.perf_counter()
             try:
                 outputs = await asyncio.get_running_loop().run_in_executor(self._executor, infer, images, ebv)
@@ -188,8 +189,6 @@ class Batcher:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         self._executor.shutdown(wait=True)

@@ -2,32 +2,33 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
-def _serve(args) -> int:
+def _serve(args: argparse.Namespace) -> int:
     from photoz.service.server import serve
-    from photoz.service.settings import Settings
+    from photoz.service.settings import Settings, parse_api_keys
 
     overrides = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None}
     if args.api_keys is not None:
-        overrides["api_keys"] = [k for k in args.api_keys.split(",") if k]
+        overrides["api_keys"] = parse_api_keys(args.api_keys)
+        if not overrides["api_keys"]:  # e.g. a wrapper passing an unset variable: never silently open the door
+            print("photoz serve: --api-keys was given but holds no key; give keys, or leave the flag out to "
+                  "serve without authentication", file=sys.stderr)
+            return 2
     return serve(Settings.from_env(**overrides))
 
 
 def _missing_serving_packages(reason: str) -> int:
-    import sys
-
     print(f"photoz serve needs the serving packages ({reason}): pip install photoz", file=sys.stderr)
     return 2
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     try:
         from photoz.service.settings import Settings
     except ImportError as exc:  # a training-only environment without the serving packages
         missing = str(exc)
-        Settings = None
-    if Settings is None:
         p = sub.add_parser("serve", help="serve a model bundle over HTTP (needs the serving packages)")
         p.set_defaults(func=lambda _args: _missing_serving_packages(missing))
         return

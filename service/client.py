@@ -12,11 +12,14 @@ Large arrays are sent in chunks, several at a time; 429 and 503 answers
 """
 from __future__ import annotations
 
+import functools
 import io
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -29,7 +32,7 @@ RETRY_STATUSES = (429, 503)
 class PhotozError(RuntimeError):
     """The service refused a request; ``problem`` is its JSON problem body."""
 
-    def __init__(self, status: int, problem: dict | str):
+    def __init__(self, status: int, problem: dict[str, Any] | str) -> None:
         detail = problem.get("detail", problem) if isinstance(problem, dict) else problem
         super().__init__(f"HTTP {status}: {detail}")
         self.status, self.problem = status, problem
@@ -44,11 +47,11 @@ class PhotozResults:
     estimates: dict[str, np.ndarray] = field(default_factory=dict)
     pdfs: np.ndarray | None = None
     flags: list[list[str]] = field(default_factory=list)
-    rejected: list[dict] = field(default_factory=list)
-    model: dict = field(default_factory=dict)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    model: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_json(cls, doc: dict, id_prefix: str = "") -> "PhotozResults":
+    def from_json(cls, doc: dict[str, Any], id_prefix: str = "") -> PhotozResults:
         ancil = doc["ancil"]
         estimates = {k: np.asarray(v, dtype=np.float64) for k, v in ancil.items() if k.startswith("z_")}
         pdfs = np.asarray(doc["data"]["pdfs"], dtype=np.float64) if "data" in doc else None
@@ -57,7 +60,7 @@ class PhotozResults:
                    ancil["flags"], rejected, doc["model"])
 
     @classmethod
-    def concatenate(cls, parts: list["PhotozResults"]) -> "PhotozResults":
+    def concatenate(cls, parts: list[PhotozResults]) -> PhotozResults:
         first = parts[0]
         pdfs = None if first.pdfs is None else np.concatenate([p.pdfs for p in parts])
         return cls(first.bins, [i for p in parts for i in p.ids],
@@ -67,7 +70,7 @@ class PhotozResults:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def to_table(self):
+    def to_table(self) -> Any:
         """astropy Table: one row per object with a PDF; ``meta`` holds the bins and the model."""
         from astropy.table import Table
 
@@ -77,7 +80,7 @@ class PhotozResults:
         table.meta.update({"z_bin_edges": self.bins.tolist(), "model": self.model, "rejected": self.rejected})
         return table
 
-    def to_qp(self):
+    def to_qp(self) -> Any:
         """qp.Ensemble of histogram PDFs, with ids and point estimates as ancillary data."""
         import qp
 
@@ -89,8 +92,26 @@ class PhotozResults:
 
 
 class PhotozClient:
+    """A client of a running photoz service.
+
+    Parameters
+    ----------
+    url : str
+        The service's base URL, e.g. ``http://127.0.0.1:8000``.
+    api_key : str, optional
+        Sent as ``Authorization: Bearer <key>``.
+    timeout_s : float
+        Per-request timeout, seconds.
+    retries : int
+        How often a 429/503 answer (after its ``Retry-After``) or a transport error is retried.
+    max_concurrency : int
+        Requests in flight at once when a large stack is sent in chunks.
+    chunk_size : int
+        Cutouts per request when sending an array.
+    """
+
     def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 120.0, retries: int = 8,
-                 max_concurrency: int = 4, chunk_size: int = 256):
+                 max_concurrency: int = 4, chunk_size: int = 256) -> None:
         self.url = url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout_s, self.retries = timeout_s, retries
@@ -100,19 +121,38 @@ class PhotozClient:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self):
+    def __enter__(self) -> PhotozClient:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def models(self) -> dict:
+    def models(self) -> dict[str, Any]:
+        """The served models' metadata (``GET /v1/models``)."""
         response = self._http.get(f"{self.url}/v1/models")
         self._raise_for(response)
         return response.json()
 
-    def predict(self, inputs, ebv=None, ids=None, pdf: bool = True) -> PhotozResults:
-        """PDFs and point estimates for an array of cutouts, or a file path, or a list of paths."""
+    def predict(self, inputs: Any, ebv: Any = None, ids: Any = None, pdf: bool = True) -> PhotozResults:
+        """PDFs and point estimates of cutouts.
+
+        Parameters
+        ----------
+        inputs : array_like or path or list of path
+            Cutouts in nanomaggies, ``(N, bands, S, S)`` or ``(bands, S, S)`` (channel-last works too),
+            or FITS / .npy / .npz files.
+        ebv : float or array_like, optional
+            Galactic E(B-V) in mag, one value or one per cutout (arrays only; files carry their own).
+        ids : sequence of str, optional
+            Object ids (arrays only; default: the index).
+        pdf : bool
+            Return the PDFs as well as the point estimates.
+
+        Returns
+        -------
+        PhotozResults
+            ids, point estimates, PDFs on ``bins``, flags, and the objects the service rejected.
+        """
         if isinstance(inputs, (str, Path)):
             inputs = [inputs]
         if isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], (str, Path)):
@@ -123,22 +163,22 @@ class PhotozClient:
             parts = list(pool.map(lambda job: job(), jobs))
         return PhotozResults.concatenate(parts)
 
-    def _array_jobs(self, images: np.ndarray, ebv, ids, pdf: bool) -> list:
+    def _array_jobs(self, images: np.ndarray, ebv: Any, ids: Any,
+                    pdf: bool) -> list[Callable[[], PhotozResults]]:
         if images.ndim == 3:
             images = images[None]
         n = images.shape[0]
         ebv = np.zeros(n, np.float32) if ebv is None else np.broadcast_to(np.asarray(ebv, np.float32), (n,))
         ids = np.array([str(i) for i in range(n)]) if ids is None else np.asarray(ids).astype(str)
-        jobs = []
+        jobs: list[Callable[[], PhotozResults]] = []
         for start in range(0, n, self.chunk_size):
             sl = slice(start, start + self.chunk_size)
             buffer = io.BytesIO()
             np.savez(buffer, images=images[sl], ebv=ebv[sl], ids=ids[sl])
-            body = buffer.getvalue()
-            jobs.append(lambda body=body: self._post(body, "application/x-npz", pdf))
+            jobs.append(functools.partial(self._post, buffer.getvalue(), "application/x-npz", pdf))
         return jobs
 
-    def _file_job(self, path: Path, prefix: bool, pdf: bool):
+    def _file_job(self, path: Path, prefix: bool, pdf: bool) -> Callable[[], PhotozResults]:
         content_type = KIND_MEDIA_TYPES.get(kind_for_suffix(path.name) or "", "application/octet-stream")
         return lambda: self._post(path.read_bytes(), content_type, pdf, f"{path.name}:" if prefix else "")
 

@@ -14,8 +14,17 @@ import numpy as np
 from starlette.requests import Request
 
 from photoz.formats.errors import InputError
-from photoz.formats.inputs import (MEDIA_TYPES, Cutouts, Geometry, concatenate, decode, ebv_vector, id_list,
-                                   kind_for_filename, parse_list_field)
+from photoz.formats.inputs import (
+    MEDIA_TYPES,
+    Cutouts,
+    Geometry,
+    concatenate,
+    decode,
+    ebv_vector,
+    id_list,
+    kind_for_filename,
+    parse_list_field,
+)
 from photoz.service.batcher import Batcher
 
 #: Requests up to this size are decoded on the event loop: for a few cutouts the hop to a worker
@@ -74,7 +83,7 @@ async def _read_multipart(request: Request, body: bytes, geometry: Geometry, ebv
         raise InputError("files", "one or more file parts in the multipart body", "no file parts")
     parts = []
     for _, upload in files:
-        data = await upload.read()  # type: ignore[union-attr]
+        data = await upload.read()
         name = upload.filename  # type: ignore[union-attr]
         kind = kind_for_filename(name, upload.content_type)  # type: ignore[union-attr]
         part = await asyncio.to_thread(decode, data, kind, geometry, None, None, f"file {name!r}")

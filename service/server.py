@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import logging
+import math
 import signal
+from types import FrameType
 
 import uvicorn
+from fastapi import FastAPI
 
 from photoz.service.app import create_app
 from photoz.service.settings import Settings
@@ -14,11 +17,11 @@ class DrainingServer(uvicorn.Server):
     """On SIGTERM: mark the service draining (readyz 503, new predictions 503), then let
     uvicorn stop accepting connections, finish in-flight requests and run the lifespan shutdown."""
 
-    def __init__(self, config: uvicorn.Config, app):
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
         super().__init__(config)
         self.photoz_app = app
 
-    def handle_exit(self, sig, frame) -> None:
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         state = self.photoz_app.state.photoz
         if not state.draining:
             logging.getLogger("photoz.service").info("signal %s: draining", sig)
@@ -30,7 +33,7 @@ def serve(settings: Settings) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=settings.drain_timeout_s, access_log=False)
+                            timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s), access_log=False)
     server = DrainingServer(config, app)
     # uvicorn re-raises the stop signal after its graceful shutdown; a drain
     # that finished is a clean stop, so the process exits 0 rather than -15

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -57,13 +59,22 @@ class Settings(BaseModel):
         return int(self.max_body_mb * 1024 * 1024)
 
     @classmethod
-    def from_env(cls, environ=None, **overrides) -> "Settings":
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from ``PHOTOZ_*`` variables, then ``overrides`` (flags; None means not given).
+
+        A blank ``PHOTOZ_API_KEYS`` counts as unset (``${PHOTOZ_API_KEYS:-}`` in a compose file).
+        """
         environ = os.environ if environ is None else environ
-        values = {}
+        values: dict[str, Any] = {}
         for name in cls.model_fields:
             raw = environ.get(f"PHOTOZ_{name.upper()}")
             if raw is None:
                 continue
-            values[name] = [k.strip() for k in raw.split(",") if k.strip()] if name == "api_keys" else raw
+            values[name] = parse_api_keys(raw) if name == "api_keys" else raw
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+
+def parse_api_keys(raw: str) -> list[str]:
+    """Comma-separated keys, surrounding spaces stripped, empty items dropped."""
+    return [k.strip() for k in raw.split(",") if k.strip()]

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+
 @pytest.fixture(scope="session")
 def tiny_net():
     import torch
@@ -47,3 +48,11 @@ def server(tiny_bundle, tmp_path_factory):
                      max_batch_size=8, max_queue_delay_ms=20)
     yield srv
     srv.stop()
+
+
+def pytest_collection_modifyitems(items):
+    """Each test carries the marker of its folder: unit, integration or e2e (``pytest -m unit``)."""
+    for item in items:
+        suite = item.path.parent.name
+        if suite in ("unit", "integration", "e2e"):
+            item.add_marker(getattr(pytest.mark, suite))

@@ -30,7 +30,7 @@ class KNNPhotoZ:
     bandwidth: float = 0.005  # kernel width in redshift; best PIT flatness on real SDSS
     bins: RedshiftBins = None
 
-    def fit(self, mags: np.ndarray, z: np.ndarray) -> "KNNPhotoZ":
+    def fit(self, mags: np.ndarray, z: np.ndarray) -> KNNPhotoZ:
         from sklearn.neighbors import NearestNeighbors
 
         self.bins = self.bins or RedshiftBins.uniform()

@@ -28,14 +28,10 @@ def _simulate_field(args) -> int:
 
 
 def _train(args) -> int:
-    from photoz.training.train import TrainConfig, train
+    from photoz.training.config import from_arguments
+    from photoz.training.train import train
 
-    cfg = TrainConfig(data=args.data, out_dir=args.out, variant=args.variant, epochs=args.epochs,
-                      batch_size=args.batch_size, lr=args.lr, seed=args.seed, workers=args.workers,
-                      device=args.device, validation_fraction=args.validation_fraction,
-                      max_steps_per_epoch=args.max_steps_per_epoch, max_validation=args.max_validation,
-                      preload=args.preload)
-    out = train(cfg, resume=args.resume, progress=not args.quiet)
+    out = train(from_arguments(args), resume=args.resume, progress=not args.quiet)
     print(f"checkpoints and metrics in {out}")
     return 0
 
@@ -60,6 +56,8 @@ def _export(args) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from photoz.training.config import add_arguments as add_train_arguments
+
     p = sub.add_parser("simulate", help="simulate SDSS-like galaxy cutouts to an HDF5 data set",
                        description="Simulate SDSS Main Galaxy Sample cutouts with GalSim. Deterministic for a "
                                    "seed; re-running with a larger --n extends the file, an interrupted run "
@@ -84,21 +82,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("train", help="train a network variant on a labelled HDF5 data set",
                        description="Train with cross-entropy over redshift bins. Use torchrun for DDP.")
-    p.add_argument("--data", required=True, help="HDF5 data set (images, z, optional ebv)")
-    p.add_argument("--out", required=True, help="run directory for checkpoints and metrics.csv")
-    p.add_argument("--variant", default="pasquet2019_half", help="network variant (photoz summary lists them)")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=128, help="per process")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate; divided by 5 halfway")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=2, help="data-loading worker processes")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--validation-fraction", type=float, default=0.1)
-    p.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap (smoke tests)")
-    p.add_argument("--max-validation", type=int, default=None, help="cap on validation objects")
-    p.add_argument("--preload", action="store_true",
-                   help="hold the whole data set in memory (GPU memory on a GPU) and augment there, "
-                        "instead of streaming from disk: for data sets that fit (100k cutouts = 8 GB)")
+    add_train_arguments(p)
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_train)

@@ -114,7 +114,8 @@ def read_labels(path: str | Path, indices: np.ndarray | None = None) -> dict[str
     with h5py.File(path, "r") as h5:
         sel = slice(None) if indices is None else np.asarray(indices)
         out = {"z": np.asarray(h5["z"][sel], dtype=np.float64)}
-        out["ebv"] = np.asarray(h5["ebv"][sel], dtype=np.float32) if "ebv" in h5 else np.zeros_like(out["z"], np.float32)
+        out["ebv"] = np.asarray(h5["ebv"][sel], dtype=np.float32) if "ebv" in h5 else \
+            np.zeros_like(out["z"], np.float32)
         if "catalogue" in h5:
             for name, ds in h5["catalogue"].items():
                 out[f"catalogue/{name}"] = np.asarray(ds[sel])

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from photoz.model.conventions import BANDS
-from photoz.model.pdf import RedshiftBins, photoz_metrics, point_estimates, pit
+from photoz.model.pdf import RedshiftBins, photoz_metrics, pit, point_estimates
 
 Z_BIN_EDGES = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4)
 R_MAG_BIN_EDGES = (10.0, 15.5, 16.5, 17.0, 17.5, 18.0)
@@ -57,7 +57,7 @@ def predict_file(model_path: str | Path, data_path: str | Path, batch_size: int 
 
 def binned_metrics(z_phot, z_spec, pdfs, bins, values, edges) -> list[dict]:
     rows = []
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
         sel = (values >= lo) & (values < hi)
         if sel.sum() >= 10:
             rows.append({"lo": lo, "hi": hi, **photoz_metrics(z_phot[sel], z_spec[sel], pdfs[sel], bins)})

@@ -39,7 +39,8 @@ def render(bundle_path: Path, report: dict, figures: list[str]) -> str:
         f"A `{doc['architecture']['name']}` network (Pasquet et al. 2019 topology, channel width x"
         f"{doc['architecture']['config']['width']}, dense layers of {doc['architecture']['config']['dense_units']}) "
         f"taking {len(doc['bands'])}-band ({', '.join(doc['bands'])}) {doc['cutout_size_pixels']} x "
-        f"{doc['cutout_size_pixels']} cutouts at {doc['pixel_scale_arcsec']}\"/pixel (pixel unit: {doc['flux_unit']}) plus "
+        f"{doc['cutout_size_pixels']} cutouts at {doc['pixel_scale_arcsec']}\"/pixel "
+        f"(pixel unit: {doc['flux_unit']}) plus "
         f"Galactic E(B-V), and returning a PDF on {bundle.metadata.bins.n_bins} redshift bins over "
         f"{bundle.metadata.bins.edges[0]:g} <= z < {bundle.metadata.bins.edges[-1]:g}.", "",
         "## Training data", "",

@@ -11,12 +11,11 @@ epoch and on SIGTERM; ``--resume`` continues from the same epoch and batch.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -26,30 +25,9 @@ import torch.nn.functional as F
 
 from photoz.model.pasquet import PasquetNet, build, variant_config
 from photoz.model.pdf import RedshiftBins, photoz_metrics, point_estimates
+from photoz.progress import Progress
+from photoz.training.config import TrainConfig
 from photoz.training.data import CutoutDataset, inspect, split_indices
-
-
-@dataclass
-class TrainConfig:
-    data: str
-    out_dir: str
-    variant: str = "pasquet2019_half"
-    epochs: int = 30
-    batch_size: int = 128  # per process
-    lr: float = 1e-4
-    lr_drop_factor: float = 5.0  # lr / 5 after half of the epochs
-    weight_decay: float = 0.0
-    validation_fraction: float = 0.1
-    seed: int = 0
-    workers: int = 2
-    device: str = "auto"  # auto | cpu | cuda
-    amp: bool = True  # bfloat16/float16 autocast on GPU only
-    max_steps_per_epoch: int | None = None  # for smoke tests
-    max_validation: int | None = None  # cap on validation objects per epoch
-    # Load the whole data set into memory (into GPU memory when training on a GPU) and augment there,
-    # instead of streaming from disk with worker processes: for data sets that fit (100k cutouts = 8 GB).
-    preload: bool = False
-    z_bins: dict = field(default_factory=lambda: RedshiftBins.uniform().to_metadata())
 
 
 def checkpoint_payload(net, optimizer, cfg, epoch, batch_in_epoch, best, history, dataset_info) -> dict:
@@ -99,7 +77,7 @@ class InMemoryData:
         self.device = device
         self.indices = None  # all objects; subset() gives a view on some
 
-    def subset(self, indices: np.ndarray) -> "InMemoryData":
+    def subset(self, indices: np.ndarray) -> InMemoryData:
         view = object.__new__(InMemoryData)
         view.__dict__.update(self.__dict__, indices=np.asarray(indices))
         return view
@@ -174,7 +152,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     train_idx, val_idx = split_indices(info["n"], cfg.validation_fraction, cfg.seed)
     if cfg.max_validation:
         val_idx = val_idx[: cfg.max_validation]
-    train_set = CutoutDataset(cfg.data, train_idx, augment=True)
     val_set = CutoutDataset(cfg.data, val_idx)
     dataset_info = {"name": info["name"], "provenance": info["provenance"], "n_objects": int(info["n"]),
                     "n_train": int(train_idx.size), "n_validation": int(val_idx.size),
@@ -227,7 +204,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                     CutoutDataset(cfg.data, None, augment=True), batch_sampler=batches[skip:],
                     num_workers=cfg.workers, persistent_workers=False, pin_memory=use_cuda)
             model.train()
-            bar = _bar(len(batches), skip, epoch, cfg.epochs, enabled=progress and rank == 0)
+            bar = Progress(len(batches), skip, f"epoch {epoch + 1}/{cfg.epochs}", "batch", progress and rank == 0)
             last_sigma = history[-1]["val_sigma_mad"] if history else float("nan")
             running, seen, t0 = 0.0, 0, time.perf_counter()
             batch_in_epoch = skip
@@ -243,15 +220,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                 batch_in_epoch += 1
                 running += loss.item() * len(z)
                 seen += len(z)
-                if bar is not None:
+                if bar.enabled:
                     rate = seen * world / (time.perf_counter() - t0)
-                    bar.set_postfix(loss=f"{running / seen:.3f}", cut_s=f"{rate:.0f}", val_smad=f"{last_sigma:.4f}")
+                    bar.postfix(loss=f"{running / seen:.3f}", cut_s=f"{rate:.0f}", val_smad=f"{last_sigma:.4f}")
                     bar.update(1)
                 if stop["requested"]:
                     save(epoch, batch_in_epoch)
                     return out
-            if bar is not None:
-                bar.close()
+            bar.close()
             # -- end of epoch: validate, log, checkpoint
             row = {"epoch": epoch + 1, "lr": lr, "train_loss": running / max(seen, 1),
                    "train_cutouts_per_s": seen * world / max(time.perf_counter() - t0, 1e-9)}
@@ -305,14 +281,6 @@ def _tensorboard(out: Path):
     return SummaryWriter(str(out / "tensorboard"))
 
 
-def _bar(total: int, initial: int, epoch: int, epochs: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc=f"epoch {epoch + 1}/{epochs}", unit="batch")
-
-
 def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[PasquetNet, dict]:
     """Network (eval mode) and the checkpoint's record."""
     from photoz.model.pasquet import PasquetConfig
@@ -321,7 +289,3 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[PasquetNet, 
     net = build(PasquetConfig.from_dict(state["network_config"]))
     net.load_state_dict(state["model"])
     return net.eval(), state
-
-
-def config_from_json(path: str | Path) -> TrainConfig:
-    return TrainConfig(**json.loads(Path(path).read_text()))

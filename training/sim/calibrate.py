@@ -51,14 +51,15 @@ def load_real_sizes() -> dict:
 
 def colour_comparison(sim: dict, real: dict) -> list[dict]:
     rows = []
-    for lo, hi in zip(Z_EDGES[:-1], Z_EDGES[1:]):
+    for lo, hi in zip(Z_EDGES[:-1], Z_EDGES[1:], strict=True):
         s = (sim["z"] >= lo) & (sim["z"] < hi)
         r = (real["z"] >= lo) & (real["z"] < hi)
         row = {"z_lo": lo, "z_hi": hi, "n_sim": int(s.sum()), "n_real": int(r.sum())}
         enough = s.sum() >= MIN_PER_BIN and r.sum() >= MIN_PER_BIN
         for name, (a, b, tol) in COLOURS.items():
             if s.sum() and r.sum():
-                d = float(np.median(sim["mags"][s, a] - sim["mags"][s, b]) - np.median(real["mags"][r, a] - real["mags"][r, b]))
+                d = float(np.median(sim["mags"][s, a] - sim["mags"][s, b])
+                          - np.median(real["mags"][r, a] - real["mags"][r, b]))
                 row[f"d_{name}"] = d
                 row[f"ok_{name}"] = bool(abs(d) <= tol) if enough else None
         rows.append(row)
@@ -108,7 +109,8 @@ def figures(sim: dict, sim_test_path, out: Path, baseline: dict) -> list[str]:
     ax.hist(real["mags"][:, 2], bins=40, range=(13, 18), density=True, histtype="step", lw=1.5, label="real")
     ax.set(xlabel="Petrosian r (mag)", ylabel="density", title="r magnitudes (MGS cut 17.77)")
     ax.legend()
-    for ax, (name, (a, b, _)) in zip((axes[0, 2], axes[1, 0]), [("g-r", COLOURS["g-r"]), ("u-g", COLOURS["u-g"])]):
+    panels = [("g-r", COLOURS["g-r"]), ("u-g", COLOURS["u-g"])]
+    for ax, (name, (a, b, _)) in zip((axes[0, 2], axes[1, 0]), panels, strict=True):
         for label, sel, colour in (("sim red", sim["red"].astype(bool), "tab:red"),
                                    ("sim blue", ~sim["red"].astype(bool), "tab:blue")):
             ax.scatter(sim["z"][sel][:3000], (sim["mags"][sel, a] - sim["mags"][sel, b])[:3000], s=1, alpha=0.3,
@@ -119,7 +121,7 @@ def figures(sim: dict, sim_test_path, out: Path, baseline: dict) -> list[str]:
             med = [np.median(data["mags"][(data["z"] >= lo) & (data["z"] < hi), a]
                              - data["mags"][(data["z"] >= lo) & (data["z"] < hi), b])
                    if np.sum((data["z"] >= lo) & (data["z"] < hi)) else np.nan
-                   for lo, hi in zip(Z_EDGES[:-1], Z_EDGES[1:])]
+                   for lo, hi in zip(Z_EDGES[:-1], Z_EDGES[1:], strict=True)]
             ax.plot(centres, med, style, color="orange", lw=2, label=lab)
         ax.set(xlabel="z", ylabel=name, title=f"{name} against redshift", xlim=(0, 0.35),
                ylim=(0, 2.2 if name == "g-r" else 3.2))
@@ -145,7 +147,7 @@ def figures(sim: dict, sim_test_path, out: Path, baseline: dict) -> list[str]:
     with h5py.File(sim_test_path) as h5:
         images, z = h5["images"][:24], h5["z"][:24]
     fig, axes = plt.subplots(4, 6, figsize=(12, 8.5))
-    for ax, image, zz in zip(axes.ravel(), images, z):
+    for ax, image, zz in zip(axes.ravel(), images, z, strict=True):
         rgb = np.stack([image[BANDS.index(b)] for b in ("i", "r", "g")], axis=-1)
         rgb = np.arcsinh(np.clip(rgb, 0, None) / 0.1) / np.arcsinh(300)
         ax.imshow(np.clip(rgb, 0, 1), origin="lower")
@@ -194,7 +196,7 @@ def main(argv=None) -> int:
               "sim_median_r50": float(np.median(sim_train["r50"][(sim_train["z"] >= lo) & (sim_train["z"] < hi)])),
               "real_median_r50": float(np.median(real_sizes["r50"][(real_sizes["z"] >= lo) & (real_sizes["z"] < hi)]))
               if np.any((real_sizes["z"] >= lo) & (real_sizes["z"] < hi)) else None}
-             for lo, hi in zip(Z_EDGES[:-1], Z_EDGES[1:])]
+             for lo, hi in zip(Z_EDGES[:-1], Z_EDGES[1:], strict=True)]
     transfer = transfer_test(sim_train)
     baseline = knn_sigma(sim_train["mags"], sim_train["z"], sim_test["mags"], sim_test["z"])
     report = {"sim_train": _shown(args.sim_train), "sim_test": _shown(args.sim_test),
@@ -215,7 +217,8 @@ def format_tables(report: dict) -> str:
             ok = row.get(f"ok_{name}")
             mark = "" if ok is None else (" ok" if ok else " **off**")
             cells.append(f"{row[f'd_{name}']:+.3f}{mark}" if f"d_{name}" in row else "-")
-        lines.append(f"| {row['z_lo']:.2f}-{row['z_hi']:.2f} | {row['n_sim']} | {row['n_real']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row['z_lo']:.2f}-{row['z_hi']:.2f} | {row['n_sim']} | {row['n_real']} | "
+                     + " | ".join(cells) + " |")
     lines += ["", "| z | median Petrosian R50 sim (\") | real (\") |", "| --- | --- | --- |"]
     for row in report["sizes"]:
         real = f"{row['real_median_r50']:.2f}" if row["real_median_r50"] is not None else "-"

@@ -28,8 +28,15 @@ from pathlib import Path
 
 import numpy as np
 
-from photoz.model.conventions import (BANDS, CUTOUT_SIZE_PIXELS, MEDIAN_SEEING_FWHM_ARCSEC, NANOMAGGY_JANSKY, NANOMAGGY_ZEROPOINT_MAG,
-                               PIXEL_SCALE_ARCSEC, PSF_MOFFAT_BETA)
+from photoz.model.conventions import (
+    BANDS,
+    CUTOUT_SIZE_PIXELS,
+    MEDIAN_SEEING_FWHM_ARCSEC,
+    NANOMAGGY_JANSKY,
+    NANOMAGGY_ZEROPOINT_MAG,
+    PIXEL_SCALE_ARCSEC,
+    PSF_MOFFAT_BETA,
+)
 
 FIELD_CENTRE_DEG = (150.1, 2.2)  # (RA, Dec) of the reference pixel
 #: Pixel shift of each band's grid against r (x, y): SDSS frames of one field are offset by a few arcsec.

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from photoz.model.conventions import EXTINCTION_A_OVER_EBV, BANDS
+from photoz.model.conventions import BANDS, EXTINCTION_A_OVER_EBV
 from photoz.training.sim.sed import TemplateTuning, k_corrections
 
 Z_MAX = 0.4

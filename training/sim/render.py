@@ -15,8 +15,18 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from photoz.model.conventions import (BANDS, CUTOUT_SIZE_PIXELS, MEDIAN_SEEING_FWHM_ARCSEC, PIXEL_SCALE_ARCSEC, PSF_MOFFAT_BETA,
-                               ASINH_SOFTENING_MAGGIES, asinh_mag, effective_gain_e_per_nmgy, mag_to_nanomaggies, sky_sigma_nmgy_per_pixel)
+from photoz.model.conventions import (
+    ASINH_SOFTENING_MAGGIES,
+    BANDS,
+    CUTOUT_SIZE_PIXELS,
+    MEDIAN_SEEING_FWHM_ARCSEC,
+    PIXEL_SCALE_ARCSEC,
+    PSF_MOFFAT_BETA,
+    asinh_mag,
+    effective_gain_e_per_nmgy,
+    mag_to_nanomaggies,
+    sky_sigma_nmgy_per_pixel,
+)
 from photoz.training.sim.population import PopulationConfig, draw_candidates, draw_selected
 
 PETROSIAN_ETA = 0.2
@@ -119,7 +129,7 @@ def draw_bands(components: list, fluxes_nmgy: np.ndarray, psf_fwhm_arcsec) -> np
     for b, psf in enumerate(psfs):
         psf._drawKImage(kimage)
         scene = fluxes[b, 0] * component_k[0]  # a few multiply-adds: no BLAS call (its threads fight workers)
-        for flux, k_image in zip(fluxes[b, 1:], component_k[1:]):
+        for flux, k_image in zip(fluxes[b, 1:], component_k[1:], strict=True):
             scene += flux * k_image
         kimage.array[...] *= scene * pixel_k
         total.drawFFT_finish(image, kimage, wrap, add_to_image=False)
@@ -147,7 +157,7 @@ def _galaxy_components(galsim, row: dict, dx_arcsec: float, dy_arcsec: float) ->
 def _galaxy_profile(galsim, row: dict, band_index: int, dx_arcsec: float, dy_arcsec: float):
     """The galaxy in one band: bulge + disk with that band's fluxes (nanomaggies)."""
     parts, fluxes = _galaxy_components(galsim, row, dx_arcsec, dy_arcsec)
-    return galsim.Add([p * float(f) for p, f in zip(parts, fluxes[band_index])])
+    return galsim.Add([p * float(f) for p, f in zip(parts, fluxes[band_index], strict=True)])
 
 
 def render_galaxies(pop: dict, rng: np.random.Generator, inst: InstrumentConfig,
@@ -239,14 +249,14 @@ def measure_catalogue(noisy: np.ndarray) -> dict[str, np.ndarray]:
     fluxes, errors = np.empty((n, len(BANDS))), np.empty((n, len(BANDS)))
     for b, band in enumerate(BANDS):
         flux_b, _ = _radial_profile(noisy[:, b], radii)
-        fluxes[:, b] = [np.interp(a, radii, f) for a, f in zip(aperture, flux_b)]
+        fluxes[:, b] = [np.interp(a, radii, f) for a, f in zip(aperture, flux_b, strict=True)]
         n_pix = np.pi * aperture**2
         errors[:, b] = np.sqrt(n_pix * sky_sigma_nmgy_per_pixel(band) ** 2
                                + np.maximum(fluxes[:, b], 0) / effective_gain_e_per_nmgy(band))
     # half-light radius: radius enclosing half the Petrosian flux in r (on the
     # running maximum of the growth curve, which noise can make dip)
     r50 = np.array([np.interp(0.5 * ft, f, radii)
-                    for ft, f in zip(fluxes[:, r_band], np.maximum.accumulate(flux_r, axis=1))])
+                    for ft, f in zip(fluxes[:, r_band], np.maximum.accumulate(flux_r, axis=1), strict=True)])
     model_flux, model_err = _template_photometry(noisy, aperture)
     out = {
         "petro_r50_arcsec": (r50 * PIXEL_SCALE_ARCSEC).astype(np.float32),

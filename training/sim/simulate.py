@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import time
 from pathlib import Path
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
 from photoz.model.conventions import BANDS, CUTOUT_SIZE_PIXELS, FLUX_UNIT, PIXEL_SCALE_ARCSEC
+from photoz.progress import Progress
 from photoz.training.sim.population import PopulationConfig
 from photoz.training.sim.render import InstrumentConfig, simulate_chunk
 
@@ -118,7 +118,7 @@ def simulate(out: str | Path, n: int, seed: int = 0, workers: int | None = None,
         todo = [(pop_cfg, inst_cfg, seed, k, chunk_size) for k in range(done, n_chunks)]
         if not todo:
             return out
-        bar = _progress(total=n, initial=min(done * chunk_size, n), enabled=progress)
+        bar = Progress(n, min(done * chunk_size, n), "simulate", "gal", progress)
         context = mp.get_context("fork")
         # one BLAS/OpenMP thread per worker: the workers are the parallelism (threads fighting them cost ~20%)
         with threadpool_limits(limits=1), context.Pool(workers, initializer=_one_thread) as pool:
@@ -143,34 +143,3 @@ def _datasets(h5):
     found = []
     h5.visititems(lambda name, obj: found.append(obj) if hasattr(obj, "resize") else None)
     return found
-
-
-class _progress:
-    """tqdm when available and wanted, else a silent counter."""
-
-    def __init__(self, total: int, initial: int, enabled: bool):
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, unit="gal", desc="simulate", smoothing=0.05)
-
-    def update(self, k: int) -> None:
-        if self.bar is not None:
-            self.bar.update(k)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def measure_throughput(n: int = 512, workers: int = 1) -> float:
-    """Galaxies per second with ``workers`` processes (after warm-up of the SED table)."""
-    import tempfile
-
-    simulate_chunk(PopulationConfig(), InstrumentConfig(), 0, 0, 8)  # build cached tables
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        simulate(Path(tmp) / "t.h5", n, seed=1, workers=workers, progress=False, chunk_size=64)
-        return n / (time.perf_counter() - start)
-

@@ -5,12 +5,11 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
 
-from photoz.model.bundle import load_bundle
+from photoz.cli import main as photoz
+from photoz.model.bundle import default_bundle_path, load_bundle
 from photoz.model.pdf import point_estimates
 from photoz.model.runtime import OnnxPredictor
-from photoz.cli import main as photoz
 from photoz.pipeline.cutouts import CutoutError, cut, make_cutouts, nanomaggies_per_unit, read_catalogue
-from photoz.model.bundle import default_bundle_path
 from photoz.training.sim.field import render_field
 
 FRAMES = [f"frame-{b}.fits" for b in "ugriz"]
@@ -113,7 +112,8 @@ def test_other_pixel_scale_and_rotation_are_resampled_onto_the_bundle_grid(tmp_p
     assert stamp.sum() == pytest.approx(50.0, rel=0.02)  # flux per pixel rescaled by the pixel areas
     yc, xc = np.unravel_index(np.argmax(stamp), stamp.shape)
     weights = stamp.clip(0)
-    centroid = ((weights * np.arange(64)[None, :]).sum() / weights.sum(), (weights * np.arange(64)[:, None]).sum() / weights.sum())
+    centroid = ((weights * np.arange(64)[None, :]).sum() / weights.sum(),
+                (weights * np.arange(64)[:, None]).sum() / weights.sum())
     assert abs(centroid[0] - 31.5) <= 0.55 and abs(centroid[1] - 31.5) <= 0.55
     assert {xc, yc} <= {31, 32}
 

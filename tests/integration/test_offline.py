@@ -9,7 +9,7 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
-from photoz.pipeline.predict import chunk_plan, find_sources, predict_files
+from photoz.pipeline.predict import chunk_plan, predict_files
 from tests.helpers import sky_cutouts
 
 

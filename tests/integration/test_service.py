@@ -8,27 +8,9 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from tests.helpers import sky_cutouts
+from tests.helpers import fits_bytes, npy_bytes, npz_bytes, sky_cutouts
 
 NPY = {"Content-Type": "application/x-npy"}
-
-
-def npy_bytes(array) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
-
-
-def npz_bytes(**arrays) -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
-
-
-def fits_bytes(hdus) -> bytes:
-    buffer = io.BytesIO()
-    fits.HDUList(hdus).writeto(buffer)
-    return buffer.getvalue()
 
 
 def post(server, body, headers=None, **params):
@@ -197,26 +179,6 @@ def test_pickled_npy_is_refused_not_loaded(server):
     assert response.status_code == 400 and "allow_pickle=False" in response.json()["received"]
 
 
-@pytest.mark.parametrize("array", [np.arange(5 * 64 * 64, dtype="<f4").reshape(5, 64, 64),
-                                   np.arange(2 * 5 * 64 * 64, dtype=">f8").reshape(2, 5, 64, 64),
-                                   np.zeros((3, 64, 64, 5), np.int16), np.zeros((0, 5, 64, 64), np.float32),
-                                   np.asfortranarray(np.ones((5, 64, 64), np.float32))])
-def test_npy_reader_matches_numpy_for_every_layout_numpy_writes(array):
-    from photoz.formats.inputs import Geometry, _npy_fast, decode_npy
-
-    body = npy_bytes(array)
-    fast = _npy_fast(body)
-    if array.flags.f_contiguous and not array.flags.c_contiguous:
-        assert fast is None  # Fortran order: left to np.load
-    else:
-        assert fast.dtype == array.dtype and fast.shape == array.shape and np.array_equal(fast, array)
-    assert _npy_fast(body[:-4]) is None  # truncated: np.load gives the error
-    if array.size:
-        np.testing.assert_array_equal(decode_npy(body, Geometry(tuple("ugriz"), 64)).images,
-                                      np.load(io.BytesIO(body)).astype(np.float32).reshape(-1, 5, 64, 64)
-                                      if array.shape[-1] != 5 else np.moveaxis(array, -1, 1).astype(np.float32))
-
-
 def test_truncated_npy_is_400_naming_the_problem(server, rng):
     body = npy_bytes(sky_cutouts(rng, 2))[:-100]
     response = post(server, body)
@@ -322,7 +284,7 @@ def test_concurrent_requests_get_their_own_results(server, tiny_predictor):
         t.start()
     for t in threads:
         t.join()
-    for got, want in zip(results, wants):
+    for got, want in zip(results, wants, strict=True):
         np.testing.assert_allclose(pdfs_of(got), want, atol=1e-6)
     # inputs are distinct, so a mix-up could not pass
     assert np.abs(wants[0][0] - wants[1][0]).max() > 1e-4
@@ -452,7 +414,8 @@ def test_disconnected_client_work_is_dropped_before_the_model(tiny_bundle, tmp_p
         done = float(_metric(metrics, "photoz_objects_total"))
         assert done < 600  # the rest was dropped when the client went away
         assert float(_metric(metrics, "photoz_queue_depth")) == 0
-        assert "photoz_requests_total{status=\"499\"}" in metrics, [l for l in metrics.splitlines() if "requests_total" in l]
+        assert "photoz_requests_total{status=\"499\"}" in metrics, \
+            [line for line in metrics.splitlines() if "requests_total" in line]
     finally:
         srv.stop()
 
@@ -500,31 +463,3 @@ def test_startup_log_states_the_threads(server):
     assert "threads_per_batch=" in log
     if (os.cpu_count() or 1) > 1:  # a second, all-core session for lone batches
         assert f"threads_when_alone={os.cpu_count()}" in log
-
-
-def test_declared_route_and_fast_path_answer_alike(tiny_bundle, rng):
-    """POST /v1/predict normally takes the ASGI fast path; the FastAPI route (OpenAPI, other mounts) is the same
-    handler: same answers for a good request, a bad query, a bad body and a missing key."""
-    from fastapi.testclient import TestClient
-
-    from photoz.service.app import PredictFastPath, create_app
-    from photoz.service.settings import Settings
-
-    body = npy_bytes(sky_cutouts(rng, 3))
-    answers = {}
-    for fast in (True, False):
-        app = create_app(Settings(model=tiny_bundle, providers="cpu", api_keys=["k"], warmup=False))
-        if not fast:
-            app.user_middleware = [m for m in app.user_middleware if m.cls is not PredictFastPath]
-        with TestClient(app) as client:
-            auth = {**NPY, "Authorization": "Bearer k"}
-            calls = [client.post("/v1/predict", content=body, headers=auth, params={"ids": "a,b,c"}),
-                     client.post("/v1/predict", content=body, headers=auth, params={"deadline_ms": "-1"}),
-                     client.post("/v1/predict", content=b"junk", headers=auth),
-                     client.post("/v1/predict", content=body, headers=NPY)]
-            answers[fast] = [(r.status_code, r.json()) for r in calls]
-            params = {p["name"] for p in app.openapi()["paths"]["/v1/predict"]["post"]["parameters"]}
-            assert params == {"pdf", "all_or_nothing", "deadline_ms", "ebv", "ids"}
-    assert [a[0] for a in answers[True]] == [200, 422, 400, 401]
-    assert answers[True][1][1]["field"] == "query.deadline_ms"
-    assert answers[True] == answers[False]

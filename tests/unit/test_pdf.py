@@ -2,8 +2,17 @@ import numpy as np
 import pytest
 from scipy import integrate, stats
 
-from photoz.model.pdf import (RedshiftBins, crps, ks_uniform, outlier_fraction, photoz_metrics, pit, point_estimates,
-                       quantile, sigma_mad)
+from photoz.model.pdf import (
+    RedshiftBins,
+    crps,
+    ks_uniform,
+    outlier_fraction,
+    photoz_metrics,
+    pit,
+    point_estimates,
+    quantile,
+    sigma_mad,
+)
 
 BINS = RedshiftBins.uniform(0.0, 0.4, 180)
 
@@ -74,10 +83,10 @@ def test_crps_matches_numerical_integration(rng):
     p = random_pdfs(rng, 20)
     z_true = np.concatenate([rng.uniform(0, 0.4, 18), [-0.05, 0.5]])  # two outside the grid
     exact = crps(p, BINS, z_true)
-    for row, z, c in zip(p, z_true, exact):
+    for row, z, c in zip(p, z_true, exact, strict=True):
         cdf_edges = np.concatenate([[0], np.cumsum(row)])
 
-        def integrand(x):
+        def integrand(x, cdf_edges=cdf_edges, z=z):
             return (np.interp(x, BINS.edges, cdf_edges) - (x >= z)) ** 2
 
         points = np.sort(np.concatenate([BINS.edges, [z]]))
@@ -99,7 +108,7 @@ def test_pit_and_ks_against_scipy(rng):
     # calibrated by construction: truths drawn from the PDFs themselves
     p = random_pdfs(rng, 2000)
     cdf = np.cumsum(p, axis=1)
-    idx = np.array([np.searchsorted(c, u) for c, u in zip(cdf, rng.uniform(size=2000))])
+    idx = np.array([np.searchsorted(c, u) for c, u in zip(cdf, rng.uniform(size=2000), strict=True)])
     z_true = BINS.edges[idx] + rng.uniform(size=2000) * BINS.widths[idx]
     values = pit(p, BINS, z_true)
     assert ks_uniform(values) == pytest.approx(stats.kstest(values, "uniform").statistic, abs=1e-12)

@@ -3,7 +3,13 @@ import h5py
 import numpy as np
 import pytest
 
-from photoz.model.conventions import BANDS, DEPTH_5SIGMA_MAG, PIXEL_SCALE_ARCSEC, mag_to_nanomaggies, sky_sigma_nmgy_per_pixel
+from photoz.model.conventions import (
+    BANDS,
+    DEPTH_5SIGMA_MAG,
+    PIXEL_SCALE_ARCSEC,
+    mag_to_nanomaggies,
+    sky_sigma_nmgy_per_pixel,
+)
 from photoz.training.sim.population import PopulationConfig, draw_candidates, draw_selected, rest_frame_r
 from photoz.training.sim.render import _galaxy_components, _gsparams, add_noise, draw, draw_bands, noise_sigma
 from photoz.training.sim.sed import TemplateTuning, k_corrections
@@ -38,8 +44,8 @@ def test_luminosity_function_band_is_converted_to_rest_frame_r_with_each_sed():
     rest = rest_frame_r(np.array([-21.0, -21.0]), 0.1, np.ones(2), t, t, dust, TemplateTuning())
     np.testing.assert_allclose(-21.0 - rest, k_r + 2.5 * np.log10(1.1), atol=1e-9)
     assert (-21.0 - rest[0]) > (-21.0 - rest[1]) > 0  # a red spectrum is fainter in the bluer ^{0.1}r band
-    np.testing.assert_array_equal(rest_frame_r(np.array([-20.0]), 0.0, np.ones(1), t[:1], t[:1], dust[:1], TemplateTuning()),
-                                  [-20.0])
+    same = rest_frame_r(np.array([-20.0]), 0.0, np.ones(1), t[:1], t[:1], dust[:1], TemplateTuning())
+    np.testing.assert_array_equal(same, [-20.0])
 
 
 def test_red_sequence_colour_magnitude_relation():
@@ -123,7 +129,7 @@ def test_all_bands_at_once_equal_galsim_drawing_each_band():
         fwhm = np.array([1.5, 1.4, 1.3, 1.25, 1.3]) * np.exp(rng.normal(0, 0.1, 5))
         together = draw_bands(components, fluxes, fwhm)
         for b in range(len(BANDS)):
-            alone = draw([c * float(f) for c, f in zip(components, fluxes[b])], fwhm[b])
+            alone = draw([c * float(f) for c, f in zip(components, fluxes[b], strict=True)], fwhm[b])
             # same k-grid: float rounding; a larger grid than GalSim's own choice: within its folding accuracy
             assert np.abs(together[b] - alone).max() < 2e-3 * alone.max(), (k, b)
             assert together[b].sum() == pytest.approx(alone.sum(), rel=1e-3)

@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BASE = "localhost/photoz-base:bookworm"
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
@@ -66,8 +66,8 @@ def ensure_base() -> None:
 
 def build(tag: str, variant: str) -> None:
     print(f"building {tag} ...", flush=True)
-    sh("buildah", "bud", "--isolation", "chroot", "--format", "docker", "--build-arg", f"BASE_IMAGE={BASE}", "--build-arg",
-       f"VARIANT={variant}", "-v", f"{CA_BUNDLE}:{CA_BUNDLE}:ro", "-t", tag, str(ROOT), cwd=ROOT)
+    sh("buildah", "bud", "--isolation", "chroot", "--format", "docker", "--build-arg", f"BASE_IMAGE={BASE}",
+       "--build-arg", f"VARIANT={variant}", "-v", f"{CA_BUNDLE}:{CA_BUNDLE}:ro", "-t", tag, str(ROOT), cwd=ROOT)
 
 
 def image_config(tag: str) -> dict:

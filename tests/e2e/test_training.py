@@ -14,7 +14,7 @@ from photoz.model.runtime import OnnxPredictor
 from photoz.training.data import CutoutDataset, DataFormatError, inspect, split_indices
 from photoz.training.train import InMemoryData, TrainConfig, augment_batch, epoch_batches, load_checkpoint, train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def tiny_config(data, out, **kw):
 
 def test_end_to_end_train_resume_export_predict(tiny_data, tmp_path):
     run = train(tiny_config(tiny_data, tmp_path / "run"), progress=False)
-    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    rows = list(csv.DictReader((run / "metrics.csv").read_text().splitlines()))
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert float(rows[1]["lr"]) == pytest.approx(1e-4 / 5)  # divided by 5 halfway
     for key in ("val_sigma_mad", "val_outlier_fraction", "val_bias", "val_crps", "val_pit_ks"):
@@ -43,7 +43,7 @@ def test_end_to_end_train_resume_export_predict(tiny_data, tmp_path):
 
     # resume continues from the checkpoint: epoch 3 only, weights moved on from epoch 2's
     train(tiny_config(tiny_data, tmp_path / "run", epochs=3), resume=True, progress=False)
-    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    rows = list(csv.DictReader((run / "metrics.csv").read_text().splitlines()))
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
     after = torch.load(run / "last.pt", weights_only=False)
     assert after["epoch"] == 3 and before["epoch"] == 2
@@ -56,7 +56,8 @@ def test_end_to_end_train_resume_export_predict(tiny_data, tmp_path):
     report = evaluate(run / "best.pt", tiny_data, tmp_path / "eval", baseline_train=tiny_data, figures=True)
     assert (tmp_path / "eval" / "photoz_diagnostics.png").stat().st_size > 10_000
     assert report["baseline"]["metrics"]["n"] == 160
-    bundle = export_checkpoint(run / "best.pt", tmp_path / "b.onnx", "tiny-e2e", "0.0.1", tmp_path / "eval" / "metrics.json")
+    bundle = export_checkpoint(run / "best.pt", tmp_path / "b.onnx", "tiny-e2e", "0.0.1",
+                               tmp_path / "eval" / "metrics.json")
     record = load_bundle(bundle.path).metadata.document["training"]
     assert record["dataset"]["name"] == "tiny.h5" and record["dataset"]["n_objects"] == 160
     assert record["seed"] == 0 and record["epochs"] >= 1
@@ -97,7 +98,7 @@ def test_sigterm_checkpoint_and_exact_batch_resume(tiny_data, tmp_path):
 def test_preload_trains_in_memory_and_matches_streamed_validation(tiny_data, tmp_path):
     """--preload holds the data set as tensors; validation on it scores exactly like the streamed reader."""
     run = train(tiny_config(tiny_data, tmp_path / "pre", epochs=1, preload=True), progress=False)
-    row = next(csv.DictReader(open(run / "metrics.csv")))
+    row = next(csv.DictReader((run / "metrics.csv").read_text().splitlines()))
     net, state = load_checkpoint(run / "last.pt")
     assert state["train_config"]["preload"] is True and state["epoch"] == 1
     from photoz.model.pdf import RedshiftBins
@@ -115,7 +116,7 @@ def test_preload_trains_in_memory_and_matches_streamed_validation(tiny_data, tmp
     (images, ebv, z), = list(data.batches([[3, 7]], seed=(0, 0, 0, 0)))
     with h5py.File(tiny_data) as h5:
         assert np.allclose(z.numpy(), h5["z"][[3, 7]]) and np.allclose(ebv.numpy()[:, 0], h5["ebv"][[3, 7]])
-        for got, want in zip(images.numpy(), h5["images"][[3, 7]]):
+        for got, want in zip(images.numpy(), h5["images"][[3, 7]], strict=True):
             assert np.array_equal(np.sort(got.ravel()), np.sort(want.ravel()))
 
 
@@ -179,7 +180,7 @@ def test_ddp_with_two_cpu_processes_on_gloo(tiny_data, tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=240,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    rows = list(csv.DictReader((out / "metrics.csv").read_text().splitlines()))
     assert len(rows) == 1
     state = torch.load(out / "last.pt", weights_only=False)
     assert state["epoch"] == 1

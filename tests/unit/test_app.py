@@ -1,0 +1,153 @@
+"""The service in-process (ASGI, Starlette's TestClient): routing, auth, error mapping, the npy reader.
+
+A real ONNX Runtime session on the tiny bundle; no network.
+"""
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from photoz.service.app import PredictFastPath, create_app
+from photoz.service.settings import Settings
+from tests.helpers import npy_bytes, sky_cutouts
+
+NPY = {"Content-Type": "application/x-npy"}
+
+
+@pytest.fixture(scope="module")
+def client(tiny_bundle):
+    app = create_app(Settings(model=tiny_bundle, providers="cpu", api_keys=["k", "s\u00e9same"], warmup=False))
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+AUTH = {**NPY, "Authorization": "Bearer k"}
+
+
+@pytest.mark.parametrize("array", [np.arange(5 * 64 * 64, dtype="<f4").reshape(5, 64, 64),
+                                   np.arange(2 * 5 * 64 * 64, dtype=">f8").reshape(2, 5, 64, 64),
+                                   np.zeros((3, 64, 64, 5), np.int16), np.zeros((0, 5, 64, 64), np.float32),
+                                   np.asfortranarray(np.ones((5, 64, 64), np.float32))])
+def test_npy_reader_matches_numpy_for_every_layout_numpy_writes(array):
+    from photoz.formats.inputs import Geometry, _npy_fast, decode_npy
+
+    body = npy_bytes(array)
+    fast = _npy_fast(body)
+    if array.flags.f_contiguous and not array.flags.c_contiguous:
+        assert fast is None  # Fortran order: left to np.load
+    else:
+        assert fast.dtype == array.dtype and fast.shape == array.shape and np.array_equal(fast, array)
+    assert _npy_fast(body[:-4]) is None  # truncated: np.load gives the error
+    if array.size:
+        np.testing.assert_array_equal(decode_npy(body, Geometry(tuple("ugriz"), 64)).images,
+                                      np.load(io.BytesIO(body)).astype(np.float32).reshape(-1, 5, 64, 64)
+                                      if array.shape[-1] != 5 else np.moveaxis(array, -1, 1).astype(np.float32))
+
+
+def test_declared_route_and_fast_path_answer_alike(tiny_bundle, rng):
+    """POST /v1/predict normally takes the ASGI fast path; the FastAPI route (OpenAPI, other mounts) is the same
+    handler: same answers for a good request, a bad query, a bad body and a missing key."""
+    body = npy_bytes(sky_cutouts(rng, 3))
+    answers = {}
+    for fast in (True, False):
+        app = create_app(Settings(model=tiny_bundle, providers="cpu", api_keys=["k"], warmup=False))
+        if not fast:
+            app.user_middleware = [m for m in app.user_middleware if m.cls is not PredictFastPath]
+        with TestClient(app) as client:
+            auth = {**NPY, "Authorization": "Bearer k"}
+            calls = [client.post("/v1/predict", content=body, headers=auth, params={"ids": "a,b,c"}),
+                     client.post("/v1/predict", content=body, headers=auth, params={"deadline_ms": "-1"}),
+                     client.post("/v1/predict", content=b"junk", headers=auth),
+                     client.post("/v1/predict", content=body, headers=NPY)]
+            answers[fast] = [(r.status_code, r.json()) for r in calls]
+            params = {p["name"] for p in app.openapi()["paths"]["/v1/predict"]["post"]["parameters"]}
+            assert params == {"pdf", "all_or_nothing", "deadline_ms", "ebv", "ids"}
+    assert [a[0] for a in answers[True]] == [200, 422, 400, 401]
+    assert answers[True][1][1]["field"] == "query.deadline_ms"
+    assert answers[True] == answers[False]
+
+
+def test_non_ascii_and_unknown_keys_are_401_never_500(client, rng):
+    body = npy_bytes(sky_cutouts(rng, 1))
+    for header in ("Bearer k\u00e9".encode(), b"Bearer wrong", b"Basic k", b"Bearer", b"\xff\xfe"):
+        response = client.post("/v1/predict", content=body, headers={**NPY, "Authorization": header})
+        assert response.status_code == 401, (header, response.text)
+        assert response.headers["www-authenticate"] == "Bearer"
+        assert client.get("/v1/models", headers={"Authorization": header}).status_code == 401
+    # a key with non-ASCII characters works when sent as its UTF-8 bytes
+    utf8_key = "Bearer s\u00e9same".encode()
+    assert client.post("/v1/predict", content=body, headers={**NPY, "Authorization": utf8_key}).status_code == 200
+
+
+@pytest.mark.parametrize("content_type, body", [
+    ("multipart/form-data", b"--x\r\nnot a part"),  # no boundary
+    ("multipart/form-data; boundary=zzz", b"garbage without the boundary"),
+    ("multipart/form-data; boundary=zzz", b"--zzz\r\nContent-Disposition: form-data\r\n\r\nx\r\n--zzz--\r\n"),
+])
+def test_malformed_multipart_is_a_4xx_problem_not_a_500(client, content_type, body):
+    response = client.post("/v1/predict", content=body, headers={"Content-Type": content_type,
+                                                                 "Authorization": "Bearer k"})
+    assert 400 <= response.status_code < 500, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+
+
+def test_unexpected_failure_is_a_500_without_internals_carrying_a_request_id(client, rng, monkeypatch, caplog):
+    engine = client.app.state.photoz.engine
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("secret internal detail /etc/passwd")
+
+    monkeypatch.setattr(engine.batcher, "submit", broken)
+    response = client.post("/v1/predict", content=npy_bytes(sky_cutouts(rng, 1)), headers=AUTH)
+    assert response.status_code == 500
+    problem = response.json()
+    assert "secret" not in response.text and problem["request_id"] in problem["detail"]
+    assert any(problem["request_id"] in r.getMessage() for r in caplog.records)  # the log has the rest
+
+
+def test_a_pdf_that_comes_out_non_finite_is_that_objects_error(client, rng):
+    """A masked-pixel sentinel (1e30 nanomaggies) overflows float32 inside the network: that object gets an
+    error, the others their PDFs; nothing is marked valid with a PDF of NaNs."""
+    images = sky_cutouts(rng, 3)
+    images[1, 2, 10, 10] = 1e30
+    response = client.post("/v1/predict", content=npy_bytes(images), headers=AUTH, params={"ids": "a,b,c"})
+    assert response.status_code == 200, response.text
+    doc = response.json()
+    assert doc["ancil"]["ids"] == ["a", "c"] and np.isfinite(doc["data"]["pdfs"]).all()
+    assert [r["id"] for r in doc["rejected"]] == ["b"] and "not finite" in doc["rejected"][0]["error"]
+    fits_answer = client.post("/v1/predict", content=npy_bytes(images),
+                              headers={**AUTH, "Accept": "application/fits"})
+    from astropy.io import fits
+
+    with fits.open(io.BytesIO(fits_answer.content)) as hdul:
+        assert list(hdul["PHOTOZ"].data["VALID"]) == [True, False, True]
+
+
+def test_non_ascii_ids_in_every_output_format(client, rng):
+    from astropy.io import fits
+
+    ids = "galaxie-\u00e9t\u00e9,\u661f\u7cfb"
+    body = npy_bytes(sky_cutouts(rng, 2))
+    assert client.post("/v1/predict", content=body, headers=AUTH, params={"ids": ids}).json()["ancil"]["ids"] == \
+        ids.split(",")
+    answer = client.post("/v1/predict", content=body, headers={**AUTH, "Accept": "application/fits"},
+                         params={"ids": ids})
+    assert answer.status_code == 200, answer.text
+    with fits.open(io.BytesIO(answer.content)) as hdul:  # UTF-8 bytes in the column
+        assert [v.decode("utf-8") for v in np.asarray(hdul["PHOTOZ"].data)["ID"]] == ids.split(",")
+    answer = client.post("/v1/predict", content=body, headers={**AUTH, "Accept": "application/x-hdf5"},
+                         params={"ids": ids})
+    assert answer.status_code == 200, answer.text
+    import h5py
+
+    with h5py.File(io.BytesIO(answer.content)) as h5:
+        assert [v.decode("utf-8") for v in h5["ancil/ids"][...]] == ids.split(",")
+
+
+def test_blank_api_keys_flag_refuses_to_start(tiny_bundle):
+    result = subprocess.run([sys.executable, "-m", "photoz", "serve", "--model", str(tiny_bundle), "--api-keys", " , "],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "holds no key" in result.stderr
