@@ -109,16 +109,42 @@ def ebv_vector(values: Any, n: int, field: str = "ebv") -> np.ndarray:
     return arr.astype(np.float32)
 
 
+def ebv_per_object(values: Any, n: int, field: str = "ebv") -> tuple[np.ndarray, list[str | None]]:
+    """E(B-V) carried by a file, one value per cutout: a value that is not finite or not in 0-10 mag is
+    that object's problem (its value replaced by 0), not the whole file's; a wrong count is the file's."""
+    if values is None:
+        return np.zeros(n, np.float32), [None] * n
+    try:
+        arr = _vector(values, n, field, "E(B-V) in mag").astype(np.float64)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(field, "numbers (E(B-V) in mag)", repr(values)[:80]) from None
+    bad = ~(np.isfinite(arr) & (arr >= 0) & (arr <= 10))
+    problems = [f"E(B-V) {v} is not a finite value in 0-10 mag" if b else None for v, b in zip(arr, bad, strict=True)]
+    return np.where(bad, 0.0, arr).astype(np.float32), problems
+
+
+def merge_problems(*problems: str | None) -> str | None:
+    """One object's problems as one message (None when it has none)."""
+    found = list(dict.fromkeys(p for p in problems if p))  # each message once, in order
+    return "; ".join(found) if found else None
+
+
 def id_list(values: Any, n: int, default_prefix: str = "") -> list[str]:
     if values is None:
         return [f"{default_prefix}{i}" for i in range(n)]
-    return [str(v) for v in _vector(values, n, "ids", "id").tolist()]
+    return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)  # FITS/HDF5 strings are bytes
+            for v in _vector(values, n, "ids", "id").tolist()]
 
 
 def finish(images: Any, geometry: Geometry, ebv: Any, ids: Any, field: str, id_prefix: str = "") -> Cutouts:
     stack = canonical_stack(images, geometry, field)
     n = stack.shape[0]
-    return Cutouts(stack, ebv_vector(ebv, n), id_list(ids, n, id_prefix), flag_non_finite(stack, geometry.bands))
+    ebv_values, ebv_problems = ebv_per_object(ebv, n)
+    problems = [merge_problems(a, b) for a, b in zip(flag_non_finite(stack, geometry.bands), ebv_problems,
+                                                     strict=True)]
+    return Cutouts(stack, ebv_values, id_list(ids, n, id_prefix), problems)
 
 
 # -- formats -----------------------------------------------------------------

@@ -181,8 +181,24 @@ class Bundle:
 def load_bundle(path: str | Path) -> Bundle:
     """Read and validate a bundle: metadata document and graph signature.
 
-    Uses ONNX Runtime (not torch, not the onnx package) so the service can
-    call it. Raises :class:`BundleError` naming what is missing or wrong.
+    Uses ONNX Runtime (not torch, not the onnx package) so the service can call it.
+
+    Parameters
+    ----------
+    path : str or Path
+        The bundle's ``.onnx`` file.
+
+    Returns
+    -------
+    Bundle
+        Its path, parsed metadata (bands, cutout size, redshift bins, tensor names, training record)
+        and SHA-256 checksum; ``model_card_path`` is the ``.md`` beside it, if any.
+
+    Raises
+    ------
+    BundleError
+        Naming everything missing or wrong: no such file, not ONNX, no or invalid ``photoz``
+        metadata, a graph whose inputs or outputs disagree with the metadata.
     """
     import onnxruntime as ort
 

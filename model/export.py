@@ -72,11 +72,33 @@ def export_bundle(net: PasquetNet, path: str | Path, metadata: dict[str, Any], p
 
     The graph has a dynamic batch axis, inputs ``images`` (N, bands, S, S)
     float32 nanomaggies and ``ebv`` (N, 1) float32 mag, and output
-    ``probabilities`` (N, n_bins). Raises :class:`ParityError` if ONNX Runtime
-    and torch disagree by more than :data:`PARITY_TOLERANCE` on random inputs.
-    ``fp16`` stores weights and computes in float16 (for GPUs; inputs and
-    outputs stay float32, so callers see no difference) and is checked
-    against :data:`PARITY_TOLERANCE_FP16`.
+    ``probabilities`` (N, n_bins).
+
+    Parameters
+    ----------
+    net : PasquetNet
+        The network (put in eval mode here).
+    path : str or Path
+        Where to write the ``.onnx`` file.
+    metadata : dict
+        The ``photoz`` metadata document (:func:`make_metadata`); validated before writing.
+    parity_samples : int
+        Random cutouts on which ONNX Runtime and torch must agree.
+    seed : int
+        Seed of those cutouts.
+    fp16 : bool
+        Store weights and compute in float16 (for GPUs); inputs and outputs stay float32, so
+        callers see no difference. Checked against :data:`PARITY_TOLERANCE_FP16`.
+
+    Returns
+    -------
+    Bundle
+        The written bundle, loaded back with :func:`~photoz.model.bundle.load_bundle`.
+
+    Raises
+    ------
+    ParityError
+        If ONNX Runtime and torch disagree by more than :data:`PARITY_TOLERANCE` (probability).
     """
     import onnx
 

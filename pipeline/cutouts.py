@@ -25,8 +25,10 @@ directly (``images``, ``ebv``, ``ids``, plus ``ra``, ``dec``, ``x``, ``y``,
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -265,9 +267,42 @@ def parse_band_options(values: list[str] | None, what: str) -> dict[str, str]:
 
 
 def make_cutouts(image_args: list[str], catalogue: str | Path, out: str | Path, model: str | Path | None = None,
-                 ra_col=None, dec_col=None, id_col=None, ebv_col=None, units: dict | None = None,
-                 zero_points: dict | None = None, log=print) -> dict:
-    """Field images + catalogue -> ``out`` (.npz that ``photoz predict`` reads). Returns a summary."""
+                 ra_col: str | None = None, dec_col: str | None = None, id_col: str | None = None,
+                 ebv_col: str | None = None, units: dict[str, str] | None = None,
+                 zero_points: dict[str, float] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Cutouts on the bundle's pixel grid from calibrated field images and a catalogue.
+
+    Parameters
+    ----------
+    image_args : list of str
+        One calibrated FITS image per band, as ``BAND=PATH`` or a path whose ``FILTER``/``BAND``
+        header names the band.
+    catalogue : str or Path
+        FITS, CSV or Parquet table with RA/Dec in degrees (optional ids and E(B-V)).
+    out : str or Path
+        The ``.npz`` to write (``.npz`` is appended when missing); written atomically.
+    model : str or Path, optional
+        Bundle whose bands, cutout size and pixel scale to use (default: the SDSS conventions).
+    ra_col, dec_col, id_col, ebv_col : str, optional
+        Catalogue column names, when they are not among the usual ones.
+    units : dict, optional
+        Pixel unit per band (``{"z": "uJy"}``), overriding ``BUNIT``.
+    zero_points : dict, optional
+        AB magnitude of one pixel unit per band, for images in counts.
+    log : callable
+        Where to report how each band's unit was read and resampled.
+
+    Returns
+    -------
+    dict
+        ``out`` (the path written), ``objects``, ``near_edge`` (how many stamps run off an image),
+        ``grid_pixel_scale_arcsec`` and ``notes`` per band.
+
+    Raises
+    ------
+    CutoutError
+        Naming the file and what is wrong with it.
+    """
     bands, size, scale = BANDS, CUTOUT_SIZE_PIXELS, PIXEL_SCALE_ARCSEC
     if model is not None:
         from photoz.model.bundle import load_bundle

@@ -14,6 +14,7 @@ model runs here, on a running service (``url``), or on Dask workers.
 from __future__ import annotations
 
 import functools
+import gzip
 import json
 import queue
 import shutil
@@ -25,7 +26,16 @@ from typing import Any
 import numpy as np
 
 from photoz.formats.errors import InputError
-from photoz.formats.inputs import Cutouts, Geometry, canonical_stack, decode, flag_non_finite, kind_for_suffix
+from photoz.formats.inputs import (
+    Cutouts,
+    Geometry,
+    canonical_stack,
+    decode,
+    ebv_per_object,
+    flag_non_finite,
+    kind_for_suffix,
+    merge_problems,
+)
 from photoz.formats.results import TABLE_SUFFIXES, ResultRows, write_table
 from photoz.pipeline.engines import Engine, LocalEngine, open_engine
 from photoz.progress import Progress
@@ -50,23 +60,21 @@ class Source:
         """Objects [start, stop) as cutouts; an E(B-V) that is not a finite value in 0-10 mag is that
         object's problem, like non-finite pixels."""
         try:
-            images, ebv, ids = self._read(start, stop, geometry)
+            images, ebv, ids, decoded_problems = self._read(start, stop, geometry)
         except InputError:
             raise
         except Exception as exc:  # h5py, numpy and astropy raise many kinds for damaged files
             raise InputFileError(f"{self.path}: unreadable {self.kind or 'input'} file ({exc})") from None
         n = images.shape[0]
         ids = ids if ids is not None else [f"{self.path.name}:{i}" for i in range(start, start + n)]
-        ebv = np.zeros(n) if ebv is None else np.asarray(ebv, np.float64).reshape(-1)
-        if ebv.shape != (n,):
-            raise InputFileError(f"{self.path}: {ebv.size} E(B-V) values for {n} cutouts")
-        problems = flag_non_finite(images, geometry.bands)
-        bad_ebv = ~(np.isfinite(ebv) & (ebv >= 0) & (ebv <= 10))
-        for i in np.flatnonzero(bad_ebv):
-            problems[i] = "; ".join(filter(None, [problems[i], f"E(B-V) {ebv[i]} is not a finite value in 0-10 mag"]))
-        return Cutouts(images, np.where(bad_ebv, 0, ebv).astype(np.float32), ids, problems)
+        ebv, ebv_problems = ebv_per_object(ebv, n, f"{self.path}[ebv]")
+        problems = [merge_problems(*found) for found in zip(decoded_problems or [None] * n, ebv_problems,
+                                                             flag_non_finite(images, geometry.bands), strict=True)]
+        return Cutouts(images, ebv, ids, problems)
 
-    def _read(self, start: int, stop: int, geometry: Geometry) -> tuple[np.ndarray, Any, list[str] | None]:
+    def _read(self, start: int, stop: int,
+              geometry: Geometry) -> tuple[np.ndarray, Any, list[str] | None, list[str | None] | None]:
+        """images, E(B-V), ids and (for decoded files) the decoder's per-object problems."""
         if self.kind == "hdf5":
             import h5py
 
@@ -75,13 +83,13 @@ class Source:
                 ebv = h5["ebv"][start:stop] if "ebv" in h5 else None
                 ids = [i.decode("utf-8") if isinstance(i, bytes) else str(i) for i in h5["ids"][start:stop]] \
                     if "ids" in h5 else None
-            return images, ebv, ids
+            return images, ebv, ids, None
         if self.kind == "npy":
             array = np.load(self.path, mmap_mode="r", allow_pickle=False)
             images = canonical_stack(array if array.ndim == 3 else array[start:stop], geometry, str(self.path))
-            return images, None, None
-        cut = _decoded_file(self.path, geometry)
-        return cut.images[start:stop], cut.ebv[start:stop], cut.ids[start:stop]
+            return images, None, None, None
+        cut = _decoded_file(self.path, geometry)  # its E(B-V) problems are in cut.problems, its values 0
+        return cut.images[start:stop], cut.ebv[start:stop], cut.ids[start:stop], cut.problems[start:stop]
 
 
 def count_objects(path: Path, geometry: Geometry) -> int:
@@ -107,7 +115,10 @@ def count_objects(path: Path, geometry: Geometry) -> int:
 def _decoded_file(path: Path, geometry: Geometry) -> Cutouts:
     """A whole FITS/.npz file, decoded once: counting it and reading its chunks reuse it
     (one file held at a time, so memory stays bounded by the largest file)."""
-    return decode(path.read_bytes(), kind_for_suffix(path.name) or "sniff", geometry, field=str(path))
+    body = path.read_bytes()
+    if path.name.lower().endswith(".gz"):  # a local file the user named: gzip as astropy writes it
+        body = gzip.decompress(body)
+    return decode(body, kind_for_suffix(path.name) or "sniff", geometry, field=str(path))
 
 
 def find_sources(inputs: list[str | Path], geometry: Geometry) -> list[Source]:

@@ -70,8 +70,10 @@ def test_one_command_from_field_images_to_photoz_table(tmp_path, shipped, capsys
     """photoz cutouts --predict on a noisy field: each galaxy's photo-z matches its own cutout's."""
     render_field(tmp_path, n=38, seed=7, n_edge=2)
     images = [f"--image={tmp_path / f}" for f in FRAMES[:4]] + [f"--image=z={tmp_path / FRAMES[4]}"]
+    # --out without .npz: the file gets the suffix and --predict reads that file
     assert photoz(["cutouts", *images, "--catalogue", str(tmp_path / "catalogue.csv"), "--out",
-                   str(tmp_path / "c.npz"), "--predict", str(tmp_path / "photoz.fits"), "--quiet"]) == 0
+                   str(tmp_path / "c"), "--predict", str(tmp_path / "photoz.fits"), "--quiet"]) == 0
+    assert (tmp_path / "c.npz").is_file() and not list(tmp_path.glob("*.tmp*"))
     printed = capsys.readouterr().out
     assert "38 cutouts, 2 too near an edge" in printed and "38 rows by photoz-sdss-sim" in printed
     table, truth = Table.read(tmp_path / "photoz.fits", hdu=1), np.load(tmp_path / "truth.npz")

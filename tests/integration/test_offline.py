@@ -1,5 +1,7 @@
 """photoz predict: offline over files, resumable, same numbers as the engine and the service."""
+import io
 import json
+import os
 import subprocess
 import sys
 
@@ -62,23 +64,29 @@ def test_parquet_and_qp_hdf5_outputs(inputs, tiny_bundle, tmp_path):
         assert "band u" in json.loads(h5.attrs["rejected_errors"])[0]
 
 
+def interrupt_engine(monkeypatch, at_call: int) -> list[int]:
+    """Make the local engine raise KeyboardInterrupt on its ``at_call``-th call; returns the batch sizes seen."""
+    from photoz.pipeline.engines import LocalEngine
+
+    calls: list[int] = []
+    original = LocalEngine.run
+
+    def run(self, images, ebv):
+        calls.append(len(images))
+        if len(calls) == at_call:
+            raise KeyboardInterrupt("simulated interruption")
+        return original(self, images, ebv)
+
+    monkeypatch.setattr(LocalEngine, "run", run)
+    return calls
+
+
 def test_hdf5_dataset_input_and_resume_skips_finished_chunks(tiny_bundle, tmp_path, rng, monkeypatch):
     data = tmp_path / "set.h5"
     images = sky_cutouts(rng, 12)
     with h5py.File(data, "w") as h5:
         h5["images"], h5["ebv"] = images, np.full(12, 0.02, np.float32)
-    from photoz.pipeline.engines import LocalEngine
-
-    calls = []
-    original = LocalEngine.run
-
-    def failing_run(self, im, e):
-        calls.append(len(im))
-        if len(calls) == 3:
-            raise KeyboardInterrupt("simulated interruption")
-        return original(self, im, e)
-
-    monkeypatch.setattr(LocalEngine, "run", failing_run)
+    calls = interrupt_engine(monkeypatch, at_call=3)
     with pytest.raises(KeyboardInterrupt):
         predict_files([data], tmp_path / "r.fits", model=tiny_bundle, chunk_size=4, progress=False)
     assert len(list((tmp_path / "r.fits.parts").glob("chunk-*.npz"))) == 2
@@ -133,3 +141,63 @@ def test_dask_local_cluster_of_two_workers_gives_the_single_process_table(inputs
             assert list(a[name]) == list(b[name])
     manifest = json.loads((tmp_path / "dask.fits.parts" / "manifest.json").read_text())
     assert len(manifest["parts"]) == 4 and manifest["signature"]["chunk_size"] == 3
+
+
+def test_a_changed_input_is_not_resumed_into_old_rows(tiny_bundle, tmp_path, rng, monkeypatch):
+    """Resume keys on each input's size and modification time, not only its path and count."""
+    data = tmp_path / "in.npy"
+    np.save(data, sky_cutouts(rng, 6))
+    interrupt_engine(monkeypatch, at_call=2)
+    with pytest.raises(KeyboardInterrupt):
+        predict_files([data], tmp_path / "o.fits", model=tiny_bundle, chunk_size=3, progress=False)
+    np.save(data, sky_cutouts(rng, 6))  # regenerated: same path, same count, other pixels
+    os.utime(data, ns=(1, 1))  # and an mtime that differs whatever the clock's resolution
+    with pytest.raises(RuntimeError, match="changed files"):
+        predict_files([data], tmp_path / "o.fits", model=tiny_bundle, chunk_size=3, progress=False)
+
+
+def test_gzipped_fits_in_a_directory_and_utf8_ids_everywhere(tiny_bundle, tiny_predictor, tmp_path, rng):
+    import gzip
+
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "in"
+    d.mkdir()
+    images = sky_cutouts(rng, 2)
+    buffer = io.BytesIO()
+    ids = fits.BinTableHDU.from_columns([fits.Column("ID", "20A", array=["étoile-α".encode(), "星系".encode()])])
+    fits.HDUList([fits.PrimaryHDU(images), ids]).writeto(buffer)
+    (d / "pair.fits.gz").write_bytes(gzip.compress(buffer.getvalue()))
+    (d / "notes.txt").write_text("not an input")
+    for suffix in (".fits", ".parquet", ".hdf5"):
+        summary = predict_files([d], tmp_path / f"o{suffix}", model=tiny_bundle, progress=False)
+        assert summary["objects"] == 2
+    table = Table.read(tmp_path / "o.fits", hdu="PHOTOZ")
+    assert list(table["ID"]) == ["étoile-α", "星系"]
+    np.testing.assert_allclose(np.asarray(table["PDF"]), tiny_predictor.predict(images, np.zeros(2)), atol=1e-6)
+    assert pq.read_table(tmp_path / "o.parquet").column("id").to_pylist() == ["étoile-α", "星系"]
+    with h5py.File(tmp_path / "o.hdf5") as h5:
+        assert [v.decode() for v in h5["ancil/ids"][...]] == ["étoile-α", "星系"]
+
+
+def test_a_bad_ebv_fails_its_object_not_the_run(tiny_bundle, tmp_path, rng):
+    np.savez(tmp_path / "c.npz", images=sky_cutouts(rng, 3), ebv=np.array([0.02, np.nan, 0.03], np.float32))
+    predict_files([tmp_path / "c.npz"], tmp_path / "o.fits", model=tiny_bundle, progress=False)
+    table = Table.read(tmp_path / "o.fits", hdu="PHOTOZ")
+    assert list(table["VALID"]) == [True, False, True]
+    assert "E(B-V) nan" in table["ERROR"][1] and np.isfinite(table["Z_MEAN"][[0, 2]]).all()
+
+
+def test_cli_errors_name_the_file_and_the_argument_without_a_traceback(tiny_bundle, tmp_path, rng):
+    good, bad = tmp_path / "in" / "good.npy", tmp_path / "in" / "broken.npz"
+    good.parent.mkdir()
+    np.save(good, sky_cutouts(rng, 2))
+    bad.write_bytes(b"PK\x03\x04 this is no zip archive")
+    cli = [sys.executable, "-m", "photoz", "predict", str(tmp_path / "in"), "--model", str(tiny_bundle), "--quiet"]
+    result = subprocess.run([*cli, "--out", str(tmp_path / "o.fits")], capture_output=True, text=True)
+    assert result.returncode == 2 and "broken.npz" in result.stderr and "Traceback" not in result.stderr
+    for flag in ("--chunk-size", "--batch-size"):
+        result = subprocess.run([*cli, "--out", str(tmp_path / "o.fits"), flag, "0"], capture_output=True, text=True)
+        assert result.returncode == 2 and "must be at least 1" in result.stderr
+    with pytest.raises(ValueError, match="at least 1"):
+        predict_files([good], tmp_path / "o.fits", model=tiny_bundle, chunk_size=0, progress=False)

@@ -151,3 +151,12 @@ def test_blank_api_keys_flag_refuses_to_start(tiny_bundle):
     result = subprocess.run([sys.executable, "-m", "photoz", "serve", "--model", str(tiny_bundle), "--api-keys", " , "],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "holds no key" in result.stderr
+
+
+def test_a_bad_ebv_carried_by_a_file_rejects_that_object_only(client, rng):
+    from tests.helpers import npz_bytes
+
+    body = npz_bytes(images=sky_cutouts(rng, 3), ebv=np.array([0.02, np.nan, 11.0], np.float32))
+    doc = client.post("/v1/predict", content=body, headers={**AUTH, "Content-Type": "application/x-npz"}).json()
+    assert doc["ancil"]["ids"] == ["0"] and [r["index"] for r in doc["rejected"]] == [1, 2]
+    assert all("not a finite value in 0-10 mag" in r["error"] for r in doc["rejected"])
