@@ -20,7 +20,7 @@ RUN /opt/photoz/bin/pip install --no-cache-dir . \
       /opt/photoz/bin/pip uninstall -y onnxruntime \
       && /opt/photoz/bin/pip install --no-cache-dir "onnxruntime-gpu[cuda,cudnn]>=1.20"; \
     fi \
- && /opt/photoz/bin/python -c "import photoz.model.bundle, photoz.service.app, photoz.pipeline.predict"
+ && cd / && /opt/photoz/bin/python -c "import photoz.model.bundle, photoz.service.app, photoz.pipeline.predict"
 
 FROM ${BASE_IMAGE} AS runtime
 ARG VARIANT=cpu

@@ -14,9 +14,10 @@ class InputError(ValueError):
     """A bad input: HTTP ``status`` and the problem's field / expected / received."""
 
     def __init__(self, field: str, expected: str, received: str, status: int = 422,
-                 title: str = "invalid input") -> None:
+                 title: str = "invalid input", headers: dict[str, str] | None = None) -> None:
         super().__init__(f"{field}: expected {expected}, got {received}")
         self.field, self.expected, self.received, self.status, self.title = field, expected, received, status, title
+        self.headers = headers  # e.g. Connection: close when the rest of the body will not be read
 
     def problem(self) -> dict[str, Any]:
         """RFC 9457 problem details."""

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from photoz.formats.inputs import band_from_header
+from photoz.formats.fits_input import band_from_header
 from photoz.model.conventions import (
     BANDS,
     CUTOUT_SIZE_PIXELS,

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from photoz.formats.inputs import Geometry
+from photoz.formats.cutouts import Geometry
 from photoz.formats.results import ModelInfo
 from photoz.model.bundle import load_bundle
 from photoz.model.pdf import ESTIMATES, RedshiftBins

@@ -25,17 +25,17 @@ from typing import Any
 
 import numpy as np
 
-from photoz.formats.errors import InputError
-from photoz.formats.inputs import (
+from photoz.formats.cutouts import (
     Cutouts,
     Geometry,
     canonical_stack,
-    decode,
+    concatenate,
     ebv_per_object,
     flag_non_finite,
-    kind_for_suffix,
     merge_problems,
 )
+from photoz.formats.errors import InputError
+from photoz.formats.inputs import decode, kind_for_suffix
 from photoz.formats.results import TABLE_SUFFIXES, ResultRows, write_table
 from photoz.pipeline.engines import Engine, LocalEngine, open_engine
 from photoz.progress import Progress
@@ -162,8 +162,6 @@ def chunk_plan(sources: list[Source], chunk_size: int) -> Plan:
 
 
 def _read_chunk(plan: list[tuple[Source, int, int]], geometry: Geometry) -> Cutouts:
-    from photoz.formats.inputs import concatenate
-
     return concatenate([src.read(a, b, geometry) for src, a, b in plan])
 
 

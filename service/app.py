@@ -28,12 +28,13 @@ from pydantic import BaseModel, Field
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from photoz.formats.cutouts import Cutouts
 from photoz.formats.errors import InputError
-from photoz.formats.inputs import Cutouts, parse_list_field
+from photoz.formats.inputs import parse_list_field
 from photoz.formats.results import ACCEPTED, ENCODERS, Results, choose_media_type
 from photoz.service.engine import ServingEngine
 from photoz.service.errors import Draining, Unauthorized, problem_for, validation_problem
-from photoz.service.ingest import read_cutouts, submit_unless_disconnected
+from photoz.service.ingest import InflightBodies, admit, read_cutouts, submit_unless_disconnected
 from photoz.service.settings import Settings
 
 log = logging.getLogger("photoz.service")
@@ -49,6 +50,7 @@ class ServiceState:
     """One app's settings, engine (None until loaded) and lifecycle flags."""
 
     settings: Settings
+    inflight: InflightBodies
     key_digests: tuple[bytes, ...] = ()
     engine: ServingEngine | None = None
     draining: bool = False
@@ -56,6 +58,14 @@ class ServiceState:
     @property
     def ready(self) -> bool:
         return self.engine is not None and not self.draining
+
+    def cut_off_queued(self) -> None:
+        """At the drain deadline: queued work that cannot finish gets 503 + Retry-After, not a dropped connection."""
+        if self.engine is not None:
+            aborted = self.engine.batcher.abort_queued(Draining("the server is shutting down: this work was still "
+                                                                "queued at the drain deadline; retry elsewhere"))
+            if aborted:
+                log.warning("drain deadline: %d queued cutouts answered 503", aborted)
 
     def running_engine(self) -> ServingEngine:
         """The engine, or 503 while loading or draining."""
@@ -165,7 +175,8 @@ async def _predict(request: Request, params: PredictParams) -> Response:
     if media_type is None:
         raise InputError("Accept", " or ".join(ACCEPTED), request.headers.get("accept", ""), status=406,
                          title="not acceptable")
-    cutouts = await read_cutouts(request, engine.geometry, engine.settings.max_body_bytes,
+    admit(request, engine.batcher, engine.geometry)  # 429 before the body is read when the queue is full
+    cutouts = await read_cutouts(request, engine.geometry, engine.settings, _state(request).inflight,
                                  parse_list_field(params.ebv, "ebv"), parse_list_field(params.ids, "ids"))
     valid = _check_valid(cutouts, params.all_or_nothing)
     timeout = params.deadline_ms / 1000 if params.deadline_ms else engine.settings.request_timeout_s
@@ -259,7 +270,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
     app = FastAPI(title="photoz", version="1", lifespan=lifespan,
                   description="Photometric redshifts of galaxies from ugriz cutouts.")
-    app.state.photoz = ServiceState(settings, tuple(key_digest(k) for k in settings.api_keys))
+    app.state.photoz = ServiceState(settings, InflightBodies(settings.max_inflight_body_bytes),
+                                    tuple(key_digest(k) for k in settings.api_keys))
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(Exception, _problem_handler)
     for error in (InputError, Unauthorized, Draining):

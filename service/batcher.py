@@ -89,8 +89,7 @@ class Batcher:
             raise InputError("body", f"at most {self.max_queue_objects} cutouts per request (the queue's capacity; "
                              "split larger stacks)", f"{n} cutouts", status=413, title="request too large")
         if self._queued + n > self.max_queue_objects:
-            wait = max(1.0, (self._queued + n) * self._seconds_per_object)
-            raise QueueFull(self._queued, self.max_queue_objects, wait)
+            raise self.queue_full(n)
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         pieces = []
@@ -178,6 +177,23 @@ class Batcher:
                 offset += p.n
         finally:
             self._slots.release()
+
+    def queue_full(self, n: int, before_body: bool = False) -> QueueFull:
+        """The 429 for a request of ``n`` cutouts now: Retry-After from the measured drain rate."""
+        wait = max(1.0, (self._queued + n) * self._seconds_per_object)
+        return QueueFull(self._queued, self.max_queue_objects, wait, close=before_body)
+
+    def abort_queued(self, error: BaseException) -> int:
+        """Fail every queued piece with ``error`` (the drain deadline passed); returns how many cutouts."""
+        aborted = 0
+        while self._queue:
+            piece = self._queue.popleft()
+            self._queued -= piece.n
+            if not piece.future.done():
+                piece.future.set_exception(error)
+                aborted += piece.n
+        self.stats.on_depth(self._queued)
+        return aborted
 
     async def drain(self, timeout_s: float) -> None:
         """Stop accepting; wait until queued and running work is finished (or the timeout)."""

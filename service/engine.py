@@ -12,7 +12,7 @@ import logging
 
 import numpy as np
 
-from photoz.formats.inputs import Geometry
+from photoz.formats.cutouts import Geometry
 from photoz.model.bundle import Bundle, load_bundle
 from photoz.model.runtime import OnnxPredictor
 from photoz.service.batcher import Batcher

@@ -44,18 +44,29 @@ class Unauthorized(ServiceError):
         return {"WWW-Authenticate": "Bearer"}
 
 
-class QueueFull(ServiceError):
+class Overloaded(ServiceError):
+    """429: try again after ``retry_after_s``; ``close`` when the body was not read (the connection must go)."""
+
     status, title = 429, "overloaded"
 
-    def __init__(self, queued: int, capacity: int, retry_after_s: float) -> None:
-        super().__init__(f"queue holds {queued} of {capacity} cutouts; retry in {retry_after_s:.0f} s")
-        self.retry_after_s = retry_after_s
+    def __init__(self, detail: str, retry_after_s: float, close: bool = False) -> None:
+        super().__init__(detail)
+        self.retry_after_s, self.close = retry_after_s, close
 
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": f"{self.retry_after_s:.0f}"}
+        headers = {"Retry-After": f"{max(1, round(self.retry_after_s))}"}
+        return {**headers, "Connection": "close"} if self.close else headers
+
+
+class QueueFull(Overloaded):
+    def __init__(self, queued: int, capacity: int, retry_after_s: float, close: bool = False) -> None:
+        super().__init__(f"queue holds {queued} of {capacity} cutouts; retry in {max(1, round(retry_after_s))} s",
+                         retry_after_s, close)
 
 
 class Draining(ServiceError):
+    """503 with Retry-After: loading, shutting down, or work cut off at the drain deadline."""
+
     status, title = 503, "unavailable"
 
     def headers(self) -> dict[str, str]:
@@ -83,7 +94,7 @@ def validation_problem(errors: list[Any], prefix: tuple[str, ...] = ()) -> JSONR
 def problem_for(exc: BaseException) -> JSONResponse:
     """The response for any exception a request raised."""
     if isinstance(exc, InputError):
-        return JSONResponse(exc.problem(), status_code=exc.status, media_type=PROBLEM_TYPE)
+        return JSONResponse(exc.problem(), status_code=exc.status, media_type=PROBLEM_TYPE, headers=exc.headers)
     if isinstance(exc, ServiceError):
         return problem_response(exc.status, exc.title, str(exc), exc.headers())
     if isinstance(exc, ValidationError):

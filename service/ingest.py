@@ -1,72 +1,152 @@
 """From an HTTP request to validated cutouts, and from cutouts to the batcher's outputs.
 
-The body is read with a size limit, decoded by :mod:`photoz.formats.inputs`
-(on the event loop when small, where a thread hop would cost more than the
-work; in a thread otherwise), and handed to the batcher; a client that
-disconnects while its work is queued has that work dropped.
+Limits come before work. A request the queue cannot take is refused from its
+headers, before its body is read (:func:`admit`). A body is read against
+three limits: its size (413), a deadline on progress (no data for
+``body_timeout_s``: 408) and the bytes of all bodies being read at once
+(429). It is then decoded by :mod:`photoz.formats` within the request's
+decoded-size budget: a small plain ``.npy`` on the event loop (a thread hop
+costs more than reading it), anything else in a worker thread, so a heavy
+body never stalls the loop. A client that disconnects while its work is
+queued has that work dropped.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
 from starlette.requests import Request
 
+from photoz.formats.cutouts import Cutouts, DecodeBudget, DecodeLimits, Geometry, concatenate, ebv_vector, id_list
 from photoz.formats.errors import InputError
-from photoz.formats.inputs import (
-    MEDIA_TYPES,
-    Cutouts,
-    Geometry,
-    concatenate,
-    decode,
-    ebv_vector,
-    id_list,
-    kind_for_filename,
-    parse_list_field,
-)
+from photoz.formats.inputs import MEDIA_TYPES, decode, kind_for_filename, parse_list_field, sniff
 from photoz.service.batcher import Batcher
+from photoz.service.errors import Overloaded
 
-#: Requests up to this size are decoded on the event loop: for a few cutouts the hop to a worker
-#: thread costs more than the work (64 KiB ~ 2-3 cutouts).
+#: Plain .npy bodies up to this size are decoded on the event loop (64 KiB ~ 2-3 cutouts).
 INLINE_BYTES = 256 * 1024
 SUPPORTED_BODIES = ("application/fits, application/x-npy, application/x-npz, application/octet-stream, "
                     "application/json or multipart/form-data")
+#: A hint a client may send: how many cutouts its body holds (checked against the queue before the body is read).
+OBJECTS_HEADER = "x-photoz-objects"
+CLOSE = {"Connection": "close"}
+
+
+class InflightBodies:
+    """Bytes of request bodies being read at once, bounded: a request past the bound is refused (429)."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit, self.used = limit_bytes, 0
+
+    @contextlib.contextmanager
+    def hold(self) -> Any:
+        grant = _Grant(self)
+        try:
+            yield grant
+        finally:
+            self.used -= grant.held
+
+    def refuse(self, wanted: int) -> Overloaded:
+        return Overloaded(f"the server is reading {self.used / 2**20:.0f} MiB of request bodies (at most "
+                          f"{self.limit / 2**20:.0f} MiB at once); this one needs {wanted / 2**20:.1f} MiB more; "
+                          "retry in 1 s", 1.0, close=True)
+
+
+class _Grant:
+    def __init__(self, pool: InflightBodies) -> None:
+        self.pool, self.held = pool, 0
+
+    def grow_to(self, nbytes: int) -> None:
+        extra = nbytes - self.held
+        if extra <= 0:
+            return
+        if self.pool.used + extra > self.pool.limit:
+            raise self.pool.refuse(extra)
+        self.pool.used += extra
+        self.held = nbytes
+
+
+def _declared_length(request: Request) -> int | None:
+    declared = request.headers.get("content-length", "")
+    return int(declared) if declared.isdigit() else None
+
+
+def admit(request: Request, batcher: Batcher, geometry: Geometry) -> None:
+    """429 from the headers alone when the queue cannot take what the body would hold.
+
+    The count is the client's ``X-Photoz-Objects`` hint, else what the declared
+    length holds at float32 (a float16 or compressed body holds more: the
+    exact check follows the decoding).
+    """
+    hint = request.headers.get(OBJECTS_HEADER, "")
+    declared = _declared_length(request)
+    cutout_bytes = len(geometry.bands) * geometry.size ** 2 * 4
+    expected = int(hint) if hint.isdigit() else max(1, (declared or 0) // cutout_bytes)
+    if batcher.queued and batcher.queued + min(expected, batcher.max_queue_objects) > batcher.max_queue_objects:
+        raise batcher.queue_full(expected, before_body=True)
 
 
 def _too_large(limit: int, received: str) -> InputError:
     return InputError("body", f"at most {limit} bytes ({limit / 2**20:.0f} MiB)", received, status=413,
-                      title="request body too large")
+                      title="request body too large", headers=CLOSE)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) as soon as it exceeds ``limit`` bytes."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit, f"{int(declared)} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit, f"more than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+async def _chunks(request: Request, timeout_s: float) -> AsyncIterator[bytes]:
+    """The body's chunks; 408 when none arrives for ``timeout_s``."""
+    stream = request.stream().__aiter__()
+    received = 0
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), timeout_s)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise InputError("body", f"a body that keeps arriving (at most {timeout_s:g} s without data)",
+                             f"nothing for {timeout_s:g} s after {received} bytes", status=408,
+                             title="request timeout", headers=CLOSE) from None
+        received += len(chunk)
+        yield chunk
 
 
-async def read_cutouts(request: Request, geometry: Geometry, max_body_bytes: int, ebv: Any, ids: Any) -> Cutouts:
+async def read_body(request: Request, limit: int, timeout_s: float, inflight: InflightBodies) -> bytes:
+    """The request body within its size limit, progress deadline and the in-flight bound."""
+    declared = _declared_length(request)
+    if declared is not None and declared > limit:
+        raise _too_large(limit, f"{declared} bytes")
+    with inflight.hold() as grant:
+        grant.grow_to(declared or 0)
+        chunks, size = [], 0
+        async for chunk in _chunks(request, timeout_s):
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit, f"more than {limit} bytes")
+            grant.grow_to(size)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+async def read_cutouts(request: Request, geometry: Geometry, settings: Any, inflight: InflightBodies,
+                       ebv: Any, ids: Any) -> Cutouts:
     """The request's cutouts (any supported body), with E(B-V) and ids from the query when given."""
     content_type = request.headers.get("content-type", "")
     base = content_type.split(";")[0].strip().lower()
-    body = await read_body(request, max_body_bytes)
-    if base == "multipart/form-data":
-        cutouts, ebv, ids = await _read_multipart(request, body, geometry, ebv, ids)
-    elif base not in MEDIA_TYPES:
+    if base != "multipart/form-data" and base not in MEDIA_TYPES:
         raise InputError("Content-Type", SUPPORTED_BODIES, content_type or "(none)", status=415,
                          title="unsupported media type")
-    elif len(body) <= INLINE_BYTES:  # small bodies decode faster than a hop to a thread
-        cutouts = decode(body, MEDIA_TYPES[base], geometry)
+    body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s, inflight)
+    limits: DecodeLimits = settings.decode_limits
+    budget = DecodeBudget(limits)
+    if base == "multipart/form-data":
+        cutouts, ebv, ids = await _read_multipart(request, body, geometry, ebv, ids, budget)
     else:
-        cutouts = await asyncio.to_thread(decode, body, MEDIA_TYPES[base], geometry)
+        kind = MEDIA_TYPES[base]
+        if len(body) <= INLINE_BYTES and (kind == "npy" or (kind == "sniff" and sniff(body) == "npy")):
+            cutouts = decode(body, kind, geometry, budget=budget)
+        else:
+            cutouts = await asyncio.to_thread(decode, body, kind, geometry, None, None, "body", budget)
     if ebv is not None:
         cutouts.ebv = ebv_vector(ebv, len(cutouts))
     if ids is not None:
@@ -74,10 +154,11 @@ async def read_cutouts(request: Request, geometry: Geometry, max_body_bytes: int
     return cutouts
 
 
-async def _read_multipart(request: Request, body: bytes, geometry: Geometry, ebv: Any,
-                          ids: Any) -> tuple[Cutouts, Any, Any]:
+async def _read_multipart(request: Request, body: bytes, geometry: Geometry, ebv: Any, ids: Any,
+                          budget: DecodeBudget) -> tuple[Cutouts, Any, Any]:
     request._body = body  # Starlette's form parser then reads the buffered body
-    form = await request.form(max_files=10_000, max_fields=1_000)
+    max_parts = budget.limits.max_parts
+    form = await request.form(max_files=max_parts, max_fields=max_parts + 16)
     files = [(k, v) for k, v in form.multi_items() if hasattr(v, "read")]
     if not files:
         raise InputError("files", "one or more file parts in the multipart body", "no file parts")
@@ -86,7 +167,8 @@ async def _read_multipart(request: Request, body: bytes, geometry: Geometry, ebv
         data = await upload.read()
         name = upload.filename  # type: ignore[union-attr]
         kind = kind_for_filename(name, upload.content_type)  # type: ignore[union-attr]
-        part = await asyncio.to_thread(decode, data, kind, geometry, None, None, f"file {name!r}")
+        # one budget for all the parts: a request's decoded size is the sum of its files'
+        part = await asyncio.to_thread(decode, data, kind, geometry, None, None, f"file {name!r}", budget)
         if len(files) > 1:  # ids stay unique across files
             part.ids = [f"{name}:{i}" for i in part.ids]
         parts.append(part)

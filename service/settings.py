@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
 
+from photoz.formats.cutouts import DecodeLimits, MiB
 from photoz.model.bundle import default_bundle_path
 
 DEFAULT_MODEL = default_bundle_path()
@@ -28,7 +29,15 @@ class Settings(BaseModel):
     max_batch_size: int = Field(8, ge=1, description="most cutouts per model call (CPU: ~8; GPU: 64-256)")
     max_queue_delay_ms: float = Field(2.0, ge=0, description="longest wait of the oldest queued cutout")
     max_queue_objects: int = Field(8192, ge=1, description="queued cutouts beyond which requests get 429")
-    max_body_mb: float = Field(512.0, gt=0, description="largest request body, MiB")
+    max_body_mb: float = Field(64.0, gt=0, description="largest request body, MiB (413 above)")
+    max_decoded_mb: float = Field(128.0, gt=0, description="largest decoded request (all its arrays, counted "
+                                                           "before decompression or allocation), MiB (413 above)")
+    max_json_mb: float = Field(4.0, gt=0, description="largest JSON body, MiB (413 above)")
+    max_parts: int = Field(64, ge=1, description="most files in one multipart request")
+    max_hdus: int = Field(64, ge=1, description="most HDUs read from one FITS file")
+    body_timeout_s: float = Field(10.0, gt=0, description="a body that sends nothing for this long gets 408")
+    max_inflight_body_mb: float = Field(256.0, gt=0, description="request bodies being read at once, MiB "
+                                                                "(429 beyond)")
     request_timeout_s: float = Field(60.0, gt=0, description="default deadline of a request")
     api_keys: list[str] = Field(default_factory=list, description="bearer tokens; empty: no auth")
     warmup: bool = Field(True, description="run every batch-size bucket once before ready")
@@ -56,7 +65,17 @@ class Settings(BaseModel):
 
     @property
     def max_body_bytes(self) -> int:
-        return int(self.max_body_mb * 1024 * 1024)
+        return int(self.max_body_mb * MiB)
+
+    @property
+    def max_inflight_body_bytes(self) -> int:
+        return int(self.max_inflight_body_mb * MiB)
+
+    @property
+    def decode_limits(self) -> DecodeLimits:
+        """What one request may decode to (see :class:`~photoz.formats.cutouts.DecodeLimits`)."""
+        return DecodeLimits(int(self.max_decoded_mb * MiB), self.max_hdus, self.max_parts,
+                            int(self.max_json_mb * MiB))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -121,7 +121,7 @@ def test_other_pixel_scale_and_rotation_are_resampled_onto_the_bundle_grid(tmp_p
 
 
 def test_band_from_headers_one_rule_for_uploads_and_field_images():
-    from photoz.formats.inputs import band_from_header
+    from photoz.formats.fits_input import band_from_header
     from photoz.model.conventions import BANDS
 
     for value, band in (("r", "r"), ("R", "r"), ("SDSS r", "r"), ("r.MP9601", "r"), ("HSC-G", "g"),

@@ -176,7 +176,7 @@ def test_pickled_npy_is_refused_not_loaded(server):
     buffer = io.BytesIO()
     np.save(buffer, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
     response = post(server, buffer.getvalue())
-    assert response.status_code == 400 and "allow_pickle=False" in response.json()["received"]
+    assert response.status_code == 400 and "allow_pickle=False" in response.json()["detail"]
 
 
 def test_truncated_npy_is_400_naming_the_problem(server, rng):

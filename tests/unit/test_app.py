@@ -32,7 +32,8 @@ AUTH = {**NPY, "Authorization": "Bearer k"}
                                    np.zeros((3, 64, 64, 5), np.int16), np.zeros((0, 5, 64, 64), np.float32),
                                    np.asfortranarray(np.ones((5, 64, 64), np.float32))])
 def test_npy_reader_matches_numpy_for_every_layout_numpy_writes(array):
-    from photoz.formats.inputs import Geometry, _npy_fast, decode_npy
+    from photoz.formats.cutouts import Geometry
+    from photoz.formats.numpy_input import _npy_fast, decode_npy
 
     body = npy_bytes(array)
     fast = _npy_fast(body)
