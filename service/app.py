@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import numpy as np
+import orjson
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -33,14 +34,16 @@ from photoz.formats.errors import InputError
 from photoz.formats.inputs import parse_list_field
 from photoz.formats.results import ACCEPTED, ENCODERS, Results, choose_media_type
 from photoz.service.engine import ServingEngine
-from photoz.service.errors import Draining, Unauthorized, problem_for, validation_problem
-from photoz.service.ingest import InflightBodies, admit, read_cutouts, submit_unless_disconnected
+from photoz.service.errors import PROBLEM_TYPE, Draining, QueueFull, Unauthorized, problem_for, validation_problem
+from photoz.service.ingest import OBJECTS_HEADER, InflightBodies, admit, read_cutouts, submit_unless_disconnected
 from photoz.service.settings import Settings
 
 log = logging.getLogger("photoz.service")
 
 #: Responses up to this many objects are encoded on the event loop (a thread hop costs more).
 INLINE_OBJECTS = 16
+#: Refusals held at once at most (each holds a connection; beyond, refusals go out at once).
+MAX_HELD_REFUSALS = 4096
 #: Status recorded for a client that went away before its answer (nginx's convention).
 CLIENT_CLOSED = 499
 
@@ -58,6 +61,20 @@ class ServiceState:
     @property
     def ready(self) -> bool:
         return self.engine is not None and not self.draining
+
+    held_refusals: int = 0
+
+    async def hold_refusal(self) -> None:
+        """Hold a 429 for ``refusal_delay_ms`` before sending it (a timer, no CPU): a client that ignores
+        Retry-After then re-sends at most once per delay, instead of as fast as the server can refuse."""
+        delay = self.settings.refusal_delay_ms / 1000
+        if delay <= 0 or self.held_refusals >= MAX_HELD_REFUSALS:
+            return
+        self.held_refusals += 1
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            self.held_refusals -= 1
 
     def cut_off_queued(self) -> None:
         """At the drain deadline: queued work that cannot finish gets 503 + Retry-After, not a dropped connection."""
@@ -175,7 +192,7 @@ async def _predict(request: Request, params: PredictParams) -> Response:
     if media_type is None:
         raise InputError("Accept", " or ".join(ACCEPTED), request.headers.get("accept", ""), status=406,
                          title="not acceptable")
-    admit(request, engine.batcher, engine.geometry)  # 429 before the body is read when the queue is full
+    admit(request.headers, engine.batcher, engine.geometry)  # 429 before the body is read when the queue is full
     cutouts = await read_cutouts(request, engine.geometry, engine.settings, _state(request).inflight,
                                  parse_list_field(params.ebv, "ebv"), parse_list_field(params.ids, "ids"))
     valid = _check_valid(cutouts, params.all_or_nothing)
@@ -233,10 +250,38 @@ class PredictFastPath:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/v1/predict":
+            refusal = refuse_early(scope)
+            if refusal is not None:
+                await scope["app"].state.photoz.hold_refusal()
+                await refusal(scope, receive, send)
+                return
             response = await self.handler(Request(scope, receive, send), None)
             await response(scope, receive, send)
         else:
             await self.app(scope, receive, send)
+
+
+def refuse_early(scope: Scope) -> Response | None:
+    """Under overload, the 429 for a request from its headers alone: no Request object, no auth, no body read
+    (``Connection: close``), so a retry storm costs the server as little as it can (docs/security.md)."""
+    state: ServiceState = scope["app"].state.photoz
+    engine = state.engine
+    if engine is None or state.draining or not engine.batcher.queued:
+        return None
+    headers = {name: value for name, value in scope["headers"] if name in ADMISSION_HEADERS}
+    try:
+        admit({k.decode("latin-1"): v.decode("latin-1") for k, v in headers.items()}, engine.batcher,
+              engine.geometry)
+    except QueueFull as exc:
+        engine.metrics.refused_early.inc()
+        return Response(orjson.dumps({"type": "about:blank", "title": exc.title, "status": exc.status,
+                                      "detail": str(exc)}),
+                        status_code=exc.status, headers=exc.headers(), media_type=PROBLEM_TYPE)
+    return None
+
+
+#: The headers :func:`refuse_early` reads.
+ADMISSION_HEADERS = (b"content-length", OBJECTS_HEADER.encode())
 
 
 @asynccontextmanager

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -55,13 +56,19 @@ class Batcher:
     def __init__(self, infer: Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]], max_batch_size: int,
                  max_queue_delay_s: float, max_queue_objects: int, workers: int = 1,
                  stats: BatchStats | None = None,
-                 infer_alone: Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]] | None = None):
+                 infer_alone: Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]] | None = None,
+                 max_queue_wait_s: float | None = None):
         self.infer = infer
         # under light load (one batch running, nothing queued) a wider engine uses the idle cores
         self.infer_alone = infer_alone
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_objects = max_queue_objects
+        # latency bound: refuse when the work queued ahead would take longer than this to start
+        self.max_queue_wait_s = max_queue_wait_s
+        self._above_since: float | None = None  # since when the queued work has exceeded the target
+        self._dropping = False  # a standing queue: refusing beyond the target until the queue drains
+        self.workers = workers
         self.stats = stats or BatchStats()
         self._queue: collections.deque[_Piece] = collections.deque()
         self._queued = 0
@@ -70,7 +77,7 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="photoz-infer")
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
-        self._seconds_per_object = 0.01  # running estimate for Retry-After
+        self.seconds_per_object = 0.01  # running estimate (warm-up seeds it): Retry-After, the wait target
         self.accepting = True
 
     @property
@@ -78,7 +85,16 @@ class Batcher:
         return self._queued
 
     def start(self) -> None:
+        self._spawn_workers()
         self._task = asyncio.create_task(self._loop(), name="photoz-batcher")
+
+    def _spawn_workers(self) -> None:
+        """Start every inference thread now, from the thread that starts the batcher: threads inherit their
+        creator's scheduling priority, and the event loop may lower its own afterwards (``http_nice``)."""
+        workers = self._executor._max_workers
+        barrier = threading.Barrier(workers)
+        for future in [self._executor.submit(barrier.wait, 10) for _ in range(workers)]:
+            future.result()
 
     async def submit(self, images: np.ndarray, ebv: np.ndarray, timeout_s: float) -> dict[str, np.ndarray]:
         """``infer``'s row-aligned outputs for ``images``, in order; raises QueueFull, DeadlineExceeded, Draining."""
@@ -88,8 +104,9 @@ class Batcher:
         if n > self.max_queue_objects:  # could never fit: retrying cannot help
             raise InputError("body", f"at most {self.max_queue_objects} cutouts per request (the queue's capacity; "
                              "split larger stacks)", f"{n} cutouts", status=413, title="request too large")
-        if self._queued + n > self.max_queue_objects:
-            raise self.queue_full(n)
+        refusal = self.admission(n)
+        if refusal is not None:
+            raise refusal
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         pieces = []
@@ -168,7 +185,7 @@ class Batcher:
                         p.future.set_exception(exc)
                 return
             seconds = time.perf_counter() - start
-            self._seconds_per_object = 0.8 * self._seconds_per_object + 0.2 * seconds / len(images)
+            self.seconds_per_object = 0.8 * self.seconds_per_object + 0.2 * seconds / len(images)
             self.stats.on_batch(len(images), seconds)
             offset = 0
             for p in batch:
@@ -178,10 +195,61 @@ class Batcher:
         finally:
             self._slots.release()
 
-    def queue_full(self, n: int, before_body: bool = False) -> QueueFull:
+    def expected_wait_s(self, n: int = 0) -> float:
+        """How long the queued cutouts (plus ``n`` more) take to run at the measured rate, seconds."""
+        return (self._queued + n) * self.seconds_per_object / self.workers
+
+    def admission(self, n: int, before_body: bool = False) -> QueueFull | None:
+        """None if a request of ``n`` cutouts may queue now, else the 429 to answer.
+
+        Two bounds: the queue's capacity in cutouts, and a latency target for
+        a standing queue (CoDel's idea, applied at admission): once the work
+        queued has taken longer than ``max_queue_wait_s`` to start for longer
+        than twice that, the server is overloaded rather than bursting, and
+        from then on a request is refused unless the queued work starts within
+        the target (or within twice the request's own compute time, so large
+        requests behind large requests are not refused for the queue they form
+        themselves), until the queue has drained. A burst that drains in time
+        is never refused by it; an admitted request is served while its client
+        is still waiting. The wait comes from the measured rate.
+        """
+        if self._queued + n > self.max_queue_objects:
+            return self.queue_full(n, before_body)
+        if self.max_queue_wait_s is None:
+            return None
+        target, wait = self.max_queue_wait_s, self.expected_wait_s()
+        now = time.monotonic()
+        if not self._queued:  # drained: overload, if it was one, is over
+            self._above_since, self._dropping = None, False
+            return None
+        if wait <= target:
+            if not self._dropping:
+                self._above_since = None
+            return None
+        if self._above_since is None:
+            self._above_since = now
+        self._dropping = self._dropping or now - self._above_since > 2 * target
+        if self._dropping and wait > 2 * n * self.seconds_per_object / self.workers:
+            return self.queue_full(n, before_body, why=f"the queued work would take {wait:.2f} s to start "
+                                                       f"(the target is {target:g} s)")
+        return None
+        if self._above_since is None:
+            self._above_since = now
+        standing = now - self._above_since > 2 * target
+        if standing and wait > max(target, 2 * n * self.seconds_per_object / self.workers):
+            return self.queue_full(n, before_body, why=f"the queued work would take {wait:.2f} s to start "
+                                                       f"(the target is {target:g} s)")
+        return None
+        wait = self.expected_wait_s()
+        if wait > max(self.max_queue_wait_s, 2 * n * self.seconds_per_object / self.workers):
+            return self.queue_full(n, before_body, why=f"the queued work would take {wait:.2f} s to start "
+                                                       f"(the target is {self.max_queue_wait_s:g} s)")
+        return None
+
+    def queue_full(self, n: int, before_body: bool = False, why: str | None = None) -> QueueFull:
         """The 429 for a request of ``n`` cutouts now: Retry-After from the measured drain rate."""
-        wait = max(1.0, (self._queued + n) * self._seconds_per_object)
-        return QueueFull(self._queued, self.max_queue_objects, wait, close=before_body)
+        wait = max(1.0, self.expected_wait_s(n))
+        return QueueFull(self._queued, self.max_queue_objects, wait, close=before_body, why=why)
 
     def abort_queued(self, error: BaseException) -> int:
         """Fail every queued piece with ``error`` (the drain deadline passed); returns how many cutouts."""

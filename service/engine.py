@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
+import time
 
 import numpy as np
 
@@ -22,14 +25,33 @@ from photoz.service.settings import Settings
 log = logging.getLogger("photoz.service")
 
 
-def warm_up(predictor: OnnxPredictor, max_batch_size: int) -> list[int]:
-    """Run each batch-size bucket once so the first real requests pay no set-up cost."""
+def warm_up(predictor: OnnxPredictor, max_batch_size: int) -> tuple[list[int], float]:
+    """Run each batch-size bucket once so the first real requests pay no set-up cost; then time a full batch.
+
+    Returns the sizes run and the seconds per cutout of a full batch (the batcher's first estimate of its
+    rate, for Retry-After and the queue-wait target, until real batches refine it).
+    """
     md = predictor.metadata
     sizes = sorted({min(2**k, max_batch_size) for k in range(max_batch_size.bit_length() + 1)})
     for n in sizes:
         predictor.predict(np.zeros((n, len(md.bands), md.cutout_size, md.cutout_size), np.float32),
                           np.zeros(n, np.float32))
-    return sizes
+    full = np.zeros((max_batch_size, len(md.bands), md.cutout_size, md.cutout_size), np.float32)
+    start = time.perf_counter()
+    predictor.predict_with_estimates(full, np.zeros(max_batch_size, np.float32))
+    return sizes, (time.perf_counter() - start) / max_batch_size
+
+
+def lower_this_threads_priority(increment: int) -> None:
+    """Raise this thread's nice value: under overload the HTTP side (this event loop and the threads it starts
+    from now on) yields the cores to inference, so refusing a retry storm cannot starve accepted work."""
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + increment)
+    except (AttributeError, OSError) as exc:  # not Linux, or not permitted
+        log.warning("could not lower the HTTP thread's priority: %s", exc)
+        return
+    log.info("HTTP event loop at nice +%d (inference threads keep priority)", increment)
 
 
 class ServingEngine:
@@ -47,7 +69,8 @@ class ServingEngine:
         self.batcher = Batcher(self.predictor.predict_with_estimates, settings.max_batch_size,
                                settings.max_queue_delay_ms / 1000, settings.max_queue_objects,
                                settings.inference_workers, self.metrics.batch_stats(),
-                               infer_alone=self.solo.predict_with_estimates if self.solo is not None else None)
+                               infer_alone=self.solo.predict_with_estimates if self.solo is not None else None,
+                               max_queue_wait_s=settings.max_queue_wait_ms / 1000)
         self._log_loaded()
 
     @property
@@ -74,10 +97,13 @@ class ServingEngine:
     async def start(self) -> None:
         s = self.settings
         if s.warmup:
-            for engine in filter(None, (self.predictor, self.solo)):
-                sizes = await asyncio.to_thread(warm_up, engine, s.max_batch_size)
-            log.info("warmed up batch sizes %s", sizes)
+            for engine in filter(None, (self.solo, self.predictor)):
+                sizes, seconds_per_object = await asyncio.to_thread(warm_up, engine, s.max_batch_size)
+            self.batcher.seconds_per_object = seconds_per_object  # the batch engine's, measured last
+            log.info("warmed up batch sizes %s (%.2f ms per cutout in a full batch)", sizes, 1000 * seconds_per_object)
         self.batcher.start()
+        if s.http_nice:
+            lower_this_threads_priority(s.http_nice)
         log.info("ready: max_batch_size=%d max_queue_delay_ms=%g inference_workers=%d threads_per_batch=%d "
                  "threads_when_alone=%s", s.max_batch_size, s.max_queue_delay_ms, s.inference_workers,
                  s.threads_per_batch, s.threads_when_alone if self.solo is not None else "-")

@@ -59,9 +59,10 @@ class Overloaded(ServiceError):
 
 
 class QueueFull(Overloaded):
-    def __init__(self, queued: int, capacity: int, retry_after_s: float, close: bool = False) -> None:
-        super().__init__(f"queue holds {queued} of {capacity} cutouts; retry in {max(1, round(retry_after_s))} s",
-                         retry_after_s, close)
+    def __init__(self, queued: int, capacity: int, retry_after_s: float, close: bool = False,
+                 why: str | None = None) -> None:
+        why = why or f"queue holds {queued} of {capacity} cutouts"
+        super().__init__(f"{why}; retry in {max(1, round(retry_after_s))} s", retry_after_s, close)
 
 
 class Draining(ServiceError):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -74,19 +74,21 @@ def _declared_length(request: Request) -> int | None:
     return int(declared) if declared.isdigit() else None
 
 
-def admit(request: Request, batcher: Batcher, geometry: Geometry) -> None:
-    """429 from the headers alone when the queue cannot take what the body would hold.
+def admit(headers: Mapping[str, str], batcher: Batcher, geometry: Geometry) -> None:
+    """429 from the headers alone when the queue cannot take what the body would hold (nothing read yet).
 
     The count is the client's ``X-Photoz-Objects`` hint, else what the declared
     length holds at float32 (a float16 or compressed body holds more: the
-    exact check follows the decoding).
+    exact check follows the decoding; a request that could never fit is a 413
+    decided then).
     """
-    hint = request.headers.get(OBJECTS_HEADER, "")
-    declared = _declared_length(request)
+    hint = headers.get(OBJECTS_HEADER, "")
+    declared = headers.get("content-length", "")
     cutout_bytes = len(geometry.bands) * geometry.size ** 2 * 4
-    expected = int(hint) if hint.isdigit() else max(1, (declared or 0) // cutout_bytes)
-    if batcher.queued and batcher.queued + min(expected, batcher.max_queue_objects) > batcher.max_queue_objects:
-        raise batcher.queue_full(expected, before_body=True)
+    expected = int(hint) if hint.isdigit() else max(1, (int(declared) if declared.isdigit() else 0) // cutout_bytes)
+    refusal = batcher.admission(min(expected, batcher.max_queue_objects), before_body=True)
+    if refusal is not None:
+        raise refusal
 
 
 def _too_large(limit: int, received: str) -> InputError:

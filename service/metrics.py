@@ -1,6 +1,8 @@
 """Prometheus metrics of one app instance (own registry, so tests can run several apps)."""
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from photoz.service.batcher import BatchStats
@@ -24,7 +26,14 @@ class Metrics:
                                     buckets=[b for b in batch_buckets if b <= max_batch_size], registry=r)
         self.queue_depth = Gauge("photoz_queue_depth", "Cutouts waiting for a batch", registry=r)
         self.objects = Counter("photoz_objects", "Cutouts given a PDF", registry=r)
+        # refusals decided from the headers alone (also counted in photoz_requests{status="429"})
+        self._requests_429 = self.requests.labels(status="429")
         self.objects_rejected = Counter("photoz_objects_rejected", "Cutouts flagged invalid (no PDF)", registry=r)
+
+    @property
+    def refused_early(self) -> Any:
+        """The 429 counter, resolved once (a refusal under a retry storm must cost next to nothing)."""
+        return self._requests_429
 
     def batch_stats(self) -> BatchStats:
         def on_batch(size: int, seconds: float) -> None:

@@ -29,6 +29,14 @@ class Settings(BaseModel):
     max_batch_size: int = Field(8, ge=1, description="most cutouts per model call (CPU: ~8; GPU: 64-256)")
     max_queue_delay_ms: float = Field(2.0, ge=0, description="longest wait of the oldest queued cutout")
     max_queue_objects: int = Field(8192, ge=1, description="queued cutouts beyond which requests get 429")
+    http_nice: int = Field(2, ge=0, le=19, description="niceness added to the HTTP event loop after start-up, so "
+                                                       "inference keeps the cores under overload (0: off)")
+    refusal_delay_ms: float = Field(1000.0, ge=0, description="a 429 decided from the headers is sent after this "
+                                                             "long (no CPU), throttling clients that ignore "
+                                                             "Retry-After (0: at once)")
+    max_queue_wait_ms: float = Field(150.0, gt=0, description="429 when the queued work would take longer than "
+                                                              "this to start (large requests: twice their own "
+                                                              "compute time)")
     max_body_mb: float = Field(64.0, gt=0, description="largest request body, MiB (413 above)")
     max_decoded_mb: float = Field(128.0, gt=0, description="largest decoded request (all its arrays, counted "
                                                            "before decompression or allocation), MiB (413 above)")
