@@ -8,9 +8,12 @@
 2. storms: 256 and 1024 connections that re-send at once after every 429
    (and reconnect at once when the server closes the connection): goodput
    (200s per second) and its ratio to capacity, the p99 of the successes and
-   its ratio to capacity's, refusals per second, and the server's CPU per
-   refusal (CPU of the phase less successes x CPU per success at capacity,
-   over the refusals).
+   its ratio to capacity's, refusals per second, and an estimate of the
+   server's CPU per refusal (CPU of the phase less successes x CPU per
+   success at capacity, over the refusals: noisy, as inference's CPU per
+   success differs under a storm);
+3. refusals only: the server's CPU per refusal measured alone, with its
+   queue held full (nothing runs) under the larger storm.
 
 The load comes from an asyncio client in its own process (uvloop, raw
 sockets, pre-encoded requests) that times every request, so success and
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -131,6 +135,36 @@ def phase(server, connections: int, seconds: float, body_file: Path, settle_s: f
             "server_cpu_s": cpu, "successes": ok, "refusals": refused}
 
 
+def refusal_cost(bundle: Path, work: Path, connections: int, seconds: float, settle_s: float,
+                 flags: dict[str, str]) -> dict:
+    """Server CPU per refusal, measured alone: a server whose queue is held full (one request of
+    max_queue_objects cutouts waiting for a batch that fills in a minute) refuses every request of a storm."""
+    import threading
+
+    import httpx
+
+    from photoz.service.live import LiveServer
+
+    flags = {**flags, "max_queue_objects": "64", "max_batch_size": "128", "max_queue_delay_ms": "60000"}
+    server = LiveServer(bundle, work / "refusals.log", **flags)
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros((64, 5, 64, 64), np.float32))
+    def hold() -> None:
+        with contextlib.suppress(httpx.HTTPError):  # answered 503 when the server stops
+            httpx.post(server.url + "/v1/predict", content=buffer.getvalue(),
+                       headers={"Content-Type": "application/x-npy"}, timeout=120)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    time.sleep(1)
+    try:
+        row = phase(server, connections, seconds, work / "single.npy", settle_s)
+    finally:
+        server.stop(timeout=5)
+    row.update(load="refusals only", cpu_ms_per_refusal=1000 * row["server_cpu_s"] / max(row["refusals"], 1))
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path)
@@ -166,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
     finally:
         server.stop()
+    rows.append(refusal_cost(bundle, work, max(int(c) for c in args.storms.split(",")), args.duration, args.settle,
+                             flags))
     print(f"capacity: {capacity['goodput_per_s']:.0f} successes/s at 32 connections, "
           f"p99 {capacity['ok_p99_ms']:.0f} ms, {1000 * cpu_per_success:.2f} ms server CPU per success")
     print(f"{'load':>9} {'conns':>6} {'goodput/s':>10} {'x cap':>6} {'p99 ok ms':>10} {'x cap':>6} {'429/s':>7} "

@@ -7,6 +7,7 @@ numbers.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 
@@ -23,15 +24,48 @@ PROVIDER_CHOICES = {
 }
 
 
-def choose_providers(setting: str = "auto", available: list[str] | None = None) -> list[str]:
-    """Execution providers for a setting, restricted to what this onnxruntime build has."""
+#: Shared libraries of TensorRT that ONNX Runtime's TensorRT provider loads (10.x, then 8.x).
+TENSORRT_LIBRARIES = ("libnvinfer.so.10", "libnvinfer.so.8")
+
+
+def tensorrt_loadable() -> bool:
+    """Whether TensorRT's runtime library loads here (onnxruntime-gpu lists the provider either way)."""
+    import ctypes
+
+    for name in TENSORRT_LIBRARIES:
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def choose_providers(setting: str = "auto", available: list[str] | None = None,
+                     tensorrt_present: bool | None = None) -> list[str]:
+    """Execution providers for a setting, restricted to what this onnxruntime build has.
+
+    ``auto`` takes TensorRT only where its libraries load: otherwise ONNX
+    Runtime would print an error for it and fall back at every start.
+    """
     import onnxruntime as ort
 
     if setting not in PROVIDER_CHOICES:
         raise ValueError(f"provider must be one of {', '.join(PROVIDER_CHOICES)}, got {setting!r}")
     available = ort.get_available_providers() if available is None else available
     chosen = [p for p in PROVIDER_CHOICES[setting] if p in available]
+    loadable = tensorrt_present
+    if setting == "auto" and "TensorrtExecutionProvider" in chosen and \
+            not (tensorrt_loadable() if loadable is None else loadable):
+        log.info("TensorRT provider offered but its libraries (%s) do not load: not using it",
+                 " or ".join(TENSORRT_LIBRARIES))
+        chosen.remove("TensorrtExecutionProvider")
     return chosen or ["CPUExecutionProvider"]
+
+
+def bucket_sizes(max_batch_size: int) -> tuple[int, ...]:
+    """The batch shapes a bucketed engine runs: powers of two below ``max_batch_size``, and it."""
+    return tuple(sorted({min(2**k, max_batch_size) for k in range(max_batch_size.bit_length() + 1)}))
 
 
 class OnnxPredictor:
@@ -42,7 +76,7 @@ class OnnxPredictor:
     """
 
     def __init__(self, bundle: Bundle, providers: str = "auto", intra_op_threads: int = 0,
-                 inter_op_threads: int = 0, allow_spinning: bool = True):
+                 inter_op_threads: int = 0, allow_spinning: bool = True) -> None:
         import onnxruntime as ort
 
         self.bundle = bundle
@@ -61,8 +95,11 @@ class OnnxPredictor:
                 ort.preload_dlls()
             except Exception as exc:  # a missing library is reported by the session below
                 log.warning("could not preload CUDA libraries: %s", exc)
-        self.session = ort.InferenceSession(str(bundle.path), options, providers=requested)
+        self._session_args = (str(bundle.path), options, requested)
+        self.session = self._new_session()
         self.providers = self.session.get_providers()
+        self.buckets: tuple[int, ...] | None = None
+        self._bucket_sessions: dict[int, Any] = {}
         if requested[0] != self.providers[0]:
             log.warning("requested %s but ONNX Runtime runs %s", requested[0], self.providers[0])
 
@@ -71,13 +108,44 @@ class OnnxPredictor:
         """The execution provider that actually runs the graph."""
         return self.providers[0]
 
+    def use_buckets(self, sizes: tuple[int, ...]) -> None:
+        """Run only these batch shapes from now on, one session each.
+
+        ONNX Runtime's CUDA provider re-tunes cuDNN whenever a session's input
+        shape differs from its previous call (0.06-1 s a time): each batch is
+        padded with zero cutouts to the smallest bucket that holds it and runs
+        on that bucket's own session, whose shape therefore never changes; the
+        padding rows are dropped from the output.
+        """
+        self.buckets = tuple(sorted(sizes))
+        self._bucket_sessions = {self.buckets[-1]: self.session}
+
+    def _new_session(self) -> Any:
+        import onnxruntime as ort
+
+        path, options, providers = self._session_args
+        return ort.InferenceSession(path, options, providers=providers)
+
+    def _session_for(self, size: int) -> Any:
+        if size not in self._bucket_sessions:
+            self._bucket_sessions[size] = self._new_session()
+        return self._bucket_sessions[size]
+
     def predict(self, images: np.ndarray, ebv: np.ndarray) -> np.ndarray:
         md = self.metadata
-        feeds = {
-            md.input_images: np.ascontiguousarray(images, dtype=np.float32),
-            md.input_ebv: np.ascontiguousarray(np.asarray(ebv, dtype=np.float32).reshape(-1, 1)),
-        }
-        return self.session.run([md.output_probabilities], feeds)[0]
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        ebv = np.ascontiguousarray(np.asarray(ebv, dtype=np.float32).reshape(-1, 1))
+        n, session = len(images), self.session
+        if self.buckets is not None:
+            top = self.buckets[-1]
+            if n > top:
+                return np.concatenate([self.predict(images[i:i + top], ebv[i:i + top]) for i in range(0, n, top)])
+            size = next(b for b in self.buckets if b >= n)
+            if size > n:
+                images = np.concatenate([images, np.zeros((size - n, *images.shape[1:]), np.float32)])
+                ebv = np.concatenate([ebv, np.zeros((size - n, 1), np.float32)])
+            session = self._session_for(size)
+        return session.run([md.output_probabilities], {md.input_images: images, md.input_ebv: ebv})[0][:n]
 
     def predict_with_estimates(self, images: np.ndarray, ebv: np.ndarray) -> dict[str, np.ndarray]:
         """Probabilities plus point estimates, all row-aligned (estimates vectorised over the batch)."""

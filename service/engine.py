@@ -17,10 +17,12 @@ import numpy as np
 
 from photoz.formats.cutouts import Geometry
 from photoz.model.bundle import Bundle, load_bundle
-from photoz.model.runtime import OnnxPredictor
+from photoz.model.runtime import OnnxPredictor, bucket_sizes
 from photoz.service.batcher import Batcher
 from photoz.service.metrics import Metrics
 from photoz.service.settings import Settings
+
+CPU = "CPUExecutionProvider"
 
 log = logging.getLogger("photoz.service")
 
@@ -32,7 +34,7 @@ def warm_up(predictor: OnnxPredictor, max_batch_size: int) -> tuple[list[int], f
     rate, for Retry-After and the queue-wait target, until real batches refine it).
     """
     md = predictor.metadata
-    sizes = sorted({min(2**k, max_batch_size) for k in range(max_batch_size.bit_length() + 1)})
+    sizes = list(bucket_sizes(max_batch_size))
     for n in sizes:
         predictor.predict(np.zeros((n, len(md.bands), md.cutout_size, md.cutout_size), np.float32),
                           np.zeros(n, np.float32))
@@ -64,6 +66,8 @@ class ServingEngine:
         self.geometry = Geometry(md.bands, md.cutout_size)
         self.predictor = OnnxPredictor(self.bundle, settings.providers, settings.threads_per_batch,
                                        settings.inter_op_threads, allow_spinning=False)
+        if settings.shape_buckets == "on" or (settings.shape_buckets == "auto" and self.provider != CPU):
+            self.predictor.use_buckets(bucket_sizes(settings.max_batch_size))
         self.metrics = Metrics(settings.max_batch_size)
         self.solo = self._solo_predictor()
         self.batcher = Batcher(self.predictor.predict_with_estimates, settings.max_batch_size,
@@ -80,7 +84,7 @@ class ServingEngine:
     def _solo_predictor(self) -> OnnxPredictor | None:
         """On a CPU, a second session on the same bundle for lone batches (a GPU needs none: one batch fills it)."""
         s = self.settings
-        if self.provider != "CPUExecutionProvider" or s.threads_when_alone <= s.threads_per_batch:
+        if self.provider != CPU or s.threads_when_alone <= s.threads_per_batch:
             return None
         return OnnxPredictor(self.bundle, "cpu", s.threads_when_alone, s.inter_op_threads, allow_spinning=False)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -27,6 +27,9 @@ class Settings(BaseModel):
     solo_threads: int = Field(0, ge=0, description="CPU: ORT threads for a batch that runs alone, with nothing "
                                                    "queued (light load); 0: all cores")
     max_batch_size: int = Field(8, ge=1, description="most cutouts per model call (CPU: ~8; GPU: 64-256)")
+    shape_buckets: Literal["auto", "on", "off"] = Field("auto", description="pad batches to fixed sizes (powers "
+                                                                           "of two up to max_batch_size), one "
+                                                                           "session each; auto: on GPUs")
     max_queue_delay_ms: float = Field(2.0, ge=0, description="longest wait of the oldest queued cutout")
     max_queue_objects: int = Field(8192, ge=1, description="queued cutouts beyond which requests get 429")
     http_nice: int = Field(2, ge=0, le=19, description="niceness added to the HTTP event loop after start-up, so "
