@@ -42,8 +42,8 @@ log = logging.getLogger("photoz.service")
 
 #: Responses up to this many objects are encoded on the event loop (a thread hop costs more).
 INLINE_OBJECTS = 16
-#: Refusals held at once at most (each holds a connection; beyond, refusals go out at once).
-MAX_HELD_REFUSALS = 4096
+#: Refusals held at once at most (each holds a connection; beyond, refusals go out at once), and the longest hold.
+MAX_HELD_REFUSALS, MAX_HOLD_S = 4096, 10.0
 #: Status recorded for a client that went away before its answer (nginx's convention).
 CLIENT_CLOSED = 499
 
@@ -65,9 +65,17 @@ class ServiceState:
     held_refusals: int = 0
 
     async def hold_refusal(self) -> None:
-        """Hold a 429 for ``refusal_delay_ms`` before sending it (a timer, no CPU): a client that ignores
-        Retry-After then re-sends at most once per delay, instead of as fast as the server can refuse."""
-        delay = self.settings.refusal_delay_ms / 1000
+        """Hold a 429 on a timer (no CPU) before sending it: a client that ignores Retry-After then re-sends at
+        most once per hold, instead of as fast as the server can refuse.
+
+        The hold is ``refusal_delay_ms``, longer when more refusals are held than ``max_refusals_per_s`` can
+        answer in that time (each waits its turn: refusal work stays bounded however many clients storm),
+        at most ``MAX_HOLD_S``.
+        """
+        s = self.settings
+        delay = s.refusal_delay_ms / 1000
+        if s.max_refusals_per_s > 0:
+            delay = min(max(delay, self.held_refusals / s.max_refusals_per_s), MAX_HOLD_S)
         if delay <= 0 or self.held_refusals >= MAX_HELD_REFUSALS:
             return
         self.held_refusals += 1

@@ -37,6 +37,8 @@ class Settings(BaseModel):
     refusal_delay_ms: float = Field(1000.0, ge=0, description="a 429 decided from the headers is sent after this "
                                                              "long (no CPU), throttling clients that ignore "
                                                              "Retry-After (0: at once)")
+    max_refusals_per_s: float = Field(200.0, ge=0, description="under a storm, 429s answered per second at most: "
+                                                               "a refusal waits its turn on a timer (0: no bound)")
     max_queue_wait_ms: float = Field(150.0, gt=0, description="429 when the queued work would take longer than "
                                                               "this to start (large requests: twice their own "
                                                               "compute time)")

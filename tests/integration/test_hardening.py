@@ -256,7 +256,7 @@ def test_a_full_queue_refuses_from_the_headers_before_the_body(slow_batches, rng
     start = time.monotonic()
     answer = read_response(sock, 3)
     assert answer.startswith(b"HTTP/1.1 429"), answer[:300]
-    assert 0.25 < time.monotonic() - start < 1.0  # held refusal_delay_ms (a timer), the body never read
+    assert 0.25 < time.monotonic() - start < 2.5  # held refusal_delay_ms (a timer), the body never read
     assert b"retry-after" in answer.lower() and b"connection: close" in answer.lower()
     sock.close()
     queued.join()
