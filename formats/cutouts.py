@@ -121,17 +121,33 @@ def _vector(values: Any, n: int, field: str, kind: str) -> np.ndarray:
     return arr
 
 
+#: The range of E(B-V) accepted, mag.
+EBV_RANGE_MAG = (0.0, 10.0)
+
+
+def _ebv_numbers(values: Any, n: int, field: str) -> np.ndarray:
+    """One float64 E(B-V) per cutout (a single value is repeated); 422 for a wrong count or non-numbers."""
+    try:
+        return _vector(values, n, field, "E(B-V) in mag").astype(np.float64)
+    except InputError:
+        raise
+    except (TypeError, ValueError):
+        raise InputError(field, "numbers (E(B-V) in mag)", repr(values)[:80]) from None
+
+
+def _ebv_out_of_range(values: np.ndarray) -> np.ndarray:
+    low, high = EBV_RANGE_MAG
+    return ~(np.isfinite(values) & (values >= low) & (values <= high))
+
+
 def ebv_vector(values: Any, n: int, field: str = "ebv") -> np.ndarray:
+    """E(B-V) given with a request (query or form): any bad value fails the request (422)."""
     if values is None:
         return np.zeros(n, np.float32)
-    try:
-        arr = _vector(values, n, field, "E(B-V) in mag").astype(np.float64)
-    except (TypeError, ValueError) as exc:
-        if isinstance(exc, InputError):
-            raise
-        raise InputError(field, "numbers (E(B-V) in mag)", repr(values)[:80]) from None
-    if not np.all(np.isfinite(arr)) or np.any(arr < 0) or np.any(arr > 10):
-        raise InputError(field, "finite E(B-V) values between 0 and 10 mag", f"{arr[~((arr >= 0) & (arr <= 10))][:3]}")
+    arr = _ebv_numbers(values, n, field)
+    bad = _ebv_out_of_range(arr)
+    if bad.any():
+        raise InputError(field, "finite E(B-V) values between 0 and 10 mag", f"{arr[bad][:3]}")
     return arr.astype(np.float32)
 
 
@@ -140,13 +156,8 @@ def ebv_per_object(values: Any, n: int, field: str = "ebv") -> tuple[np.ndarray,
     that object's problem (its value replaced by 0), not the whole file's; a wrong count is the file's."""
     if values is None:
         return np.zeros(n, np.float32), [None] * n
-    try:
-        arr = _vector(values, n, field, "E(B-V) in mag").astype(np.float64)
-    except (TypeError, ValueError) as exc:
-        if isinstance(exc, InputError):
-            raise
-        raise InputError(field, "numbers (E(B-V) in mag)", repr(values)[:80]) from None
-    bad = ~(np.isfinite(arr) & (arr >= 0) & (arr <= 10))
+    arr = _ebv_numbers(values, n, field)
+    bad = _ebv_out_of_range(arr)
     problems = [f"E(B-V) {v} is not a finite value in 0-10 mag" if b else None for v, b in zip(arr, bad, strict=True)]
     return np.where(bad, 0.0, arr).astype(np.float32), problems
 
