@@ -91,9 +91,8 @@ class Batcher:
     def _spawn_workers(self) -> None:
         """Start every inference thread now, from the thread that starts the batcher: threads inherit their
         creator's scheduling priority, and the event loop may lower its own afterwards (``http_nice``)."""
-        workers = self._executor._max_workers
-        barrier = threading.Barrier(workers)
-        for future in [self._executor.submit(barrier.wait, 10) for _ in range(workers)]:
+        barrier = threading.Barrier(self.workers)
+        for future in [self._executor.submit(barrier.wait, 10) for _ in range(self.workers)]:
             future.result()
 
     async def submit(self, images: np.ndarray, ebv: np.ndarray, timeout_s: float) -> dict[str, np.ndarray]:
@@ -232,18 +231,6 @@ class Batcher:
         if self._dropping and wait > 2 * n * self.seconds_per_object / self.workers:
             return self.queue_full(n, before_body, why=f"the queued work would take {wait:.2f} s to start "
                                                        f"(the target is {target:g} s)")
-        return None
-        if self._above_since is None:
-            self._above_since = now
-        standing = now - self._above_since > 2 * target
-        if standing and wait > max(target, 2 * n * self.seconds_per_object / self.workers):
-            return self.queue_full(n, before_body, why=f"the queued work would take {wait:.2f} s to start "
-                                                       f"(the target is {target:g} s)")
-        return None
-        wait = self.expected_wait_s()
-        if wait > max(self.max_queue_wait_s, 2 * n * self.seconds_per_object / self.workers):
-            return self.queue_full(n, before_body, why=f"the queued work would take {wait:.2f} s to start "
-                                                       f"(the target is {self.max_queue_wait_s:g} s)")
         return None
 
     def queue_full(self, n: int, before_body: bool = False, why: str | None = None) -> QueueFull:
