@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import numpy as np
-import orjson
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -34,7 +33,7 @@ from photoz.formats.errors import InputError
 from photoz.formats.inputs import parse_list_field
 from photoz.formats.results import ACCEPTED, ENCODERS, Results, choose_media_type
 from photoz.service.engine import ServingEngine
-from photoz.service.errors import PROBLEM_TYPE, Draining, QueueFull, Unauthorized, problem_for, validation_problem
+from photoz.service.errors import Draining, QueueFull, Unauthorized, problem_for, validation_problem
 from photoz.service.ingest import OBJECTS_HEADER, InflightBodies, admit, read_cutouts, submit_unless_disconnected
 from photoz.service.settings import Settings
 
@@ -57,12 +56,11 @@ class ServiceState:
     key_digests: tuple[bytes, ...] = ()
     engine: ServingEngine | None = None
     draining: bool = False
+    held_refusals: int = 0
 
     @property
     def ready(self) -> bool:
         return self.engine is not None and not self.draining
-
-    held_refusals: int = 0
 
     async def hold_refusal(self) -> None:
         """Hold a 429 on a timer (no CPU) before sending it: a client that ignores Retry-After then re-sends at
@@ -139,7 +137,7 @@ async def healthz() -> dict[str, str]:
 
 async def readyz(request: Request) -> Response:
     state = _state(request)
-    if state.engine is not None and not state.draining:
+    if state.ready and state.engine is not None:
         return JSONResponse({"status": "ready", "provider": state.engine.provider})
     reason = "draining" if state.draining else "loading"
     return JSONResponse({"status": reason}, status_code=503, headers={"Retry-After": "5"})
@@ -167,7 +165,7 @@ async def models(request: Request) -> dict[str, Any]:
 
 async def predict(request: Request, params: Annotated[PredictParams, Query()]) -> Response:
     """The declared route (OpenAPI, and any mount the fast path does not match)."""
-    return await handle_predict(request, params)
+    return await refuse_early(request.scope) or await handle_predict(request, params)
 
 
 async def handle_predict(request: Request, params: PredictParams | None) -> Response:
@@ -200,7 +198,6 @@ async def _predict(request: Request, params: PredictParams) -> Response:
     if media_type is None:
         raise InputError("Accept", " or ".join(ACCEPTED), request.headers.get("accept", ""), status=406,
                          title="not acceptable")
-    admit(request.headers, engine.batcher, engine.geometry)  # 429 before the body is read when the queue is full
     cutouts = await read_cutouts(request, engine.geometry, engine.settings, _state(request).inflight,
                                  parse_list_field(params.ebv, "ebv"), parse_list_field(params.ids, "ids"))
     valid = _check_valid(cutouts, params.all_or_nothing)
@@ -258,33 +255,28 @@ class PredictFastPath:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/v1/predict":
-            refusal = refuse_early(scope)
-            if refusal is not None:
-                await scope["app"].state.photoz.hold_refusal()
-                await refusal(scope, receive, send)
-                return
-            response = await self.handler(Request(scope, receive, send), None)
+            response = await refuse_early(scope) or await self.handler(Request(scope, receive, send), None)
             await response(scope, receive, send)
         else:
             await self.app(scope, receive, send)
 
 
-def refuse_early(scope: Scope) -> Response | None:
-    """Under overload, the 429 for a request from its headers alone: no Request object, no auth, no body read
-    (``Connection: close``), so a retry storm costs the server as little as it can (docs/security.md)."""
+async def refuse_early(scope: Scope) -> Response | None:
+    """Under overload, the 429 for a request from its headers alone, held on a timer before it goes out: no
+    Request object, no auth, no body read (``Connection: close``), so a retry storm costs the server as little
+    as it can (docs/security.md). Both routes of ``POST /v1/predict`` start here."""
     state: ServiceState = scope["app"].state.photoz
     engine = state.engine
     if engine is None or state.draining or not engine.batcher.queued:
         return None
-    headers = {name: value for name, value in scope["headers"] if name in ADMISSION_HEADERS}
+    headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]
+               if name in ADMISSION_HEADERS}
     try:
-        admit({k.decode("latin-1"): v.decode("latin-1") for k, v in headers.items()}, engine.batcher,
-              engine.geometry)
+        admit(headers, engine.batcher, engine.geometry)
     except QueueFull as exc:
         engine.metrics.refused_early.inc()
-        return Response(orjson.dumps({"type": "about:blank", "title": exc.title, "status": exc.status,
-                                      "detail": str(exc)}),
-                        status_code=exc.status, headers=exc.headers(), media_type=PROBLEM_TYPE)
+        await state.hold_refusal()
+        return problem_for(exc)
     return None
 
 

@@ -20,11 +20,12 @@ from typing import Any
 import numpy as np
 from starlette.requests import Request
 
-from photoz.formats.cutouts import Cutouts, DecodeBudget, DecodeLimits, Geometry, concatenate, ebv_vector, id_list
+from photoz.formats.cutouts import Cutouts, DecodeBudget, Geometry, concatenate, ebv_vector, id_list
 from photoz.formats.errors import InputError
 from photoz.formats.inputs import MEDIA_TYPES, decode, kind_for_filename, parse_list_field, sniff
 from photoz.service.batcher import Batcher
 from photoz.service.errors import Overloaded
+from photoz.service.settings import Settings
 
 #: Plain .npy bodies up to this size are decoded on the event loop (64 KiB ~ 2-3 cutouts).
 INLINE_BYTES = 256 * 1024
@@ -69,8 +70,8 @@ class _Grant:
         self.held = nbytes
 
 
-def _declared_length(request: Request) -> int | None:
-    declared = request.headers.get("content-length", "")
+def _declared_length(headers: Mapping[str, str]) -> int | None:
+    declared = headers.get("content-length", "")
     return int(declared) if declared.isdigit() else None
 
 
@@ -83,9 +84,8 @@ def admit(headers: Mapping[str, str], batcher: Batcher, geometry: Geometry) -> N
     decided then).
     """
     hint = headers.get(OBJECTS_HEADER, "")
-    declared = headers.get("content-length", "")
     cutout_bytes = len(geometry.bands) * geometry.size ** 2 * 4
-    expected = int(hint) if hint.isdigit() else max(1, (int(declared) if declared.isdigit() else 0) // cutout_bytes)
+    expected = int(hint) if hint.isdigit() else max(1, (_declared_length(headers) or 0) // cutout_bytes)
     refusal = batcher.admission(min(expected, batcher.max_queue_objects), before_body=True)
     if refusal is not None:
         raise refusal
@@ -115,7 +115,7 @@ async def _chunks(request: Request, timeout_s: float) -> AsyncIterator[bytes]:
 
 async def read_body(request: Request, limit: int, timeout_s: float, inflight: InflightBodies) -> bytes:
     """The request body within its size limit, progress deadline and the in-flight bound."""
-    declared = _declared_length(request)
+    declared = _declared_length(request.headers)
     if declared is not None and declared > limit:
         raise _too_large(limit, f"{declared} bytes")
     with inflight.hold() as grant:
@@ -130,7 +130,7 @@ async def read_body(request: Request, limit: int, timeout_s: float, inflight: In
         return b"".join(chunks)
 
 
-async def read_cutouts(request: Request, geometry: Geometry, settings: Any, inflight: InflightBodies,
+async def read_cutouts(request: Request, geometry: Geometry, settings: Settings, inflight: InflightBodies,
                        ebv: Any, ids: Any) -> Cutouts:
     """The request's cutouts (any supported body), with E(B-V) and ids from the query when given."""
     content_type = request.headers.get("content-type", "")
@@ -139,8 +139,7 @@ async def read_cutouts(request: Request, geometry: Geometry, settings: Any, infl
         raise InputError("Content-Type", SUPPORTED_BODIES, content_type or "(none)", status=415,
                          title="unsupported media type")
     body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s, inflight)
-    limits: DecodeLimits = settings.decode_limits
-    budget = DecodeBudget(limits)
+    budget = DecodeBudget(settings.decode_limits)
     if base == "multipart/form-data":
         cutouts, ebv, ids = await _read_multipart(request, body, geometry, ebv, ids, budget)
     else:
