@@ -13,12 +13,14 @@ model runs here, on a running service (``url``), or on Dask workers.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import json
 import queue
 import shutil
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,17 @@ class InputFileError(ValueError):
     """An input file that cannot be read, named with what is wrong with it."""
 
 
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """A damaged file's error, whatever its reader raises, as an :class:`InputFileError` naming the file."""
+    try:
+        yield
+    except InputError:
+        raise
+    except Exception as exc:  # h5py, numpy and astropy raise many kinds for damaged files
+        raise InputFileError(f"{path}: unreadable {kind_for_suffix(path.name) or 'input'} file ({exc})") from None
+
+
 @dataclass
 class Source:
     """One input file: ``n`` objects, read by slices."""
@@ -59,17 +72,15 @@ class Source:
     def read(self, start: int, stop: int, geometry: Geometry) -> Cutouts:
         """Objects [start, stop) as cutouts; an E(B-V) that is not a finite value in 0-10 mag is that
         object's problem, like non-finite pixels."""
-        try:
+        with _reading(self.path):
             images, ebv, ids, decoded_problems = self._read(start, stop, geometry)
-        except InputError:
-            raise
-        except Exception as exc:  # h5py, numpy and astropy raise many kinds for damaged files
-            raise InputFileError(f"{self.path}: unreadable {self.kind or 'input'} file ({exc})") from None
         n = images.shape[0]
         ids = ids if ids is not None else [f"{self.path.name}:{i}" for i in range(start, start + n)]
         ebv, ebv_problems = ebv_per_object(ebv, n, f"{self.path}[ebv]")
-        problems = [merge_problems(*found) for found in zip(decoded_problems or [None] * n, ebv_problems,
-                                                             flag_non_finite(images, geometry.bands), strict=True)]
+        # a decoded file's problems already hold its pixels' (and its E(B-V)'s, whose values are now 0)
+        pixel_problems = decoded_problems if decoded_problems is not None else \
+            flag_non_finite(images, geometry.bands)
+        problems = [merge_problems(a, b) for a, b in zip(pixel_problems, ebv_problems, strict=True)]
         return Cutouts(images, ebv, ids, problems)
 
     def _read(self, start: int, stop: int,
@@ -95,7 +106,7 @@ class Source:
 def count_objects(path: Path, geometry: Geometry) -> int:
     """How many cutouts a file holds, reading no more than its header where the format allows."""
     kind = kind_for_suffix(path.name)
-    try:
+    with _reading(path):
         if kind == "hdf5":
             import h5py
 
@@ -105,10 +116,6 @@ def count_objects(path: Path, geometry: Geometry) -> int:
             shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
             return 1 if len(shape) == 3 else int(shape[0])
         return len(_decoded_file(path, geometry))
-    except InputError:
-        raise
-    except Exception as exc:
-        raise InputFileError(f"{path}: unreadable {kind or 'input'} file ({exc})") from None
 
 
 @functools.lru_cache(maxsize=1)
