@@ -27,7 +27,7 @@ import numpy as np
 import orjson
 
 from photoz.model.bundle import Bundle
-from photoz.model.pdf import ESTIMATES, GRID_EDGE_FLAG, at_grid_edge, pdf_flags, point_estimates
+from photoz.model.pdf import ESTIMATES, pdf_flags, point_estimates
 
 JSON_TYPE, FITS_TYPE, HDF5_TYPE = "application/json", "application/fits", "application/x-hdf5"
 ACCEPTED = (JSON_TYPE, FITS_TYPE, HDF5_TYPE)
@@ -67,7 +67,7 @@ class ResultRows:
     @property
     def flags(self) -> list[str]:
         """Comma-joined flags per row ("" for none)."""
-        return [GRID_EDGE_FLAG if edge else "" for edge in at_grid_edge(self.probs)]
+        return [",".join(flags) for flags in pdf_flags(self.probs)]
 
     @classmethod
     def empty(cls, ids: list[str], problems: list[str | None], n_bins: int) -> ResultRows:
