@@ -52,14 +52,17 @@ def read_npy(body: bytes, field: str, budget: DecodeBudget) -> np.ndarray:
     if not body.startswith(NPY_MAGIC):
         raise InputError(field, "a .npy file (starting with the \\x93NUMPY magic)", f"bytes {body[:8]!r}",
                          status=400, title="unreadable file")
-    try:
+    view = _npy_fast(body)  # the header numpy writes: a view of the body, nothing allocated
+    if view is not None:
+        _charge(budget, view.shape, view.dtype, field)
+        return view
+    try:  # any other header: parsed by numpy (slower) and charged before np.load allocates
         shape, dtype = _npy_header(io.BytesIO(body))
     except Exception as exc:  # numpy raises ValueError, OSError, EOFError... for bad headers
         raise _unreadable(field, "a .npy file", exc) from None
     _charge(budget, shape, dtype, field)
     try:
-        array = _npy_fast(body)
-        return array if array is not None else np.load(io.BytesIO(body), allow_pickle=False)
+        return np.load(io.BytesIO(body), allow_pickle=False)
     except Exception as exc:
         raise _unreadable(field, "a .npy file", exc) from None
 
