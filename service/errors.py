@@ -79,10 +79,8 @@ class DeadlineExceeded(ServiceError):
     status, title = 504, "deadline exceeded"
 
 
-def problem_response(status: int, title: str, detail: str, headers: dict[str, str] | None = None,
-                     **extra: Any) -> Response:
-    body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra}
-    return problem_document(body, headers)
+def _problem(status: int, title: str, detail: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra}
 
 
 def problem_document(body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
@@ -90,26 +88,36 @@ def problem_document(body: dict[str, Any], headers: dict[str, str] | None = None
     return Response(orjson.dumps(body), status_code=body["status"], headers=headers, media_type=PROBLEM_TYPE)
 
 
-def validation_problem(errors: list[Any], prefix: tuple[str, ...] = ()) -> Response:
-    """422 naming the first invalid field, what it expects and what arrived."""
+def _validation_body(errors: list[Any], prefix: tuple[str, ...] = ()) -> dict[str, Any]:
     first = errors[0] if errors else {}
     where = ".".join(str(x) for x in (*prefix, *first.get("loc", ()))) or "request"
-    return problem_response(422, "invalid request", f"{where}: {first.get('msg', 'invalid')}",
-                            field=where, expected=first.get("msg", ""), received=repr(first.get("input"))[:200])
+    return _problem(422, "invalid request", f"{where}: {first.get('msg', 'invalid')}",
+                    field=where, expected=first.get("msg", ""), received=repr(first.get("input"))[:200])
+
+
+def validation_problem(errors: list[Any], prefix: tuple[str, ...] = ()) -> Response:
+    """422 naming the first invalid field, what it expects and what arrived."""
+    return problem_document(_validation_body(errors, prefix))
+
+
+def problem_parts(exc: BaseException) -> tuple[dict[str, Any], dict[str, str] | None]:
+    """The problem document and headers for any exception a request raised: the one mapping of errors to
+    statuses, whichever protocol renders it (``/v1`` as RFC 9457, ``/v2`` as ``{"error": ...}``)."""
+    if isinstance(exc, InputError):
+        return exc.problem(), exc.headers
+    if isinstance(exc, ServiceError):
+        return _problem(exc.status, exc.title, str(exc)), exc.headers()
+    if isinstance(exc, ValidationError):
+        return _validation_body(exc.errors(), ("query",)), None
+    if isinstance(exc, HTTPException):  # Starlette's own (e.g. a malformed multipart body: 400)
+        return (_problem(exc.status_code, "bad request" if exc.status_code == 400 else "error", str(exc.detail)),
+                dict(exc.headers) if exc.headers else None)
+    request_id = uuid.uuid4().hex[:16]
+    log.error("request %s failed", request_id, exc_info=(type(exc), exc, exc.__traceback__))
+    return _problem(500, "internal error", f"the server failed on this request (request id {request_id})",
+                    request_id=request_id), None
 
 
 def problem_for(exc: BaseException) -> Response:
-    """The response for any exception a request raised."""
-    if isinstance(exc, InputError):
-        return problem_document(exc.problem(), exc.headers)
-    if isinstance(exc, ServiceError):
-        return problem_response(exc.status, exc.title, str(exc), exc.headers())
-    if isinstance(exc, ValidationError):
-        return validation_problem(exc.errors(), ("query",))
-    if isinstance(exc, HTTPException):  # Starlette's own (e.g. a malformed multipart body: 400)
-        return problem_response(exc.status_code, "bad request" if exc.status_code == 400 else "error",
-                                str(exc.detail), dict(exc.headers) if exc.headers else None)
-    request_id = uuid.uuid4().hex[:16]
-    log.error("request %s failed", request_id, exc_info=(type(exc), exc, exc.__traceback__))
-    return problem_response(500, "internal error", f"the server failed on this request (request id {request_id})",
-                            request_id=request_id)
+    """The RFC 9457 problem response for any exception a request raised."""
+    return problem_document(*problem_parts(exc))

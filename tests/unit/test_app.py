@@ -3,6 +3,7 @@
 A real ONNX Runtime session on the tiny bundle; no network.
 """
 import io
+import json
 import subprocess
 import sys
 
@@ -161,3 +162,48 @@ def test_a_bad_ebv_carried_by_a_file_rejects_that_object_only(client, rng):
     doc = client.post("/v1/predict", content=body, headers={**AUTH, "Content-Type": "application/x-npz"}).json()
     assert doc["ancil"]["ids"] == ["0"] and [r["index"] for r in doc["rejected"]] == [1, 2]
     assert all("not a finite value in 0-10 mag" in r["error"] for r in doc["rejected"])
+
+
+def _oip_body(images):
+    head = json.dumps({"inputs": [{"name": "images", "datatype": "FP32", "shape": list(images.shape),
+                                   "parameters": {"binary_data_size": images.nbytes}}],
+                       "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]}).encode()
+    return head + images.astype("<f4").tobytes(), {"Inference-Header-Content-Length": str(len(head))}
+
+
+def test_oip_infer_fast_path_and_declared_route_answer_alike(tiny_bundle, rng):
+    """POST /v2/models/{name}/infer takes the same fast path as /v1/predict; with it or without, the same
+    answers, every error in the protocol's {"error": ...} form with /v1's statuses (401 with its header)."""
+    body, binary = _oip_body(sky_cutouts(rng, 2))
+    answers = {}
+    for fast in (True, False):
+        app = create_app(Settings(model=tiny_bundle, providers="cpu", api_keys=["k"], warmup=False))
+        if not fast:
+            app.user_middleware = [m for m in app.user_middleware if m.cls is not PredictFastPath]
+        with TestClient(app) as client:
+            auth = {"Authorization": "Bearer k"}
+            calls = [client.post("/v2/models/photoz-test-tiny/infer", content=body, headers={**auth, **binary}),
+                     client.post("/v2/models/photoz-test-tiny/versions/0.0.1/infer", content=body,
+                                 headers={**auth, **binary}),
+                     client.post("/v2/models/photoz-test-tiny/infer", content=body, headers=binary),
+                     client.post("/v2/models/other/infer", content=body, headers={**auth, **binary}),
+                     client.get("/v2/models/photoz-test-tiny"),
+                     client.get("/v2/models/photoz-test-tiny", headers=auth),
+                     client.get("/v2/health/live"), client.get("/v2")]
+            answers[fast] = [(r.status_code, r.headers.get("www-authenticate"),
+                              r.headers.get("inference-header-content-length"), r.content) for r in calls]
+    assert [a[0] for a in answers[True]] == [200, 200, 401, 404, 401, 200, 200, 200]
+    assert answers[True][2][1] == "Bearer" and json.loads(answers[True][2][3]).keys() == {"error"}
+    head_length = int(answers[True][0][2])
+    probs = np.frombuffer(answers[True][0][3][head_length:], np.float32).reshape(2, 180)
+    assert np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+    assert answers[True] == answers[False]
+
+
+def test_oip_refusals_keep_v1s_status_and_retry_after():
+    from photoz.service.errors import QueueFull
+    from photoz.service.oip import error_for
+
+    response = error_for(QueueFull(64, 64, 2.4, close=True))
+    assert response.status_code == 429 and response.headers["retry-after"] == "2"
+    assert response.headers["connection"] == "close" and "queue holds 64 of 64" in json.loads(response.body)["error"]

@@ -1,0 +1,188 @@
+"""What both protocols share: the app's state, auth, early refusal, and running validated cutouts.
+
+``/v1/predict`` (:mod:`photoz.service.app`) and the Open Inference Protocol's
+``/v2/models/{name}/infer`` (:mod:`photoz.service.oip`) differ in how a body
+becomes cutouts and how results become a response; everything between (the
+key check, the refusal from headers under overload, the batcher, deadlines,
+dropped work when the client goes away, objects whose PDF is not finite,
+metrics) is here, once.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import numpy as np
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.types import Scope
+
+from photoz.formats.cutouts import Cutouts
+from photoz.formats.results import Results
+from photoz.service.engine import ServingEngine
+from photoz.service.errors import Draining, QueueFull, Unauthorized
+from photoz.service.ingest import OBJECTS_HEADER, InflightBodies, admit, submit_unless_disconnected
+from photoz.service.settings import Settings
+
+log = logging.getLogger("photoz.service")
+
+#: Refusals held at once at most (each holds a connection; beyond, refusals go out at once), and the longest hold.
+MAX_HELD_REFUSALS, MAX_HOLD_S = 4096, 10.0
+#: Status recorded for a client that went away before its answer (nginx's convention).
+CLIENT_CLOSED = 499
+#: The headers :func:`refuse_early` reads.
+ADMISSION_HEADERS = (b"content-length", OBJECTS_HEADER.encode())
+
+
+@dataclass
+class ServiceState:
+    """One app's settings, engine (None until loaded) and lifecycle flags."""
+
+    settings: Settings
+    inflight: InflightBodies
+    key_digests: tuple[bytes, ...] = ()
+    engine: ServingEngine | None = None
+    draining: bool = False
+    held_refusals: int = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and not self.draining
+
+    async def hold_refusal(self) -> None:
+        """Hold a 429 on a timer (no CPU) before sending it: a client that ignores Retry-After then re-sends at
+        most once per hold, instead of as fast as the server can refuse.
+
+        The hold is ``refusal_delay_ms``, longer when more refusals are held than ``max_refusals_per_s`` can
+        answer in that time (each waits its turn: refusal work stays bounded however many clients storm),
+        at most ``MAX_HOLD_S``.
+        """
+        s = self.settings
+        delay = s.refusal_delay_ms / 1000
+        if s.max_refusals_per_s > 0:
+            delay = min(max(delay, self.held_refusals / s.max_refusals_per_s), MAX_HOLD_S)
+        if delay <= 0 or self.held_refusals >= MAX_HELD_REFUSALS:
+            return
+        self.held_refusals += 1
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            self.held_refusals -= 1
+
+    def cut_off_queued(self) -> None:
+        """At the drain deadline: queued work that cannot finish gets 503 + Retry-After, not a dropped connection."""
+        if self.engine is not None:
+            aborted = self.engine.batcher.abort_queued(Draining("the server is shutting down: this work was still "
+                                                                "queued at the drain deadline; retry elsewhere"))
+            if aborted:
+                log.warning("drain deadline: %d queued cutouts answered 503", aborted)
+
+    def running_engine(self) -> ServingEngine:
+        """The engine, or 503 while loading or draining."""
+        if self.engine is None or self.draining:
+            raise Draining("the server is shutting down" if self.draining else "the model is still loading")
+        return self.engine
+
+    def observe(self, status: int, started: float) -> None:
+        """Count one prediction request (either protocol) and its latency."""
+        if self.engine is not None:
+            self.engine.metrics.requests.labels(status=str(status)).inc()
+            self.engine.metrics.request_latency.observe(time.perf_counter() - started)
+
+
+def state_of(request: Request) -> ServiceState:
+    state: ServiceState = request.app.state.photoz
+    return state
+
+
+def key_digest(key: str | bytes) -> bytes:
+    """Keys are kept and compared as SHA-256 digests of their bytes (any length, any bytes, constant time)."""
+    return hashlib.sha256(key.encode("utf-8") if isinstance(key, str) else key).digest()
+
+
+async def require_key(request: Request) -> None:  # async: a sync dependency costs a thread hop
+    """401 unless the request carries ``Authorization: Bearer <key>`` with a configured key."""
+    digests = state_of(request).key_digests
+    if not digests:
+        return
+    raw = request.headers.get("authorization", "").encode("latin-1")  # the bytes as sent (HTTP headers)
+    scheme, _, token = raw.partition(b" ")
+    candidate = key_digest(token.strip())
+    # every key compared, so the time taken does not say which key came close
+    matches = [hmac.compare_digest(candidate, digest) for digest in digests]
+    if scheme.lower() != b"bearer" or not any(matches):
+        raise Unauthorized()
+
+
+async def refuse_early(scope: Scope) -> QueueFull | None:
+    """Under overload, the 429 for a request from its headers alone, held on a timer before it goes out: no
+    Request object, no auth, no body read (``Connection: close``), so a retry storm costs the server as little
+    as it can (docs/security.md). Every prediction route starts here; each renders the refusal its own way."""
+    state: ServiceState = scope["app"].state.photoz
+    engine = state.engine
+    if engine is None or state.draining or not engine.batcher.queued:
+        return None
+    headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]
+               if name in ADMISSION_HEADERS}
+    try:
+        admit(headers, engine.batcher, engine.geometry)
+    except QueueFull as exc:
+        engine.metrics.refused_early.inc()
+        await state.hold_refusal()
+        return exc
+    return None
+
+
+async def answer(request: Request, work: Callable[[], Awaitable[Response]],
+                 render: Callable[[BaseException], Response]) -> Response:
+    """Run a prediction request's ``work``: any error becomes its protocol's response (``render``), none takes
+    the server down; a client gone away is recorded as 499; every outcome is counted with its latency."""
+    started = time.perf_counter()
+    state = state_of(request)
+    try:
+        response = await work()
+    except asyncio.CancelledError:  # the client went away; its queued work is dropped
+        state.observe(CLIENT_CLOSED, started)
+        raise
+    except ClientDisconnect:  # gone while still sending the body
+        response = Response(status_code=CLIENT_CLOSED)
+    except Exception as exc:
+        response = render(exc)
+    state.observe(response.status_code, started)
+    return response
+
+
+async def predict_cutouts(request: Request, engine: ServingEngine, cutouts: Cutouts, timeout_s: float) -> \
+        Results | None:
+    """The valid cutouts through the batcher: their results (an object whose PDF comes out non-finite becomes
+    that object's problem), or None if the client went away first (its queued work is dropped)."""
+    valid = np.array([p is None for p in cutouts.problems], dtype=bool)
+    n_bins = engine.bundle.metadata.bins.n_bins
+    outputs: dict[str, np.ndarray] | None = {"probs": np.zeros((0, n_bins), np.float32)}
+    if valid.any():
+        images, ebv = (cutouts.images, cutouts.ebv) if valid.all() else (cutouts.images[valid], cutouts.ebv[valid])
+        outputs = await submit_unless_disconnected(request, engine.batcher, images, ebv, timeout_s)
+        if outputs is None:
+            return None
+        outputs = _refuse_non_finite(cutouts, valid, outputs)
+    engine.metrics.objects_rejected.inc(sum(p is not None for p in cutouts.problems))
+    assert outputs is not None
+    probs = outputs.pop("probs")
+    return Results(engine.bundle, cutouts.ids, cutouts.problems, probs, outputs)
+
+
+def _refuse_non_finite(cutouts: Cutouts, valid: np.ndarray, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Objects whose PDF came out non-finite (pixel values beyond float32's reach, e.g. a 1e30 mask
+    sentinel) become that object's error instead of a PDF of NaNs marked valid."""
+    finite = np.isfinite(outputs["probs"]).all(axis=1)
+    if finite.all():
+        return outputs
+    for i in np.flatnonzero(valid)[~finite]:
+        cutouts.problems[i] = ("the network's output is not finite for this cutout: pixel values out of range "
+                               "(masked-pixel sentinels such as 1e30 must be NaN)")
+    return {key: value[finite] for key, value in outputs.items()}
