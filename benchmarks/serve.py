@@ -7,7 +7,10 @@
    best of these is the reference configuration;
 2. photoz served on 127.0.0.1, driven by wrk (one client thread, so the load
    generator does not eat the server's cores) at 1, 8, 32 and 128 connections
-   posting single cutouts, and with requests of 256 cutouts;
+   posting single cutouts, and with requests of 256 cutouts (``.npy`` to
+   ``/v1/predict``, and binary tensors to the Open Inference Protocol's
+   ``/v2/models/{name}/infer``, every output back as binary, as tritonclient
+   does by default);
 3. the same bundle served by LitServe with its own dynamic batching, same load.
 
 Every load point is bracketed by a run of the engine offline in the reference
@@ -46,6 +49,10 @@ from photoz.service.live import LiveServer, free_port  # noqa: E402
 WRK_SCRIPT = """
 wrk.method = "POST"
 wrk.headers["Content-Type"] = os.getenv("CONTENT_TYPE")
+if os.getenv("EXTRA_HEADER") then
+  local name, value = os.getenv("EXTRA_HEADER"):match("^([^:]+):%s*(.*)$")
+  wrk.headers[name] = value
+end
 local f = assert(io.open(os.getenv("BODY_FILE"), "rb"))
 wrk.body = f:read("*all")
 f:close()
@@ -118,10 +125,13 @@ class Offline:
         return {name: {n: self.measure(name, n, seconds) for n in sizes} for name in ARRANGEMENTS}
 
 
-def wrk(url: str, body_file: Path, content_type: str, connections: int, duration: int) -> dict:
+def wrk(url: str, body_file: Path, content_type: str, connections: int, duration: int,
+        extra_header: str | None = None) -> dict:
+    """wrk posting ``body_file`` (and ``extra_header``, "Name: value", if given); its summary as a dict."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as fh:
         fh.write(WRK_SCRIPT)
-    env = {**os.environ, "BODY_FILE": str(body_file), "CONTENT_TYPE": content_type}
+    env = {**os.environ, "BODY_FILE": str(body_file), "CONTENT_TYPE": content_type,
+           **({"EXTRA_HEADER": extra_header} if extra_header else {})}
     result = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "30s", "-s", fh.name,
                              url], capture_output=True, text=True, env=env, check=True)
     os.unlink(fh.name)
@@ -139,9 +149,10 @@ def batch_counts(url: str) -> tuple[float, float]:
     return values["photoz_batch_size_sum"], values["photoz_batch_size_count"]
 
 
-def run_load(name, url, body_file, content_type, connections, duration, cutouts_per_request, metrics_url=None):
+def run_load(name, url, body_file, content_type, connections, duration, cutouts_per_request, metrics_url=None,
+             extra_header=None):
     before = batch_counts(metrics_url) if metrics_url else None
-    stats = wrk(url, body_file, content_type, connections, duration)
+    stats = wrk(url, body_file, content_type, connections, duration, extra_header)
     row = {"server": name, "connections": connections, "cutouts_per_request": cutouts_per_request,
            "requests": stats["requests"], "errors": stats["socket_errors"] + stats["non2xx"],
            "cutouts_per_s": stats["requests"] * cutouts_per_request / (stats["duration_us"] / 1e6),
@@ -150,6 +161,16 @@ def run_load(name, url, body_file, content_type, connections, duration, cutouts_
         after = batch_counts(metrics_url)
         row["mean_batch_size"] = (after[0] - before[0]) / max(after[1] - before[1], 1)
     return row
+
+
+def oip_binary_body(images: np.ndarray, path: Path) -> str:
+    """An Open Inference Protocol request as tritonclient sends it (binary images, every output back as binary)
+    written to ``path``; returns the header that goes with it."""
+    head = json.dumps({"inputs": [{"name": "images", "datatype": "FP32", "shape": list(images.shape),
+                                   "parameters": {"binary_data_size": images.nbytes}}],
+                       "parameters": {"binary_data_output": True}}).encode()
+    path.write_bytes(head + np.ascontiguousarray(images, "<f4").tobytes())
+    return f"Inference-Header-Content-Length: {len(head)}"
 
 
 def stop_group(proc: subprocess.Popen) -> None:
@@ -172,7 +193,7 @@ def start_litserve(bundle: Path, max_batch_size: int, log: Path) -> tuple[subpro
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 return proc, url
@@ -180,7 +201,7 @@ def start_litserve(bundle: Path, max_batch_size: int, log: Path) -> tuple[subpro
             pass
         time.sleep(0.3)
     stop_group(proc)
-    raise TimeoutError(f"LitServe did not start:\n{log.read_text()}")
+    raise RuntimeError(f"LitServe did not start (pip install -e '.[bench]'):\n{log.read_text()}")
 
 
 def main(argv=None) -> int:
@@ -192,6 +213,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-queue-delay-ms", type=float, default=2.0)
     parser.add_argument("--offline-seconds", type=float, default=4.0,
                         help="engine-alone run before and after each load point")
+    parser.add_argument("--rounds-256", type=int, default=1,
+                        help="alternating rounds of 256-cutout requests, /v1 .npy then /v2 binary")
     parser.add_argument("--skip-litserve", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
@@ -206,6 +229,7 @@ def main(argv=None) -> int:
         buffer = io.BytesIO()
         np.save(buffer, array)
         (work / name).write_bytes(buffer.getvalue())
+    oip_header = oip_binary_body(many, work / "batch256.oip")
     single_b64 = base64.b64encode((work / "single.npy").read_bytes()).decode()
     (work / "single.json").write_text(json.dumps({"npy": single_b64}))
 
@@ -234,14 +258,28 @@ def main(argv=None) -> int:
             print(f"photoz, {c} connections ...", flush=True)
             rows.append(bracketed(lambda c=c: run_load("photoz", server.url + "/v1/predict", work / "single.npy",
                                                        "application/x-npy", c, args.duration, 1, server.url)))
-        print("photoz, requests of 256 cutouts ...", flush=True)
-        # long enough for many 256-cutout requests (each takes about a second)
-        rows.append(bracketed(lambda: run_load("photoz", server.url + "/v1/predict", work / "batch256.npy",
-                                               "application/x-npy", 2, 3 * args.duration, 256, server.url)))
+        name = httpx.get(server.url + "/v1/models").json()["models"][0]["name"]
+        for round_ in range(args.rounds_256):  # alternating, so drift hits both alike
+            print(f"photoz, requests of 256 cutouts (.npy to /v1/predict), round {round_ + 1} ...", flush=True)
+            # long enough for many 256-cutout requests (each takes about a second)
+            rows.append(bracketed(lambda: run_load("photoz", server.url + "/v1/predict", work / "batch256.npy",
+                                                   "application/x-npy", 2, 3 * args.duration, 256, server.url)))
+            print(f"photoz, Open Inference Protocol, binary requests of 256 cutouts, round {round_ + 1} ...",
+                  flush=True)
+            rows.append(bracketed(lambda: run_load("photoz-oip", f"{server.url}/v2/models/{name}/infer",
+                                                   work / "batch256.oip", "application/octet-stream", 2,
+                                                   3 * args.duration, 256, server.url, oip_header)))
     finally:
         server.stop()
-    if not args.skip_litserve:
-        proc, url = start_litserve(bundle, args.max_batch_size, work / "litserve.log")
+    litserve_error = None
+    try:
+        proc, url = (None, None) if args.skip_litserve else start_litserve(bundle, args.max_batch_size,
+                                                                           work / "litserve.log")
+    except (TimeoutError, RuntimeError) as exc:  # reported, and the rows measured so far are kept
+        litserve_error = str(exc).splitlines()[-1]
+        print(f"LitServe skipped: {litserve_error}", flush=True)
+        proc = None
+    if proc is not None:
         try:
             for c in conns:
                 print(f"LitServe, {c} connections ...", flush=True)
@@ -254,6 +292,7 @@ def main(argv=None) -> int:
               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "bundle": str(bundle),
               "offline_cutouts_per_s": scan, "offline_best_batch_size": best_size,
               "offline_best_arrangement": best_arrangement, "offline_best": scan[best_arrangement][best_size],
+              **({"litserve_error": litserve_error} if litserve_error else {}),
               "settings": {"max_batch_size": args.max_batch_size, "max_queue_delay_ms": args.max_queue_delay_ms,
                            "duration_s": args.duration, "offline_seconds": args.offline_seconds,
                            "load_generator": "wrk -t1"}, "rows": rows}
@@ -262,6 +301,11 @@ def main(argv=None) -> int:
     lit32 = next((r for r in rows if r["server"] == "litserve" and r["connections"] == 32), None)
     if photoz32 and lit32:
         report["photoz_over_litserve_at_32"] = photoz32["cutouts_per_s"] / lit32["cutouts_per_s"]
+    v1_256 = [r for r in rows if r["server"] == "photoz" and r["cutouts_per_request"] == 256]
+    oip_256 = [r for r in rows if r["server"] == "photoz-oip"]
+    if v1_256 and oip_256:  # each to its own bracketing offline runs, summed over the rounds: drift cancels
+        report["oip_binary_over_v1_npy_at_256"] = (sum(r["ratio_to_offline"] for r in oip_256)
+                                                   / sum(r["ratio_to_offline"] for r in v1_256))
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"serve-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(report, indent=2))
@@ -286,6 +330,9 @@ def format_table(report: dict) -> str:
                      f"{r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {batch} | {r['errors']} |")
     if "photoz_over_litserve_at_32" in report:
         lines.append(f"\nphotoz / LitServe at 32 connections: {report['photoz_over_litserve_at_32']:.2f}")
+    if "oip_binary_over_v1_npy_at_256" in report:
+        lines.append("Open Inference Protocol (binary tensors) / /v1/predict (.npy), 256-cutout requests, each as a "
+                     f"ratio to its own offline runs: {report['oip_binary_over_v1_npy_at_256']:.2f}")
     return "\n".join(lines)
 
 

@@ -6,6 +6,8 @@ import sys
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from photoz.service.server import serve
     from photoz.service.settings import Settings, parse_api_keys
 
@@ -16,7 +18,17 @@ def _serve(args: argparse.Namespace) -> int:
             print("photoz serve: --api-keys was given but holds no key; give keys, or leave the flag out to "
                   "serve without authentication", file=sys.stderr)
             return 2
-    return serve(Settings.from_env(**overrides))
+    try:
+        settings = Settings.from_env(**overrides)
+    except ValidationError as exc:  # which setting, what it must be, what it got: no traceback
+        for error in exc.errors():
+            if error["loc"]:
+                where = ".".join(str(x) for x in error["loc"])
+                print(f"photoz serve: {where}: {error['msg']} (got {error['input']!r:.80})", file=sys.stderr)
+            else:  # a rule across settings: its input is every setting, API keys included; not printed
+                print(f"photoz serve: {error['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+        return 2
+    return serve(settings)
 
 
 def _missing_serving_packages(reason: str) -> int:

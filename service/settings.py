@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from photoz.formats.cutouts import DecodeLimits, MiB
 from photoz.model.bundle import default_bundle_path
@@ -53,6 +53,9 @@ class Settings(BaseModel):
                                                                 "(429 beyond)")
     request_timeout_s: float = Field(60.0, gt=0, description="default deadline of a request")
     api_keys: list[str] = Field(default_factory=list, description="bearer tokens; empty: no auth")
+    require_api_keys: bool = Field(False, description="refuse to start without an API key (deployments that "
+                                                      "must never serve unauthenticated, e.g. an unfilled "
+                                                      "Kubernetes Secret)")
     warmup: bool = Field(True, description="run every batch-size bucket once before ready")
     drain_timeout_s: float = Field(30.0, gt=0)
     log_level: str = Field("info")
@@ -65,6 +68,13 @@ class Settings(BaseModel):
         if value not in PROVIDER_CHOICES:
             raise ValueError(f"must be one of {', '.join(PROVIDER_CHOICES)}")
         return value
+
+    @model_validator(mode="after")
+    def _keys_when_required(self) -> Settings:
+        if self.require_api_keys and not self.api_keys:
+            raise ValueError("require_api_keys is set but no API key is configured: set PHOTOZ_API_KEYS "
+                             "(comma-separated) or --api-keys")
+        return self
 
     @property
     def threads_per_batch(self) -> int:
