@@ -30,6 +30,7 @@ errors carry the same statuses, as the protocol's ``{"error": "..."}``.
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import struct
 import zlib
@@ -164,7 +165,7 @@ def _tensor(spec: Any, where: str, binary: memoryview, offset: int, budget: Deco
     if datatype not in NUMERIC:
         raise _bad(f"{where}.datatype", f"a numeric type ({', '.join(NUMERIC)})", datatype)
     dtype = np.dtype(NUMERIC[datatype])
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    count = math.prod(shape)  # Python integers: a hostile shape cannot overflow into a small count
     budget.take(count, dtype.itemsize, where, f"a {datatype} tensor of shape {list(shape)}")
     parameters = spec.get("parameters") or {}
     size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None

@@ -191,3 +191,40 @@ def test_malformed_headers_and_query(client, content_type, accept, authorization
     headers = {"Content-Type": content_type.encode("latin-1"), "Accept": accept.encode("latin-1"),
                "Authorization": authorization.replace(b"\r", b"").replace(b"\n", b"")}
     send(client, body, headers, params)
+
+
+# -- the Open Inference Protocol's infer route -------------------------------------------------------------
+
+tensor_specs = st.fixed_dictionaries(
+    {"name": st.sampled_from(["images", "ebv", "pixels"]),
+     "datatype": st.sampled_from(["FP32", "FP16", "FP64", "INT8", "BOOL", "BYTES", "fp32", 7]),
+     "shape": st.lists(st.integers(-1, 70) | st.integers(0, 2**40), max_size=5) | st.none()},
+    optional={"data": st.lists(st.floats(allow_nan=True) | st.integers(-2**70, 2**70) | st.text(max_size=3),
+                               max_size=30) | st.text(max_size=5),
+              "parameters": st.fixed_dictionaries({}, optional={"binary_data_size": st.integers(-5, 2**40)
+                                                                 | st.sampled_from([None, "10", 1.5])})})
+
+
+@given(specs=st.lists(tensor_specs, max_size=3), tail=st.binary(max_size=300),
+       header_length=st.none() | st.integers(-3, 400).map(str) | st.sampled_from(["", "1e3", " 5"]),
+       outputs=st.none() | st.lists(st.fixed_dictionaries({"name": st.sampled_from(["probabilities", "z_mean", "zz"])},
+                                                          optional={"parameters": st.dictionaries(
+                                                              st.sampled_from(["binary_data", "classification"]),
+                                                              st.booleans() | st.integers(0, 3))}), max_size=3),
+       parameters=st.dictionaries(st.sampled_from(["timeout", "binary_data_output", "x"]),
+                                  st.integers(-2, 10**7) | st.booleans() | st.text(max_size=3)))
+def test_fuzzed_oip_infer_requests_get_200_or_a_4xx_error_never_a_5xx(client, specs, tail, header_length, outputs,
+                                                                        parameters):
+    import json
+
+    doc = {"inputs": specs, "parameters": parameters, **({"outputs": outputs} if outputs is not None else {})}
+    head = json.dumps(doc).encode()
+    headers = {"Inference-Header-Content-Length": header_length} if header_length is not None else {}
+    tracemalloc.reset_peak()
+    before = tracemalloc.get_traced_memory()[0]
+    response = client.post("/v2/models/photoz-test-tiny/infer", content=head + tail, headers=headers)
+    grown = tracemalloc.get_traced_memory()[1] - before
+    assert response.status_code == 200 or 400 <= response.status_code < 500, (response.status_code, response.text)
+    if response.status_code >= 400:
+        assert response.json()["error"]
+    assert grown < MEMORY_BOUND, f"{grown / 2**20:.0f} MiB for one request"
