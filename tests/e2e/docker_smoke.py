@@ -148,8 +148,18 @@ def smoke_cpu(tag: str, work: Path) -> dict:
         assert doc["model"]["sha256"] == shipped.sha256, (doc["model"], shipped.sha256)
         host = OnnxPredictor(shipped, providers="cpu").predict_with_estimates(cutout[None], np.zeros(1, np.float32))
         assert abs(doc["ancil"]["z_mean"][0] - float(host["z_mean"][0])) < 1e-4, (doc["ancil"]["z_mean"], host)
+        # the Open Inference Protocol from the image: binary tensor in, binary tensors out, the same numbers
+        head = json.dumps({"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 5, 64, 64],
+                                       "parameters": {"binary_data_size": cutout.nbytes}}],
+                           "outputs": [{"name": "z_mean", "parameters": {"binary_data": True}}]}).encode()
+        oip = httpx.post(f"{url}/v2/models/{doc['model']['name']}/infer", content=head + cutout.tobytes(),
+                         headers={"Inference-Header-Content-Length": str(len(head))}, timeout=60)
+        assert oip.status_code == 200, oip.text
+        json_length = int(oip.headers["inference-header-content-length"])
+        z_mean = np.frombuffer(oip.content[json_length:], "<f4")
+        assert z_mean.shape == (1,) and abs(z_mean[0] - doc["ancil"]["z_mean"][0]) < 1e-5, (z_mean, doc["ancil"])
         metrics = httpx.get(url + "/metrics").text
-        assert 'photoz_requests_total{status="200"} 1.0' in metrics
+        assert 'photoz_requests_total{status="200"} 2.0' in metrics
         os.kill(serve_pid(cmd), signal.SIGTERM)
         code = proc.wait(60)
         text = log.read_text()
