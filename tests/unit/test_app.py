@@ -49,15 +49,21 @@ def test_npy_reader_matches_numpy_for_every_layout_numpy_writes(array):
                                       if array.shape[-1] != 5 else np.moveaxis(array, -1, 1).astype(np.float32))
 
 
+def with_and_without_fast_path(bundle):
+    """(True, the app as served) and (False, the same app without the ASGI fast path: FastAPI's routing)."""
+    for fast in (True, False):
+        app = create_app(Settings(model=bundle, providers="cpu", api_keys=["k"], warmup=False))
+        if not fast:
+            app.user_middleware = [m for m in app.user_middleware if m.cls is not PredictFastPath]
+        yield fast, app
+
+
 def test_declared_route_and_fast_path_answer_alike(tiny_bundle, rng):
     """POST /v1/predict normally takes the ASGI fast path; the FastAPI route (OpenAPI, other mounts) is the same
     handler: same answers for a good request, a bad query, a bad body and a missing key."""
     body = npy_bytes(sky_cutouts(rng, 3))
     answers = {}
-    for fast in (True, False):
-        app = create_app(Settings(model=tiny_bundle, providers="cpu", api_keys=["k"], warmup=False))
-        if not fast:
-            app.user_middleware = [m for m in app.user_middleware if m.cls is not PredictFastPath]
+    for fast, app in with_and_without_fast_path(tiny_bundle):
         with TestClient(app) as client:
             auth = {**NPY, "Authorization": "Bearer k"}
             calls = [client.post("/v1/predict", content=body, headers=auth, params={"ids": "a,b,c"}),
@@ -176,10 +182,7 @@ def test_oip_infer_fast_path_and_declared_route_answer_alike(tiny_bundle, rng):
     answers, every error in the protocol's {"error": ...} form with /v1's statuses (401 with its header)."""
     body, binary = _oip_body(sky_cutouts(rng, 2))
     answers = {}
-    for fast in (True, False):
-        app = create_app(Settings(model=tiny_bundle, providers="cpu", api_keys=["k"], warmup=False))
-        if not fast:
-            app.user_middleware = [m for m in app.user_middleware if m.cls is not PredictFastPath]
+    for fast, app in with_and_without_fast_path(tiny_bundle):
         with TestClient(app) as client:
             auth = {"Authorization": "Bearer k"}
             calls = [client.post("/v2/models/photoz-test-tiny/infer", content=body, headers={**auth, **binary}),
