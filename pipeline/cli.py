@@ -1,4 +1,6 @@
-"""Pipeline-room subcommands: ``photoz predict`` and ``photoz cutouts``. Imports only argparse at module level."""
+"""Pipeline-room subcommands: ``photoz predict``, ``photoz cutouts`` and ``photoz sdss-dataset``.
+
+Imports only argparse at module level."""
 from __future__ import annotations
 
 import argparse
@@ -72,6 +74,35 @@ def _cutouts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fractions(value: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or min(parts) < 0 or sum(parts) <= 0:
+        raise argparse.ArgumentTypeError(f"takes TRAIN,VALIDATION,TEST fractions, e.g. 0.8,0.1,0.1; got {value!r}")
+    return parts  # type: ignore[return-value]
+
+
+def _sdss_dataset(args: argparse.Namespace) -> int:
+    from photoz.pipeline.cutouts import CutoutError
+    from photoz.pipeline.sdss import SAS_URL, SKYSERVER_URL, Region, SDSSArchiveError, build
+
+    try:
+        region = Region.parse(args.region) if args.region else None
+        summary = build(args.out, n=args.n, region=region, skyserver=args.skyserver or SKYSERVER_URL,
+                        sas=args.sas or SAS_URL, cache=args.cache, page_size=args.page_size,
+                        chunk_size=args.chunk_size, concurrency=args.concurrency, fractions=args.splits,
+                        nside=args.nside, seed=args.seed, retries=args.retries,
+                        log=(lambda _m: None) if args.quiet else print)
+    except (SDSSArchiveError, CutoutError, ValueError, OSError) as exc:
+        return _fail("sdss-dataset", exc)
+    splits = ", ".join(f"{k} {v}" for k, v in summary["splits"].items())
+    print(f"{summary['out']}: {summary['objects']} galaxies ({splits}) from {summary['fields']} fields; "
+          f"{summary['skipped']} skipped (listed in skipped/)")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("predict", help="run a bundle offline over files or directories into one table",
                        description="Photo-z for every cutout in FITS/.npy/.npz files, directories of them, or HDF5 "
@@ -116,3 +147,26 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--api-key", default=None)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cutouts)
+
+    p = sub.add_parser("sdss-dataset", help="build a training file of real SDSS galaxies from the archive",
+                       description="Main Galaxy Sample galaxies with spectroscopic redshifts from SkyServer, their "
+                                   "calibrated frames from the Science Archive Server, cutouts registered as "
+                                   "`photoz cutouts` does, sky-position splits -> the HDF5 `photoz train` reads. "
+                                   "Resumable: work is kept in OUT.parts/ until the file is written.")
+    p.add_argument("--out", required=True, help="the training HDF5 to write")
+    p.add_argument("--n", type=_positive_int, default=None, help="the first N galaxies of the selection "
+                                                                 "(by specObjID)")
+    p.add_argument("--region", default=None, metavar="RA_MIN,RA_MAX,DEC_MIN,DEC_MAX", help="a box on the sky, deg")
+    p.add_argument("--skyserver", default=None, help="SkyServer SqlSearch URL (default: SDSS DR17's)")
+    p.add_argument("--sas", default=None, help="base URL of the frames (default: the DR17 Science Archive Server)")
+    p.add_argument("--cache", default=None, help="keep downloaded frames here (default: deleted once used)")
+    p.add_argument("--page-size", type=_positive_int, default=5000, help="galaxies per selection query")
+    p.add_argument("--chunk-size", type=_positive_int, default=2000, help="galaxies per resumable chunk")
+    p.add_argument("--concurrency", type=_positive_int, default=4, help="downloads at once (be polite)")
+    p.add_argument("--retries", type=int, default=5, help="retries of a failed request (5xx, 429, network)")
+    p.add_argument("--splits", type=_fractions, default=(0.8, 0.1, 0.1), metavar="TRAIN,VALIDATION,TEST",
+                   help="fractions of HEALPix pixels per split")
+    p.add_argument("--nside", type=_positive_int, default=32, help="HEALPix nside of the sky split (32: 3.4 deg^2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_sdss_dataset)

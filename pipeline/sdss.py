@@ -1,0 +1,515 @@
+"""``photoz sdss-dataset``: a training file of real SDSS galaxies with spectroscopic redshifts, from the archive.
+
+    photoz sdss-dataset --out mgs.h5 --n 20000
+    photoz sdss-dataset --out stripe82.h5 --region 0,30,-1.25,1.25 --cache ~/sdss-frames
+
+1. **Selection** (SkyServer SQL, :func:`selection_sql`): Main Galaxy Sample
+   targets (``legacy_target1`` GALAXY bit) with clean spectra (``class =
+   'GALAXY'``, ``zWarning = 0``, science primary), dereddened Petrosian r <=
+   17.77, 0 < z < 0.4; run/camcol/field, RA/Dec, model and Petrosian
+   magnitudes, extinction per band and the r Petrosian half-light radius kept
+   as the catalogue. Paged by ``specObjID`` (keyset paging: each page is a
+   query of its own); pages are kept as they arrive, so an interrupted
+   selection resumes. ``--n`` keeps the first N by ``specObjID``, ``--region``
+   bounds RA/Dec.
+2. **Frames** from the Science Archive Server (``frame-{band}-{run:06d}-
+   {camcol}-{field:04d}.fits.bz2``, calibrated nanomaggies) into a cache:
+   downloaded once, resumed with HTTP ranges after an interruption, retried
+   on 5xx/429/connection errors with backoff, at most ``--concurrency``
+   at a time, and checked before use (the size the server declared, bzip2's
+   block checksums over the whole file, a FITS image inside).
+3. **Cutouts** with ``photoz cutouts``' own code (:func:`~photoz.pipeline.cutouts.align`
+   puts every band on the r band's grid, :func:`~photoz.pipeline.cutouts.cut`
+   cuts 64 x 64 stamps). A galaxy whose stamp runs off its field's frame is
+   cut from the previous or next field of the same run and camcol when it
+   lies wholly inside that one (consecutive SDSS fields overlap by about 128
+   rows), as Pasquet et al. (2019) did with their mosaics; otherwise it is
+   left out and listed in ``skipped/`` with the reason.
+4. **Splits** by sky position: every HEALPix pixel (``nside`` 32 by default,
+   3.4 deg^2) goes wholly to train, validation or test, so neighbours (and
+   the large-scale structure they share) do not leak across splits.
+5. **The training file** (:mod:`photoz.training.data`'s contract): ``images``
+   (N, 5, 64, 64) float32 nanomaggies, ``z``, ``ebv`` (= extinction_r / 2.285,
+   SDSS's SFD98-based value), ``split`` (0 train, 1 validation, 2 test; ``photoz
+   train`` and ``photoz evaluate`` honour it), ``catalogue/*`` and provenance
+   attributes (data release, query, services, dates). Objects are in a fixed
+   order (run, camcol, field, specObjID). Work is done in chunks kept in
+   ``OUT.parts/`` (atomic files): a killed run resumes where it stopped and the
+   final file is assembled from the chunks, streaming, so a 500k-galaxy set
+   never sits in memory.
+
+The real services are the defaults; ``--skyserver`` and ``--sas`` point at
+mirrors (the test suite points them at a local fake).
+"""
+from __future__ import annotations
+
+import bz2
+import csv
+import datetime
+import io
+import json
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from photoz.model.conventions import BANDS, CUTOUT_SIZE_PIXELS, DEFAULT_Z_MAX, EXTINCTION_A_OVER_EBV
+
+DATA_RELEASE = "DR17"
+SKYSERVER_URL = "https://skyserver.sdss.org/dr17/SkyServerWS/SearchTools/SqlSearch"
+SAS_URL = "https://data.sdss.org/sas/dr17/eboss/photoObj/frames"
+#: The photometric reprocessing the DR8-DR17 frames belong to.
+RERUN = 301
+#: ``legacy_target1`` bit of the Main Galaxy Sample (TARGET_GALAXY).
+MGS_TARGET_BIT = 0x40
+#: The MGS limit on dereddened Petrosian r, mag (Strauss et al. 2002).
+MGS_PETRO_R_LIMIT_MAG = 17.77
+CATALOGUE_COLUMNS = ("specObjID", "objID", "ra", "dec", "z", "run", "rerun", "camcol", "field",
+                     *(f"modelMag_{b}" for b in BANDS), *(f"petroMag_{b}" for b in BANDS),
+                     *(f"extinction_{b}" for b in BANDS), "petroR50_r")
+SPLITS = ("train", "validation", "test")
+#: What an SDSS field's neighbours are: the previous and next field of the same run and camcol.
+NEIGHBOUR_FIELDS = (-1, 1)
+RETRY_STATUSES = {429, 500, 502, 503, 504}
+
+
+class SDSSArchiveError(RuntimeError):
+    """The archive answered something unusable (names the URL, what was expected and what came)."""
+
+
+@dataclass(frozen=True)
+class Region:
+    """A box on the sky, degrees."""
+
+    ra_min: float
+    ra_max: float
+    dec_min: float
+    dec_max: float
+
+    @classmethod
+    def parse(cls, text: str) -> Region:
+        try:
+            values = [float(v) for v in text.split(",")]
+        except ValueError:
+            values = []
+        if len(values) != 4 or not (values[0] < values[1] and -90 <= values[2] < values[3] <= 90):
+            raise ValueError(f"--region takes RA_MIN,RA_MAX,DEC_MIN,DEC_MAX in degrees (min < max), got {text!r}")
+        return cls(*values)
+
+
+def selection_sql(page_size: int, after_specobjid: int = 0, region: Region | None = None) -> str:
+    """One page of the Main Galaxy Sample selection, in ``specObjID`` order after ``after_specobjid``."""
+    spec = {"specObjID", "z"}
+    columns = ", ".join(f"{'s' if c in spec else 'p'}.{c}" for c in CATALOGUE_COLUMNS)
+    where = [
+        "s.class = 'GALAXY'", "s.zWarning = 0", "s.sciencePrimary = 1",
+        f"(s.legacy_target1 & {MGS_TARGET_BIT}) != 0",
+        f"p.petroMag_r - p.extinction_r <= {MGS_PETRO_R_LIMIT_MAG}",
+        f"s.z > 0 AND s.z < {DEFAULT_Z_MAX}",
+        f"s.specObjID > {int(after_specobjid)}",
+    ]
+    if region is not None:
+        where.append(f"p.ra BETWEEN {region.ra_min} AND {region.ra_max} "
+                     f"AND p.dec BETWEEN {region.dec_min} AND {region.dec_max}")
+    return (f"SELECT TOP {int(page_size)} {columns} FROM SpecObj AS s JOIN PhotoObj AS p ON s.bestObjID = p.objID "
+            f"WHERE {' AND '.join(where)} ORDER BY s.specObjID")
+
+
+# -- HTTP -------------------------------------------------------------------------------------------------
+
+@dataclass
+class Fetcher:
+    """HTTP GETs with retries (5xx, 429, connection errors; exponential backoff, ``Retry-After`` honoured)."""
+
+    retries: int = 5
+    backoff_s: float = 1.0
+    timeout_s: float = 120.0
+    client: Any = None
+
+    def __post_init__(self) -> None:
+        import httpx
+
+        self.client = self.client or httpx.Client(timeout=self.timeout_s, follow_redirects=True,
+                                                  headers={"User-Agent": "photoz sdss-dataset"})
+
+    def get(self, url: str, params: dict[str, Any] | None = None, headers: dict[str, str] | None = None,
+            ok: tuple[int, ...] = (200,)) -> Any:
+        import httpx
+
+        for attempt in range(self.retries + 1):
+            try:
+                response = self.client.get(url, params=params, headers=headers)
+            except httpx.TransportError as exc:
+                problem, wait = f"{type(exc).__name__}: {exc}", self.backoff_s * 2 ** attempt
+            else:
+                if response.status_code in ok:
+                    return response
+                if response.status_code not in RETRY_STATUSES:
+                    raise SDSSArchiveError(f"{url}: HTTP {response.status_code} ({response.text[:200]!r})")
+                problem = f"HTTP {response.status_code}"
+                after = response.headers.get("retry-after", "")
+                wait = float(after) if after.isdigit() else self.backoff_s * 2 ** attempt
+            if attempt == self.retries:
+                raise SDSSArchiveError(f"{url}: {problem}, still after {self.retries} retries")
+            time.sleep(wait)
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        self.client.close()
+
+
+# -- 1. selection -----------------------------------------------------------------------------------------
+
+def parse_skyserver_csv(text: str, url: str) -> list[dict[str, str]]:
+    """SkyServer's CSV (``#Table1``, a header line, rows) as dicts; an error page is an :class:`SDSSArchiveError`."""
+    lines = text.splitlines()
+    if lines and lines[0].startswith("#Table"):
+        lines = lines[1:]
+    rows = list(csv.DictReader(lines))
+    header = set(rows[0]) if rows else set(next(csv.reader(lines[:1]), []))
+    missing = [c for c in CATALOGUE_COLUMNS if c not in header]
+    if missing:
+        raise SDSSArchiveError(f"{url}: expected a CSV table with columns {', '.join(CATALOGUE_COLUMNS)}; "
+                               f"got {text[:300]!r}")
+    return rows
+
+
+def select(fetcher: Fetcher, skyserver: str, parts: Path, n: int | None, region: Region | None, page_size: int,
+           log: Callable[[str], None]) -> list[dict[str, str]]:
+    """The selected galaxies in ``specObjID`` order, paged; pages already in ``parts`` are not asked again."""
+    rows: list[dict[str, str]] = []
+    page = 0
+    while n is None or len(rows) < n:
+        path = parts / f"query-{page:05d}.csv"
+        size = page_size if n is None else min(page_size, n - len(rows))
+        if path.exists():  # asked before this run was interrupted (the settings are the same: see build)
+            got = parse_skyserver_csv(path.read_text(), str(path))
+        else:
+            after = int(rows[-1]["specObjID"]) if rows else 0
+            text = fetcher.get(skyserver, params={"cmd": selection_sql(size, after, region), "format": "csv"}).text
+            got = parse_skyserver_csv(text, skyserver)
+            _write_atomic(path, text.encode())
+            log(f"  selection page {page + 1}: {len(got)} galaxies (after specObjID {after})")
+        rows.extend(got)
+        page += 1
+        if len(got) < size:  # the selection is exhausted
+            break
+    return rows
+
+
+# -- 2. frames --------------------------------------------------------------------------------------------
+
+FRAME_FILE = re.compile(r"frame-(?P<band>[a-z])-(?P<run>\d{6})-(?P<camcol>\d)-(?P<field>\d{4})\.fits\.bz2")
+
+
+def frame_name(band: str, run: int, camcol: int, field_: int) -> str:
+    return f"frame-{band}-{run:06d}-{camcol}-{field_:04d}.fits.bz2"
+
+
+def frame_url(sas: str, band: str, run: int, camcol: int, field_: int, rerun: int = RERUN) -> str:
+    return f"{sas.rstrip('/')}/{rerun}/{run}/{camcol}/{frame_name(band, run, camcol, field_)}"
+
+
+def check_frame(data: bytes, where: str) -> None:
+    """A whole, readable frame: bzip2's block checksums over every byte, then a FITS image inside."""
+    from astropy.io import fits
+
+    try:
+        raw = bz2.decompress(data)
+        with fits.open(io.BytesIO(raw)) as hdul:
+            if hdul[0].data is None or hdul[0].data.ndim != 2:
+                raise SDSSArchiveError(f"{where}: no 2-D image in the primary HDU")
+    except (OSError, ValueError, EOFError) as exc:
+        raise SDSSArchiveError(f"{where}: damaged frame ({exc})") from None
+
+
+class FrameCache:
+    """Frames on disk under ``root/rerun/run/camcol/``: fetched once, resumed, checked; a missing frame is None."""
+
+    def __init__(self, root: Path, sas: str, fetcher: Fetcher, concurrency: int = 4) -> None:
+        self.root, self.sas, self.fetcher, self.concurrency = Path(root), sas, fetcher, concurrency
+        self.downloaded_bytes = 0
+
+    def prune(self, keep: set[tuple[int, int, int]]) -> None:
+        """Delete the cached frames of every field not in ``keep`` (run, camcol, field)."""
+        for path in self.root.glob(f"{RERUN}/*/*/frame-*"):
+            match = FRAME_FILE.match(path.name)
+            if match and (int(match["run"]), int(match["camcol"]), int(match["field"])) not in keep:
+                path.unlink(missing_ok=True)
+
+    def path(self, band: str, run: int, camcol: int, field_: int) -> Path:
+        return self.root / str(RERUN) / str(run) / str(camcol) / frame_name(band, run, camcol, field_)
+
+    def fetch(self, band: str, run: int, camcol: int, field_: int) -> Path | None:
+        path = self.path(band, run, camcol, field_)
+        if path.exists():
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        missing = path.with_name(path.name + ".missing")
+        if missing.exists():
+            return None
+        url = frame_url(self.sas, band, run, camcol, field_)
+        part = path.with_name(path.name + ".part")
+        have = part.stat().st_size if part.exists() else 0
+        response = self.fetcher.get(url, headers={"Range": f"bytes={have}-"} if have else None, ok=(200, 206, 404))
+        if response.status_code == 404:
+            missing.touch()  # the archive has no such frame: remembered, not asked again
+            return None
+        body = response.content
+        if response.status_code == 206:
+            total = int(response.headers.get("content-range", "*/0").rsplit("/", 1)[-1] or 0)
+            data = part.read_bytes() + body
+        else:  # the whole file (a server without ranges starts over)
+            total = int(response.headers.get("content-length", len(body)))
+            data = body
+        self.downloaded_bytes += len(body)
+        if len(data) != total:
+            part.write_bytes(data)  # kept: the next attempt resumes from here
+            raise SDSSArchiveError(f"{url}: {len(data)} bytes received of the {total} declared")
+        check_frame(data, url)
+        _write_atomic(path, data)
+        part.unlink(missing_ok=True)
+        return path
+
+    def fetch_field(self, run: int, camcol: int, field_: int) -> dict[str, Path] | None:
+        """All five bands of a field (at most ``concurrency`` downloads at once); None if the archive lacks any."""
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            paths = list(pool.map(lambda b: self.fetch(b, run, camcol, field_), BANDS))
+        if any(p is None for p in paths):
+            return None
+        return dict(zip(BANDS, paths, strict=True))  # type: ignore[arg-type]
+
+
+# -- 3. cutouts -------------------------------------------------------------------------------------------
+
+@dataclass
+class Chunk:
+    """The outcome for objects ``start .. stop`` of the ordered selection."""
+
+    kept: list[int] = field(default_factory=list)  # indices into the ordered selection
+    images: list[np.ndarray] = field(default_factory=list)
+    source_field: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+
+
+class Cutter:
+    """Aligned field stacks (the last few kept in memory) and stamps cut from them."""
+
+    def __init__(self, frames: FrameCache, size: int = CUTOUT_SIZE_PIXELS) -> None:
+        self.frames, self.size = frames, size
+        self.stack = lru_cache(maxsize=4)(self._stack)
+
+    def _stack(self, run: int, camcol: int, field_: int) -> tuple[np.ndarray, Any] | None:
+        from photoz.pipeline.cutouts import align, read_band_image
+
+        paths = self.frames.fetch_field(run, camcol, field_)
+        if paths is None:
+            return None
+        images = {band: read_band_image(path, band) for band, path in paths.items()}
+        stack, wcs, _ = align(images)
+        return stack, wcs
+
+    def cutout(self, run: int, camcol: int, field_: int, ra: float, dec: float) -> tuple[np.ndarray | None, int, str]:
+        """The stamp (from the object's field, else a neighbour that holds it whole), the field used, or why not."""
+        from photoz.pipeline.cutouts import cut
+
+        tried = []
+        for candidate in (field_, *(field_ + d for d in NEIGHBOUR_FIELDS)):
+            if candidate < 0:
+                continue
+            found = self.stack(run, camcol, candidate)
+            if found is None:
+                if candidate == field_:
+                    return None, field_, f"no frames for run {run} camcol {camcol} field {field_} in the archive"
+                continue
+            stack, wcs = found
+            images, _, _, near_edge = cut(stack, wcs, np.array([ra]), np.array([dec]), self.size)
+            if not near_edge[0]:
+                return images[0], candidate, ""
+            tried.append(candidate)
+        return None, field_, f"stamp runs off the frames of fields {', '.join(map(str, tried))} (run {run}, " \
+                             f"camcol {camcol})"
+
+
+def ordered(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The fixed object order: by field (run, camcol, field), then specObjID."""
+    return sorted(rows, key=lambda r: (int(r["run"]), int(r["camcol"]), int(r["field"]), int(r["specObjID"])))
+
+
+def cut_chunk(cutter: Cutter, rows: list[dict[str, str]], start: int, stop: int) -> Chunk:
+    chunk = Chunk()
+    for i in range(start, stop):
+        row = rows[i]
+        image, used, reason = cutter.cutout(int(row["run"]), int(row["camcol"]), int(row["field"]),
+                                            float(row["ra"]), float(row["dec"]))
+        if image is None:
+            chunk.skipped.append(i)
+            chunk.reasons.append(reason)
+        else:
+            chunk.kept.append(i)
+            chunk.images.append(image)
+            chunk.source_field.append(used)
+    return chunk
+
+
+def save_chunk(path: Path, chunk: Chunk, size: int) -> None:
+    images = np.stack(chunk.images) if chunk.images else np.zeros((0, len(BANDS), size, size), np.float32)
+    buffer = io.BytesIO()
+    np.savez(buffer, images=images.astype(np.float32), kept=np.asarray(chunk.kept, np.int64),
+             source_field=np.asarray(chunk.source_field, np.int64), skipped=np.asarray(chunk.skipped, np.int64),
+             reasons=np.asarray(chunk.reasons, dtype=str))
+    _write_atomic(path, buffer.getvalue())
+
+
+def load_chunk(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {key: data[key] for key in data.files}
+
+
+# -- 4. splits --------------------------------------------------------------------------------------------
+
+def sky_splits(ra: np.ndarray, dec: np.ndarray, fractions: tuple[float, float, float], nside: int = 32,
+               seed: int = 0) -> np.ndarray:
+    """0/1/2 (train/validation/test) per object, decided per HEALPix pixel (nested, ``nside``): every pixel
+    goes wholly to one split with the given probabilities, fixed by ``seed``."""
+    import astropy.units as u
+    from astropy_healpix import HEALPix
+
+    pixels = HEALPix(nside=nside, order="nested").lonlat_to_healpix(np.asarray(ra) * u.deg, np.asarray(dec) * u.deg)
+    draw = np.random.default_rng(seed).random(12 * nside ** 2)[pixels]
+    edges = np.cumsum(fractions[:2]) / sum(fractions)
+    return np.searchsorted(edges, draw, side="right").astype(np.uint8)
+
+
+# -- 5. the training file ---------------------------------------------------------------------------------
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def _catalogue(rows: list[dict[str, str]], index: np.ndarray) -> dict[str, np.ndarray]:
+    def column(name: str, dtype: Any) -> np.ndarray:
+        return np.array([rows[i][name] for i in index], dtype=np.float64).astype(dtype) if dtype != np.int64 \
+            else np.array([int(rows[i][name]) for i in index], dtype=np.int64)
+
+    out = {name.lower(): column(name, np.int64)
+           for name in ("specObjID", "objID", "run", "rerun", "camcol", "field")}
+    out.update(ra=column("ra", np.float64), dec=column("dec", np.float64),
+               petro_r50_r_arcsec=column("petroR50_r", np.float32))
+    for key, prefix in (("model_mag", "modelMag"), ("petro_mag", "petroMag"), ("extinction_mag", "extinction")):
+        out[key] = np.stack([column(f"{prefix}_{b}", np.float32) for b in BANDS], axis=1)
+    return out
+
+
+def write_training_file(out: Path, rows: list[dict[str, str]], chunk_paths: list[Path], provenance: dict[str, Any],
+                        fractions: tuple[float, float, float], nside: int, seed: int) -> dict[str, Any]:
+    """Stream the chunks into the training HDF5 (written beside ``out``, then moved into place)."""
+    import h5py
+
+    chunks = [load_chunk(p) for p in chunk_paths]  # indices and reasons only are small; images are read lazily below
+    kept = np.concatenate([c["kept"] for c in chunks]) if chunks else np.zeros(0, np.int64)
+    skipped = np.concatenate([c["skipped"] for c in chunks]) if chunks else np.zeros(0, np.int64)
+    reasons = [str(r) for c in chunks for r in c["reasons"]]
+    catalogue = _catalogue(rows, kept)
+    z = np.array([float(rows[i]["z"]) for i in kept], np.float64)
+    ebv = (catalogue["extinction_mag"][:, BANDS.index("r")] / EXTINCTION_A_OVER_EBV["r"]).astype(np.float32)
+    split = sky_splits(catalogue["ra"], catalogue["dec"], fractions, nside, seed)
+    tmp = out.with_name(out.name + ".tmp")
+    with h5py.File(tmp, "w") as h5:
+        images = h5.create_dataset("images", (len(kept), len(BANDS), CUTOUT_SIZE_PIXELS, CUTOUT_SIZE_PIXELS),
+                                   np.float32, chunks=(1, len(BANDS), CUTOUT_SIZE_PIXELS, CUTOUT_SIZE_PIXELS))
+        at = 0
+        for path, c in zip(chunk_paths, chunks, strict=True):
+            n = len(c["kept"])
+            if n:
+                with np.load(path, allow_pickle=False) as data:
+                    images[at:at + n] = data["images"]
+            at += n
+        h5["z"], h5["ebv"], h5["split"] = z, ebv, split
+        h5["split"].attrs["names"] = ",".join(SPLITS)
+        group = h5.create_group("catalogue")
+        for name, values in catalogue.items():
+            group[name] = values
+        group["source_field"] = np.concatenate([c["source_field"] for c in chunks]) if chunks else np.zeros(0)
+        group.attrs["description"] = ("SDSS PhotoObj/SpecObj values of each object (magnitudes as observed, "
+                                      "not dereddened; extinction_mag per band; source_field: the field the "
+                                      "cutout was cut from, a neighbour of `field` for objects near a frame edge)")
+        lost = h5.create_group("skipped")
+        lost["specobjid"] = np.array([int(rows[i]["specObjID"]) for i in skipped], np.int64)
+        lost["reason"] = np.array(reasons, dtype=h5py.string_dtype())
+        for key, value in provenance.items():
+            h5.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
+        h5.attrs["ebv"] = f"E(B-V) = extinction_r / {EXTINCTION_A_OVER_EBV['r']} (SDSS's SFD98-based extinction)"
+        h5.attrs["split_scheme"] = (f"HEALPix nside {nside} (nested) pixels assigned wholly to train/validation/test "
+                                    f"with fractions {list(fractions)}, seed {seed}")
+    tmp.replace(out)
+    counts = np.bincount(split, minlength=3)
+    return {"out": str(out), "objects": int(len(kept)), "skipped": int(len(skipped)),
+            "splits": {name: int(c) for name, c in zip(SPLITS, counts, strict=True)}}
+
+
+def chunk_ranges(n: int, chunk_size: int) -> Iterator[tuple[int, int, int]]:
+    for k, start in enumerate(range(0, n, chunk_size)):
+        yield k, start, min(start + chunk_size, n)
+
+
+def build(out: str | Path, n: int | None = None, region: Region | None = None, skyserver: str = SKYSERVER_URL,
+          sas: str = SAS_URL, cache: str | Path | None = None, page_size: int = 5000, chunk_size: int = 2000,
+          concurrency: int = 4, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), nside: int = 32,
+          seed: int = 0, retries: int = 5, backoff_s: float = 1.0, log: Callable[[str], None] = print) -> dict:
+    """Select, download, cut and write (see the module docstring); resumes from ``OUT.parts/``."""
+    out = Path(out)
+    if n is None and region is None:
+        raise ValueError("give --n (the first N galaxies of the selection) or --region (a box on the sky), or both")
+    parts = out.with_name(out.name + ".parts")
+    parts.mkdir(parents=True, exist_ok=True)
+    settings = {"n": n, "region": None if region is None else list(vars(region).values()), "skyserver": skyserver,
+                "page_size": page_size, "chunk_size": chunk_size}
+    stamp = parts / "settings.json"
+    if stamp.exists() and json.loads(stamp.read_text()) != settings:
+        raise ValueError(f"{parts} holds a run with other settings ({stamp.read_text().strip()}); remove it, "
+                         "or run with those settings to resume it")
+    _write_atomic(stamp, json.dumps(settings).encode())
+    fetcher = Fetcher(retries=retries, backoff_s=backoff_s)
+    try:
+        log(f"selecting Main Galaxy Sample galaxies from {skyserver} ...")
+        rows = ordered(select(fetcher, skyserver, parts, n, region, page_size, log))
+        fields = {(r["run"], r["camcol"], r["field"]) for r in rows}
+        log(f"{len(rows)} galaxies on {len(fields)} fields; frames from {sas}")
+        frames = FrameCache(Path(cache) if cache else parts / "frames", sas, fetcher, concurrency)
+        cutter = Cutter(frames)
+        chunk_paths = []
+        for k, start, stop in chunk_ranges(len(rows), chunk_size):
+            path = parts / f"chunk-{k:05d}.npz"
+            chunk_paths.append(path)
+            if path.exists():
+                continue
+            chunk = cut_chunk(cutter, rows, start, stop)
+            save_chunk(path, chunk, cutter.size)
+            if cache is None:  # no cache asked for: frames go as soon as no later object needs them
+                frames.prune({(int(r["run"]), int(r["camcol"]), int(r["field"]) + d)
+                              for r in rows[stop:] for d in (0, *NEIGHBOUR_FIELDS)})
+            log(f"  objects {start}-{stop - 1}: {len(chunk.kept)} cut, {len(chunk.skipped)} skipped "
+                f"({frames.downloaded_bytes / 2**20:.0f} MiB downloaded so far)")
+        provenance = {"data_release": DATA_RELEASE, "skyserver": skyserver, "sas": sas, "rerun": RERUN,
+                      "query": selection_sql(page_size, 0, region), "paging": "keyset on specObjID",
+                      "n_requested": -1 if n is None else n,
+                      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                      "photoz_command": "photoz sdss-dataset", "object_order": "run, camcol, field, specObjID"}
+        summary = write_training_file(out, rows, chunk_paths, provenance, fractions, nside, seed)
+    finally:
+        fetcher.close()
+    # the file is complete: the work folder goes (a cache given with --cache stays)
+    shutil.rmtree(parts)
+    return {**summary, "selected": len(rows), "fields": len(fields)}
+
