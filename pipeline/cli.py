@@ -93,7 +93,7 @@ def _sdss_dataset(args: argparse.Namespace) -> int:
         summary = build(args.out, n=args.n, region=region, skyserver=args.skyserver or SKYSERVER_URL,
                         sas=args.sas or SAS_URL, cache=args.cache, page_size=args.page_size,
                         chunk_size=args.chunk_size, concurrency=args.concurrency, fractions=args.splits,
-                        nside=args.nside, seed=args.seed, retries=args.retries,
+                        nside=args.nside, seed=args.seed, retries=args.retries, backoff_s=args.backoff,
                         log=(lambda _m: None) if args.quiet else print)
     except (SDSSArchiveError, CutoutError, ValueError, OSError) as exc:
         return _fail("sdss-dataset", exc)
@@ -164,6 +164,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--chunk-size", type=_positive_int, default=2000, help="galaxies per resumable chunk")
     p.add_argument("--concurrency", type=_positive_int, default=4, help="downloads at once (be polite)")
     p.add_argument("--retries", type=int, default=5, help="retries of a failed request (5xx, 429, network)")
+    p.add_argument("--backoff", type=float, default=1.0, help="seconds before the first retry (doubling after)")
     p.add_argument("--splits", type=_fractions, default=(0.8, 0.1, 0.1), metavar="TRAIN,VALIDATION,TEST",
                    help="fractions of HEALPix pixels per split")
     p.add_argument("--nside", type=_positive_int, default=32, help="HEALPix nside of the sky split (32: 3.4 deg^2)")

@@ -38,7 +38,9 @@ class KNNPhotoZ:
         ok = np.all(np.isfinite(features), axis=1)
         self.mean_, self.scale_ = features[ok].mean(axis=0), features[ok].std(axis=0)
         self.z_ = np.asarray(z, dtype=np.float64)[ok]
-        self.index_ = NearestNeighbors(n_neighbors=self.k).fit((features[ok] - self.mean_) / self.scale_)
+        # a training set smaller than k (a small test region) uses all of it
+        scaled = (features[ok] - self.mean_) / self.scale_
+        self.index_ = NearestNeighbors(n_neighbors=min(self.k, int(ok.sum()))).fit(scaled)
         return self
 
     def predict_pdfs(self, mags: np.ndarray) -> np.ndarray:

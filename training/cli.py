@@ -40,7 +40,7 @@ def _evaluate(args) -> int:
     from photoz.training.evaluate import evaluate, format_report
 
     report = evaluate(args.model, args.data, args.out, baseline_train=args.baseline_train,
-                      figures=not args.no_figures)
+                      figures=not args.no_figures, split=args.split)
     print(format_report(report))
     print(f"\nmetrics and figures in {args.out}")
     return 0
@@ -93,6 +93,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="directory for metrics.json and figures")
     p.add_argument("--baseline-train", default=None,
                    help="HDF5 data set with a catalogue to fit the kNN baseline on (scored side by side)")
+    p.add_argument("--split", default=None, choices=("train", "validation", "test"),
+                   help="score only these rows of a file with a split dataset (photoz sdss-dataset writes one); "
+                        "the baseline then fits on the train rows of --baseline-train")
     p.add_argument("--no-figures", action="store_true")
     p.set_defaults(func=_evaluate)
 

@@ -7,6 +7,10 @@ labelled (real) cutouts::
             (channel-last (N, 64, 64, 5) is accepted too)
     z       (N,) spectroscopic redshift
     ebv     (N,) Galactic E(B-V) in mag (optional; 0 when absent)
+    split   (N,) uint8, optional: 0 train, 1 validation, 2 test (e.g. by sky
+            position, as ``photoz sdss-dataset`` writes); ``photoz train``
+            then trains on 0 and validates on 1, ``photoz evaluate --split``
+            scores one of them; without it the validation split is random
 
 Anything else in the file (``truth/``, ``catalogue/``, attributes) is kept
 for evaluation but not needed for training. Reading is per object, so a
@@ -105,6 +109,21 @@ def split_indices(n: int, validation_fraction: float, seed: int) -> tuple[np.nda
     order = np.random.default_rng(seed).permutation(n)
     n_val = max(1, int(round(n * validation_fraction)))
     return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+SPLIT_NAMES = ("train", "validation", "test")
+
+
+def split_rows(path: str | Path, name: str) -> np.ndarray | None:
+    """Rows of the file's ``split`` dataset named ``name`` (train, validation, test); None if it has none."""
+    import h5py
+
+    if name not in SPLIT_NAMES:
+        raise DataFormatError(f"unknown split {name!r}: expected one of {', '.join(SPLIT_NAMES)}")
+    with h5py.File(path, "r") as h5:
+        if "split" not in h5:
+            return None
+        return np.flatnonzero(np.asarray(h5["split"][:]) == SPLIT_NAMES.index(name))
 
 
 def read_labels(path: str | Path, indices: np.ndarray | None = None) -> dict[str, np.ndarray]:

@@ -20,8 +20,9 @@ R_MAG_BIN_EDGES = (10.0, 15.5, 16.5, 17.0, 17.5, 18.0)
 POINT_ESTIMATE = "z_mean"
 
 
-def predict_file(model_path: str | Path, data_path: str | Path, batch_size: int = 128):
-    """PDFs for every object of an HDF5 data set, from a bundle (.onnx) or checkpoint (.pt)."""
+def predict_file(model_path: str | Path, data_path: str | Path, batch_size: int = 128,
+                 rows: np.ndarray | None = None):
+    """PDFs for every object (or ``rows``, sorted) of an HDF5 data set, from a bundle (.onnx) or checkpoint (.pt)."""
     import h5py
 
     model_path = Path(model_path)
@@ -47,11 +48,13 @@ def predict_file(model_path: str | Path, data_path: str | Path, batch_size: int 
     with h5py.File(data_path, "r") as h5:
         n = h5["images"].shape[0]
         ebv_all = np.asarray(h5["ebv"][:], np.float32) if "ebv" in h5 else np.zeros(n, np.float32)
-        for start in range(0, n, batch_size):
-            images = np.asarray(h5["images"][start:start + batch_size], np.float32)
+        rows = np.arange(n) if rows is None else np.asarray(rows)
+        for start in range(0, rows.size, batch_size):
+            take = rows[start:start + batch_size]
+            images = np.asarray(h5["images"][take], np.float32)  # h5py reads sorted index lists
             if images.shape[1] != len(BANDS):
                 images = np.moveaxis(images, -1, 1)
-            pdfs.append(run(images, ebv_all[start:start + batch_size]))
+            pdfs.append(run(images, ebv_all[take]))
     return np.concatenate(pdfs), bins
 
 
@@ -73,24 +76,34 @@ def score(pdfs, bins: RedshiftBins, z_spec, r_mag=None) -> dict:
     return out
 
 
-def evaluate(model_path, data_path, out_dir, baseline_train=None, figures: bool = True) -> dict:
-    """Score the model (and the kNN baseline when ``baseline_train`` has a catalogue); write JSON + figures."""
-    from photoz.training.data import read_labels
+def evaluate(model_path, data_path, out_dir, baseline_train=None, figures: bool = True,
+             split: str | None = None) -> dict:
+    """Score the model (and the kNN baseline when ``baseline_train`` has a catalogue); write JSON + figures.
+
+    ``split`` (train, validation, test) scores only those rows of a file with a ``split`` dataset; the
+    baseline is then fitted on the train rows of ``baseline_train`` (never on the rows scored).
+    """
+    from photoz.training.data import read_labels, split_rows
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pdfs, bins = predict_file(model_path, data_path)
-    labels = read_labels(data_path)
+    rows = None
+    if split is not None:
+        rows = split_rows(data_path, split)
+        if rows is None or rows.size == 0:
+            raise ValueError(f"{data_path}: no rows in split {split!r} (the file needs a split dataset)")
+    pdfs, bins = predict_file(model_path, data_path, rows=rows)
+    labels = read_labels(data_path, rows)
     z = labels["z"]
     mags = labels.get("catalogue/petro_mag")
     r_mag = mags[:, BANDS.index("r")] if mags is not None else None
-    report = {"model": str(model_path), "data": str(data_path), "n": int(z.size),
+    report = {"model": str(model_path), "data": str(data_path), "split": split or "all rows", "n": int(z.size),
               "model_metrics": score(pdfs, bins, z, r_mag)}
     results = {"CNN": pdfs}
     if baseline_train is not None and mags is not None:
         from photoz.training.baseline import KNNPhotoZ
 
-        train = read_labels(baseline_train)
+        train = read_labels(baseline_train, split_rows(baseline_train, "train") if split is not None else None)
         knn = KNNPhotoZ(bins=bins).fit(train["catalogue/petro_mag"], train["z"])
         knn_pdfs = knn.predict_pdfs(mags)
         report["baseline"] = {"name": f"kNN (k={knn.k}) on Petrosian r + 4 colours",

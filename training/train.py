@@ -27,7 +27,7 @@ from photoz.model.pasquet import PasquetNet, build, variant_config
 from photoz.model.pdf import RedshiftBins, photoz_metrics, point_estimates
 from photoz.progress import Progress
 from photoz.training.config import TrainConfig
-from photoz.training.data import CutoutDataset, inspect, split_indices
+from photoz.training.data import CutoutDataset, inspect, split_indices, split_rows
 
 
 def checkpoint_payload(net, optimizer, cfg, epoch, batch_in_epoch, best, history, dataset_info) -> dict:
@@ -147,14 +147,20 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
 
-    # -- data: validation split held out by object, fixed by the seed
+    # -- data: the file's own train/validation split (e.g. by sky position) when it has one, else a
+    # validation split held out by object, fixed by the seed
     info = inspect(cfg.data)
-    train_idx, val_idx = split_indices(info["n"], cfg.validation_fraction, cfg.seed)
+    file_train, file_val = split_rows(cfg.data, "train"), split_rows(cfg.data, "validation")
+    if file_train is not None and file_val is not None and file_val.size:
+        train_idx, val_idx, split_kind = file_train, file_val, "the file's split dataset"
+    else:
+        train_idx, val_idx = split_indices(info["n"], cfg.validation_fraction, cfg.seed)
+        split_kind = f"random by object ({cfg.validation_fraction:g}, seed {cfg.seed})"
     if cfg.max_validation:
         val_idx = val_idx[: cfg.max_validation]
     val_set = CutoutDataset(cfg.data, val_idx)
     dataset_info = {"name": info["name"], "provenance": info["provenance"], "n_objects": int(info["n"]),
-                    "n_train": int(train_idx.size), "n_validation": int(val_idx.size),
+                    "n_train": int(train_idx.size), "n_validation": int(val_idx.size), "split": split_kind,
                     "seed": info["seed"], "simulator_version": info["simulator_version"]}
     bins = RedshiftBins.from_metadata(cfg.z_bins)
     preloaded = InMemoryData(cfg.data, device) if cfg.preload else None
