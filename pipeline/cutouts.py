@@ -167,32 +167,94 @@ def reference_grid(ref: BandImage, scale_arcsec: float):
     return wcs, shape
 
 
+def on_grid(image: BandImage, wcs, shape: tuple[int, int]) -> tuple[np.ndarray, str]:
+    """A band's pixels on the grid (``wcs``, ``shape``), in nanomaggies per pixel of that grid, and how: as they
+    are when the band is already on it, else resampled with ``reproject`` (bicubic) times the pixel-area ratio."""
+    if _same_grid(image.wcs, wcs, image.data.shape, shape):
+        return image.data, "on the reference grid"
+    try:
+        from reproject import reproject_interp
+    except ImportError:
+        raise CutoutError(f"{image.path}: the {image.band} band's pixel grid differs from the reference grid and "
+                          "resampling needs the reproject package: pip install 'photoz[pipeline]' "
+                          "(or '.[pipeline]' in a checkout)") from None
+    from astropy.wcs.utils import proj_plane_pixel_area
+
+    resampled, _ = reproject_interp((image.data, image.wcs), wcs, shape_out=shape, order="bicubic")
+    area_ratio = proj_plane_pixel_area(wcs) / proj_plane_pixel_area(image.wcs)
+    return (resampled * area_ratio).astype(np.float32), f"resampled with reproject (bicubic, pixel area " \
+                                                         f"x{area_ratio:.4f})"
+
+
 def align(images: dict[str, BandImage], scale_arcsec: float = PIXEL_SCALE_ARCSEC):
     """Every band on one grid (nanomaggies per pixel of that grid); returns (stack (B,H,W), wcs, notes)."""
     if REFERENCE_BAND not in images:
         raise CutoutError(f"no {REFERENCE_BAND}-band image: the cutouts are aligned to the {REFERENCE_BAND} band's WCS")
-    ref = images[REFERENCE_BAND]
-    wcs, shape = reference_grid(ref, scale_arcsec)
-    from astropy.wcs.utils import proj_plane_pixel_area
-
+    wcs, shape = reference_grid(images[REFERENCE_BAND], scale_arcsec)
     stack, notes = [], {}
     for band in BANDS:
-        image = images[band]
-        if _same_grid(image.wcs, wcs, image.data.shape, shape):
-            stack.append(image.data)
-            notes[band] = f"{image.unit_note}; on the reference grid"
-            continue
-        try:
-            from reproject import reproject_interp
-        except ImportError:
-            raise CutoutError(f"{image.path}: the {band} band's pixel grid differs from the reference grid and "
-                              "resampling needs the reproject package: pip install 'photoz[pipeline]' "
-                              "(or '.[pipeline]' in a checkout)") from None
-        resampled, _ = reproject_interp((image.data, image.wcs), wcs, shape_out=shape, order="bicubic")
-        area_ratio = proj_plane_pixel_area(wcs) / proj_plane_pixel_area(image.wcs)
-        stack.append((resampled * area_ratio).astype(np.float32))
-        notes[band] = f"{image.unit_note}; resampled with reproject (bicubic, pixel area x{area_ratio:.4f})"
+        data, how = on_grid(images[band], wcs, shape)
+        stack.append(data)
+        notes[band] = f"{images[band].unit_note}; {how}"
     return np.stack(stack), wcs, notes
+
+
+def stamp_origin(x: float, y: float, size: int) -> tuple[int, int]:
+    """The 0-based pixel where the stamp of an object at (x, y) starts: the object within half a pixel of the
+    stamp's true centre (as in the training data)."""
+    half = size / 2 - 0.5  # 0-based position of a stamp's true centre
+    return int(np.round(x - half)), int(np.round(y - half))
+
+
+def cut_registered(images: dict[str, BandImage], ra: np.ndarray, dec: np.ndarray, size: int = CUTOUT_SIZE_PIXELS,
+                   scale_arcsec: float = PIXEL_SCALE_ARCSEC) -> tuple[np.ndarray, np.ndarray]:
+    """What ``cut(*align(images)[:2], ra, dec)`` gives for stamps that lie inside the reference grid, registering
+    only the stamps' own pixels (the same bicubic resampling evaluated at the same positions): for a few objects
+    on a large frame, about a hundred times less work. A stamp that runs off the grid is NaN and ``near_edge``.
+    Returns (images (N, B, size, size), near_edge (N,))."""
+    from astropy.coordinates import SkyCoord
+
+    ref = images[REFERENCE_BAND]
+    wcs, (height, width) = reference_grid(ref, scale_arcsec)
+    x, y = wcs.world_to_pixel(SkyCoord(ra, dec, unit="deg"))
+    out = np.full((len(ra), len(BANDS), size, size), np.nan, np.float32)
+    near_edge = np.ones(len(ra), bool)
+    for k in range(len(ra)):
+        x0, y0 = stamp_origin(float(x[k]), float(y[k]), size)
+        if x0 < 0 or y0 < 0 or x0 + size > width or y0 + size > height:
+            continue
+        stamp_wcs = wcs.deepcopy()
+        stamp_wcs.wcs.crpix = np.asarray(wcs.wcs.crpix) - np.array([x0, y0])
+        for b, band in enumerate(BANDS):
+            if band == REFERENCE_BAND and wcs is ref.wcs:  # the reference grid itself: its pixels as they are
+                out[k, b] = ref.data[y0:y0 + size, x0:x0 + size]
+            else:
+                out[k, b] = on_grid(_around(images[band], stamp_wcs, size), stamp_wcs, (size, size))[0]
+        near_edge[k] = not np.isfinite(out[k]).all()
+    return out, near_edge
+
+
+#: Pixels kept around a stamp's footprint when resampling it: the bicubic spline's prefilter reaches
+#: 0.268^d of a pixel's value d pixels away, 2e-14 at 24, so the stamp is the same as from the whole image.
+SPLINE_MARGIN_PIXELS = 24
+
+
+def _around(image: BandImage, stamp_wcs, size: int) -> BandImage:
+    """The part of ``image`` under a stamp (with :data:`SPLINE_MARGIN_PIXELS` around it): resampling a stamp
+    from it equals resampling it from the whole image, at a fraction of the cost."""
+    corners = np.array([[-0.5, -0.5], [size - 0.5, -0.5], [-0.5, size - 0.5], [size - 0.5, size - 0.5]])
+    sky = stamp_wcs.pixel_to_world(corners[:, 0], corners[:, 1])
+    x, y = (np.asarray(v, float) for v in image.wcs.world_to_pixel(sky))
+    height, width = image.data.shape
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        return image
+    x0 = int(np.clip(np.floor(x.min()) - SPLINE_MARGIN_PIXELS, 0, width))
+    x1 = int(np.clip(np.ceil(x.max()) + SPLINE_MARGIN_PIXELS + 1, 0, width))
+    y0 = int(np.clip(np.floor(y.min()) - SPLINE_MARGIN_PIXELS, 0, height))
+    y1 = int(np.clip(np.ceil(y.max()) + SPLINE_MARGIN_PIXELS + 1, 0, height))
+    if x1 - x0 < 2 or y1 - y0 < 2:
+        return image
+    return BandImage(image.band, image.path, image.data[y0:y1, x0:x1], image.wcs[y0:y1, x0:x1], image.unit_note)
 
 
 def read_catalogue(path: str | Path, ra_col: str | None = None, dec_col: str | None = None,
@@ -245,9 +307,8 @@ def cut(stack: np.ndarray, wcs, ra: np.ndarray, dec: np.ndarray, size: int = CUT
     n, (nb, height, width) = len(ra), stack.shape
     images = np.full((n, nb, size, size), np.nan, np.float32)
     near_edge = np.zeros(n, bool)
-    half = size / 2 - 0.5  # 0-based position of a stamp's true centre
     for k in range(n):
-        x0, y0 = int(np.round(x[k] - half)), int(np.round(y[k] - half))
+        x0, y0 = stamp_origin(x[k], y[k], size)
         fx0, fy0, fx1, fy1 = max(x0, 0), max(y0, 0), min(x0 + size, width), min(y0 + size, height)
         if fx1 > fx0 and fy1 > fy0:
             images[k, :, fy0 - y0:fy1 - y0, fx0 - x0:fx1 - x0] = stack[:, fy0:fy1, fx0:fx1]

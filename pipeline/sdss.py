@@ -18,9 +18,10 @@
    on 5xx/429/connection errors with backoff, at most ``--concurrency``
    at a time, and checked before use (the size the server declared, bzip2's
    block checksums over the whole file, a FITS image inside).
-3. **Cutouts** with ``photoz cutouts``' own code (:func:`~photoz.pipeline.cutouts.align`
-   puts every band on the r band's grid, :func:`~photoz.pipeline.cutouts.cut`
-   cuts 64 x 64 stamps). A galaxy whose stamp runs off its field's frame is
+3. **Cutouts** with ``photoz cutouts``' own registration onto the r band's
+   grid (:func:`~photoz.pipeline.cutouts.cut_registered`: the stamps that
+   ``cut(align(...))`` gives, resampling only the stamps' pixels, as an SDSS
+   field holds a few galaxies on 3 million pixels), 64 x 64. A galaxy whose stamp runs off its field's frame is
    cut from the previous or next field of the same run and camcol when it
    lies wholly inside that one (consecutive SDSS fields overlap by about 128
    rows), as Pasquet et al. (2019) did with their mosaics; otherwise it is
@@ -301,37 +302,34 @@ class Chunk:
 
 
 class Cutter:
-    """Aligned field stacks (the last few kept in memory) and stamps cut from them."""
+    """The bands of the last few fields read (kept in memory) and stamps registered from them."""
 
     def __init__(self, frames: FrameCache, size: int = CUTOUT_SIZE_PIXELS) -> None:
         self.frames, self.size = frames, size
-        self.stack = lru_cache(maxsize=4)(self._stack)
+        self.bands = lru_cache(maxsize=4)(self._bands)
 
-    def _stack(self, run: int, camcol: int, field_: int) -> tuple[np.ndarray, Any] | None:
-        from photoz.pipeline.cutouts import align, read_band_image
+    def _bands(self, run: int, camcol: int, field_: int) -> dict[str, Any] | None:
+        from photoz.pipeline.cutouts import read_band_image
 
         paths = self.frames.fetch_field(run, camcol, field_)
         if paths is None:
             return None
-        images = {band: read_band_image(path, band) for band, path in paths.items()}
-        stack, wcs, _ = align(images)
-        return stack, wcs
+        return {band: read_band_image(path, band) for band, path in paths.items()}
 
     def cutout(self, run: int, camcol: int, field_: int, ra: float, dec: float) -> tuple[np.ndarray | None, int, str]:
         """The stamp (from the object's field, else a neighbour that holds it whole), the field used, or why not."""
-        from photoz.pipeline.cutouts import cut
+        from photoz.pipeline.cutouts import cut_registered
 
         tried = []
         for candidate in (field_, *(field_ + d for d in NEIGHBOUR_FIELDS)):
             if candidate < 0:
                 continue
-            found = self.stack(run, camcol, candidate)
-            if found is None:
+            bands = self.bands(run, camcol, candidate)
+            if bands is None:
                 if candidate == field_:
                     return None, field_, f"no frames for run {run} camcol {camcol} field {field_} in the archive"
                 continue
-            stack, wcs = found
-            images, _, _, near_edge = cut(stack, wcs, np.array([ra]), np.array([dec]), self.size)
+            images, near_edge = cut_registered(bands, np.array([ra]), np.array([dec]), self.size)
             if not near_edge[0]:
                 return images[0], candidate, ""
             tried.append(candidate)

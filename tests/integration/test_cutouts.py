@@ -186,3 +186,23 @@ def test_cutouts_predict_through_a_running_service(tmp_path, server, tiny_bundle
     assert (~np.asarray(remote["VALID"])).sum() == 1
     ok = np.asarray(local["VALID"])
     assert np.allclose(np.asarray(remote["Z_MEAN"])[ok], np.asarray(local["Z_MEAN"])[ok], atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [0.396, 0.262], ids=["same-scale", "rescaled"])
+def test_registering_only_the_stamps_gives_the_stamps_of_the_whole_field(tmp_path, scale):
+    """cut_registered (what photoz sdss-dataset uses: a few galaxies on a large frame) equals cut(align(...)) for
+    every stamp inside the grid, bands shifted against r and, with another pixel scale, every band resampled."""
+    from photoz.pipeline.cutouts import align, cut_registered, read_band_image
+
+    render_field(tmp_path, n=9, seed=4, n_edge=2, noise=True)
+    images = {b: read_band_image(tmp_path / f"frame-{b}.fits", b) for b in "ugriz"}
+    if scale != 0.396:  # pretend the frames have another pixel scale: every band, r included, is resampled
+        for image in images.values():
+            image.wcs.wcs.cdelt = np.asarray(image.wcs.wcs.cdelt) * scale / 0.396
+    cat = read_catalogue(tmp_path / "catalogue.csv")
+    stack, wcs, _ = align(images)
+    whole, _, _, whole_edge = cut(stack, wcs, cat["ra"], cat["dec"])
+    stamps, near_edge = cut_registered(images, cat["ra"], cat["dec"])
+    assert near_edge.tolist() == whole_edge.tolist() and 3 <= (~near_edge).sum() <= 7
+    inside = ~near_edge
+    np.testing.assert_allclose(stamps[inside], whole[inside], rtol=1e-5, atol=1e-5 * np.abs(whole[inside]).max())
