@@ -142,7 +142,7 @@ class FakeArchive:
 
     def query(self, sql: str) -> str:
         """What SkyServer's CSV answer to one page of :func:`photoz.pipeline.sdss.selection_sql` would be."""
-        from photoz.pipeline.sdss import CATALOGUE_COLUMNS
+        from photoz.pipeline.sdss_archive import CATALOGUE_COLUMNS
 
         top, after = int(TOP.search(sql).group(1)), int(AFTER.search(sql).group(1))
         chosen = [r for r in self.rows if r["specObjID"] > after]

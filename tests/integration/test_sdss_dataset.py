@@ -121,7 +121,7 @@ def test_a_killed_run_resumes_without_duplicates(archive, built_file, tmp_path):
 
 
 def test_partial_frame_download_resumes_with_a_range_request(archive, tmp_path):
-    from photoz.pipeline.sdss import Fetcher, FrameCache
+    from photoz.pipeline.sdss_archive import Fetcher, FrameCache
 
     fake, _ = archive
     cache = FrameCache(tmp_path, fake.url + "/sas", Fetcher(retries=1, backoff_s=0.01))
