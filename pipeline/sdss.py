@@ -62,6 +62,7 @@ from photoz.pipeline.sdss_archive import (
     RERUN,
     SAS_URL,
     SKYSERVER_URL,
+    Catalogue,
     Fetcher,
     FrameCache,
     Region,
@@ -126,17 +127,17 @@ class Cutter:
                              f"camcol {camcol})"
 
 
-def ordered(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+def ordered(cat: Catalogue) -> Catalogue:
     """The fixed object order: by field (run, camcol, field), then specObjID."""
-    return sorted(rows, key=lambda r: (int(r["run"]), int(r["camcol"]), int(r["field"]), int(r["specObjID"])))
+    order = np.lexsort((cat["specObjID"], cat["field"], cat["camcol"], cat["run"]))
+    return {name: values[order] for name, values in cat.items()}
 
 
-def cut_chunk(cutter: Cutter, rows: list[dict[str, str]], start: int, stop: int) -> Chunk:
+def cut_chunk(cutter: Cutter, cat: Catalogue, start: int, stop: int) -> Chunk:
     chunk = Chunk()
     for i in range(start, stop):
-        row = rows[i]
-        image, used, reason = cutter.cutout(int(row["run"]), int(row["camcol"]), int(row["field"]),
-                                            float(row["ra"]), float(row["dec"]))
+        image, used, reason = cutter.cutout(int(cat["run"][i]), int(cat["camcol"][i]), int(cat["field"][i]),
+                                            float(cat["ra"][i]), float(cat["dec"][i]))
         if image is None:
             chunk.skipped.append(i)
             chunk.reasons.append(reason)
@@ -145,6 +146,14 @@ def cut_chunk(cutter: Cutter, rows: list[dict[str, str]], start: int, stop: int)
             chunk.images.append(image)
             chunk.source_field.append(used)
     return chunk
+
+
+def fields_of(cat: Catalogue, start: int = 0, neighbours: bool = False) -> set[tuple[int, int, int]]:
+    """The fields (run, camcol, field) of objects ``start ..``, with their neighbours if asked."""
+    steps = (0, *NEIGHBOUR_FIELDS) if neighbours else (0,)
+    keys = set(zip(cat["run"][start:].tolist(), cat["camcol"][start:].tolist(), cat["field"][start:].tolist(),
+                   strict=True))
+    return {(run, camcol, field_ + d) for run, camcol, field_ in keys for d in steps}
 
 
 def save_chunk(path: Path, chunk: Chunk, size: int) -> None:
@@ -178,21 +187,15 @@ def sky_splits(ra: np.ndarray, dec: np.ndarray, fractions: tuple[float, float, f
 
 # -- 5. the training file ---------------------------------------------------------------------------------
 
-def _catalogue(rows: list[dict[str, str]], index: np.ndarray) -> dict[str, np.ndarray]:
-    def column(name: str, dtype: Any) -> np.ndarray:
-        return np.array([rows[i][name] for i in index], dtype=np.float64).astype(dtype) if dtype != np.int64 \
-            else np.array([int(rows[i][name]) for i in index], dtype=np.int64)
-
-    out = {name.lower(): column(name, np.int64)
-           for name in ("specObjID", "objID", "run", "rerun", "camcol", "field")}
-    out.update(ra=column("ra", np.float64), dec=column("dec", np.float64),
-               petro_r50_r_arcsec=column("petroR50_r", np.float32))
+def _catalogue(cat: Catalogue, index: np.ndarray) -> dict[str, np.ndarray]:
+    out = {name.lower(): cat[name][index] for name in ("specObjID", "objID", "run", "rerun", "camcol", "field")}
+    out.update(ra=cat["ra"][index], dec=cat["dec"][index], petro_r50_r_arcsec=cat["petroR50_r"][index])
     for key, prefix in (("model_mag", "modelMag"), ("petro_mag", "petroMag"), ("extinction_mag", "extinction")):
-        out[key] = np.stack([column(f"{prefix}_{b}", np.float32) for b in BANDS], axis=1)
+        out[key] = np.stack([cat[f"{prefix}_{b}"][index] for b in BANDS], axis=1)
     return out
 
 
-def write_training_file(out: Path, rows: list[dict[str, str]], chunk_paths: list[Path], provenance: dict[str, Any],
+def write_training_file(out: Path, cat: Catalogue, chunk_paths: list[Path], provenance: dict[str, Any],
                         fractions: tuple[float, float, float], nside: int, seed: int) -> dict[str, Any]:
     """Stream the chunks into the training HDF5 (written beside ``out``, then moved into place)."""
     import h5py
@@ -201,8 +204,8 @@ def write_training_file(out: Path, rows: list[dict[str, str]], chunk_paths: list
     kept = np.concatenate([c["kept"] for c in chunks]) if chunks else np.zeros(0, np.int64)
     skipped = np.concatenate([c["skipped"] for c in chunks]) if chunks else np.zeros(0, np.int64)
     reasons = [str(r) for c in chunks for r in c["reasons"]]
-    catalogue = _catalogue(rows, kept)
-    z = np.array([float(rows[i]["z"]) for i in kept], np.float64)
+    catalogue = _catalogue(cat, kept)
+    z = cat["z"][kept]
     ebv = (catalogue["extinction_mag"][:, BANDS.index("r")] / EXTINCTION_A_OVER_EBV["r"]).astype(np.float32)
     split = sky_splits(catalogue["ra"], catalogue["dec"], fractions, nside, seed)
     tmp = out.with_name(out.name + ".tmp")
@@ -226,7 +229,7 @@ def write_training_file(out: Path, rows: list[dict[str, str]], chunk_paths: list
                                       "not dereddened; extinction_mag per band; source_field: the field the "
                                       "cutout was cut from, a neighbour of `field` for objects near a frame edge)")
         lost = h5.create_group("skipped")
-        lost["specobjid"] = np.array([int(rows[i]["specObjID"]) for i in skipped], np.int64)
+        lost["specobjid"] = cat["specObjID"][skipped]
         lost["reason"] = np.array(reasons, dtype=h5py.string_dtype())
         for key, value in provenance.items():
             h5.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
@@ -264,22 +267,21 @@ def build(out: str | Path, n: int | None = None, region: Region | None = None, s
     fetcher = Fetcher(retries=retries, backoff_s=backoff_s)
     try:
         log(f"selecting Main Galaxy Sample galaxies from {skyserver} ...")
-        rows = ordered(select(fetcher, skyserver, parts, n, region, page_size, log))
-        fields = {(r["run"], r["camcol"], r["field"]) for r in rows}
-        log(f"{len(rows)} galaxies on {len(fields)} fields; frames from {sas}")
+        cat = ordered(select(fetcher, skyserver, parts, n, region, page_size, log))
+        n_selected, fields = len(cat["z"]), fields_of(cat)
+        log(f"{n_selected} galaxies on {len(fields)} fields; frames from {sas}")
         frames = FrameCache(Path(cache) if cache else parts / "frames", sas, fetcher, concurrency)
         cutter = Cutter(frames)
         chunk_paths = []
-        for k, start, stop in chunk_ranges(len(rows), chunk_size):
+        for k, start, stop in chunk_ranges(n_selected, chunk_size):
             path = parts / f"chunk-{k:05d}.npz"
             chunk_paths.append(path)
             if path.exists():
                 continue
-            chunk = cut_chunk(cutter, rows, start, stop)
+            chunk = cut_chunk(cutter, cat, start, stop)
             save_chunk(path, chunk, cutter.size)
             if cache is None:  # no cache asked for: frames go as soon as no later object needs them
-                frames.prune({(int(r["run"]), int(r["camcol"]), int(r["field"]) + d)
-                              for r in rows[stop:] for d in (0, *NEIGHBOUR_FIELDS)})
+                frames.prune(fields_of(cat, stop, neighbours=True))
             log(f"  objects {start}-{stop - 1}: {len(chunk.kept)} cut, {len(chunk.skipped)} skipped "
                 f"({frames.downloaded_bytes / 2**20:.0f} MiB downloaded so far)")
         provenance = {"data_release": DATA_RELEASE, "skyserver": skyserver, "sas": sas, "rerun": RERUN,
@@ -287,10 +289,10 @@ def build(out: str | Path, n: int | None = None, region: Region | None = None, s
                       "n_requested": -1 if n is None else n,
                       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                       "photoz_command": "photoz sdss-dataset", "object_order": "run, camcol, field, specObjID"}
-        summary = write_training_file(out, rows, chunk_paths, provenance, fractions, nside, seed)
+        summary = write_training_file(out, cat, chunk_paths, provenance, fractions, nside, seed)
     finally:
         fetcher.close()
     # the file is complete: the work folder goes (a cache given with --cache stays)
     shutil.rmtree(parts)
-    return {**summary, "selected": len(rows), "fields": len(fields)}
+    return {**summary, "selected": n_selected, "fields": len(fields)}
 
