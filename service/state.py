@@ -54,25 +54,50 @@ class ServiceState:
     def ready(self) -> bool:
         return self.engine is not None and not self.draining
 
-    async def hold_refusal(self) -> None:
-        """Hold a 429 on a timer (no CPU) before sending it: a client that ignores Retry-After then re-sends at
-        most once per hold, instead of as fast as the server can refuse.
+    def begin_hold(self) -> float:
+        """Seconds to hold a refusal before sending it (0: at once), counted as held until :meth:`end_hold`.
 
-        The hold is ``refusal_delay_ms``, longer when more refusals are held than ``max_refusals_per_s`` can
-        answer in that time (each waits its turn: refusal work stays bounded however many clients storm),
-        at most ``MAX_HOLD_S``.
+        Held on a timer (no CPU): a client that ignores Retry-After then re-sends at most once per hold,
+        instead of as fast as the server can refuse. The hold is ``refusal_delay_ms``, longer when more
+        refusals are held than ``max_refusals_per_s`` can answer in that time (each waits its turn: refusal
+        work stays bounded however many clients storm), at most ``MAX_HOLD_S``.
         """
         s = self.settings
         delay = s.refusal_delay_ms / 1000
         if s.max_refusals_per_s > 0:
             delay = min(max(delay, self.held_refusals / s.max_refusals_per_s), MAX_HOLD_S)
         if delay <= 0 or self.held_refusals >= MAX_HELD_REFUSALS:
-            return
+            return 0.0
         self.held_refusals += 1
+        return delay
+
+    def end_hold(self) -> None:
+        self.held_refusals -= 1
+
+    async def hold_refusal(self) -> None:
+        """:meth:`begin_hold` as an awaitable (the ASGI path; uvicorn's protocol holds with a timer instead)."""
+        delay = self.begin_hold()
+        if delay:
+            try:
+                await asyncio.sleep(delay)
+            finally:
+                self.end_hold()
+
+    def refusal_for(self, method: bytes, path: bytes, headers: list[tuple[bytes, bytes]]) -> QueueFull | None:
+        """The 429 for a prediction request the queue cannot take, decided from its request line and headers
+        alone (None: let it in). Both the ASGI path and uvicorn's protocol ask here."""
+        engine = self.engine
+        if engine is None or self.draining or not engine.batcher.queued or method != b"POST" \
+                or not is_prediction_path(path):
+            return None
+        wanted = {name.decode("latin-1"): value.decode("latin-1") for name, value in headers
+                  if name in ADMISSION_HEADERS}
         try:
-            await asyncio.sleep(delay)
-        finally:
-            self.held_refusals -= 1
+            admit(wanted, engine.batcher, engine.geometry)
+        except QueueFull as exc:
+            engine.metrics.refused_early.inc()
+            return exc
+        return None
 
     def cut_off_queued(self) -> None:
         """At the drain deadline: queued work that cannot finish gets 503 + Retry-After, not a dropped connection."""
@@ -119,23 +144,23 @@ async def require_key(request: Request) -> None:  # async: a sync dependency cos
         raise Unauthorized()
 
 
+def is_prediction_path(path: bytes) -> bool:
+    """``/v1/predict`` and the Open Inference Protocol's ``/v2/models/{name}[/versions/{v}]/infer``."""
+    return path == b"/v1/predict" or (path.startswith(b"/v2/models/") and path.endswith(b"/infer"))
+
+
 async def refuse_early(scope: Scope) -> QueueFull | None:
     """Under overload, the 429 for a request from its headers alone, held on a timer before it goes out: no
     Request object, no auth, no body read (``Connection: close``), so a retry storm costs the server as little
-    as it can (docs/security.md). Every prediction route starts here; each renders the refusal its own way."""
+    as it can (docs/security.md). Every prediction route starts here; each renders the refusal its own way.
+    Under ``photoz serve`` uvicorn's protocol refuses such requests before they reach the app
+    (:mod:`photoz.service.server`); this is the same decision for any other ASGI server."""
     state: ServiceState = scope["app"].state.photoz
-    engine = state.engine
-    if engine is None or state.draining or not engine.batcher.queued:
-        return None
-    headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]
-               if name in ADMISSION_HEADERS}
-    try:
-        admit(headers, engine.batcher, engine.geometry)
-    except QueueFull as exc:
-        engine.metrics.refused_early.inc()
+    path = scope.get("raw_path") or scope["path"].encode()
+    refusal = state.refusal_for(scope["method"].encode(), path, scope["headers"])
+    if refusal is not None:
         await state.hold_refusal()
-        return exc
-    return None
+    return refusal
 
 
 async def answer(request: Request, work: Callable[[], Awaitable[Response]],

@@ -272,3 +272,22 @@ def test_work_still_queued_at_the_drain_deadline_gets_503_with_retry_after(slow_
     worker.join()
     assert results[0].status_code == 503 and results[0].headers["retry-after"] == "5", results[0].text
     assert "drain deadline" in results[0].json()["detail"]
+
+
+def test_the_open_inference_protocol_is_refused_from_its_headers_in_its_own_error_form(slow_batches, rng):
+    """The same refusal for /v2 infer: 429 as {"error": ...} with Retry-After, decided before any body byte;
+    requests pipelined behind a refused one are not answered (the connection closes)."""
+    queued = threading.Thread(target=post, args=(slow_batches, npy_bytes(sky_cutouts(rng, 16)), "application/x-npy"))
+    queued.start()
+    time.sleep(0.5)
+    sock = socket.create_connection(("127.0.0.1", slow_batches.port))
+    request = (b"POST /v2/models/photoz-test-tiny/infer HTTP/1.1\r\nHost: x\r\nInference-Header-Content-Length: 9\r\n"
+               b"Content-Length: 10\r\n\r\n0123456789GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    sock.sendall(request)
+    answer = read_response(sock, 3)
+    assert answer.count(b"HTTP/1.1 ") == 1, answer  # the pipelined GET got no answer: the connection closed
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 429") and b"retry-after" in head.lower(), answer[:300]
+    assert b"connection: close" in head.lower() and json.loads(body)["error"].startswith("queue holds")
+    sock.close()
+    queued.join()
