@@ -44,12 +44,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def server_refusals(url: str) -> float:
-    """The 429s the server has answered so far (its own counter, read from /metrics)."""
+def server_refusals(url: str, metric: str = 'photoz_requests_total{status="429"}') -> float:
+    """The 429s the server has answered so far (its own counter, read from /metrics); ``metric``
+    ``photoz_refused_before_body_total``: those decided from the headers alone."""
     import httpx
 
-    match = re.search(r'^photoz_requests_total\{status="429"\} (\S+)$', httpx.get(url + "/metrics", timeout=30).text,
-                      re.M)
+    match = re.search(rf"^{re.escape(metric)} (\S+)$", httpx.get(url + "/metrics", timeout=30).text, re.M)
     return float(match.group(1)) if match else 0.0
 
 
@@ -133,10 +133,13 @@ def phase(server, connections: int, seconds: float, body_file: Path, settle_s: f
     time.sleep(settle_s)
     # the server's CPU and its own count of refusals over the counted seconds (the client's count misses
     # refusals held across the window's edges: with refusals held for seconds, about half of them)
+    early = "photoz_refused_before_body_total"
     cpu_before, refused_before = cpu_seconds(server.proc.pid), server_refusals(server.url)
+    early_before = server_refusals(server.url, early)
     time.sleep(seconds)
     cpu = cpu_seconds(server.proc.pid) - cpu_before
     server_refused = server_refusals(server.url) - refused_before
+    refused_before_body = server_refusals(server.url, early) - early_before
     stdout, _ = client.communicate()
     result = json.loads(stdout.strip().splitlines()[-1])
     statuses = {int(k): v for k, v in result["status"].items()}
@@ -145,7 +148,8 @@ def phase(server, connections: int, seconds: float, body_file: Path, settle_s: f
             "other_statuses": {k: v for k, v in statuses.items() if k not in (200, 429)},
             "client_errors": result["errors"], "client_cpu_s": result["client_cpu_s"],
             "ok_p50_ms": result["ok_p50_ms"], "ok_p99_ms": result["ok_p99_ms"],
-            "server_cpu_s": cpu, "successes": ok, "refusals": refused, "server_refusals": server_refused}
+            "server_cpu_s": cpu, "successes": ok, "refusals": refused, "server_refusals": server_refused,
+            "refused_before_body": refused_before_body}
 
 
 def refusal_cost(bundle: Path, work: Path, connections: int, seconds: float, settle_s: float,
@@ -219,11 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"capacity: {capacity['goodput_per_s']:.0f} successes/s at 32 connections, "
           f"p99 {capacity['ok_p99_ms']:.0f} ms, {1000 * cpu_per_success:.2f} ms server CPU per success")
     print(f"{'load':>9} {'conns':>6} {'goodput/s':>10} {'x cap':>6} {'p99 ok ms':>10} {'x cap':>6} {'429/s':>7} "
-          f"{'CPU ms/429':>10} {'other':>12} {'errors':>7}")
+          f"{'CPU ms/429':>10} {'% early':>8} {'other':>12} {'errors':>7}")
     for r in rows:
         print(f"{r['load']:>9} {r['connections']:>6} {r['goodput_per_s']:>10.0f} {r.get('goodput_ratio', 1):>6.2f} "
               f"{r['ok_p99_ms'] or float('nan'):>10.0f} {r.get('p99_ratio', 1):>6.2f} {r['refused_per_s']:>7.0f} "
-              f"{r.get('cpu_ms_per_refusal') or float('nan'):>10.3f} {str(r['other_statuses']):>12} "
+              f"{r.get('cpu_ms_per_refusal') or float('nan'):>10.3f} "
+              f"{100 * r['refused_before_body'] / max(r['server_refusals'], 1):>8.0f} {str(r['other_statuses']):>12} "
               f"{r['client_errors']:>7}")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"overload-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -72,6 +72,9 @@ class Batcher:
         self.stats = stats or BatchStats()
         self._queue: collections.deque[_Piece] = collections.deque()
         self._queued = 0
+        # cutouts of requests admitted from their headers whose bodies are still being read or decoded: they
+        # count against the queue, so a moment of empty queue does not let a whole storm's bodies in at once
+        self.incoming = 0
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(workers)
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="photoz-infer")
@@ -195,8 +198,14 @@ class Batcher:
             self._slots.release()
 
     def expected_wait_s(self, n: int = 0) -> float:
-        """How long the queued cutouts (plus ``n`` more) take to run at the measured rate, seconds."""
-        return (self._queued + n) * self.seconds_per_object / self.workers
+        """How long the queued and incoming cutouts (plus ``n`` more) take to run at the measured rate, seconds."""
+        return (self._queued + self.incoming + n) * self.seconds_per_object / self.workers
+
+    def reserve(self, n: int) -> Reservation:
+        """Count ``n`` cutouts of an admitted request as incoming until its body is decoded (or it ends)."""
+        self.incoming += n
+        return Reservation(self, n)
+
 
     def admission(self, n: int, before_body: bool = False) -> QueueFull | None:
         """None if a request of ``n`` cutouts may queue now, else the 429 to answer.
@@ -212,13 +221,13 @@ class Batcher:
         is never refused by it; an admitted request is served while its client
         is still waiting. The wait comes from the measured rate.
         """
-        if self._queued + n > self.max_queue_objects:
+        if self._queued + self.incoming + n > self.max_queue_objects:
             return self.queue_full(n, before_body)
         if self.max_queue_wait_s is None:
             return None
         target, wait = self.max_queue_wait_s, self.expected_wait_s()
         now = time.monotonic()
-        if not self._queued:  # drained: overload, if it was one, is over
+        if not self._queued and not self.incoming:  # drained: overload, if it was one, is over
             self._above_since, self._dropping = None, False
             return None
         if wait <= target:
@@ -263,3 +272,16 @@ class Batcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self._executor.shutdown(wait=True)
+
+
+class Reservation:
+    """Cutouts counted as incoming for one admitted request; :meth:`release` (idempotent) stops counting them."""
+
+    __slots__ = ("batcher", "n")
+
+    def __init__(self, batcher: Batcher, n: int) -> None:
+        self.batcher, self.n = batcher, n
+
+    def release(self) -> None:
+        self.batcher.incoming -= self.n
+        self.n = 0

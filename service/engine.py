@@ -75,6 +75,7 @@ class ServingEngine:
                                settings.inference_workers, self.metrics.batch_stats(),
                                infer_alone=self.solo.predict_with_estimates if self.solo is not None else None,
                                max_queue_wait_s=settings.max_queue_wait_ms / 1000)
+        self.metrics.incoming.set_function(lambda: self.batcher.incoming)
         self._log_loaded()
 
     @property

@@ -23,7 +23,7 @@ from starlette.requests import Request
 from photoz.formats.cutouts import Cutouts, DecodeBudget, Geometry, concatenate, ebv_vector, id_list
 from photoz.formats.errors import InputError
 from photoz.formats.inputs import MEDIA_TYPES, decode, kind_for_filename, parse_list_field, sniff
-from photoz.service.batcher import Batcher
+from photoz.service.batcher import Batcher, Reservation
 from photoz.service.errors import Overloaded
 from photoz.service.settings import Settings
 
@@ -75,8 +75,8 @@ def _declared_length(headers: Mapping[str, str]) -> int | None:
     return int(declared) if declared.isdigit() else None
 
 
-def admit(headers: Mapping[str, str], batcher: Batcher, geometry: Geometry) -> None:
-    """429 from the headers alone when the queue cannot take what the body would hold (nothing read yet).
+def admit(headers: Mapping[str, str], batcher: Batcher, geometry: Geometry) -> Reservation:
+    """Let a request in from its headers alone (nothing read yet), counting its cutouts as incoming; or 429.
 
     The count is the client's ``X-Photoz-Objects`` hint, else what the declared
     length holds at float32 (a float16 or compressed body holds more: the
@@ -86,9 +86,11 @@ def admit(headers: Mapping[str, str], batcher: Batcher, geometry: Geometry) -> N
     hint = headers.get(OBJECTS_HEADER, "")
     cutout_bytes = len(geometry.bands) * geometry.size ** 2 * 4
     expected = int(hint) if hint.isdigit() else max(1, (_declared_length(headers) or 0) // cutout_bytes)
-    refusal = batcher.admission(min(expected, batcher.max_queue_objects), before_body=True)
+    expected = min(expected, batcher.max_queue_objects)
+    refusal = batcher.admission(expected, before_body=True)
     if refusal is not None:
         raise refusal
+    return batcher.reserve(expected)
 
 
 def _too_large(limit: int, received: str) -> InputError:

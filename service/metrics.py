@@ -1,8 +1,6 @@
 """Prometheus metrics of one app instance (own registry, so tests can run several apps)."""
 from __future__ import annotations
 
-from typing import Any
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from photoz.service.batcher import BatchStats
@@ -25,15 +23,19 @@ class Metrics:
         self.batch_size = Histogram("photoz_batch_size", "Cutouts per model call",
                                     buckets=[b for b in batch_buckets if b <= max_batch_size], registry=r)
         self.queue_depth = Gauge("photoz_queue_depth", "Cutouts waiting for a batch", registry=r)
+        self.incoming = Gauge("photoz_incoming_cutouts", "Cutouts of admitted requests whose bodies are still "
+                              "being read or decoded (counted against the queue)", registry=r)
         self.objects = Counter("photoz_objects", "Cutouts given a PDF", registry=r)
         # refusals decided from the headers alone (also counted in photoz_requests{status="429"})
         self._requests_429 = self.requests.labels(status="429")
         self.objects_rejected = Counter("photoz_objects_rejected", "Cutouts flagged invalid (no PDF)", registry=r)
+        self.refused_before_body = Counter("photoz_refused_before_body", "Requests refused (429) from their "
+                                           "headers, before any body byte was read", registry=r)
 
-    @property
-    def refused_early(self) -> Any:
-        """The 429 counter, resolved once (a refusal under a retry storm must cost next to nothing)."""
-        return self._requests_429
+    def refuse_early(self) -> None:
+        """Count a 429 decided from the headers (a refusal under a retry storm must cost next to nothing)."""
+        self._requests_429.inc()
+        self.refused_before_body.inc()
 
     def batch_stats(self) -> BatchStats:
         def on_batch(size: int, seconds: float) -> None:

@@ -17,12 +17,12 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from photoz.service import oip
 from photoz.service.app import create_app
-from photoz.service.errors import problem_for
+from photoz.service.errors import QueueFull, problem_for
 from photoz.service.settings import Settings
-from photoz.service.state import ServiceState
+from photoz.service.state import RESERVATION, ServiceState, release_reservation
 
 #: Held refusals go out on ticks of this many seconds, together (one wake-up of the loop for many refusals).
-REFUSAL_TICK_S = 0.25
+REFUSAL_TICK_S = 0.5
 #: Seconds uvicorn waits beyond the drain timeout, for the 503s of work cut off at the deadline to go out.
 ANSWER_GRACE_S = 5
 
@@ -58,7 +58,9 @@ class RefusingProtocol(HttpToolsProtocol):
             return
         path = self.url.split(b"?", 1)[0]
         exc = self.state.refusal_for(self.parser.get_method(), path, self.headers)
-        if exc is None:
+        if not isinstance(exc, QueueFull):
+            if exc is not None:  # admitted: the reservation travels with the request (released by its handler)
+                self.scope[RESERVATION] = exc  # type: ignore[literal-required]
             super().on_headers_complete()
             return
         self.refusal = raw_response(oip.error_for(exc) if oip.speaks_oip(path.decode("latin-1")) else problem_for(exc))
@@ -91,6 +93,8 @@ class RefusingProtocol(HttpToolsProtocol):
             self.refusal_timer.cancel()
             self.refusal_timer = None
             self.state.end_hold()
+        for cycle, _ in self.pipeline:  # pipelined requests that will never run hold no reservation
+            release_reservation(cycle.scope)  # type: ignore[arg-type]
         super().connection_lost(exc)
 
 

@@ -24,6 +24,7 @@ from starlette.types import Scope
 
 from photoz.formats.cutouts import Cutouts
 from photoz.formats.results import Results
+from photoz.service.batcher import Reservation
 from photoz.service.engine import ServingEngine
 from photoz.service.errors import Draining, QueueFull, Unauthorized
 from photoz.service.ingest import OBJECTS_HEADER, InflightBodies, admit, submit_unless_disconnected
@@ -83,21 +84,21 @@ class ServiceState:
             finally:
                 self.end_hold()
 
-    def refusal_for(self, method: bytes, path: bytes, headers: list[tuple[bytes, bytes]]) -> QueueFull | None:
-        """The 429 for a prediction request the queue cannot take, decided from its request line and headers
-        alone (None: let it in). Both the ASGI path and uvicorn's protocol ask here."""
+    def refusal_for(self, method: bytes, path: bytes, headers: list[tuple[bytes, bytes]]) -> \
+            QueueFull | Reservation | None:
+        """Admission of a prediction request from its request line and headers alone: the 429 when the queue
+        cannot take it, else the reservation that counts its cutouts as incoming until its body is decoded;
+        None for any other request. Both the ASGI path and uvicorn's protocol ask here."""
         engine = self.engine
-        if engine is None or self.draining or not engine.batcher.queued or method != b"POST" \
-                or not is_prediction_path(path):
+        if engine is None or self.draining or method != b"POST" or not is_prediction_path(path):
             return None
         wanted = {name.decode("latin-1"): value.decode("latin-1") for name, value in headers
                   if name in ADMISSION_HEADERS}
         try:
-            admit(wanted, engine.batcher, engine.geometry)
+            return admit(wanted, engine.batcher, engine.geometry)
         except QueueFull as exc:
-            engine.metrics.refused_early.inc()
+            engine.metrics.refuse_early()
             return exc
-        return None
 
     def cut_off_queued(self) -> None:
         """At the drain deadline: queued work that cannot finish gets 503 + Retry-After, not a dropped connection."""
@@ -149,18 +150,35 @@ def is_prediction_path(path: bytes) -> bool:
     return path == b"/v1/predict" or (path.startswith(b"/v2/models/") and path.endswith(b"/infer"))
 
 
+#: Where a request's :class:`~photoz.service.batcher.Reservation` travels with it (the ASGI scope).
+RESERVATION = "photoz.reservation"
+
+
 async def refuse_early(scope: Scope) -> QueueFull | None:
     """Under overload, the 429 for a request from its headers alone, held on a timer before it goes out: no
     Request object, no auth, no body read (``Connection: close``), so a retry storm costs the server as little
     as it can (docs/security.md). Every prediction route starts here; each renders the refusal its own way.
-    Under ``photoz serve`` uvicorn's protocol refuses such requests before they reach the app
-    (:mod:`photoz.service.server`); this is the same decision for any other ASGI server."""
+    Under ``photoz serve`` uvicorn's protocol has decided already (:mod:`photoz.service.server`): refusals
+    never reach the app, admitted requests carry their reservation; this is the same decision for any other
+    ASGI server."""
+    if RESERVATION in scope:
+        return None
     state: ServiceState = scope["app"].state.photoz
     path = scope.get("raw_path") or scope["path"].encode()
-    refusal = state.refusal_for(scope["method"].encode(), path, scope["headers"])
-    if refusal is not None:
+    decision = state.refusal_for(scope["method"].encode(), path, scope["headers"])
+    if isinstance(decision, QueueFull):
         await state.hold_refusal()
-    return refusal
+        return decision
+    if decision is not None:
+        scope[RESERVATION] = decision
+    return None
+
+
+def release_reservation(scope: Scope) -> None:
+    """Stop counting the request's cutouts as incoming (before they are queued, or when it ends)."""
+    reservation = scope.pop(RESERVATION, None)
+    if reservation is not None:
+        reservation.release()
 
 
 async def answer(request: Request, work: Callable[[], Awaitable[Response]],
@@ -178,6 +196,8 @@ async def answer(request: Request, work: Callable[[], Awaitable[Response]],
         response = Response(status_code=CLIENT_CLOSED)
     except Exception as exc:
         response = render(exc)
+    finally:
+        release_reservation(request.scope)
     state.observe(response.status_code, started)
     return response
 
@@ -189,6 +209,7 @@ async def predict_cutouts(request: Request, engine: ServingEngine, cutouts: Cuto
     valid = np.array([p is None for p in cutouts.problems], dtype=bool)
     n_bins = engine.bundle.metadata.bins.n_bins
     outputs: dict[str, np.ndarray] | None = {"probs": np.zeros((0, n_bins), np.float32)}
+    release_reservation(request.scope)  # from here the queue counts the cutouts themselves
     if valid.any():
         images, ebv = (cutouts.images, cutouts.ebv) if valid.all() else (cutouts.images[valid], cutouts.ebv[valid])
         outputs = await submit_unless_disconnected(request, engine.batcher, images, ebv, timeout_s)

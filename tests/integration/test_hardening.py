@@ -291,3 +291,6 @@ def test_the_open_inference_protocol_is_refused_from_its_headers_in_its_own_erro
     assert b"connection: close" in head.lower() and json.loads(body)["error"].startswith("queue holds")
     sock.close()
     queued.join()
+    # every reservation made for admitted requests was released (refused, answered or gone)
+    metrics = httpx.get(slow_batches.url + "/metrics", timeout=30).text
+    assert "photoz_incoming_cutouts 0.0" in metrics and "photoz_refused_before_body_total 1.0" in metrics

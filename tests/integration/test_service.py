@@ -317,6 +317,8 @@ def test_metrics_exposition(server, rng):
                  "photoz_objects_total"):
         assert name in text, name
     assert float(_metric(text, "photoz_objects_total")) >= 1
+    # whatever came before on this server (errors, disconnects, large requests), no reservation is left over
+    assert float(_metric(text, "photoz_incoming_cutouts")) == 0
 
 
 def test_models_health_and_ready(server):

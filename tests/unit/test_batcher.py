@@ -104,3 +104,25 @@ def test_every_inference_thread_starts_with_the_batcher():
         return True
 
     assert run_with_batcher(test, workers=3)
+
+
+def test_admitted_requests_count_against_the_queue_until_their_cutouts_are_queued():
+    """A request let in from its headers reserves its cutouts while its body is read: an empty queue does not
+    admit a whole storm's bodies at once. Releasing is idempotent, and the queue then counts the cutouts."""
+    async def test(batcher, release):
+        first = batcher.reserve(20)
+        assert batcher.incoming == 20 and batcher.admission(12) is None
+        assert isinstance(batcher.admission(13, before_body=True), QueueFull)  # 20 incoming + 13 > 32
+        second = batcher.reserve(12)
+        assert isinstance(batcher.admission(1), QueueFull)
+        first.release()
+        first.release()  # twice: counted once
+        assert batcher.incoming == 12
+        second.release()
+        work = asyncio.ensure_future(batcher.submit(*images(4), 10))
+        await asyncio.sleep(0.05)
+        assert batcher.incoming == 0
+        release.set()
+        assert len((await work)["probs"]) == 4
+
+    run_with_batcher(test)
