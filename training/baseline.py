@@ -54,3 +54,79 @@ class KNNPhotoZ:
         cdf = ndtr((edges[None, None, :] - z_nb[:, :, None]) / self.bandwidth)  # (N, k, B+1)
         pdf = np.diff(cdf, axis=2).sum(axis=1) + 1e-12
         return pdf / pdf.sum(axis=1, keepdims=True)
+
+
+def dereddened(mags: np.ndarray, extinction: np.ndarray | None = None, ebv: np.ndarray | None = None) -> np.ndarray:
+    """(N, 5) magnitudes corrected for Galactic extinction: ``extinction`` per band (N, 5) in mag as a catalogue
+    gives it (SDSS's ``extinction_*``), else ``ebv`` (N,) times A_band / E(B-V)."""
+    from photoz.model.conventions import EXTINCTION_A_OVER_EBV
+
+    mags = np.asarray(mags, dtype=np.float64)
+    if extinction is None:
+        if ebv is None:
+            raise ValueError("dereddening needs the extinction per band or E(B-V)")
+        coefficients = np.array([EXTINCTION_A_OVER_EBV[b] for b in BANDS])
+        extinction = np.asarray(ebv, dtype=np.float64)[:, None] * coefficients[None, :]
+    return mags - np.asarray(extinction, dtype=np.float64)
+
+
+@dataclass
+class LocalLinearPhotoZ:
+    """Local linear regression photo-z (Beck et al. 2016, the SDSS DR12 catalogue photo-z): for each object,
+    a linear fit of redshift on r and the four colours over its ``k`` nearest training neighbours, refitted once
+    without neighbours beyond 3 sigma; the PDF is a Gaussian of the fit's residual scatter on the CNN's bins."""
+
+    k: int = 100
+    min_sigma: float = 0.005  # floor of the PDF width (redshift)
+    bins: RedshiftBins = None
+
+    def fit(self, mags: np.ndarray, z: np.ndarray) -> LocalLinearPhotoZ:
+        from sklearn.neighbors import NearestNeighbors
+
+        self.bins = self.bins or RedshiftBins.uniform()
+        features = catalogue_features(mags)
+        ok = np.all(np.isfinite(features), axis=1)
+        self.mean_, self.scale_ = features[ok].mean(axis=0), features[ok].std(axis=0)
+        self.features_ = (features[ok] - self.mean_) / self.scale_
+        self.z_ = np.asarray(z, dtype=np.float64)[ok]
+        self.index_ = NearestNeighbors(n_neighbors=min(self.k, int(ok.sum()))).fit(self.features_)
+        return self
+
+    def predict(self, mags: np.ndarray, batch: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+        """Point estimates and their scatter (N,) each."""
+        features = (catalogue_features(mags) - self.mean_) / self.scale_
+        features = np.where(np.isfinite(features), features, 0.0)
+        z_hat, sigma = np.empty(len(features)), np.empty(len(features))
+        for start in range(0, len(features), batch):
+            part = features[start:start + batch]
+            _, idx = self.index_.kneighbors(part)
+            design = np.concatenate([np.ones(idx.shape + (1,)), self.features_[idx]], axis=2)  # (n, k, 6)
+            target = self.z_[idx]
+            weights = np.ones_like(target)
+            for _ in range(2):  # fit, then refit without the neighbours beyond 3 sigma
+                coef, residual_sigma = _weighted_fits(design, target, weights)
+                residuals = target - np.einsum("nkp,np->nk", design, coef)
+                weights = (np.abs(residuals) <= 3 * residual_sigma[:, None]).astype(float)
+            query = np.concatenate([np.ones((len(part), 1)), part], axis=1)
+            z_hat[start:start + batch] = np.einsum("np,np->n", query, coef)
+            sigma[start:start + batch] = residual_sigma
+        return z_hat, np.maximum(sigma, self.min_sigma)
+
+    def predict_pdfs(self, mags: np.ndarray) -> np.ndarray:
+        from scipy.special import ndtr
+
+        z_hat, sigma = self.predict(mags)
+        cdf = ndtr((self.bins.edges[None, :] - z_hat[:, None]) / sigma[:, None])
+        pdf = np.diff(cdf, axis=1) + 1e-12
+        return pdf / pdf.sum(axis=1, keepdims=True)
+
+
+def _weighted_fits(design: np.ndarray, target: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares coefficients (n, p) of ``target`` on ``design`` per object, and the residual scatter (n,)."""
+    p = design.shape[2]
+    wx = design * weights[:, :, None]
+    normal = np.einsum("nkp,nkq->npq", wx, design) + 1e-6 * np.eye(p)[None]  # a whisper of ridge: never singular
+    coef = np.linalg.solve(normal, np.einsum("nkp,nk->np", wx, target)[:, :, None])[:, :, 0]
+    residuals = target - np.einsum("nkp,np->nk", design, coef)
+    dof = np.maximum(weights.sum(axis=1) - p, 1)
+    return coef, np.sqrt((weights * residuals ** 2).sum(axis=1) / dof)

@@ -101,7 +101,7 @@ def evaluate(model_path, data_path, out_dir, baseline_train=None, figures: bool 
               "model_metrics": score(pdfs, bins, z, r_mag)}
     results = {"CNN": pdfs}
     if baseline_train is not None and mags is not None:
-        from photoz.training.baseline import KNNPhotoZ
+        from photoz.training.baseline import KNNPhotoZ, LocalLinearPhotoZ
 
         train = read_labels(baseline_train, split_rows(baseline_train, "train") if split is not None else None)
         knn = KNNPhotoZ(bins=bins).fit(train["catalogue/petro_mag"], train["z"])
@@ -109,11 +109,34 @@ def evaluate(model_path, data_path, out_dir, baseline_train=None, figures: bool 
         report["baseline"] = {"name": f"kNN (k={knn.k}) on Petrosian r + 4 colours",
                               "trained_on": str(baseline_train), "metrics": score(knn_pdfs, bins, z, r_mag)}
         results["kNN baseline"] = knn_pdfs
+        # the literature's catalogue baseline (Beck et al. 2016): dereddened magnitudes, model ones when the
+        # catalogue has them; kNN and local linear regression
+        kind, train_mags = strong_baseline_magnitudes(train)
+        _, test_mags = strong_baseline_magnitudes(labels)
+        report["strong_baselines"] = []
+        for method in (KNNPhotoZ(bins=bins), LocalLinearPhotoZ(bins=bins)):
+            method_pdfs = method.fit(train_mags, train["z"]).predict_pdfs(test_mags)
+            name = f"{type(method).__name__.removesuffix('PhotoZ')} (k={method.k}) on {kind}"
+            report["strong_baselines"].append({"name": name, "trained_on": str(baseline_train),
+                                               "metrics": score(method_pdfs, bins, z, r_mag)})
+            results[name] = method_pdfs
     (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
     if figures:
         report["figures"] = make_figures(results, bins, z, out_dir)
         (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def strong_baseline_magnitudes(labels: dict[str, np.ndarray]) -> tuple[str, np.ndarray]:
+    """The magnitudes of the strong baseline, and what they are: dereddened model magnitudes when the
+    catalogue has them (with its own extinction per band, else E(B-V) x A/E(B-V)), else dereddened Petrosian."""
+    from photoz.training.baseline import dereddened
+
+    key = "catalogue/model_mag" if "catalogue/model_mag" in labels else "catalogue/petro_mag"
+    extinction = labels.get("catalogue/extinction_mag")
+    mags = dereddened(labels[key], extinction, None if extinction is not None else labels["ebv"])
+    kind = "model" if key.endswith("model_mag") else "Petrosian"
+    return f"dereddened {kind} r + 4 colours", mags
 
 
 def make_figures(results: dict, bins: RedshiftBins, z_spec, out_dir: Path) -> list[str]:
@@ -164,10 +187,12 @@ def make_figures(results: dict, bins: RedshiftBins, z_spec, out_dir: Path) -> li
 def format_report(report: dict) -> str:
     rows = [("CNN", report["model_metrics"])]
     if "baseline" in report:
-        rows.append(("kNN baseline", report["baseline"]["metrics"]))
-    lines = [f"{'':14}{'sigma_MAD':>11}{'outliers':>10}{'bias':>10}{'CRPS':>9}{'PIT KS':>9}{'n':>8}"]
+        rows.append(("kNN, Petrosian as observed", report["baseline"]["metrics"]))
+    rows += [(b["name"].replace(" r + 4 colours", ""), b["metrics"]) for b in report.get("strong_baselines", [])]
+    width = max(len(name) for name, _ in rows) + 2
+    lines = [f"{'':{width}}{'sigma_MAD':>11}{'outliers':>10}{'bias':>10}{'CRPS':>9}{'PIT KS':>9}{'n':>8}"]
     for name, m in rows:
-        lines.append(f"{name:14}{m['sigma_mad']:>11.4f}{m['outlier_fraction']:>10.2%}{m['bias']:>+10.4f}"
+        lines.append(f"{name:{width}}{m['sigma_mad']:>11.4f}{m['outlier_fraction']:>10.2%}{m['bias']:>+10.4f}"
                      f"{m['crps']:>9.4f}{m['pit_ks']:>9.3f}{m['n']:>8}")
     lines.append("\nby redshift (CNN):")
     for b in report["model_metrics"]["by_redshift"]:

@@ -56,6 +56,9 @@ def test_end_to_end_train_resume_export_predict(tiny_data, tmp_path):
     report = evaluate(run / "best.pt", tiny_data, tmp_path / "eval", baseline_train=tiny_data, figures=True)
     assert (tmp_path / "eval" / "photoz_diagnostics.png").stat().st_size > 10_000
     assert report["baseline"]["metrics"]["n"] == 160
+    # the strong baselines: the simulated catalogue's model magnitudes, dereddened with its E(B-V)
+    features = [b["name"].split(" on ")[1] for b in report["strong_baselines"]]
+    assert features == ["dereddened model r + 4 colours"] * 2
     bundle = export_checkpoint(run / "best.pt", tmp_path / "b.onnx", "tiny-e2e", "0.0.1",
                                tmp_path / "eval" / "metrics.json")
     record = load_bundle(bundle.path).metadata.document["training"]

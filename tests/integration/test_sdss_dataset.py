@@ -151,3 +151,6 @@ def test_train_and_evaluate_use_the_sky_split(built_file, tmp_path, tiny_bundle)
 
     report = evaluate(tiny_bundle, out, tmp_path / "eval", baseline_train=out, figures=False, split="test")
     assert report["n"] == int((split == 2).sum()) and report["split"] == "test"
+    names = [b["name"] for b in report["strong_baselines"]]  # the catalogue's model magnitudes, dereddened
+    assert names == ["KNN (k=16) on dereddened model r + 4 colours", "LocalLinear (k=100) on dereddened model r + "
+                     "4 colours"]

@@ -1,0 +1,40 @@
+"""The catalogue baselines: dereddening, kNN, and the local linear regression of Beck et al. (2016)."""
+import numpy as np
+import pytest
+
+from photoz.model.conventions import BANDS, EXTINCTION_A_OVER_EBV
+from photoz.training.baseline import KNNPhotoZ, LocalLinearPhotoZ, catalogue_features, dereddened
+
+
+def linear_sky(n, seed):
+    """Magnitudes whose redshift is a linear function of r and the colours, plus 0.002 of scatter."""
+    rng = np.random.default_rng(seed)
+    mags = rng.normal(18, 0.5, (n, 5))
+    f = catalogue_features(mags)
+    z = 0.1 + 0.03 * f[:, 1] - 0.02 * f[:, 3] + 0.01 * (f[:, 0] - 18) + rng.normal(0, 0.002, n)
+    return mags, z
+
+
+def test_local_linear_regression_recovers_a_linear_relation_where_neighbours_average_it_away():
+    mags, z = linear_sky(6000, 0)
+    llr = LocalLinearPhotoZ().fit(mags[:5000], z[:5000])
+    z_hat, sigma = llr.predict(mags[5000:])
+    assert np.std(z_hat - z[5000:]) < 0.0025 and np.median(sigma) == pytest.approx(0.005)  # the floor
+    knn = KNNPhotoZ().fit(mags[:5000], z[:5000])
+    z_knn = knn.predict_pdfs(mags[5000:]) @ knn.bins.centres
+    assert np.std(z_knn - z[5000:]) > 1.5 * np.std(z_hat - z[5000:])
+    pdfs = llr.predict_pdfs(mags[5000:])
+    assert pdfs.shape == (1000, 180) and np.allclose(pdfs.sum(axis=1), 1)
+    # a training set smaller than k uses all of it
+    assert LocalLinearPhotoZ().fit(mags[:30], z[:30]).predict(mags[:5])[0].shape == (5,)
+
+
+def test_dereddening_from_the_catalogues_extinction_or_from_ebv():
+    mags = np.full((2, 5), 18.0)
+    ebv = np.array([0.0, 0.1])
+    from_ebv = dereddened(mags, ebv=ebv)
+    assert np.allclose(from_ebv[1], 18.0 - 0.1 * np.array([EXTINCTION_A_OVER_EBV[b] for b in BANDS]))
+    assert np.allclose(from_ebv[0], 18.0)
+    assert np.allclose(dereddened(mags, extinction=np.full((2, 5), 0.2)), 17.8)
+    with pytest.raises(ValueError, match="extinction"):
+        dereddened(mags)
