@@ -23,7 +23,8 @@ from photoz.model.runtime import OnnxPredictor  # noqa: E402
 
 class PhotozLitAPI(ls.LitAPI):
     def setup(self, device):
-        self.predictor = OnnxPredictor(load_bundle(os.environ["PHOTOZ_BENCH_MODEL"]), providers="cpu",
+        self.predictor = OnnxPredictor(load_bundle(os.environ["PHOTOZ_BENCH_MODEL"]),
+                                       providers=os.environ.get("PHOTOZ_BENCH_PROVIDERS", "cpu"),
                                        allow_spinning=False)  # the same engine settings as photoz's
         self.bins = self.predictor.metadata.bins
 
@@ -51,9 +52,12 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batch-timeout-s", type=float, default=0.002)
+    parser.add_argument("--providers", default="cpu", help="ONNX Runtime providers, as photoz serve's")
     args = parser.parse_args()
     os.environ["PHOTOZ_BENCH_MODEL"] = args.model
+    os.environ["PHOTOZ_BENCH_PROVIDERS"] = args.providers  # read by the worker processes LitServe starts
     api = PhotozLitAPI(max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout_s)
+    # LitServe's accelerator only places torch models; the ONNX Runtime session picks its device itself
     ls.LitServer(api, accelerator="cpu", workers_per_device=1).run(port=args.port, generate_client_file=False)
 
 

@@ -22,6 +22,13 @@ Prints a table (throughput in cutouts/s, p50/p95/p99 latency, mean batch
 size, ratio to offline) and writes JSON to benchmarks/results/. Without
 --model it exports a random-weight pasquet2019_half bundle (throughput does
 not depend on the weights).
+
+On a GPU host: ``python -m benchmarks.serve --device cuda --model bundle.onnx``:
+the offline engine with the CUDA provider (batch 1 to 1,024, one or two
+feeding threads), photoz and LitServe with the same provider, max batch 256,
+wrk with 4 threads at 1, 64, 256 and 1,024 connections; the JSON
+(``serve-gpu-*.json``) names the GPU (``device``) and carries
+``offline_best_cutouts_per_s`` and every row's ``ratio_to_offline``.
 """
 from __future__ import annotations
 
@@ -78,28 +85,40 @@ def export_random_bundle(path: Path) -> Path:
     return path
 
 
-ARRANGEMENTS = {"1 session x all cores": (1, 0), "1 thread per core": (0, 1)}  # (runs in parallel, threads)
+#: (runs in parallel, threads per run) of the engine offline; 0: one per core. On a GPU: one or two host threads
+#: feeding one CUDA session (two keep the GPU busier while the other copies).
+ARRANGEMENTS = {"cpu": {"1 session x all cores": (1, 0), "1 thread per core": (0, 1)},
+                "cuda": {"1 thread": (1, 0), "2 threads": (2, 0)}}
+SCAN_SIZES = {"cpu": (1, 8, 16, 32, 64), "cuda": (1, 32, 256, 512, 1024)}
 
 
 class Offline:
     """The engine alone: cutouts/s for an arrangement and batch size, on distinct cutouts (no cache reuse)."""
 
-    def __init__(self, bundle_path: Path):
+    def __init__(self, bundle_path: Path, device: str = "cpu"):
         from photoz.model.bundle import load_bundle
         from photoz.model.runtime import OnnxPredictor
 
         bundle = load_bundle(bundle_path)
         self.cores = os.cpu_count() or 1
-        self.predictors = {name: OnnxPredictor(bundle, providers="cpu", intra_op_threads=threads,
-                                               allow_spinning=False)
-                           for name, (_, threads) in ARRANGEMENTS.items()}
-        self.images = np.random.default_rng(0).normal(0, 0.05, (256, 5, 64, 64)).astype(np.float32)
+        self.arrangements = ARRANGEMENTS[device]
+        if device == "cpu":
+            self.predictors = {name: OnnxPredictor(bundle, providers="cpu", intra_op_threads=threads,
+                                                   allow_spinning=False)
+                               for name, (_, threads) in self.arrangements.items()}
+        else:  # one CUDA session shared by the threads; every batch size run once before timing
+            shared = OnnxPredictor(bundle, providers=device)
+            self.predictors = dict.fromkeys(self.arrangements, shared)
+        self.provider = next(iter(self.predictors.values())).provider
+        self.images = np.random.default_rng(0).normal(0, 0.05, (max(SCAN_SIZES[device]) + 256, 5, 64, 64)) \
+            .astype(np.float32)
+        self.sizes = SCAN_SIZES[device]
 
     def measure(self, arrangement: str, n: int, seconds: float) -> float:
         import threading
 
         predictor = self.predictors[arrangement]
-        workers = ARRANGEMENTS[arrangement][0] or self.cores
+        workers = self.arrangements[arrangement][0] or self.cores
         ebv = np.zeros(n, np.float32)
         predictor.predict(self.images[:n], ebv)
         counts = [0] * workers
@@ -120,9 +139,26 @@ class Offline:
             t.join()
         return sum(counts) / (time.perf_counter() - start)
 
-    def scan(self, sizes=(1, 8, 16, 32, 64), seconds: float = 1.5) -> dict:
+    def scan(self, seconds: float = 1.5) -> dict:
         """{arrangement: {batch size: cutouts/s}}."""
-        return {name: {n: self.measure(name, n, seconds) for n in sizes} for name in ARRANGEMENTS}
+        return {name: {n: self.measure(name, n, seconds) for n in self.sizes} for name in self.arrangements}
+
+
+def device_name(device: str) -> str:
+    """The GPU's name (nvidia-smi), or the CPU's cores."""
+    if device != "cpu":
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                 text=True, timeout=30).stdout.strip().splitlines()
+            if out:
+                return out[0]
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        return "unknown GPU"
+    return f"{platform.machine()}, {os.cpu_count()} cores"
+
+
+WRK_THREADS = 1  # main() raises it on GPU hosts, whose cores the load generator may share
 
 
 def wrk(url: str, body_file: Path, content_type: str, connections: int, duration: int,
@@ -132,8 +168,9 @@ def wrk(url: str, body_file: Path, content_type: str, connections: int, duration
         fh.write(WRK_SCRIPT)
     env = {**os.environ, "BODY_FILE": str(body_file), "CONTENT_TYPE": content_type,
            **({"EXTRA_HEADER": extra_header} if extra_header else {})}
-    result = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "30s", "-s", fh.name,
-                             url], capture_output=True, text=True, env=env, check=True)
+    threads = max(1, min(WRK_THREADS, connections))
+    result = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--timeout", "30s",
+                             "-s", fh.name, url], capture_output=True, text=True, env=env, check=True)
     os.unlink(fh.name)
     match = re.search(r"WRKJSON (\{.*\})", result.stdout)
     if not match:
@@ -187,10 +224,12 @@ def stop_group(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def start_litserve(bundle: Path, max_batch_size: int, log: Path) -> tuple[subprocess.Popen, str]:
+def start_litserve(bundle: Path, max_batch_size: int, log: Path, providers: str = "cpu") -> \
+        tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "benchmarks.litserve_peer", "--model", str(bundle),
-                             "--port", str(port), "--max-batch-size", str(max_batch_size)], cwd=ROOT,
+                             "--port", str(port), "--max-batch-size", str(max_batch_size),
+                             "--providers", providers], cwd=ROOT,
                             stdout=log.open("w"), stderr=subprocess.STDOUT,  # noqa: SIM115 (the child's)
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -210,8 +249,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, help="bundle (default: a random-weight pasquet2019_half)")
     parser.add_argument("--duration", type=int, default=10, help="seconds per load point")
-    parser.add_argument("--connections", default="1,8,32,128")
-    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: ONNX Runtime's CUDA provider for photoz, LitServe and the offline engine; "
+                             "results as serve-gpu-*.json")
+    parser.add_argument("--connections", default=None, help="default: 1,8,32,128 (cpu) or 1,64,256,1024 (cuda)")
+    parser.add_argument("--max-batch-size", type=int, default=None, help="default: 8 (cpu) or 256 (cuda)")
+    parser.add_argument("--wrk-threads", type=int, default=None, help="default: 1 (cpu) or 4 (cuda)")
     parser.add_argument("--max-queue-delay-ms", type=float, default=2.0)
     parser.add_argument("--offline-seconds", type=float, default=4.0,
                         help="engine-alone run before and after each load point")
@@ -220,6 +263,11 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-litserve", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
+    gpu = args.device != "cpu"
+    args.connections = args.connections or ("1,64,256,1024" if gpu else "1,8,32,128")
+    args.max_batch_size = args.max_batch_size or (256 if gpu else 8)
+    global WRK_THREADS
+    WRK_THREADS = args.wrk_threads or (4 if gpu else 1)
     conns = [int(c) for c in args.connections.split(",")]
     work = Path(tempfile.mkdtemp(prefix="photoz-bench-"))
     bundle = args.model or export_random_bundle(work / "bench.onnx")
@@ -235,8 +283,9 @@ def main(argv=None) -> int:
     single_b64 = base64.b64encode((work / "single.npy").read_bytes()).decode()
     (work / "single.json").write_text(json.dumps({"npy": single_b64}))
 
-    print("offline engine throughput (ONNX Runtime, CPU), scanning arrangements and batch sizes ...", flush=True)
-    offline = Offline(bundle)
+    offline = Offline(bundle, args.device)
+    print(f"offline engine throughput (ONNX Runtime, {offline.provider}), scanning arrangements and batch sizes ...",
+          flush=True)
     scan = offline.scan()
     best_arrangement, best_size = max(((a, n) for a in scan for n in scan[a]), key=lambda k: scan[k[0]][k[1]])
     print(f"reference: {best_arrangement}, batch {best_size}", flush=True)
@@ -254,7 +303,7 @@ def main(argv=None) -> int:
     rows = []
     server = LiveServer(bundle, work / "photoz.log", max_batch_size=args.max_batch_size,
                         max_queue_delay_ms=args.max_queue_delay_ms, max_queue_objects=100000,
-                        providers="cpu", log_level="warning")
+                        providers=args.device, log_level="warning")
     try:
         for c in conns:
             print(f"photoz, {c} connections ...", flush=True)
@@ -276,7 +325,7 @@ def main(argv=None) -> int:
     litserve_error = None
     try:
         proc, url = (None, None) if args.skip_litserve else start_litserve(bundle, args.max_batch_size,
-                                                                           work / "litserve.log")
+                                                                           work / "litserve.log", args.device)
     except (TimeoutError, RuntimeError) as exc:  # reported, and the rows measured so far are kept
         litserve_error = str(exc).splitlines()[-1]
         print(f"LitServe skipped: {litserve_error}", flush=True)
@@ -291,13 +340,15 @@ def main(argv=None) -> int:
             stop_group(proc)
 
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores", "bundle": str(bundle),
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores", "device": device_name(args.device),
+              "provider": offline.provider, "bundle": str(bundle),
               "offline_cutouts_per_s": scan, "offline_best_batch_size": best_size,
               "offline_best_arrangement": best_arrangement, "offline_best": scan[best_arrangement][best_size],
               **({"litserve_error": litserve_error} if litserve_error else {}),
               "settings": {"max_batch_size": args.max_batch_size, "max_queue_delay_ms": args.max_queue_delay_ms,
                            "duration_s": args.duration, "offline_seconds": args.offline_seconds,
-                           "load_generator": "wrk -t1"}, "rows": rows}
+                           "load_generator": f"wrk -t{WRK_THREADS}"}, "rows": rows}
+    report["offline_best_cutouts_per_s"] = report["offline_best"]
     photoz32 = next((r for r in rows if r["server"] == "photoz" and r["connections"] == 32
                      and r["cutouts_per_request"] == 1), None)
     lit32 = next((r for r in rows if r["server"] == "litserve" and r["connections"] == 32), None)
@@ -309,7 +360,7 @@ def main(argv=None) -> int:
         report["oip_binary_over_v1_npy_at_256"] = (sum(r["ratio_to_offline"] for r in oip_256)
                                                    / sum(r["ratio_to_offline"] for r in v1_256))
     args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"serve-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out = args.out / f"serve-{'gpu-' if gpu else ''}{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(report, indent=2))
     print(format_table(report))
     print(f"\nwrote {out}")
