@@ -197,3 +197,19 @@ def test_file_layout_units_and_attributes(small_sim):
         image_flux = h5["images"][:].sum(axis=(2, 3))[isolated, R]
         true_flux = mag_to_nanomaggies(h5["truth/mag_true"][:, R][isolated])
         assert np.median(image_flux / true_flux) == pytest.approx(1.0, abs=0.1)
+
+
+def test_calibration_transfer_matrix_and_error_comparison_on_real_galaxies_standing_in_for_simulated():
+    """With real galaxies in place of simulated ones the report must say 'the same': error ratios of exactly 1,
+    and transfer ratios near 1 for both magnitude kinds and both catalogue methods."""
+    from photoz.training.sim.calibrate import error_comparison, load_real, transfer_matrix
+
+    real = load_real("train")
+    errors = error_comparison({"model_mags": real["mags"], "model_errs": real["errs"]})
+    assert set(errors) == set("ugriz") and all(errors[b] for b in "gri")
+    assert all(row["ratio"] == 1.0 for rows in errors.values() for row in rows)
+    valid = load_real("valid")
+    matrix = transfer_matrix({"z": valid["z"], "petro_mags": valid["mags"], "model_mags": valid["mags"]})
+    assert set(matrix) == {"petro/KNN", "petro/LocalLinear", "model/KNN", "model/LocalLinear"}
+    for name, row in matrix.items():  # a smaller real training set: a little worse, not a different sky
+        assert 0.9 < row["sigma_mad_ratio"] < 1.3 and abs(row["bias"]) < 0.005, (name, row)
