@@ -10,6 +10,7 @@ CNN, so every metric compares like with like.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -24,31 +25,41 @@ def catalogue_features(mags: np.ndarray) -> np.ndarray:
     return np.column_stack([r, -np.diff(mags, axis=1)])
 
 
-@dataclass
-class KNNPhotoZ:
-    k: int = 16  # tuned on the real SDSS train/test split (sigma_MAD flat for k = 8..24)
-    bandwidth: float = 0.005  # kernel width in redshift; best PIT flatness on real SDSS
-    bins: RedshiftBins = None
+class _NeighbourModel:
+    """What both catalogue methods share: standardised r + colours of a training set, indexed for its
+    ``k`` nearest neighbours (all of it when it is smaller than ``k``)."""
 
-    def fit(self, mags: np.ndarray, z: np.ndarray) -> KNNPhotoZ:
+    k: int
+    bins: RedshiftBins
+
+    def fit(self, mags: np.ndarray, z: np.ndarray) -> Any:
         from sklearn.neighbors import NearestNeighbors
 
         self.bins = self.bins or RedshiftBins.uniform()
         features = catalogue_features(mags)
         ok = np.all(np.isfinite(features), axis=1)
         self.mean_, self.scale_ = features[ok].mean(axis=0), features[ok].std(axis=0)
+        self.features_ = (features[ok] - self.mean_) / self.scale_
         self.z_ = np.asarray(z, dtype=np.float64)[ok]
-        # a training set smaller than k (a small test region) uses all of it
-        scaled = (features[ok] - self.mean_) / self.scale_
-        self.index_ = NearestNeighbors(n_neighbors=min(self.k, int(ok.sum()))).fit(scaled)
+        self.index_ = NearestNeighbors(n_neighbors=min(self.k, int(ok.sum()))).fit(self.features_)
         return self
+
+    def scaled(self, mags: np.ndarray) -> np.ndarray:
+        """Standardised features of ``mags`` (non-finite ones at the training mean)."""
+        features = (catalogue_features(mags) - self.mean_) / self.scale_
+        return np.where(np.isfinite(features), features, 0.0)
+
+
+@dataclass
+class KNNPhotoZ(_NeighbourModel):
+    k: int = 16  # tuned on the real SDSS train/test split (sigma_MAD flat for k = 8..24)
+    bandwidth: float = 0.005  # kernel width in redshift; best PIT flatness on real SDSS
+    bins: RedshiftBins = None
 
     def predict_pdfs(self, mags: np.ndarray) -> np.ndarray:
         from scipy.special import ndtr
 
-        features = (catalogue_features(mags) - self.mean_) / self.scale_
-        features = np.where(np.isfinite(features), features, 0.0)
-        _, idx = self.index_.kneighbors(features)
+        _, idx = self.index_.kneighbors(self.scaled(mags))
         z_nb = self.z_[idx]  # (N, k)
         edges = self.bins.edges
         cdf = ndtr((edges[None, None, :] - z_nb[:, :, None]) / self.bandwidth)  # (N, k, B+1)
@@ -71,7 +82,7 @@ def dereddened(mags: np.ndarray, extinction: np.ndarray | None = None, ebv: np.n
 
 
 @dataclass
-class LocalLinearPhotoZ:
+class LocalLinearPhotoZ(_NeighbourModel):
     """Local linear regression photo-z (Beck et al. 2016, the SDSS DR12 catalogue photo-z): for each object,
     a linear fit of redshift on r and the four colours over its ``k`` nearest training neighbours, refitted once
     without neighbours beyond 3 sigma; the PDF is a Gaussian of the fit's residual scatter on the CNN's bins."""
@@ -80,22 +91,9 @@ class LocalLinearPhotoZ:
     min_sigma: float = 0.005  # floor of the PDF width (redshift)
     bins: RedshiftBins = None
 
-    def fit(self, mags: np.ndarray, z: np.ndarray) -> LocalLinearPhotoZ:
-        from sklearn.neighbors import NearestNeighbors
-
-        self.bins = self.bins or RedshiftBins.uniform()
-        features = catalogue_features(mags)
-        ok = np.all(np.isfinite(features), axis=1)
-        self.mean_, self.scale_ = features[ok].mean(axis=0), features[ok].std(axis=0)
-        self.features_ = (features[ok] - self.mean_) / self.scale_
-        self.z_ = np.asarray(z, dtype=np.float64)[ok]
-        self.index_ = NearestNeighbors(n_neighbors=min(self.k, int(ok.sum()))).fit(self.features_)
-        return self
-
     def predict(self, mags: np.ndarray, batch: int = 2048) -> tuple[np.ndarray, np.ndarray]:
         """Point estimates and their scatter (N,) each."""
-        features = (catalogue_features(mags) - self.mean_) / self.scale_
-        features = np.where(np.isfinite(features), features, 0.0)
+        features = self.scaled(mags)
         z_hat, sigma = np.empty(len(features)), np.empty(len(features))
         for start in range(0, len(features), batch):
             part = features[start:start + batch]
