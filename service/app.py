@@ -40,6 +40,7 @@ from photoz.service.state import (
     CLIENT_CLOSED,
     ServiceState,
     answer,
+    encoded,
     key_digest,
     predict_cutouts,
     refuse_early,
@@ -49,8 +50,6 @@ from photoz.service.state import (
 
 log = logging.getLogger("photoz.service")
 
-#: Responses up to this many objects are encoded on the event loop (a thread hop costs more).
-INLINE_OBJECTS = 16
 
 
 class PredictParams(BaseModel):
@@ -129,11 +128,7 @@ async def _predict(request: Request, params: PredictParams) -> Response:
     results = await predict_cutouts(request, engine, cutouts, timeout)
     if results is None:
         return Response(status_code=CLIENT_CLOSED)
-    encode = ENCODERS[media_type]
-    if len(results.ids) <= INLINE_OBJECTS:  # a thread hop costs more than encoding a few rows
-        body = encode(results, params.pdf == "full")
-    else:
-        body = await asyncio.to_thread(encode, results, params.pdf == "full")
+    body = await encoded(results, ENCODERS[media_type], params.pdf == "full")
     return Response(body, media_type=media_type)
 
 

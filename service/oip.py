@@ -52,7 +52,7 @@ from photoz.model.pdf import ESTIMATES
 from photoz.service.engine import ServingEngine
 from photoz.service.errors import problem_parts
 from photoz.service.ingest import INLINE_BYTES, read_body
-from photoz.service.state import CLIENT_CLOSED, answer, predict_cutouts, refuse_early, require_key, state_of
+from photoz.service.state import CLIENT_CLOSED, answer, encoded, predict_cutouts, refuse_early, require_key, state_of
 
 JSON = "application/json"
 BINARY = "application/octet-stream"
@@ -66,8 +66,6 @@ NUMERIC = {"UINT8": "u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8", "IN
 IMAGES, EBV = "images", "ebv"
 #: Outputs besides ``probabilities`` and the point estimates.
 VALID, FLAGS, PROBLEM, PROBABILITIES = "valid", "flags", "problem", "probabilities"
-#: Responses up to this many objects are encoded on the event loop (a thread hop costs more).
-INLINE_OBJECTS = 16
 
 _INFER = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")
 
@@ -394,10 +392,7 @@ async def _infer(request: Request) -> Response:
     if results is None:
         return Response(status_code=CLIENT_CLOSED)
     md = engine.bundle.metadata
-    if len(results.ids) <= INLINE_OBJECTS:
-        content, json_length = encode_infer(results, parsed, md.name, md.version)
-    else:
-        content, json_length = await asyncio.to_thread(encode_infer, results, parsed, md.name, md.version)
+    content, json_length = await encoded(results, encode_infer, parsed, md.name, md.version)
     if json_length is None:
         return Response(content, media_type=JSON)
     return Response(content, media_type=BINARY, headers={HEADER_LENGTH: str(json_length)})

@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 from starlette.requests import ClientDisconnect, Request
@@ -31,11 +32,14 @@ from photoz.service.ingest import OBJECTS_HEADER, InflightBodies, admit, submit_
 from photoz.service.settings import Settings
 
 log = logging.getLogger("photoz.service")
+T = TypeVar("T")
 
 #: Refusals held at once at most (each holds a connection; beyond, refusals go out at once), and the longest hold.
 MAX_HELD_REFUSALS, MAX_HOLD_S = 4096, 10.0
 #: Status recorded for a client that went away before its answer (nginx's convention).
 CLIENT_CLOSED = 499
+#: Responses up to this many objects are encoded on the event loop (a thread hop costs more).
+INLINE_OBJECTS = 16
 #: The headers :func:`refuse_early` reads.
 ADMISSION_HEADERS = (b"content-length", OBJECTS_HEADER.encode())
 
@@ -220,6 +224,13 @@ async def predict_cutouts(request: Request, engine: ServingEngine, cutouts: Cuto
     assert outputs is not None
     probs = outputs.pop("probs")
     return Results(engine.bundle, cutouts.ids, cutouts.problems, probs, outputs)
+
+
+async def encoded(results: Results, encode: Callable[..., T], *args: Any) -> T:
+    """``encode(results, *args)``: on the event loop for a few objects, in a worker thread for more."""
+    if len(results.ids) <= INLINE_OBJECTS:
+        return encode(results, *args)
+    return await asyncio.to_thread(encode, results, *args)
 
 
 def _refuse_non_finite(cutouts: Cutouts, valid: np.ndarray, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
