@@ -165,9 +165,11 @@ def save_chunk(path: Path, chunk: Chunk, size: int) -> None:
     write_atomic(path, buffer.getvalue())
 
 
-def load_chunk(path: Path) -> dict[str, np.ndarray]:
+def chunk_index(path: Path) -> dict[str, np.ndarray]:
+    """A chunk's row indices, source fields and reasons, without its images (an .npz member is read only when
+    asked for, so the images of a whole data set never sit in memory together)."""
     with np.load(path, allow_pickle=False) as data:
-        return {key: data[key] for key in data.files}
+        return {key: data[key] for key in data.files if key != "images"}
 
 
 # -- 4. splits --------------------------------------------------------------------------------------------
@@ -200,7 +202,7 @@ def write_training_file(out: Path, cat: Catalogue, chunk_paths: list[Path], prov
     """Stream the chunks into the training HDF5 (written beside ``out``, then moved into place)."""
     import h5py
 
-    chunks = [load_chunk(p) for p in chunk_paths]  # indices and reasons only are small; images are read lazily below
+    chunks = [chunk_index(p) for p in chunk_paths]  # small: the images are copied chunk by chunk below
     kept = np.concatenate([c["kept"] for c in chunks]) if chunks else np.zeros(0, np.int64)
     skipped = np.concatenate([c["skipped"] for c in chunks]) if chunks else np.zeros(0, np.int64)
     reasons = [str(r) for c in chunks for r in c["reasons"]]
