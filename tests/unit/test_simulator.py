@@ -6,68 +6,233 @@ import pytest
 from photoz.model.conventions import (
     BANDS,
     DEPTH_5SIGMA_MAG,
+    EXTINCTION_A_OVER_EBV,
     PIXEL_SCALE_ARCSEC,
     mag_to_nanomaggies,
     sky_sigma_nmgy_per_pixel,
 )
-from photoz.training.sim.population import PopulationConfig, draw_candidates, draw_selected, rest_frame_r
-from photoz.training.sim.render import _galaxy_components, _gsparams, add_noise, draw, draw_bands, noise_sigma
-from photoz.training.sim.sed import TemplateTuning, k_corrections
+from photoz.training.baseline import dereddened
+from photoz.training.sim import sed
+from photoz.training.sim.population import (
+    PETROSIAN_DEFICIT_MAG,
+    Z_MAX,
+    Z_MIN,
+    PopulationConfig,
+    distance_modulus,
+    draw_candidates,
+    draw_selected,
+)
+from photoz.training.sim.render import (
+    FLAG_CLOSE_NEIGHBOUR,
+    FLAG_COSMIC_RAY_BAND_BIT,
+    InstrumentConfig,
+    PSFShape,
+    _galaxy_components,
+    _gsparams,
+    add_cosmic_rays,
+    add_noise,
+    draw,
+    draw_bands,
+    measure_catalogue,
+    neighbour_radius_arcsec,
+    noise_sigma,
+    resample_onto_reference,
+)
 
 R = BANDS.index("r")
+A_MW = np.array([EXTINCTION_A_OVER_EBV[b] for b in BANDS])
 
 
-def test_elliptical_reddens_with_redshift():
+def test_library_spectra_reproduce_the_real_galaxies_they_were_fitted_to():
+    """Each library spectrum, at its galaxy's redshift and luminosity, gives that real galaxy's magnitudes: the
+    median residual of every band vanishes (the template repair's job) and g, r, i fit to a few hundredths."""
+    real, lib = sed.reference_photometry(), sed.load_library()
+    assert lib.z.size == real["z"].size > 5000
+    np.testing.assert_allclose(lib.coeffs.sum(axis=1), 1.0, atol=1e-6)
+    mags = lib.abs_mag_r[:, None] + distance_modulus(lib.z)[:, None] + sed.k_corrections(lib.coeffs, lib.z,
+                                                                                          lib.repair_mag)
+    residual = mags - (real["mags"] - sed.REFERENCE_MW_EBV * A_MW)
+    assert np.all(np.abs(np.median(residual, axis=0)) < 0.003), np.median(residual, axis=0)
+    assert np.median(np.abs(residual[:, 1:4])) < 0.01
+    # kcorrect's templates as shipped leave u 0.05 mag too bright on these galaxies: what the repair is for
+    _, _, raw = sed.fit_coefficients(real["mags"] - sed.REFERENCE_MW_EBV * A_MW, real["errs"], real["z"],
+                                     (0.0,) * len(sed.REPAIR_KNOTS_AA))
+    assert np.median(raw[:, 0]) < -0.03
+
+
+def test_the_committed_library_is_what_the_fit_makes(tmp_path):
+    out = tmp_path / "lib.ecsv"
+    assert sed.main(["--out", str(out)]) == 0
+    made, committed = sed.load_library(out), sed.load_library()
+    np.testing.assert_allclose(made.repair_mag, committed.repair_mag, atol=2e-6)
+    np.testing.assert_allclose(made.coeffs, committed.coeffs, atol=1e-5)
+    np.testing.assert_allclose(made.abs_mag_r, committed.abs_mag_r, atol=1e-4)
+
+
+def test_a_red_spectrum_reddens_with_redshift():
+    lib = sed.load_library()
+    reddest = lib.coeffs[np.argmax(lib.rest_colour("u", "r"))]
     z = np.linspace(0.02, 0.38, 10)
-    k = k_corrections(np.zeros(z.size), np.zeros(z.size), z)
+    k = sed.k_corrections(np.repeat(reddest[None], z.size, axis=0), z, lib.repair_mag)
     g_r = k[:, 1] - k[:, 2]
-    assert np.all(np.diff(g_r) > 0)
-    assert g_r[-1] - g_r[0] > 0.6
-    # CWW E at z ~ 0.035: g - r about 0.87 (redder than the real red sequence: hence the calibration)
-    assert k_corrections([0.0], [0.0], [0.035])[0, 1] - k_corrections([0.0], [0.0], [0.035])[0, 2] == \
-        pytest.approx(0.87, abs=0.02)
+    assert np.all(np.diff(g_r) > 0) and g_r[-1] - g_r[0] > 0.6
 
 
-def test_selection_cut_holds_and_median_redshift_is_mgs_like():
-    pop = draw_selected(PopulationConfig(), 5000, np.random.default_rng(0))
-    assert np.all(pop["mag_true"][:, R] < 17.77)
-    assert 0.09 < np.median(pop["z"]) < 0.11  # SDSS MGS: 0.10
-    # the parent population reaches below the cut: the cut is doing the selecting
-    parent = draw_candidates(PopulationConfig(), 5000, np.random.default_rng(0))
-    assert np.mean(parent["mag_true"][:, R] >= 17.77) > 0.2
-
-
-def test_luminosity_function_band_is_converted_to_rest_frame_r_with_each_sed():
-    """Blanton's ^{0.1}r: a galaxy at z = 0.1 has K = -2.5 log10(1.1) in it, so M_0.1r - M_r = K_r(0.1) + 0.1035."""
-    t, dust = np.array([0.0, 2.5]), np.zeros(2)
-    k_r = k_corrections(t, dust, np.full(2, 0.1))[:, R]
-    rest = rest_frame_r(np.array([-21.0, -21.0]), 0.1, np.ones(2), t, t, dust, TemplateTuning())
-    np.testing.assert_allclose(-21.0 - rest, k_r + 2.5 * np.log10(1.1), atol=1e-9)
-    assert (-21.0 - rest[0]) > (-21.0 - rest[1]) > 0  # a red spectrum is fainter in the bluer ^{0.1}r band
-    same = rest_frame_r(np.array([-20.0]), 0.0, np.ones(1), t[:1], t[:1], dust[:1], TemplateTuning())
-    np.testing.assert_array_equal(same, [-20.0])
-
-
-def test_red_sequence_colour_magnitude_relation():
-    """The relation reddens red galaxies brighter than its pivot, by more the brighter they are, and no others
-    (same seed: the same galaxies with and without it)."""
-    def g_r(cfg):
-        pop = draw_candidates(cfg, 40000, np.random.default_rng(4))
-        return pop, pop["mag_true"][:, 1] - pop["mag_true"][:, 2]
-
-    pop, with_relation = g_r(PopulationConfig())
-    _, without = g_r(PopulationConfig(red_sequence_ebv_per_mag=0.0))
-    m, red, pivot = pop["abs_mag_lf_band"], pop["red"].astype(bool), PopulationConfig().red_sequence_pivot_mag
-    redder = with_relation - without
-    np.testing.assert_array_equal(redder[~red | (m > pivot)], 0.0)
-    assert np.median(redder[red & (m < pivot - 1.0)]) > np.median(redder[red & (m < pivot) & (m > pivot - 0.5)]) > 0.005
-    assert np.median(redder[red & (m < pivot - 1.0)]) > 0.03
+def test_candidates_are_library_galaxies_inside_their_volume():
+    cfg = PopulationConfig()
+    pop = draw_candidates(cfg, 5000, np.random.default_rng(0))
+    assert np.all((pop["z"] >= Z_MIN) & (pop["z"] <= Z_MAX))
+    expected = dereddened(pop["mag_true"], ebv=pop["ebv"])[:, R] + np.interp(pop["bulge_fraction"],
+                                                                            *PETROSIAN_DEFICIT_MAG)
+    assert np.all(expected <= cfg.r_limit_mag + cfg.candidate_margin_mag)
+    assert np.mean(expected > cfg.r_limit_mag) > 0.05  # the measured cut does the selecting
+    lib = cfg.library
+    np.testing.assert_array_equal(pop["sed_coeffs"], lib.coeffs[pop["sed_index"]].astype(np.float32))
+    # luminosity evolves: a clone moved to higher redshift is brighter than its original
+    dz = pop["z"] - lib.z[pop["sed_index"]]
+    np.testing.assert_allclose(pop["abs_mag_r"] - lib.abs_mag_r[pop["sed_index"]],
+                               -cfg.luminosity_evolution_q_mag_per_z * dz)
+    selected = draw_selected(cfg, 5000, np.random.default_rng(1))
+    assert np.all(dereddened(selected["mag_true"], ebv=selected["ebv"])[:, R] < cfg.r_limit_mag)
+    assert 0.095 < np.median(selected["z"]) < 0.125  # SDSS MGS: 0.10; the simulation's is discussed in the docs
 
 
 def test_red_fraction_rises_with_luminosity():
     pop = draw_candidates(PopulationConfig(), 20000, np.random.default_rng(1))
     bright, faint = pop["abs_mag_r"] < -21.5, pop["abs_mag_r"] > -19.5
     assert pop["red"][bright].mean() > pop["red"][faint].mean() + 0.3
+
+
+def test_colour_gradient_keeps_the_galaxys_total_spectrum():
+    """Bulge redder than disk, their sum exactly the library spectrum (without inclination dust)."""
+    cfg = PopulationConfig(inclination_dust_ebv_per_dex=0.0)
+    pop = draw_candidates(cfg, 3000, np.random.default_rng(2), r_limit=17.77)
+    lib = cfg.library
+    expected = (pop["abs_mag_r"] + distance_modulus(pop["z"]))[:, None] + pop["ebv"][:, None] * A_MW \
+        + sed.k_corrections(pop["sed_coeffs"].astype(np.float64), pop["z"], lib.repair_mag)
+    np.testing.assert_allclose(pop["mag_true"], expected, atol=2e-6)
+    both = (pop["bulge_fraction"] > 0.2) & (pop["bulge_fraction"] < 0.8)
+    bulge_g_r = pop["mag_bulge"][both, 1] - pop["mag_bulge"][both, 2]
+    disk_g_r = pop["mag_disk"][both, 1] - pop["mag_disk"][both, 2]
+    assert both.sum() > 100 and np.all(bulge_g_r > disk_g_r)
+
+
+def test_inclination_dust_reddens_edge_on_disks_and_averages_out():
+    """The same galaxies (a volume-limited draw, no selection on the inclined magnitudes) with and without it."""
+    pop = draw_candidates(PopulationConfig(), 20000, np.random.default_rng(3), r_limit=17.77)
+    flat = draw_candidates(PopulationConfig(inclination_dust_ebv_per_dex=0.0), 20000, np.random.default_rng(3),
+                           r_limit=17.77)
+    assert abs(np.mean(pop["dust_ebv"])) < 0.003
+    redder = (pop["mag_disk"][:, 1] - pop["mag_disk"][:, 2]) - (flat["mag_disk"][:, 1] - flat["mag_disk"][:, 2])
+    edge_on, face_on = pop["disk_q"] < 0.3, pop["disk_q"] > 0.9
+    assert np.median(redder[edge_on]) > 0.05 and np.median(redder[face_on]) < 0
+
+
+def test_neighbours_are_uniform_in_area_down_to_the_deblending_limit():
+    from scipy.stats import kstest
+
+    inst = InstrumentConfig()
+    radius = neighbour_radius_arcsec(np.random.default_rng(4), inst, 20000)
+    r_max = 64 * PIXEL_SCALE_ARCSEC / 2 * 1.3
+    assert radius.min() >= inst.neighbour_min_distance_arcsec == 1.0
+    area = (radius**2 - 1.0) / (r_max**2 - 1.0)
+    assert kstest(area, "uniform").pvalue > 0.01
+    assert np.mean(radius < 4.0) > 0.03  # the old 4" minimum is gone
+
+
+def test_resampling_is_the_bicubic_spline_of_photoz_cutouts():
+    """resample_onto_reference equals scipy's order-3 spline shift (what reproject's bicubic resampling is)
+    away from the edges, and lowers and correlates white noise as the issue measured (0.25 px: x0.87, 0.12)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(5)
+    images = rng.normal(size=(400, 64, 64)).astype(np.float32)
+    shifts = rng.uniform(-0.5, 0.5, (400, 2))
+    out = resample_onto_reference(images, shifts)
+    for k in range(0, 400, 40):
+        ref = ndimage.shift(images[k].astype(np.float64), (-shifts[k, 1], -shifts[k, 0]), order=3, mode="mirror")
+        assert np.abs(out[k] - ref)[4:-4, 4:-4].max() < 1e-4
+    quarter = resample_onto_reference(images, np.tile([0.25, 0.25], (400, 1)))[:, 4:-4, 4:-4]
+    assert quarter.std() == pytest.approx(0.87, abs=0.02)
+    corr = np.mean(quarter[:, :, 1:] * quarter[:, :, :-1]) / quarter.var()
+    assert corr == pytest.approx(0.12, abs=0.03)
+
+
+def test_a_band_shift_is_the_same_as_drawing_the_shifted_scene():
+    import galsim
+
+    disk = galsim.Exponential(half_light_radius=1.2, gsparams=_gsparams()).shear(q=0.5, beta=30 * galsim.degrees)
+    fluxes, shape = np.full((5, 1), 80.0), PSFShape(0.1, 2.5, 0.03, -0.02)
+    shifts = np.array([[0.3, -0.2], [0.1, 0.4], [0.0, 0.0], [-0.4, 0.1], [0.25, 0.45]])
+    moved = draw_bands([disk], fluxes, [1.5, 1.4, 1.3, 1.3, 1.3], shape, shifts)
+    for b in range(5):
+        shifted = disk.shift(*(shifts[b] * PIXEL_SCALE_ARCSEC))
+        ref = draw_bands([shifted], fluxes, [1.5, 1.4, 1.3, 1.3, 1.3], shape)[b]
+        assert np.abs(moved[b] - ref).max() < 1e-5 * ref.max()
+
+
+def test_psf_wing_and_ellipticity():
+    import galsim
+
+    star = [galsim.DeltaFunction(flux=1.0)]
+    core, winged = draw(star, 1.4), draw(star, 1.4, PSFShape(wing_fraction=0.1, wing_fwhm_ratio=2.5))
+    yy, xx = np.mgrid[:64, :64] - 31.5
+    outside = np.hypot(xx, yy) * PIXEL_SCALE_ARCSEC > 2.5
+    assert winged[outside].sum() > core[outside].sum() + 0.015  # 10% of the light in a wing 2.5x wider
+    sheared = draw(star, 1.4, PSFShape(g1=0.05))
+    qxx, qyy = (sheared * xx**2).sum(), (sheared * yy**2).sum()
+    assert (qxx - qyy) / (qxx + qyy) == pytest.approx(0.1, abs=0.03)  # e1 ~ 2 g1 for small shears
+
+
+def _rendered(n=24, **inst):
+    from photoz.training.sim.population import NEIGHBOUR_Z_MAX
+    from photoz.training.sim.render import render_galaxies
+
+    rng = np.random.default_rng(6)
+    pop = draw_selected(PopulationConfig(), n, rng)
+    pool = draw_candidates(PopulationConfig(), 64, rng, r_limit=22.0, z_max=NEIGHBOUR_Z_MAX)
+    config = InstrumentConfig(**inst)
+    return pop, config, render_galaxies(pop, rng, config, pool)
+
+
+def test_model_photometry_recovers_each_bands_total_flux():
+    """Noise-free, isolated, unresampled: model magnitudes (each band's profile through its PSF) give the true
+    total magnitudes, colour gradients and all; Petrosian ones miss some light, the same in every band."""
+    pop, inst, (clean, _, draws, measured) = _rendered(neighbours_per_cutout=0.0, resample_bands=False,
+                                                       sky_offset_fraction=0.0)
+    catalogue = measure_catalogue(clean, draws["sky_sigma_nmgy"], inst.gain_e_per_nmgy(), measured["model_templates"])
+    np.testing.assert_allclose(catalogue["model_mag"], pop["mag_true"], atol=0.01)
+    deficit = catalogue["petro_mag"] - pop["mag_true"]
+    assert np.all(deficit > -0.01) and np.all(np.abs(deficit - deficit[:, [R]]) < 0.05)
+
+
+def test_deblending_takes_the_neighbours_light_out_of_the_photometry():
+    pop, inst, (clean, noisy, draws, measured) = _rendered(n=40, neighbours_per_cutout=3.0)
+    crowded = draws["n_neighbours"] > 0
+    assert crowded.sum() > 30
+    raw = measure_catalogue(noisy, draws["sky_sigma_nmgy"], inst.gain_e_per_nmgy(), measured["model_templates"])
+    clean_ = measure_catalogue(measured["deblended"], draws["sky_sigma_nmgy"], inst.gain_e_per_nmgy(),
+                               measured["model_templates"])
+    off_raw = np.abs(raw["model_mag"][crowded, R] - pop["mag_true"][crowded, R])
+    off_deblended = np.abs(clean_["model_mag"][crowded, R] - pop["mag_true"][crowded, R])
+    assert np.mean(off_deblended) < 0.5 * np.mean(off_raw) and np.median(off_deblended) < 0.02
+    assert np.all(draws["nearest_neighbour_arcsec"][crowded] >= 1.0)
+    assert np.all(np.isinf(draws["nearest_neighbour_arcsec"][~crowded]))
+    close = draws["nearest_neighbour_arcsec"] < inst.close_neighbour_arcsec
+    np.testing.assert_array_equal((draws["flags"] & FLAG_CLOSE_NEIGHBOUR) > 0, close)
+
+
+def test_cosmic_rays_are_interpolated_over_and_flagged():
+    rng = np.random.default_rng(7)
+    sky = np.full((50, 5), 0.02)
+    images = (rng.normal(size=(50, 5, 64, 64)) * 0.02).astype(np.float32)
+    before = images.copy()
+    hit = add_cosmic_rays(images, sky, 1.0, rng)
+    assert 0.4 < hit.mean() < 0.8  # Poisson mean 1: 63% hit
+    changed = np.any(images != before, axis=(2, 3))
+    np.testing.assert_array_equal(changed, hit)
+    assert np.abs(images).max() < 6 * 0.02  # every track (20-200 sigma) was interpolated over
+    assert FLAG_COSMIC_RAY_BAND_BIT["u"] == 1 and FLAG_COSMIC_RAY_BAND_BIT["z"] == 16
 
 
 def test_blank_sky_noise_matches_configured_depth():
@@ -188,7 +353,9 @@ def test_file_layout_units_and_attributes(small_sim):
         assert h5.attrs["seed"] == 11 and "population_config" in h5.attrs
         z, ebv = h5["z"][:], h5["ebv"][:]
         assert np.all((z > 0) & (z < 0.4)) and np.all((ebv > 0) & (ebv < 0.31))
-        assert np.all(h5["truth/mag_true"][:, R] < 17.77)
+        # the MGS cut, on the measured, dereddened Petrosian r
+        assert np.all(dereddened(h5["catalogue/petro_mag"][:], ebv=ebv)[:, R] <= 17.77)
+        assert h5["catalogue/flags"].dtype == np.int16 and "nearest_neighbour_arcsec" in h5["truth"]
         # catalogue Petrosian r tracks the true total magnitude (Petrosian misses a little light)
         dm = h5["catalogue/petro_mag"][:, R] - h5["truth/mag_true"][:, R]
         assert abs(np.median(dm)) < 0.2
@@ -210,6 +377,22 @@ def test_calibration_transfer_matrix_and_error_comparison_on_real_galaxies_stand
     assert all(row["ratio"] == 1.0 for rows in errors.values() for row in rows)
     valid = load_real("valid")
     matrix = transfer_matrix({"z": valid["z"], "petro_mags": valid["mags"], "model_mags": valid["mags"]})
-    assert set(matrix) == {"petro/KNN", "petro/LocalLinear", "model/KNN", "model/LocalLinear"}
+    assert set(matrix) == {f"{kind}/{m}" for kind in ("model-dereddened", "petro", "model")
+                           for m in ("KNN", "LocalLinear")}
     for name, row in matrix.items():  # a smaller real training set: a little worse, not a different sky
         assert 0.9 < row["sigma_mad_ratio"] < 1.3 and abs(row["bias"]) < 0.005, (name, row)
+
+
+def test_simulated_magnitude_errors_follow_the_real_catalogues(tmp_path):
+    """The noise calibration: model-magnitude errors of a fresh simulated sample against the real file's at the
+    same magnitude, per band (issue 15's target is 20% on the calibration's 20,000 galaxies; a small sample's
+    medians scatter a little more)."""
+    from photoz.training.sim.calibrate import error_comparison, sim_catalogue
+    from photoz.training.sim.simulate import simulate
+
+    path = simulate(tmp_path / "noise.h5", 768, seed=21, workers=2, chunk_size=256, progress=False)
+    rows = error_comparison(sim_catalogue(path))
+    for band in BANDS:
+        assert len(rows[band]) >= (3 if band in "gri" else 1), band
+        for row in rows[band]:
+            assert 0.75 < row["ratio"] < 1.3, (band, row)

@@ -1,12 +1,26 @@
 """The galaxy population: who is in the SDSS Main Galaxy Sample, and what they are like.
 
-Galaxies fill a comoving volume (astropy Planck18) out to z = 0.4 with an
-r-band Schechter luminosity function (Blanton et al. 2003), a red fraction
-that rises with luminosity, continuous CWW types, Calzetti dust, bulge +
-disk structure with sizes from the Shen et al. (2003) size-luminosity
-relations, and a Galactic E(B-V) per sight line. The MGS selection
-r < 17.77 is applied to the noise-free total model magnitude (the flux of
-the rendered model before noise, not a noisy measurement).
+Every galaxy is a clone of a real SDSS galaxy moved to a new redshift. The
+spectral library (``sed.py``) holds the spectra and rest-frame luminosities
+of real, flux-limited SDSS galaxies. Each would be seen out to the redshift
+where it fades below the limit; a flux-limited sample holds one galaxy of
+each kind per such volume (the 1/Vmax argument of Schmidt 1968), so a
+simulated sample is made by picking library galaxies and placing each at a
+redshift drawn from the comoving volume (astropy Planck18) in which it would
+pass the limit, brightening by Q magnitudes per unit redshift (Blanton et al.
+2003's luminosity evolution). The joint distribution of luminosity,
+spectrum and redshift is then the real one, without a luminosity function or
+galaxy types to tune. Candidates are drawn slightly fainter than the limit
+(``candidate_margin_mag``, each library galaxy weighted by its larger volume)
+because the cut is made afterwards on the measured, dereddened Petrosian r
+(``render.simulate_chunk``), as SDSS made it.
+
+Structure follows the spectrum: the red flag (rest-frame u - r >= 2.22,
+Strateva et al. 2001) picks the Shen et al. (2003) size-luminosity relation,
+and the rest-frame g - r sets the bulge fraction. Disks get dust that grows
+with inclination (zero on average, so the population keeps its real
+colours), and bulges are redder than disks with the galaxy's total spectrum
+unchanged (``sed.py``).
 """
 from __future__ import annotations
 
@@ -16,51 +30,44 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from photoz.model.conventions import BANDS, EXTINCTION_A_OVER_EBV
-from photoz.training.sim.sed import TemplateTuning, k_corrections
+from photoz.training.baseline import dereddened
+from photoz.training.sim.sed import (
+    N_TEMPLATES,
+    REFERENCE,
+    TABLE_DUST_EBV,
+    TABLE_Z,
+    band_maggies,
+    k_corrections,
+    load_library,
+    photometry_table,
+)
 
 Z_MAX = 0.4
 Z_MIN = 0.005  # below this, peculiar velocities dominate; SDSS MGS has very few galaxies
+#: Neighbours (r < 22) are clones too, up to the spectral table's last redshift
+NEIGHBOUR_Z_MAX = float(TABLE_Z[-1])
+#: Rest-frame g - r of the CWW E, Sbc, Scd and Im spectra: the continuous type t = 0..3 (structure only)
+TYPE_REST_G_MINUS_R = (0.75, 0.55, 0.45, 0.30)
 
 
 @dataclass(frozen=True)
 class PopulationConfig:
-    """Population parameters. Luminosities are in the LF's band (``lf_band_redshift``), h = Planck18's h."""
+    """Population parameters."""
 
-    # Blanton et al. (2003) r-band Schechter function at z = 0.1, with h = 1 units
-    lf_mstar_minus_5logh: float = -20.44
-    lf_alpha: float = -1.05
-    lf_phistar_h3_mpc3: float = 1.49e-2
-    lf_evolution_q_mag_per_z: float = 1.62  # M*(z) = M*(0.1) - Q (z - 0.1)
-    # Blanton et al.'s magnitudes are in the ^{0.1}r band (SDSS r blueshifted by 1 + 0.1); the spectra are
-    # normalised in rest-frame r, converted per galaxy with its own SED (0: treat the LF as rest-frame r)
-    lf_band_redshift: float = 0.1
-    abs_mag_faint: float = -15.0
-    abs_mag_bright: float = -24.0
-    r_limit_mag: float = 17.77  # MGS Petrosian limit, applied to the noise-free model r
-    # red fraction f_red(M) = 1 / (1 + exp((M - m_half) / width)), M with Planck18 h
-    red_fraction_m_half: float = -20.95
-    red_fraction_width_mag: float = 0.9
-    # continuous CWW type t (0 = E ... 3 = Im); calibrated on real SDSS colours
-    red_type_mean: float = 0.325
-    red_type_slope_per_mag: float = 0.0  # brighter red galaxies are earlier types: t_mean + slope (M + 21)
-    red_type_sigma: float = 0.15
-    blue_type_min: float = 0.9
-    blue_type_max: float = 2.7  # 1.4.0: 3.0 -> 2.7 (nearby dwarfs were too blue in u-g and g-r)
-    # fainter star-forming galaxies are later types: t shifted by slope (M + 21), then clipped to [0.8, 3]
-    blue_type_slope_per_mag: float = 0.0
-    template_uv_suppression_mag: tuple[float, ...] = (0.9, 0.55, 0.0, 0.0)  # E, Sbc, Scd, Im (1.3.0: 0.62, 0.43)
-    template_halpha_ew_aa: tuple[float, ...] = (0.0, 30.0, 80.0, 160.0)  # rest H-alpha EW (Angstrom): E, Sbc, Scd, Im
-    template_oii_to_halpha: float = 0.4  # observed [OII] 3727 / H-alpha flux ratio (1.3.0: 0.8)
-    template_nir_suppression_mag: float = 0.1  # rest near-IR dimming (6800 -> 8000 A ramp), all templates
-    red_dust_ebv_sigma: float = 0.02
-    # red-sequence colour-magnitude relation (more luminous ellipticals are redder: metallicity),
-    # applied as extra Calzetti reddening of red galaxies brighter than the pivot: slope x (pivot - M)
-    red_sequence_ebv_per_mag: float = 0.04
-    red_sequence_pivot_mag: float = -22.0
-    blue_dust_ebv_mean: float = 0.108  # at M_r = -21; exponential distribution
-    # dust rises with luminosity (e.g. Garn & Best 2010): mean x exp(-slope (M + 21))
-    blue_dust_ln_slope_per_mag: float = 0.3
-    # Galactic E(B-V): log-normal, median and log-scatter (high-latitude sky)
+    sed_library: str = "sed_library.ecsv"  # in training/sim/sdss_reference/
+    r_limit_mag: float = 17.77  # MGS: measured Petrosian r, dereddened (applied by render.simulate_chunk)
+    # candidates: expected Petrosian r (noise-free, dereddened) to r_limit + margin; the measured cut decides
+    candidate_margin_mag: float = 0.12
+    luminosity_evolution_q_mag_per_z: float = 1.62  # M(z) = M(z0) - Q (z - z0), Blanton et al. (2003)
+    red_rest_u_minus_r: float = 2.22  # Strateva et al. (2001) separator
+    # bulge spectrum S (1 + a x), disk S (1 - a f x / (1 - f)), x = ln(lambda / 5500 A): see sed.py
+    colour_gradient: float = 0.3
+    # extra Calzetti E(B-V) of a disk per dex of axis ratio, about the population's mean (Masters et al. 2010
+    # find A_r ~ 0.7 log10(a/b) for spirals)
+    inclination_dust_ebv_per_dex: float = 0.25
+    disk_thickness: float = 0.2  # intrinsic axis ratio of an edge-on disk
+    # Galactic E(B-V): log-normal, median and log-scatter (high-latitude sky); the median is also what
+    # sed.REFERENCE_MW_EBV took off the real library magnitudes
     mw_ebv_median: float = 0.03
     mw_ebv_sigma_ln: float = 0.6
     # Shen et al. (2003) r-band size-luminosity relations (R50 in kpc, h = 0.7)
@@ -70,9 +77,8 @@ class PopulationConfig:
         return asdict(self)
 
     @property
-    def template_tuning(self) -> TemplateTuning:
-        return TemplateTuning(self.template_uv_suppression_mag, self.template_halpha_ew_aa,
-                              self.template_nir_suppression_mag, self.template_oii_to_halpha)
+    def library(self):
+        return load_library(REFERENCE / self.sed_library)
 
 
 @functools.lru_cache(maxsize=4)
@@ -110,100 +116,151 @@ def shen2003_r50_kpc(abs_mag_r, early: np.ndarray, rng: np.random.Generator) -> 
     return 10 ** log_r * np.exp(rng.normal(0, sigma_ln))
 
 
-def _candidate_grid(cfg: PopulationConfig, r_limit: float):
-    """Joint (z, M) weights dV/dz x phi(M) x [could pass the r limit] on a grid."""
-    z_grid, dm, _, dvdz, h = _distance_grid()
-    sel = (z_grid >= Z_MIN) & (z_grid <= Z_MAX)
-    z, dm, dvdz = z_grid[sel], dm[sel], dvdz[sel]
-    mags = np.linspace(cfg.abs_mag_bright, cfg.abs_mag_faint, 181)
-    mstar = cfg.lf_mstar_minus_5logh + 5 * np.log10(h) - cfg.lf_evolution_q_mag_per_z * (z - 0.1)
-    x = 10 ** (-0.4 * (mags[None, :] - mstar[:, None]))
-    phi = x ** (cfg.lf_alpha + 1) * np.exp(-x)
-    # the bluest galaxies have K ~ -0.2 at z = 0.4, and rest r is up to ~0.35 mag brighter than the
-    # LF's ^{0.1}r: keep candidates within that margin
-    could_pass = mags[None, :] + dm[:, None] - 0.6 < r_limit
-    weight = dvdz[:, None] * phi * could_pass
-    return z, mags, weight / weight.sum()
 
 
-def draw_candidates(cfg: PopulationConfig, n: int, rng: np.random.Generator,
-                    r_limit: float | None = None) -> dict[str, np.ndarray]:
-    """Draw n galaxies from the volume-weighted luminosity function (before selection)."""
-    r_limit = cfg.r_limit_mag if r_limit is None else r_limit
-    z_grid, mag_grid, weight = _candidate_grid(cfg, r_limit)
-    cell = rng.choice(weight.size, size=n, p=weight.ravel())
-    iz, im = np.unravel_index(cell, weight.shape)
-    dz, dmag = np.diff(z_grid)[0], np.diff(mag_grid)[0]
-    z = np.clip(z_grid[iz] + rng.uniform(-0.5, 0.5, n) * dz, Z_MIN, Z_MAX)
-    abs_mag = mag_grid[im] + rng.uniform(-0.5, 0.5, n) * dmag  # in the LF's band; the relations below use it
+def mean_log_inverse_axis_ratio(thickness: float) -> float:
+    """<log10(1/q)> of disks of intrinsic thickness ``thickness`` seen at random orientations."""
+    cos_i = (np.arange(20000) + 0.5) / 20000
+    return float(np.mean(-np.log10(np.sqrt(cos_i**2 + thickness**2 * (1 - cos_i**2)))))
 
-    red = rng.uniform(size=n) < 1 / (1 + np.exp((abs_mag - cfg.red_fraction_m_half) / cfg.red_fraction_width_mag))
-    red_mean = cfg.red_type_mean + cfg.red_type_slope_per_mag * (abs_mag + 21.0)
-    t = np.where(red, np.clip(rng.normal(red_mean, cfg.red_type_sigma, n), 0, 1.0),
-                 np.clip(rng.uniform(cfg.blue_type_min, cfg.blue_type_max, n)
-                         + cfg.blue_type_slope_per_mag * (abs_mag + 21.0), 0.8, 3.0))
-    blue_dust_mean = cfg.blue_dust_ebv_mean * np.exp(-cfg.blue_dust_ln_slope_per_mag * (abs_mag + 21.0))
-    red_dust = np.abs(rng.normal(0, cfg.red_dust_ebv_sigma, n)) \
-        + cfg.red_sequence_ebv_per_mag * np.maximum(cfg.red_sequence_pivot_mag - abs_mag, 0)
-    dust = np.where(red, red_dust, np.minimum(rng.exponential(1.0, n) * blue_dust_mean, 0.5))
-    bulge_fraction = np.clip(0.95 - 0.4 * t + rng.normal(0, 0.08, n), 0, 1)
-    # colour gradient: bulges are redder, disks bluer than the galaxy's mean type
-    bulge_type, disk_type = 0.5 * t, np.clip(t + 0.3, 0, 3)
 
-    r50_kpc = shen2003_r50_kpc(abs_mag, red, rng) * cfg.size_scale
+#: Median measured Petrosian r minus true total r (mag) of simulated galaxies against their bulge fraction
+#: (simulator 1.5.0, 8,000 galaxies: bulges are drawn as large as the galaxy above 0.8, and a de Vaucouleurs
+#: profile loses ~10% of its light outside two Petrosian radii, an exponential ~2%).
+PETROSIAN_DEFICIT_MAG = ((0.0, 0.75, 0.8, 1.0), (0.02, 0.035, 0.085, 0.095))
+BULGE_FRACTION_SCATTER = 0.08
+
+
+def bulge_fraction_mean(t: np.ndarray) -> np.ndarray:
+    return np.clip(0.95 - 0.4 * np.asarray(t), 0, 1)
+
+
+def expected_petrosian_deficit(t: np.ndarray) -> np.ndarray:
+    """Expected measured Petrosian minus total r (mag) of galaxies of type t, over the bulge-fraction scatter."""
+    draws = bulge_fraction_mean(t)[:, None] + BULGE_FRACTION_SCATTER * np.linspace(-2, 2, 9)[None, :]
+    weights = np.exp(-0.5 * np.linspace(-2, 2, 9) ** 2)
+    deficit = np.interp(np.clip(draws, 0, 1), *PETROSIAN_DEFICIT_MAG)
+    return (deficit * weights).sum(axis=1) / weights.sum()
+
+
+@functools.lru_cache(maxsize=8)
+def _clone_grid(library_name: str, q: float, r_limit: float, z_max: float, sample_limit: float, petrosian: bool):
+    """Per library galaxy: the probability of picking it, and the cumulative distribution of its redshift
+    on TABLE_Z, for candidates brighter than ``r_limit`` (noise-free, dereddened r) below ``z_max``.
+
+    The real galaxies were selected on their Petrosian r, which misses part of a bulge's light: a galaxy's
+    volume is where its total r is brighter than ``sample_limit`` minus its expected Petrosian deficit (and,
+    with ``petrosian``, the candidates' limit moves by the same), or red galaxies would be under-weighted."""
+    lib = load_library(REFERENCE / library_name)
+    zg = TABLE_Z
+    deficit = expected_petrosian_deficit(_library_colours(library_name)[3])[:, None]
+    table = photometry_table(lib.repair_mag)[:N_TEMPLATES, int(np.argmin(np.abs(TABLE_DUST_EBV))), :, BANDS.index("r")]
+    flux_r = lib.coeffs @ table  # (N, Z)
+    m_r = (lib.abs_mag_r[:, None] - q * (zg[None, :] - lib.z[:, None]) + distance_modulus(np.maximum(zg, 1e-4))
+           - 2.5 * np.log10(np.maximum(flux_r, 1e-30)))
+    z_all, _, _, dvdz, _ = _distance_grid()
+    dv = np.interp(zg, z_all, dvdz) * np.gradient(zg)
+    candidate = (m_r < r_limit - (deficit if petrosian else 0.0)) & (zg >= Z_MIN) & (zg <= z_max)
+    sample = (m_r < sample_limit - deficit) & (zg >= Z_MIN) & (zg <= Z_MAX)
+    v_candidate, v_sample = (candidate * dv).sum(axis=1), (sample * dv).sum(axis=1)
+    weight = np.where(v_sample > 0, v_candidate / np.maximum(v_sample, 1e-30), 0.0)
+    cdf = np.cumsum(candidate * dv, axis=1) / np.maximum(v_candidate, 1e-30)[:, None]
+    return weight / weight.sum(), cdf
+
+
+
+
+@functools.lru_cache(maxsize=2)
+def _library_colours(library_name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per library galaxy: rest-frame u - r and g - r, K_r(0.1) + 2.5 log10(1.1) (rest r to Blanton's
+    ^{0.1}r), and the continuous type t (0 = E ... 3 = Im) its rest g - r gives."""
+    lib = load_library(REFERENCE / library_name)
+    k01 = k_corrections(lib.coeffs, np.full(lib.z.size, 0.1), lib.repair_mag)[:, BANDS.index("r")]
+    g_r = lib.rest_colour("g", "r")
+    t = np.interp(-g_r, [-c for c in TYPE_REST_G_MINUS_R], np.arange(len(TYPE_REST_G_MINUS_R), dtype=float))
+    return lib.rest_colour("u", "r"), g_r, k01 + 2.5 * np.log10(1.1), t
+
+
+def draw_candidates(cfg: PopulationConfig, n: int, rng: np.random.Generator, r_limit: float | None = None,
+                    z_max: float = Z_MAX) -> dict[str, np.ndarray]:
+    """Draw n galaxies: library galaxies at new redshifts, with structure. With ``r_limit``, those brighter than
+    it in noise-free, dereddened total r (of their average-inclination spectrum) below ``z_max`` (neighbours).
+    Without, the MGS targets' candidates: galaxies whose expected Petrosian r (total r of the galaxy as
+    inclined, plus the Petrosian deficit of its bulge fraction) is within ``candidate_margin_mag`` of the
+    limit; the measured cut (``render.simulate_chunk``) then decides."""
+    if r_limit is not None:
+        return _draw(cfg, n, rng, float(r_limit), z_max, petrosian=False)
+    widest = cfg.r_limit_mag + cfg.candidate_margin_mag + max_inclination_brightening(cfg)
+    parts, have = [], 0
+    while have < n:
+        cand = _draw(cfg, int(1.3 * (n - have)) + 16, rng, widest, z_max, petrosian=True)
+        expected = dereddened(cand["mag_true"], ebv=cand["ebv"])[:, BANDS.index("r")] \
+            + np.interp(cand["bulge_fraction"], *PETROSIAN_DEFICIT_MAG)
+        keep = expected <= cfg.r_limit_mag + cfg.candidate_margin_mag
+        parts.append({k: v[keep] for k, v in cand.items()})
+        have += int(keep.sum())
+    return {k: np.concatenate([p[k] for p in parts])[:n] for k in parts[0]}
+
+
+def max_inclination_brightening(cfg: PopulationConfig) -> float:
+    """The most a face-on disk's r brightens by the inclination dust (mag): its negative extra E(B-V) times the
+    Calzetti curve at r."""
+    from photoz.training.sim.sed import calzetti_k, effective_wavelengths_aa
+
+    k_r = float(calzetti_k(effective_wavelengths_aa()[BANDS.index("r")]))
+    return cfg.inclination_dust_ebv_per_dex * mean_log_inverse_axis_ratio(cfg.disk_thickness) * k_r
+
+
+def _draw(cfg: PopulationConfig, n: int, rng: np.random.Generator, r_limit: float, z_max: float,
+          petrosian: bool) -> dict[str, np.ndarray]:
+    """n library galaxies brighter than ``r_limit`` (see _clone_grid) at new redshifts below ``z_max``."""
+    lib = cfg.library
+    p, cdf = _clone_grid(cfg.sed_library, cfg.luminosity_evolution_q_mag_per_z, float(r_limit), float(z_max),
+                         cfg.r_limit_mag, petrosian)
+    idx = rng.choice(p.size, size=n, p=p)
+    cell = np.minimum((cdf[idx] < rng.uniform(size=n)[:, None]).sum(axis=1), TABLE_Z.size - 1)
+    z = np.clip(TABLE_Z[cell] + rng.uniform(-0.5, 0.5, n) * (TABLE_Z[1] - TABLE_Z[0]), Z_MIN, z_max)
+    coeffs = lib.coeffs[idx]
+    abs_mag = lib.abs_mag_r[idx] - cfg.luminosity_evolution_q_mag_per_z * (z - lib.z[idx])
+    u_r, _, to_z01, t = (c[idx] for c in _library_colours(cfg.sed_library))
+    red = u_r >= cfg.red_rest_u_minus_r
+    bulge_fraction = np.clip(bulge_fraction_mean(t) + rng.normal(0, BULGE_FRACTION_SCATTER, n), 0, 1)
+    abs_mag_z01 = abs_mag + to_z01  # Blanton's ^{0.1}r, the band of the Shen et al. relations' samples
+
+    r50_kpc = shen2003_r50_kpc(abs_mag_z01, red, rng) * cfg.size_scale
     r50_arcsec = r50_kpc / kpc_per_arcsec(z)
     cos_i = rng.uniform(0, 1, n)
-    disk_q = np.sqrt(cos_i**2 + 0.2**2 * (1 - cos_i**2))
+    disk_q = np.sqrt(cos_i**2 + cfg.disk_thickness**2 * (1 - cos_i**2))
     bulge_q = np.clip(rng.normal(0.75, 0.15, n), 0.3, 1.0)
+    dust = cfg.inclination_dust_ebv_per_dex * (-np.log10(disk_q) - mean_log_inverse_axis_ratio(cfg.disk_thickness))
 
     mw_ebv = np.clip(cfg.mw_ebv_median * np.exp(rng.normal(0, cfg.mw_ebv_sigma_ln, n)), 0.003, 0.3)
-    dmod = distance_modulus(z)
-    tuning = cfg.template_tuning
-    abs_mag_rest = rest_frame_r(abs_mag, cfg.lf_band_redshift, bulge_fraction, bulge_type, disk_type, dust, tuning)
-    mag_bulge = _component_mags(abs_mag_rest, bulge_fraction, bulge_type, dust, z, dmod, mw_ebv, tuning)
-    mag_disk = _component_mags(abs_mag_rest, 1 - bulge_fraction, disk_type, dust, z, dmod, mw_ebv, tuning)
+    f = bulge_fraction[:, None]
+    tilt = cfg.colour_gradient * np.minimum(1.0, (1 - f) / np.maximum(f, 1e-6))
+    bulge_w = np.concatenate([f * coeffs, f * tilt * coeffs], axis=1)
+    disk_w = np.concatenate([(1 - f) * coeffs, -f * tilt * coeffs], axis=1)
+    base = (abs_mag + distance_modulus(z))[:, None] \
+        + mw_ebv[:, None] * np.array([EXTINCTION_A_OVER_EBV[b] for b in BANDS])[None, :]
+    mag_bulge = base - 2.5 * np.log10(np.maximum(band_maggies(bulge_w, 0.0, z, lib.repair_mag), 1e-30))
+    mag_disk = base - 2.5 * np.log10(np.maximum(band_maggies(disk_w, dust, z, lib.repair_mag), 1e-30))
     total_mag = -2.5 * np.log10(10 ** (-0.4 * mag_bulge) + 10 ** (-0.4 * mag_disk))
     return {
-        "z": z, "abs_mag_r": abs_mag_rest, "abs_mag_lf_band": abs_mag, "red": red, "type": t, "dust_ebv": dust,
+        "z": z, "abs_mag_r": abs_mag, "abs_mag_r_z0p1": abs_mag_z01, "red": red, "type": t,
+        "sed_index": idx.astype(np.int32), "sed_coeffs": coeffs.astype(np.float32), "dust_ebv": dust,
         "bulge_fraction": bulge_fraction, "r50_kpc": r50_kpc, "r50_arcsec": r50_arcsec,
         "disk_q": disk_q, "bulge_q": bulge_q, "position_angle_deg": rng.uniform(0, 180, n),
         "ebv": mw_ebv, "mag_bulge": mag_bulge, "mag_disk": mag_disk, "mag_true": total_mag,
     }
 
 
-def rest_frame_r(abs_mag_band, band_redshift: float, bulge_fraction, bulge_type, disk_type, dust,
-                 tuning: TemplateTuning):
-    """Rest-frame r absolute magnitude of galaxies whose magnitude is given in the SDSS r band shifted to
-    ``band_redshift`` (Blanton et al.'s ^{0.1}r for 0.1), with each galaxy's own bulge + disk spectrum.
-
-    A galaxy at z_b seen in r has K = -2.5 log10(1 + z_b) in the shifted band, whatever its spectrum, so
-    M_shifted = M_r + K_r(z_b) + 2.5 log10(1 + z_b), with K_r the synthetic-photometry K-correction.
-    """
-    if band_redshift == 0:
-        return np.asarray(abs_mag_band, dtype=np.float64)
-    r = BANDS.index("r")
-    zb = np.full(np.shape(abs_mag_band), float(band_redshift))
-    k_bulge = k_corrections(bulge_type, dust, zb, tuning)[:, r]
-    k_disk = k_corrections(disk_type, dust, zb, tuning)[:, r]
-    k_r = -2.5 * np.log10(bulge_fraction * 10 ** (-0.4 * k_bulge) + (1 - bulge_fraction) * 10 ** (-0.4 * k_disk))
-    return abs_mag_band - k_r - 2.5 * np.log10(1 + band_redshift)
-
-
-def _component_mags(abs_mag, light_fraction, comp_type, dust, z, dmod, mw_ebv, tuning: TemplateTuning):
-    """Observed magnitudes (N, 5) of one component, with Milky Way extinction."""
-    frac = np.maximum(light_fraction, 1e-6)
-    a_mw = np.array([EXTINCTION_A_OVER_EBV[b] for b in BANDS])
-    return (abs_mag - 2.5 * np.log10(frac) + dmod)[:, None] + k_corrections(comp_type, dust, z, tuning) \
-        + mw_ebv[:, None] * a_mw[None, :]
-
-
 def draw_selected(cfg: PopulationConfig, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Draw n galaxies that pass the MGS cut on the noise-free total model r magnitude."""
+    """Draw n galaxies brighter than the MGS limit in noise-free, dereddened total r (no measurement: the
+    population's own cut, for test fields; ``photoz simulate`` cuts on the measured Petrosian r instead)."""
     r = BANDS.index("r")
     parts, have = [], 0
     while have < n:
-        cand = draw_candidates(cfg, max(2 * (n - have), 64), rng)
-        keep = cand["mag_true"][:, r] < cfg.r_limit_mag
+        cand = draw_candidates(cfg, max(2 * (n - have), 64), rng, r_limit=cfg.r_limit_mag)
+        keep = dereddened(cand["mag_true"], ebv=cand["ebv"])[:, r] < cfg.r_limit_mag
         parts.append({k: v[keep] for k, v in cand.items()})
         have += int(keep.sum())
     return {k: np.concatenate([p[k] for p in parts])[:n] for k in parts[0]}

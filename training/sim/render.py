@@ -25,9 +25,11 @@ from photoz.model.conventions import (
     asinh_mag,
     effective_gain_e_per_nmgy,
     mag_to_nanomaggies,
+    sky_level_nmgy_per_pixel,
     sky_sigma_nmgy_per_pixel,
 )
-from photoz.training.sim.population import PopulationConfig, draw_candidates, draw_selected
+from photoz.training.baseline import dereddened
+from photoz.training.sim.population import NEIGHBOUR_Z_MAX, PopulationConfig, draw_candidates
 
 PETROSIAN_ETA = 0.2
 #: Looser than GalSim's defaults (folding 5e-3): flux lost to aliasing stays
@@ -39,14 +41,84 @@ GSPARAMS = {"folding_threshold": 1e-2, "maxk_threshold": 3e-3}
 class InstrumentConfig:
     seeing_sigma_ln: float = 0.15  # scatter of the r-band FWHM around the SDSS median
     band_seeing_sigma_ln: float = 0.03  # extra per-band scatter
+    # PSF: a Moffat core (conventions.PSF_MOFFAT_BETA) plus a Gaussian wing of this share of the light and
+    # this times the core's FWHM, sheared by an ellipticity drawn per object (SDSS PSFs are a few % elliptical)
+    psf_wing_fraction: float = 0.1
+    psf_wing_fwhm_ratio: float = 2.5
+    psf_shear_sigma: float = 0.03
     centring_sigma_pixels: float = 0.5
     neighbours_per_cutout: float = 0.3  # Poisson mean: ~6000 objects/deg^2 to r = 22
     neighbour_star_fraction: float = 0.35
     neighbour_r_limit_mag: float = 22.0
-    neighbour_min_distance_arcsec: float = 4.0
+    neighbour_min_distance_arcsec: float = 1.0  # uniform in area beyond this (SDSS deblends pairs to ~1")
+    # noise calibration against the real SDSS magnitude errors (docs/simulation.md): per band ugriz, the
+    # depth's offset from conventions.DEPTH_5SIGMA_MAG (mag; positive is shallower: more sky noise) and the
+    # factor on the effective gain (less Poisson noise of the sources when > 1)
+    # (fitted on simulator 1.5.0: they put the 5-sigma point-source depths at u 22.16, g 23.37, r 23.1, i 22.61,
+    # z 20.58; the MGS's r errors, dominated by the galaxies' own Poisson noise, hardly constrain the r sky)
+    depth_offset_mag: tuple[float, ...] = (0.16, -0.83, -0.9, -1.31, -0.08)
+    gain_scale: tuple[float, ...] = (0.31, 1.15, 0.46, 1.01, 0.33)
+    sky_brightness_sigma_mag: float = 0.25  # per object and band; real r-band sky quartiles 20.70-21.03
+    # sky-subtraction error: a constant per object and band, this fraction of the sky level (1 sigma)
+    sky_offset_fraction: float = 0.002
+    # cosmic rays per band and cutout (Poisson mean): short tracks the photometric pipeline finds and
+    # interpolates over before cutouts are made; the object's flags record it
+    cosmic_rays_per_band: float = 0.1
+    close_neighbour_arcsec: float = 3.0  # a neighbour nearer than this sets the close-neighbour flag
+    # u, g, i, z are drawn on their own pixel grids, shifted by up to half a pixel, and resampled onto the
+    # r grid with the bicubic spline ``photoz cutouts`` uses (which smooths and correlates their noise)
+    resample_bands: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def __post_init__(self):  # hashable, JSON-stable
+        object.__setattr__(self, "depth_offset_mag", tuple(float(x) for x in self.depth_offset_mag))
+        object.__setattr__(self, "gain_scale", tuple(float(x) for x in self.gain_scale))
+
+    def sky_sigma_nmgy(self) -> np.ndarray:
+        """Per-pixel sky noise (nanomaggies) of each band at the calibrated depth and median sky."""
+        return np.array([sky_sigma_nmgy_per_pixel(b) for b in BANDS]) * 10 ** (0.4 * np.array(self.depth_offset_mag))
+
+    def gain_e_per_nmgy(self) -> np.ndarray:
+        return np.array([effective_gain_e_per_nmgy(b) for b in BANDS]) * np.array(self.gain_scale)
+
+
+#: Per-object artefact flags (``truth/flags``): bit b (0..4) a cosmic ray was interpolated over in band b
+FLAG_COSMIC_RAY_BAND_BIT = {band: 1 << b for b, band in enumerate(BANDS)}
+FLAG_CLOSE_NEIGHBOUR = 1 << 5  # a neighbour (star or galaxy) within close_neighbour_arcsec of the centre
+
+
+def add_cosmic_rays(images: np.ndarray, sky_sigma: np.ndarray, rate: float, rng: np.random.Generator) -> np.ndarray:
+    """Hit noisy cutouts (N, B, S, S) with cosmic-ray tracks (Poisson ``rate`` per band and cutout; 1-4 pixels
+    of 20-200 sky sigma) and, as a photometric pipeline does, replace the hit pixels by the mean of their
+    unhit neighbours. Returns the (N, B) mask of band-cutouts that were hit and repaired."""
+    n, n_bands, size, _ = images.shape
+    hits = rng.poisson(rate, (n, n_bands))
+    for k, b in zip(*np.nonzero(hits), strict=True):
+        mask = np.zeros((size, size), bool)
+        for _ in range(hits[k, b]):
+            x, y = rng.integers(0, size, 2)
+            dx, dy = rng.choice([-1, 0, 1], 2)
+            for step in range(int(rng.integers(1, 5))):
+                xx, yy = x + step * dx, y + step * dy
+                if 0 <= xx < size and 0 <= yy < size:
+                    mask[yy, xx] = True
+        image = images[k, b]
+        image[mask] += rng.uniform(20, 200, int(mask.sum())) * sky_sigma[k, b]
+        good = ~mask
+        padded, weight = np.pad(np.where(good, image, 0.0), 1), np.pad(good.astype(np.float64), 1)
+        total = sum(padded[1 + oy:1 + oy + size, 1 + ox:1 + ox + size] for oy in (-1, 0, 1) for ox in (-1, 0, 1))
+        count = sum(weight[1 + oy:1 + oy + size, 1 + ox:1 + ox + size] for oy in (-1, 0, 1) for ox in (-1, 0, 1))
+        image[mask] = np.where(count[mask] > 0, total[mask] / np.maximum(count[mask], 1), 0.0)
+    return hits > 0
+
+
+def neighbour_radius_arcsec(rng: np.random.Generator, inst: InstrumentConfig, size=None):
+    """Distance of a neighbour from the target: uniform in area from the deblending limit to 1.3 times the
+    cutout's half-width (unclustered: the projected density of unrelated objects is flat)."""
+    r_max = CUTOUT_SIZE_PIXELS * PIXEL_SCALE_ARCSEC / 2 * 1.3
+    return np.sqrt(rng.uniform(inst.neighbour_min_distance_arcsec**2, r_max**2, size))
 
 
 def star_magnitudes(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -73,32 +145,63 @@ def _gsparams():
     return galsim.GSParams(**GSPARAMS)
 
 
-def draw(profiles: list, psf_fwhm_arcsec: float) -> np.ndarray:
+@dataclass(frozen=True)
+class PSFShape:
+    """What the PSF has besides its Moffat core's FWHM: a Gaussian wing (share of the light, FWHM over the
+    core's) and a shear (g1, g2). The default is the plain Moffat core."""
+
+    wing_fraction: float = 0.0
+    wing_fwhm_ratio: float = 2.5
+    g1: float = 0.0
+    g2: float = 0.0
+
+
+def psf_profile(fwhm: float, shape: PSFShape | None = None):
+    """The PSF (unit flux) with FWHM ``fwhm`` of its core, in whatever length unit ``fwhm`` is in."""
+    import galsim
+
+    gsparams = _gsparams()
+    psf = galsim.Moffat(beta=PSF_MOFFAT_BETA, fwhm=fwhm, gsparams=gsparams)
+    if shape is None:
+        return psf
+    if shape.wing_fraction > 0:
+        wing = galsim.Gaussian(fwhm=fwhm * shape.wing_fwhm_ratio, gsparams=gsparams)
+        psf = galsim.Add([psf * (1 - shape.wing_fraction), wing * shape.wing_fraction], gsparams=gsparams)
+    if shape.g1 or shape.g2:
+        psf = psf.shear(g1=shape.g1, g2=shape.g2)
+    return psf
+
+
+def draw(profiles: list, psf_fwhm_arcsec: float, psf_shape: PSFShape | None = None) -> np.ndarray:
     """Sum of GalSim profiles (flux in nanomaggies, positions in arcsec from the centre)
-    seen through a Moffat PSF, drawn (with the pixel response) on the cutout grid.
+    seen through the PSF, drawn (with the pixel response) on the cutout grid.
 
     One band with GalSim's own ``drawImage``: the reference ``draw_bands`` is tested against,
     and the way to draw a single stamp (stars for PSF checks)."""
     import galsim
 
     gsparams = _gsparams()
-    psf = galsim.Moffat(beta=PSF_MOFFAT_BETA, fwhm=psf_fwhm_arcsec, gsparams=gsparams)
+    psf = psf_profile(psf_fwhm_arcsec, psf_shape)
     image = galsim.ImageF(CUTOUT_SIZE_PIXELS, CUTOUT_SIZE_PIXELS, scale=PIXEL_SCALE_ARCSEC)
     galsim.Convolve(galsim.Add(profiles), psf, gsparams=gsparams).drawImage(image=image, method="auto")
     return image.array
 
 
-def draw_bands(components: list, fluxes_nmgy: np.ndarray, psf_fwhm_arcsec) -> np.ndarray:
+def draw_bands(components: list, fluxes_nmgy: np.ndarray, psf_fwhm_arcsec, psf_shape: PSFShape | None = None,
+               band_shifts_pixels: np.ndarray | None = None, first_components: int | None = None):
     """Cutouts (n_bands, S, S): unit-flux GalSim components (positions in arcsec from the centre) with
-    per-band fluxes ``fluxes_nmgy`` (n_bands, n_components), each band seen through its own Moffat PSF.
+    per-band fluxes ``fluxes_nmgy`` (n_bands, n_components), each band seen through its own PSF (core FWHM
+    ``psf_fwhm_arcsec[b]``, the same ``psf_shape``) and, with ``band_shifts_pixels`` (n_bands, 2: x, y),
+    the whole scene moved by that many pixels in each band. With ``first_components`` it also returns the
+    image of the first that many components alone (a galaxy without its neighbours), from the same k-images.
 
     The same pixels as ``draw(profiles_of_band_b, fwhm_b)`` for every band (GalSim FFT drawing with the
     pixel response, up to GalSim's folding and k-range accuracy), at a fraction of the cost: each
     component's Fourier image is drawn once per object instead of once per band, on the k-grid that the
     most demanding band needs (the widest PSF sets the real-space size, the narrowest the k range), and
-    only the PSF changes between bands. This is GalSim's own split of ``drawFFT`` into
-    ``drawFFT_makeKImage``, the profiles' k-images and ``drawFFT_finish``, which its documentation
-    suggests for reusing k-images.
+    only the PSF changes between bands (a band's shift is a phase factor on the same k-image). This is
+    GalSim's own split of ``drawFFT`` into ``drawFFT_makeKImage``, the profiles' k-images and
+    ``drawFFT_finish``, which its documentation suggests for reusing k-images.
     """
     import galsim
 
@@ -106,8 +209,7 @@ def draw_bands(components: list, fluxes_nmgy: np.ndarray, psf_fwhm_arcsec) -> np
     inverse_scale = 1.0 / PIXEL_SCALE_ARCSEC
     # image coordinates (pixels); origin on the cutout's true centre, half a pixel off the integer centre
     shapes = [c.dilate(inverse_scale).shift(-0.5, -0.5) for c in components]
-    psfs = [galsim.Moffat(beta=PSF_MOFFAT_BETA, fwhm=float(f) * inverse_scale, gsparams=gsparams)
-            for f in psf_fwhm_arcsec]
+    psfs = [psf_profile(float(f) * inverse_scale, psf_shape) for f in psf_fwhm_arcsec]
     pixel = galsim.Pixel(1.0, gsparams=gsparams)
     image = galsim.ImageF(CUTOUT_SIZE_PIXELS, CUTOUT_SIZE_PIXELS, scale=1.0)
     image.setCenter(0, 0)
@@ -124,33 +226,92 @@ def draw_bands(components: list, fluxes_nmgy: np.ndarray, psf_fwhm_arcsec) -> np
 
     component_k = np.stack([k_array(s) for s in shapes])  # (n_components, ky, kx)
     pixel_k = k_array(pixel)
+    if band_shifts_pixels is not None:
+        b = kimage.bounds
+        kx = np.arange(b.xmin, b.xmax + 1) * kimage.scale
+        ky = np.arange(b.ymin, b.ymax + 1) * kimage.scale
     out = np.empty((len(psfs), CUTOUT_SIZE_PIXELS, CUTOUT_SIZE_PIXELS), np.float32)
+    first = out.copy() if first_components is not None else None
     fluxes = np.asarray(fluxes_nmgy, dtype=np.float32)
-    for b, psf in enumerate(psfs):
+    for band, psf in enumerate(psfs):
         psf._drawKImage(kimage)
-        scene = fluxes[b, 0] * component_k[0]  # a few multiply-adds: no BLAS call (its threads fight workers)
-        for flux, k_image in zip(fluxes[b, 1:], component_k[1:], strict=True):
-            scene += flux * k_image
-        kimage.array[...] *= scene * pixel_k
+        psf_k = kimage.array * pixel_k
+        if band_shifts_pixels is not None and np.any(band_shifts_pixels[band]):
+            dx, dy = band_shifts_pixels[band]
+            psf_k *= np.exp(-1j * ky * dy)[:, None] * np.exp(-1j * kx * dx)[None, :]
+        scene = fluxes[band, 0] * component_k[0]  # a few multiply-adds: no BLAS call (its threads fight workers)
+        for c in range(1, len(shapes)):
+            if c == first_components and first is not None:
+                kimage.array[...] = scene * psf_k
+                total.drawFFT_finish(image, kimage, wrap, add_to_image=False)
+                first[band] = image.array
+            scene += fluxes[band, c] * component_k[c]
+        kimage.array[...] = scene * psf_k
         total.drawFFT_finish(image, kimage, wrap, add_to_image=False)
-        out[b] = image.array
+        out[band] = image.array
+        if first is not None and first_components >= len(shapes):
+            first[band] = out[band]
+    return out if first is None else (out, first)
+
+
+def resample_onto_reference(images: np.ndarray, shifts_pixels: np.ndarray) -> np.ndarray:
+    """Images (M, S, S) whose scenes sit ``shifts_pixels`` (M, 2: x, y; each within a pixel) off the reference
+    grid, resampled onto that grid with the bicubic spline ``photoz cutouts`` resamples with (reproject's
+    ``order="bicubic"``: a cubic B-spline with its prefilter, scipy.ndimage order 3).
+
+    The same numbers as ``scipy.ndimage.shift(image, (-y, -x), order=3)`` away from the edges (a test checks
+    it), for a whole stack at once: the prefilter runs over the stack along each axis, and the shift is the
+    B-spline's four taps per axis, weighted per image."""
+    from scipy import ndimage
+
+    coeffs = np.asarray(images, dtype=np.float32)
+    for axis in (-1, -2):
+        coeffs = ndimage.spline_filter1d(coeffs, 3, axis=axis, mode="mirror", output=np.float32)
+    for axis, shift in ((-1, shifts_pixels[:, 0]), (-2, shifts_pixels[:, 1])):
+        coeffs = _bspline_taps(coeffs, np.asarray(shift, dtype=np.float64), axis)
+    return coeffs.astype(np.float32)
+
+
+def _bspline_taps(coeffs: np.ndarray, shift: np.ndarray, axis: int) -> np.ndarray:
+    """Cubic B-spline with coefficients ``coeffs`` evaluated at x + shift along ``axis`` (|shift| <= 1)."""
+    base = np.floor(shift)
+    t = shift - base
+    taps = np.stack([(1 - t) ** 3, 3 * t**3 - 6 * t**2 + 4, -3 * t**3 + 3 * t**2 + 3 * t + 1, t**3], axis=1) / 6
+    pad = [(0, 0)] * coeffs.ndim
+    pad[axis] = (3, 3)
+    padded = np.pad(coeffs, pad, mode="edge")
+    size = coeffs.shape[axis]
+    out = np.zeros_like(coeffs)
+    shape = (-1,) + (1,) * (coeffs.ndim - 1)
+    for offset in range(-2, 4):  # x + base + j for base in {-2 .. 1} and taps j = -1 .. 2
+        weight = np.zeros(coeffs.shape[0])
+        for j in range(4):
+            hit = base + j - 1 == offset
+            weight[hit] = taps[hit, j]
+        if np.any(weight):
+            window = [slice(None)] * coeffs.ndim
+            window[axis] = slice(3 + offset, 3 + offset + size)
+            out += weight.astype(coeffs.dtype).reshape(shape) * padded[tuple(window)]
     return out
 
 
 def _galaxy_components(galsim, row: dict, dx_arcsec: float, dy_arcsec: float) -> tuple[list, np.ndarray]:
-    """Unit-flux bulge and disk profiles of a galaxy and their fluxes (n_bands, n_components) in nanomaggies."""
+    """Unit-flux bulge and disk profiles of a galaxy and their fluxes (n_bands, n_components) in nanomaggies.
+    A component with under 1% of the light is not drawn; the other carries the galaxy's whole flux."""
     r50 = max(float(row["r50_arcsec"]), 0.05)
     beta = float(row["position_angle_deg"]) * galsim.degrees
     parts, fluxes = [], []
-    if row["bulge_fraction"] > 0.01:
+    bulge, disk = mag_to_nanomaggies(np.asarray(row["mag_bulge"])), mag_to_nanomaggies(np.asarray(row["mag_disk"]))
+    with_bulge, with_disk = row["bulge_fraction"] > 0.01, row["bulge_fraction"] < 0.99
+    if with_bulge:
         bulge_hlr = r50 * (1.0 if row["bulge_fraction"] > 0.8 else 0.6)
         parts.append(galsim.DeVaucouleurs(half_light_radius=bulge_hlr, trunc=8 * bulge_hlr, gsparams=_gsparams())
                      .shear(q=float(row["bulge_q"]), beta=beta).shift(dx_arcsec, dy_arcsec))
-        fluxes.append(mag_to_nanomaggies(np.asarray(row["mag_bulge"])))
-    if row["bulge_fraction"] < 0.99:
+        fluxes.append(bulge if with_disk else bulge + disk)
+    if with_disk:
         parts.append(galsim.Exponential(half_light_radius=r50, gsparams=_gsparams())
                      .shear(q=float(row["disk_q"]), beta=beta).shift(dx_arcsec, dy_arcsec))
-        fluxes.append(mag_to_nanomaggies(np.asarray(row["mag_disk"])))
+        fluxes.append(disk if with_bulge else bulge + disk)
     return parts, np.stack(fluxes, axis=1)
 
 
@@ -162,7 +323,12 @@ def _galaxy_profile(galsim, row: dict, band_index: int, dx_arcsec: float, dy_arc
 
 def render_galaxies(pop: dict, rng: np.random.Generator, inst: InstrumentConfig,
                     neighbour_pool: dict) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Noise-free and noisy cutouts (N, 5, 64, 64) in nanomaggies, plus per-object draws."""
+    """Noise-free cutouts (N, 5, 64, 64) in nanomaggies, each band on its own pixel grid; the noisy cutouts
+    resampled onto the r band's grid; per-object draws (PSF, offsets, shifts, neighbours, sky noise); and the
+    photometry's inputs, on each band's own grid: the noisy cutouts with the neighbours' light taken out
+    (``deblended``: what an ideal deblender gives; SDSS deblends pairs down to ~1") and ``model_templates``
+    (each galaxy's own noise-free profile in each band, scaled to a total flux of one: the fit of a perfect
+    model magnitude)."""
     import galsim
 
     n = pop["z"].size
@@ -170,25 +336,39 @@ def render_galaxies(pop: dict, rng: np.random.Generator, inst: InstrumentConfig,
     fwhm_r = MEDIAN_SEEING_FWHM_ARCSEC["r"] * np.exp(rng.normal(0, inst.seeing_sigma_ln, n))
     fwhm = np.stack([fwhm_r * MEDIAN_SEEING_FWHM_ARCSEC[b] / MEDIAN_SEEING_FWHM_ARCSEC["r"]
                      * np.exp(rng.normal(0, inst.band_seeing_sigma_ln, n)) for b in BANDS], axis=1)
+    psf_shear = rng.normal(0, inst.psf_shear_sigma, (n, 2))
     offsets = np.clip(rng.normal(0, inst.centring_sigma_pixels, (n, 2)), -1.5, 1.5) * scale
+    band_shifts = rng.uniform(-0.5, 0.5, (n, len(BANDS), 2))
+    band_shifts[:, BANDS.index("r")] = 0.0  # the reference grid
+    if not inst.resample_bands:
+        band_shifts[:] = 0.0
+    # sky brighter or darker than the median: its noise scales as the square root of its level
+    sky_sigma = inst.sky_sigma_nmgy()[None, :] * 10 ** (-0.2 * rng.normal(0, inst.sky_brightness_sigma_mag,
+                                                                            (n, len(BANDS))))
     n_neigh = rng.poisson(inst.neighbours_per_cutout, n)
+    nearest = np.full(n, np.inf)
     clean = np.zeros((n, len(BANDS), size, size), np.float32)
+    own = np.zeros_like(clean)  # each galaxy without its neighbours
+    own_flux = np.zeros((n, len(BANDS)))
     noise_seeds = rng.integers(0, 2**31 - 1, n)
     pool_next = 0
     for k in range(n):
         row = {key: value[k] for key, value in pop.items()}
         neighbours = []
         for _ in range(n_neigh[k]):
-            radius = rng.uniform(inst.neighbour_min_distance_arcsec, size * scale / 2 * 1.3)
+            # uniform in area between the deblending limit and beyond the cutout's edge
+            radius = float(neighbour_radius_arcsec(rng, inst))
+            nearest[k] = min(nearest[k], radius)
             angle = rng.uniform(0, 2 * np.pi)
             position = (radius * np.cos(angle), radius * np.sin(angle))
             if rng.uniform() < inst.neighbour_star_fraction:
                 neighbours.append(("star", star_magnitudes(rng, 1)[0], position))
             else:
-                neighbours.append(("galaxy", {key: v[pool_next % v.size] for key, v in neighbour_pool.items()},
+                neighbours.append(("galaxy", {key: v[pool_next % len(v)] for key, v in neighbour_pool.items()},
                                    position))
                 pool_next += 1
         components, fluxes = _galaxy_components(galsim, row, *offsets[k])
+        n_own = len(components)
         for kind, what, (x, y) in neighbours:
             if kind == "star":
                 parts, part_fluxes = [galsim.DeltaFunction(gsparams=_gsparams()).shift(x, y)], \
@@ -197,29 +377,64 @@ def render_galaxies(pop: dict, rng: np.random.Generator, inst: InstrumentConfig,
                 parts, part_fluxes = _galaxy_components(galsim, what, x, y)
             components += parts
             fluxes = np.concatenate([fluxes, part_fluxes], axis=1)
-        clean[k] = draw_bands(components, fluxes, fwhm[k])
-    noisy = add_noise(clean, np.random.default_rng(noise_seeds))
-    draws = {"psf_fwhm_arcsec": fwhm.astype(np.float32), "offset_arcsec": offsets.astype(np.float32),
-             "n_neighbours": n_neigh.astype(np.int16)}
-    return clean, noisy, draws
+        shape = PSFShape(inst.psf_wing_fraction, inst.psf_wing_fwhm_ratio, *psf_shear[k])
+        if len(components) > n_own:
+            clean[k], own[k] = draw_bands(components, fluxes, fwhm[k], shape, band_shifts[k], first_components=n_own)
+        else:
+            clean[k] = own[k] = draw_bands(components, fluxes, fwhm[k], shape, band_shifts[k])
+        own_flux[k] = fluxes[:, :n_own].sum(axis=1)
+    noisy = add_noise(clean, np.random.default_rng(noise_seeds), sky_sigma[:, :, None, None],
+                      inst.gain_e_per_nmgy()[None, :, None, None])
+    sky_level = np.array([sky_level_nmgy_per_pixel(b) for b in BANDS])
+    sky_offset = rng.normal(0, inst.sky_offset_fraction, (n, len(BANDS))) * sky_level[None, :]
+    noisy += sky_offset[:, :, None, None].astype(np.float32)
+    cosmic = add_cosmic_rays(noisy, sky_sigma, inst.cosmic_rays_per_band, rng)
+    flags = (cosmic * np.array([FLAG_COSMIC_RAY_BAND_BIT[b] for b in BANDS])[None, :]).sum(axis=1)
+    flags |= np.where(nearest < inst.close_neighbour_arcsec, FLAG_CLOSE_NEIGHBOUR, 0)
+    # the photometry is measured on each band's own pixel grid, as a pipeline measures each frame, with the
+    # neighbours deblended; the cutouts then go onto the r grid
+    crowded = np.flatnonzero(n_neigh > 0)
+    measured = noisy.copy()
+    measured[crowded] -= clean[crowded] - own[crowded]
+    templates = own / np.maximum(own_flux, 1e-30)[:, :, None, None].astype(np.float32)
+    moved = [b for b in range(len(BANDS)) if np.any(band_shifts[:, b])]
+    if moved:  # onto the r grid, as ``photoz cutouts`` does with real frames (``clean`` stays on each band's own)
+        part = noisy[:, moved]
+        noisy[:, moved] = resample_onto_reference(part.reshape(-1, size, size),
+                                                  band_shifts[:, moved].reshape(-1, 2)).reshape(part.shape)
+    draws = {"psf_fwhm_arcsec": fwhm.astype(np.float32), "psf_shear": psf_shear.astype(np.float32),
+             "offset_arcsec": offsets.astype(np.float32), "band_shift_pixels": band_shifts.astype(np.float32),
+             "sky_sigma_nmgy": sky_sigma.astype(np.float32), "sky_offset_nmgy": sky_offset.astype(np.float32),
+             "n_neighbours": n_neigh.astype(np.int16), "nearest_neighbour_arcsec": nearest.astype(np.float32),
+             "flags": flags.astype(np.int16)}
+    return clean, noisy, draws, {"deblended": measured, "model_templates": templates}
 
 
-def noise_sigma(clean: np.ndarray) -> np.ndarray:
-    """Per-pixel noise (nanomaggies): sky + read noise at the depth, plus source Poisson."""
-    sky = np.array([sky_sigma_nmgy_per_pixel(b) for b in BANDS])[None, :, None, None]
-    gain = np.array([effective_gain_e_per_nmgy(b) for b in BANDS])[None, :, None, None]
+def _default_sky() -> np.ndarray:
+    return np.array([sky_sigma_nmgy_per_pixel(b) for b in BANDS])[None, :, None, None]
+
+
+def _default_gain() -> np.ndarray:
+    return np.array([effective_gain_e_per_nmgy(b) for b in BANDS])[None, :, None, None]
+
+
+def noise_sigma(clean: np.ndarray, sky=None, gain=None) -> np.ndarray:
+    """Per-pixel noise (nanomaggies): sky + read noise (``sky``, broadcast against ``clean``; default the
+    conventions' depths), plus source Poisson noise with ``gain`` electrons per nanomaggy."""
+    sky = _default_sky() if sky is None else sky
+    gain = _default_gain() if gain is None else gain
     # sqrt(sky^2 + max(clean, 0) / gain) in float64, computed in place (same numbers, no temporaries)
     sigma = np.empty(clean.shape, np.float64)
     np.divide(np.maximum(clean, 0), gain, out=sigma)
-    np.add(sky**2, sigma, out=sigma)
+    np.add(np.square(sky), sigma, out=sigma)
     return np.sqrt(sigma, out=sigma)
 
 
-def add_noise(clean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    noise = rng.normal(size=clean.shape)
-    np.multiply(noise, noise_sigma(clean), out=noise)
+def add_noise(clean: np.ndarray, rng: np.random.Generator, sky=None, gain=None) -> np.ndarray:
+    noise = rng.standard_normal(size=clean.shape, dtype=np.float32)
+    np.multiply(noise, noise_sigma(clean, sky, gain), out=noise, casting="unsafe")
     np.add(clean, noise, out=noise)
-    return noise.astype(np.float32)
+    return noise
 
 
 def _radial_profile(images: np.ndarray, radii: np.ndarray):
@@ -232,8 +447,17 @@ def _radial_profile(images: np.ndarray, radii: np.ndarray):
     return flux, inside.sum(axis=1).astype(np.float64)
 
 
-def measure_catalogue(noisy: np.ndarray) -> dict[str, np.ndarray]:
-    """SDSS-style Petrosian photometry of noisy cutouts (N, 5, S, S) in nanomaggies."""
+def measure_catalogue(noisy: np.ndarray, sky_sigma: np.ndarray | None = None, gain: np.ndarray | None = None,
+                      model_templates: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """SDSS-style Petrosian photometry of noisy cutouts (N, 5, S, S) in nanomaggies, whose per-pixel sky noise
+    is ``sky_sigma`` (N, 5; default the conventions' depths) and gain ``gain`` (5,) electrons per nanomaggy:
+    the errors a pipeline would quote from its own noise model. With ``model_templates`` (N, 5, S, S: each
+    galaxy's noise-free profile in each band through that band's PSF, scaled to unit total flux) the model
+    magnitudes fit them, as SDSS fits a profile convolved with each band's PSF (a perfect fit: the profile is
+    the true one, so colour gradients do not shift model colours); without, the galaxy's own smoothed light."""
+    sky_sigma = np.broadcast_to(_default_sky()[:, :, 0, 0] if sky_sigma is None else sky_sigma,
+                                noisy.shape[:2])
+    gain = _default_gain()[0, :, 0, 0] if gain is None else np.asarray(gain)
     n, _, size, _ = noisy.shape
     r_band = BANDS.index("r")
     radii = np.arange(1.0, size / 2, 0.5)
@@ -247,17 +471,19 @@ def measure_catalogue(noisy: np.ndarray) -> dict[str, np.ndarray]:
     r_petro = np.where(below.any(axis=1), radii[np.argmax(below, axis=1)], radii[-1])
     aperture = np.minimum(2 * r_petro, size / 2 - 1)
     fluxes, errors = np.empty((n, len(BANDS))), np.empty((n, len(BANDS)))
-    for b, band in enumerate(BANDS):
+    for b in range(len(BANDS)):
         flux_b, _ = _radial_profile(noisy[:, b], radii)
         fluxes[:, b] = [np.interp(a, radii, f) for a, f in zip(aperture, flux_b, strict=True)]
         n_pix = np.pi * aperture**2
-        errors[:, b] = np.sqrt(n_pix * sky_sigma_nmgy_per_pixel(band) ** 2
-                               + np.maximum(fluxes[:, b], 0) / effective_gain_e_per_nmgy(band))
+        errors[:, b] = np.sqrt(n_pix * sky_sigma[:, b] ** 2 + np.maximum(fluxes[:, b], 0) / gain[b])
     # half-light radius: radius enclosing half the Petrosian flux in r (on the
     # running maximum of the growth curve, which noise can make dip)
     r50 = np.array([np.interp(0.5 * ft, f, radii)
                     for ft, f in zip(fluxes[:, r_band], np.maximum.accumulate(flux_r, axis=1), strict=True)])
-    model_flux, model_err = _template_photometry(noisy, aperture)
+    if model_templates is None:
+        model_flux, model_err = _template_photometry(noisy, aperture, sky_sigma, gain)
+    else:
+        model_flux, model_err = _model_fit_photometry(noisy, model_templates, sky_sigma, gain)
     out = {
         "petro_r50_arcsec": (r50 * PIXEL_SCALE_ARCSEC).astype(np.float32),
         "petro_rad_arcsec": (r_petro * PIXEL_SCALE_ARCSEC).astype(np.float32),
@@ -274,7 +500,16 @@ def _asinh_mags(flux: np.ndarray, err: np.ndarray):
     return mags, 2.5 / np.log(10) * err / np.hypot(flux, 2 * softening_nmgy)
 
 
-def _template_photometry(noisy: np.ndarray, aperture_pixels: np.ndarray):
+def _model_fit_photometry(noisy: np.ndarray, templates: np.ndarray, sky: np.ndarray, gain: np.ndarray):
+    """Amplitude of templates of unit total flux (N, 5, S, S) fitted to the images by least squares with
+    uniform (sky-dominated) weights: the total flux, and its error from the sky and the source's Poisson noise."""
+    t_sq = np.maximum(np.einsum("nbyx,nbyx->nb", templates, templates, dtype=np.float64), 1e-20)
+    flux = np.einsum("nbyx,nbyx->nb", noisy, templates, dtype=np.float64) / t_sq
+    err = np.sqrt(sky**2 / t_sq + np.maximum(flux, 0) / gain[None, :])
+    return flux, err
+
+
+def _template_photometry(noisy: np.ndarray, aperture_pixels: np.ndarray, sky: np.ndarray, gain: np.ndarray):
     """"Model" fluxes: every band fitted with the galaxy's own light profile.
 
     Like SDSS model magnitudes (one profile, refitted in amplitude in each
@@ -288,8 +523,6 @@ def _template_photometry(noisy: np.ndarray, aperture_pixels: np.ndarray):
     yy, xx = np.mgrid[:size, :size]
     inside = np.hypot(xx - (size - 1) / 2, yy - (size - 1) / 2)[None] <= aperture_pixels[:, None, None]
     stack_bands = [BANDS.index(b) for b in ("g", "r", "i")]
-    sky = np.array([sky_sigma_nmgy_per_pixel(b) for b in BANDS])
-    gain = np.array([effective_gain_e_per_nmgy(b) for b in BANDS])
     flux, err = np.empty((n, n_bands)), np.empty((n, n_bands))
     for b in range(n_bands):
         image = noisy[:, [c for c in stack_bands if c != b]].sum(axis=1)
@@ -299,21 +532,33 @@ def _template_photometry(noisy: np.ndarray, aperture_pixels: np.ndarray):
         t_sum = template.sum(axis=(1, 2))
         t_sq = np.maximum((template**2).sum(axis=(1, 2)), 1e-20)
         flux[:, b] = np.einsum("nyx,nyx->n", noisy[:, b], template) / t_sq * t_sum
-        err[:, b] = np.sqrt(sky[b] ** 2 * t_sum**2 / t_sq + np.maximum(flux[:, b], 0) / gain[b])
+        err[:, b] = np.sqrt(sky[:, b] ** 2 * t_sum**2 / t_sq + np.maximum(flux[:, b], 0) / gain[b])
     return flux, err
 
 
 def simulate_chunk(pop_cfg: PopulationConfig, inst: InstrumentConfig, seed: int, chunk: int,
                    n: int) -> dict[str, np.ndarray]:
-    """All outputs for one chunk of n galaxies; a pure function of (configs, seed, chunk)."""
+    """All outputs for one chunk of n galaxies; a pure function of (configs, seed, chunk).
+
+    Candidates (noise-free r within ``candidate_margin_mag`` of the limit) are rendered and measured, and
+    those whose measured, dereddened Petrosian r passes the MGS limit are kept, round after round, until
+    the chunk is full: the selection SDSS made, with its scatter and its dependence on profile."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, chunk]))
-    pop = draw_selected(pop_cfg, n, rng)
-    pool = draw_candidates(pop_cfg, 4 * n + 16, rng, r_limit=inst.neighbour_r_limit_mag)
-    keep = pool["mag_true"][:, BANDS.index("r")] < inst.neighbour_r_limit_mag
-    pool = {k: v[keep] for k, v in pool.items()}
-    _, noisy, draws = render_galaxies(pop, rng, inst, pool)
-    out = {"images": noisy, "z": pop["z"].astype(np.float64), "ebv": pop["ebv"].astype(np.float32)}
-    out.update({f"truth_{k}": v for k, v in pop.items() if k not in ("z", "ebv")})
-    out.update({f"truth_{k}": v for k, v in draws.items()})
-    out.update({f"cat_{k}": v for k, v in measure_catalogue(noisy).items()})
-    return out
+    pool = draw_candidates(pop_cfg, 4 * n + 16, rng, r_limit=inst.neighbour_r_limit_mag, z_max=NEIGHBOUR_Z_MAX)
+    r = BANDS.index("r")
+    parts: list[dict[str, np.ndarray]] = []
+    have = 0
+    while have < n:
+        pop = draw_candidates(pop_cfg, int(1.1 * (n - have)) + 4, rng)
+        _, noisy, draws, measured = render_galaxies(pop, rng, inst, pool)
+        catalogue = measure_catalogue(measured["deblended"], draws["sky_sigma_nmgy"], inst.gain_e_per_nmgy(),
+                                      measured["model_templates"])
+        keep = dereddened(catalogue["petro_mag"], ebv=pop["ebv"])[:, r] <= pop_cfg.r_limit_mag
+        out = {"images": noisy, "z": pop["z"].astype(np.float64), "ebv": pop["ebv"].astype(np.float32)}
+        out.update({f"truth_{k}": v for k, v in pop.items() if k not in ("z", "ebv")})
+        out["cat_flags"] = draws.pop("flags")  # what the pipeline knows: interpolated pixels, close neighbours
+        out.update({f"truth_{k}": v for k, v in draws.items()})
+        out.update({f"cat_{k}": v for k, v in catalogue.items()})
+        parts.append({k: v[keep] for k, v in out.items()})
+        have += int(keep.sum())
+    return {k: np.concatenate([p[k] for p in parts])[:n] for k in parts[0]}

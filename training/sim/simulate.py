@@ -29,7 +29,7 @@ from photoz.progress import Progress
 from photoz.training.sim.population import PopulationConfig
 from photoz.training.sim.render import InstrumentConfig, simulate_chunk
 
-SIMULATOR_VERSION = "1.4.0"
+SIMULATOR_VERSION = "1.5.0"
 DEFAULT_CHUNK_SIZE = 256
 
 
@@ -62,13 +62,16 @@ def _create(h5, signature: dict, first: dict) -> None:
     h5.attrs.update({
         "bands": ",".join(BANDS), "pixel_scale_arcsec": PIXEL_SCALE_ARCSEC, "flux_unit": FLUX_UNIT,
         "cutout_size_pixels": CUTOUT_SIZE_PIXELS, "n_complete_chunks": 0,
-        "selection": "r < 17.77 on the noise-free total model magnitude (MGS-like)",
-        "provenance": "photoz simulator (GalSim bulge+disk, CWW templates, speclite SDSS filters)",
+        "selection": "measured Petrosian r, dereddened, <= 17.77 (SDSS Main Galaxy Sample)",
+        "provenance": "photoz simulator (GalSim bulge+disk; spectra of real SDSS galaxies from kcorrect NMF "
+                      "templates; speclite SDSS filters)",
         "images_unit": "nanomaggy", "z_unit": "redshift", "ebv_unit": "mag",
     })
     h5["catalogue"].attrs["description"] = (
-        "Petrosian photometry measured on the noisy images: eta = 0.2 radius on r, "
-        "fluxes in every band in a circular aperture of 2 Petrosian radii; asinh magnitudes.")
+        "Photometry measured on the noisy images with neighbours deblended: Petrosian (eta = 0.2 radius on r, "
+        "fluxes in every band in a circular aperture of 2 Petrosian radii) and model (each band's profile "
+        "through its PSF, amplitude fitted); asinh magnitudes; flags: bits 0-4 a cosmic ray interpolated in "
+        "u, g, r, i, z; bit 5 a neighbour within 3 arcsec.")
 
 
 def _append(h5, chunk: dict, n_keep: int) -> None:
@@ -118,6 +121,7 @@ def simulate(out: str | Path, n: int, seed: int = 0, workers: int | None = None,
         todo = [(pop_cfg, inst_cfg, seed, k, chunk_size) for k in range(done, n_chunks)]
         if not todo:
             return out
+        _prepare(pop_cfg, inst_cfg)
         bar = Progress(n, min(done * chunk_size, n), "simulate", "gal", progress)
         context = mp.get_context("fork")
         # one BLAS/OpenMP thread per worker: the workers are the parallelism (threads fighting them cost ~20%)
@@ -133,6 +137,16 @@ def simulate(out: str | Path, n: int, seed: int = 0, workers: int | None = None,
                 bar.update(keep)
         bar.close()
     return out
+
+
+def _prepare(pop_cfg: PopulationConfig, inst_cfg: InstrumentConfig) -> None:
+    """Build the spectral tables and the sampling grids of targets and neighbours once, in this process, so
+    that the forked workers inherit them instead of each building its own (a few seconds each)."""
+    from photoz.training.sim.population import NEIGHBOUR_Z_MAX, draw_candidates
+
+    rng = np.random.default_rng(0)
+    draw_candidates(pop_cfg, 1, rng)
+    draw_candidates(pop_cfg, 1, rng, r_limit=inst_cfg.neighbour_r_limit_mag, z_max=NEIGHBOUR_Z_MAX)
 
 
 def _one_thread() -> None:
