@@ -396,3 +396,36 @@ def test_simulated_magnitude_errors_follow_the_real_catalogues(tmp_path):
         assert len(rows[band]) >= (3 if band in "gri" else 1), band
         for row in rows[band]:
             assert 0.75 < row["ratio"] < 1.3, (band, row)
+
+
+def test_size_comparison_of_real_galaxies_with_themselves():
+    from photoz.training.sim.calibrate import load_real_sizes, size_comparison
+
+    real = load_real_sizes()
+    mags = np.zeros((real["z"].size, 5))
+    mags[:, 1] = real["g_r"]  # g - r as the comparison computes it from simulated model magnitudes
+    rows = size_comparison({"z": real["z"], "r50": real["r50"], "mags": mags}, real)
+    halves = [row for row in rows if "sim_median_r50_red" in row]
+    assert len(halves) >= 3
+    for row in rows:
+        if row["real_median_r50"] is not None:
+            assert row["sim_median_r50"] == row["real_median_r50"]
+    for row in halves:
+        assert row["sim_median_r50_red"] == row["real_median_r50_red"] != row["real_median_r50_blue"]
+
+
+def test_a_bright_star_saturates_and_bleeds_along_its_column():
+    import galsim
+
+    from photoz.training.sim.render import FLAG_SATURATED, saturate
+
+    star = draw([galsim.DeltaFunction(flux=20000.0)], 1.35)  # r ~ 11.7: far above saturation at its peak
+    faint = draw([galsim.DeltaFunction(flux=500.0)], 1.35)
+    bands = np.stack([star, faint])
+    assert saturate(bands, 250.0).tolist() == [True, False]
+    np.testing.assert_array_equal(bands[1], faint)
+    assert bands[0].max() <= 250.0
+    flat = bands[0] >= 250.0 * (1 - 1e-5)
+    column, row = flat.sum(axis=0).max(), flat.sum(axis=1).max()
+    assert column > row + 4  # the trail runs along y
+    assert FLAG_SATURATED == 64

@@ -48,7 +48,27 @@ def load_real_sizes() -> dict:
 
     t = Table.read(REFERENCE / "sdss_dr18_sizes_1k.csv", format="ascii.csv")
     keep = (np.asarray(t["r"]) < MGS_LIMIT) & (np.asarray(t["redshift"]) < 0.4)
-    return {"z": np.asarray(t["redshift"])[keep], "r50": np.asarray(t["petroR50_r"])[keep]}
+    return {"z": np.asarray(t["redshift"])[keep], "r50": np.asarray(t["petroR50_r"])[keep],
+            "g_r": (np.asarray(t["g"]) - np.asarray(t["r"]))[keep]}
+
+
+def size_comparison(sim: dict, real: dict) -> list[dict]:
+    """Median Petrosian R50 (r, arcsec) per redshift bin, simulated (measured on the cutouts) and real (DR18
+    petroR50_r), overall and for the redder and bluer halves (split at the real bin's median g - r)."""
+    rows = []
+    sim_g_r = sim["mags"][:, 1] - sim["mags"][:, 2]
+    for lo, hi in zip(Z_EDGES[:-1], Z_EDGES[1:], strict=True):
+        s, r = (sim["z"] >= lo) & (sim["z"] < hi), (real["z"] >= lo) & (real["z"] < hi)
+        row: dict = {"z_lo": lo, "z_hi": hi, "n_real": int(r.sum()), "sim_median_r50": float(np.median(sim["r50"][s])),
+                     "real_median_r50": float(np.median(real["r50"][r])) if r.any() else None}
+        if r.sum() >= 2 * MIN_PER_BIN:
+            cut = float(np.median(real["g_r"][r]))
+            for half, sim_half, real_half in (("red", sim_g_r > cut, real["g_r"] > cut),
+                                              ("blue", sim_g_r <= cut, real["g_r"] <= cut)):
+                row[f"sim_median_r50_{half}"] = float(np.median(sim["r50"][s & sim_half]))
+                row[f"real_median_r50_{half}"] = float(np.median(real["r50"][r & real_half]))
+        rows.append(row)
+    return rows
 
 
 def colour_comparison(sim: dict, real: dict) -> list[dict]:
@@ -258,11 +278,7 @@ def main(argv=None) -> int:
     real = load_real("train")
     real_sizes = load_real_sizes()
     colours = colour_comparison(sim_train, real)
-    sizes = [{"z_lo": lo, "z_hi": hi,
-              "sim_median_r50": float(np.median(sim_train["r50"][(sim_train["z"] >= lo) & (sim_train["z"] < hi)])),
-              "real_median_r50": float(np.median(real_sizes["r50"][(real_sizes["z"] >= lo) & (real_sizes["z"] < hi)]))
-              if np.any((real_sizes["z"] >= lo) & (real_sizes["z"] < hi)) else None}
-             for lo, hi in zip(Z_EDGES[:-1], Z_EDGES[1:], strict=True)]
+    sizes = size_comparison(sim_train, real_sizes)
     matrix = transfer_matrix(sim_train)
     # the headline test (issue 15): kNN on dereddened model magnitudes
     transfer = {key: matrix["model-dereddened/KNN"][key] for key in
@@ -292,10 +308,14 @@ def format_tables(report: dict) -> str:
             cells.append(f"{row[f'd_{name}']:+.3f}{mark}" if f"d_{name}" in row else "-")
         lines.append(f"| {row['z_lo']:.2f}-{row['z_hi']:.2f} | {row['n_sim']} | {row['n_real']} | "
                      + " | ".join(cells) + " |")
-    lines += ["", "| z | median Petrosian R50 sim (\") | real (\") |", "| --- | --- | --- |"]
+    lines += ["", "| z | n real | median Petrosian R50 sim (\") | real (\") | redder half sim / real | bluer half |",
+              "| --- | --- | --- | --- | --- | --- |"]
     for row in report["sizes"]:
         real = f"{row['real_median_r50']:.2f}" if row["real_median_r50"] is not None else "-"
-        lines.append(f"| {row['z_lo']:.2f}-{row['z_hi']:.2f} | {row['sim_median_r50']:.2f} | {real} |")
+        halves = [f"{row[f'sim_median_r50_{h}']:.2f} / {row[f'real_median_r50_{h}']:.2f}"
+                  if f"sim_median_r50_{h}" in row else "-" for h in ("red", "blue")]
+        lines.append(f"| {row['z_lo']:.2f}-{row['z_hi']:.2f} | {row['n_real']} | {row['sim_median_r50']:.2f} | "
+                     f"{real} | " + " | ".join(halves) + " |")
     t = report["transfer"]
     b = report["baseline_sim_to_sim"]
     lines += ["", f"median z: simulated {report['median_z_sim']:.3f}, real {report['median_z_real']:.3f}",

@@ -65,6 +65,9 @@ class InstrumentConfig:
     # interpolates over before cutouts are made; the object's flags record it
     cosmic_rays_per_band: float = 0.1
     close_neighbour_arcsec: float = 3.0  # a neighbour nearer than this sets the close-neighbour flag
+    # a pixel saturates above this (nanomaggies; ~55,000 counts at the r band's ~0.005 nanomaggies per count:
+    # the peak of a star of r ~ 13.7 in median seeing)
+    saturation_nmgy_per_pixel: float = 250.0
     # u, g, i, z are drawn on their own pixel grids, shifted by up to half a pixel, and resampled onto the
     # r grid with the bicubic spline ``photoz cutouts`` uses (which smooths and correlates their noise)
     resample_bands: bool = True
@@ -87,6 +90,24 @@ class InstrumentConfig:
 #: Per-object artefact flags (``truth/flags``): bit b (0..4) a cosmic ray was interpolated over in band b
 FLAG_COSMIC_RAY_BAND_BIT = {band: 1 << b for b, band in enumerate(BANDS)}
 FLAG_CLOSE_NEIGHBOUR = 1 << 5  # a neighbour (star or galaxy) within close_neighbour_arcsec of the centre
+FLAG_SATURATED = 1 << 6  # saturated pixels (and their bleed trail) in some band of the cutout
+
+
+def saturate(bands: np.ndarray, level: float) -> np.ndarray:
+    """Clip noise-free images (B, S, S, nanomaggies) at the saturation ``level`` per pixel and bleed the excess
+    charge along the columns (the CCD's readout direction, y) on both sides of the saturated run, as SDSS
+    frames show around bright stars. Modifies ``bands``; returns which bands saturated."""
+    hit = np.zeros(bands.shape[0], bool)
+    for b in np.flatnonzero(bands.max(axis=(1, 2)) > level):
+        image = bands[b]
+        over = image > level
+        for x in np.flatnonzero(over.any(axis=0)):
+            rows = np.flatnonzero(over[:, x])
+            bleed = int(np.ceil((image[rows, x] - level).sum() / level / 2))
+            lo, hi = max(rows.min() - bleed, 0), min(rows.max() + bleed, image.shape[0] - 1)
+            image[lo:hi + 1, x] = np.maximum(np.minimum(image[lo:hi + 1, x], level), level * (1 - 1e-6))
+        hit[b] = True
+    return hit
 
 
 def add_cosmic_rays(images: np.ndarray, sky_sigma: np.ndarray, rate: float, rng: np.random.Generator) -> np.ndarray:
@@ -122,9 +143,10 @@ def neighbour_radius_arcsec(rng: np.random.Generator, inst: InstrumentConfig, si
 
 
 def star_magnitudes(rng: np.random.Generator, n: int) -> np.ndarray:
-    """ugriz of field stars along a simple stellar locus, r between 15 and 22."""
+    """ugriz of field stars along a simple stellar locus, r between 12 and 22 (2% brighter than 14, where
+    SDSS saturates)."""
     s = rng.uniform(0, 1, n)  # 0 = F/G, 1 = M
-    r = 22.0 - rng.exponential(2.0, n).clip(0, 7)
+    r = 22.0 - rng.exponential(2.0, n).clip(0, 10)
     g = r + 0.25 + 1.2 * s
     u = g + 0.9 + 1.4 * s - 0.6 * s**2
     i = r - 0.05 - 1.0 * s**2
@@ -347,6 +369,7 @@ def render_galaxies(pop: dict, rng: np.random.Generator, inst: InstrumentConfig,
                                                                             (n, len(BANDS))))
     n_neigh = rng.poisson(inst.neighbours_per_cutout, n)
     nearest = np.full(n, np.inf)
+    saturated = np.zeros(n, bool)
     clean = np.zeros((n, len(BANDS), size, size), np.float32)
     own = np.zeros_like(clean)  # each galaxy without its neighbours
     own_flux = np.zeros((n, len(BANDS)))
@@ -380,8 +403,10 @@ def render_galaxies(pop: dict, rng: np.random.Generator, inst: InstrumentConfig,
         shape = PSFShape(inst.psf_wing_fraction, inst.psf_wing_fwhm_ratio, *psf_shear[k])
         if len(components) > n_own:
             clean[k], own[k] = draw_bands(components, fluxes, fwhm[k], shape, band_shifts[k], first_components=n_own)
+            saturate(own[k], inst.saturation_nmgy_per_pixel)
         else:
             clean[k] = own[k] = draw_bands(components, fluxes, fwhm[k], shape, band_shifts[k])
+        saturated[k] = saturate(clean[k], inst.saturation_nmgy_per_pixel).any()
         own_flux[k] = fluxes[:, :n_own].sum(axis=1)
     noisy = add_noise(clean, np.random.default_rng(noise_seeds), sky_sigma[:, :, None, None],
                       inst.gain_e_per_nmgy()[None, :, None, None])
@@ -391,6 +416,7 @@ def render_galaxies(pop: dict, rng: np.random.Generator, inst: InstrumentConfig,
     cosmic = add_cosmic_rays(noisy, sky_sigma, inst.cosmic_rays_per_band, rng)
     flags = (cosmic * np.array([FLAG_COSMIC_RAY_BAND_BIT[b] for b in BANDS])[None, :]).sum(axis=1)
     flags |= np.where(nearest < inst.close_neighbour_arcsec, FLAG_CLOSE_NEIGHBOUR, 0)
+    flags |= np.where(saturated, FLAG_SATURATED, 0)
     # the photometry is measured on each band's own pixel grid, as a pipeline measures each frame, with the
     # neighbours deblended; the cutouts then go onto the r grid
     crowded = np.flatnonzero(n_neigh > 0)

@@ -71,7 +71,7 @@ def _create(h5, signature: dict, first: dict) -> None:
         "Photometry measured on the noisy images with neighbours deblended: Petrosian (eta = 0.2 radius on r, "
         "fluxes in every band in a circular aperture of 2 Petrosian radii) and model (each band's profile "
         "through its PSF, amplitude fitted); asinh magnitudes; flags: bits 0-4 a cosmic ray interpolated in "
-        "u, g, r, i, z; bit 5 a neighbour within 3 arcsec.")
+        "u, g, r, i, z; bit 5 a neighbour within 3 arcsec; bit 6 saturated pixels.")
 
 
 def _append(h5, chunk: dict, n_keep: int) -> None:
