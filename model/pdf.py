@@ -210,13 +210,40 @@ def crps(pdfs: ArrayLike, bins: RedshiftBins, z_true: ArrayLike) -> np.ndarray:
     return result
 
 
+#: RAIL's outlier rule (DESC; qp's PointOutlierRate): |dz| > max(RAIL_OUTLIER_FLOOR, 3 sigma_IQR)
+RAIL_OUTLIER_FLOOR: float = 0.06
+
+
+def rail_point_metrics(z_phot: ArrayLike, z_spec: ArrayLike) -> dict[str, float]:
+    """The point-estimate metrics of LSST DESC's RAIL (qp.metrics: PointBias, PointSigmaIQR,
+    PointOutlierRate), so numbers compare with the DESC literature: the median of dz, the interquartile
+    range of dz over 1.349, and the fraction with |dz| beyond the larger of 0.06 and 3 sigma_IQR."""
+    dz = normalised_residuals(z_phot, z_spec)
+    q75, q25 = np.percentile(dz, [75.0, 25.0])
+    sigma_iqr = float((q75 - q25) / 1.349)
+    return {"rail_bias": float(np.median(dz)), "rail_sigma_iqr": sigma_iqr,
+            "rail_outlier_rate": float(np.mean(np.abs(dz) > max(RAIL_OUTLIER_FLOOR, 3.0 * sigma_iqr)))}
+
+
+def interval_coverage(pdfs: ArrayLike, bins: RedshiftBins, z_true: ArrayLike, level: float) -> float:
+    """Fraction of true redshifts inside each PDF's central interval holding ``level`` of its probability
+    (0.68 and 0.95 for calibrated PDFs at those levels)."""
+    lo = quantile(pdfs, bins, (1.0 - level) / 2.0)
+    hi = quantile(pdfs, bins, (1.0 + level) / 2.0)
+    z = np.asarray(z_true, dtype=np.float64)
+    return float(np.mean((z >= lo) & (z <= hi)))
+
+
 def photoz_metrics(z_phot: ArrayLike, z_spec: ArrayLike, pdfs: ArrayLike | None = None,
                    bins: RedshiftBins | None = None) -> dict[str, float]:
     """Standard photo-z metrics of a set of objects.
 
     ``sigma_mad``, ``outlier_fraction`` (|dz| > 0.05), ``bias`` (mean dz) and
-    ``n``; with PDFs also ``crps`` (mean) and ``pit_ks`` (KS statistic of the
-    PIT values against uniform: 0 for perfectly calibrated PDFs).
+    ``n`` (Pasquet et al. 2019's), RAIL's ``rail_bias``, ``rail_sigma_iqr`` and
+    ``rail_outlier_rate``; with PDFs also ``crps`` (mean), ``pit_ks`` (KS
+    statistic of the PIT values against uniform: 0 for perfectly calibrated
+    PDFs) and ``coverage_68`` / ``coverage_95`` (fraction of true redshifts in
+    the central 68% / 95% intervals).
     """
     dz = normalised_residuals(z_phot, z_spec)
     out: dict[str, float] = {
@@ -224,10 +251,13 @@ def photoz_metrics(z_phot: ArrayLike, z_spec: ArrayLike, pdfs: ArrayLike | None 
         "sigma_mad": sigma_mad(dz),
         "outlier_fraction": outlier_fraction(dz),
         "bias": float(np.mean(dz)),
+        **rail_point_metrics(z_phot, z_spec),
     }
     if pdfs is not None:
         if bins is None:
             raise ValueError("PDF metrics need the bins the PDFs are on")
         out["crps"] = float(np.mean(crps(pdfs, bins, z_spec)))
         out["pit_ks"] = ks_uniform(pit(pdfs, bins, z_spec))
+        out["coverage_68"] = interval_coverage(pdfs, bins, z_spec, 0.68)
+        out["coverage_95"] = interval_coverage(pdfs, bins, z_spec, 0.95)
     return out

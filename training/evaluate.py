@@ -70,7 +70,9 @@ def binned_metrics(z_phot, z_spec, pdfs, bins, values, edges) -> list[dict]:
 def score(pdfs, bins: RedshiftBins, z_spec, r_mag=None) -> dict:
     z_phot = point_estimates(pdfs, bins)[POINT_ESTIMATE]
     out = {"point_estimate": POINT_ESTIMATE, **photoz_metrics(z_phot, z_spec, pdfs, bins),
-           "by_redshift": binned_metrics(z_phot, z_spec, pdfs, bins, z_spec, Z_BIN_EDGES)}
+           "by_redshift": binned_metrics(z_phot, z_spec, pdfs, bins, z_spec, Z_BIN_EDGES),
+           # what a user of the photo-z sees: the error as a function of the estimate, not of the truth
+           "by_photometric_redshift": binned_metrics(z_phot, z_spec, pdfs, bins, z_phot, Z_BIN_EDGES)}
     if r_mag is not None:
         out["by_r_magnitude"] = binned_metrics(z_phot, z_spec, pdfs, bins, r_mag, R_MAG_BIN_EDGES)
     return out

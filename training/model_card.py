@@ -22,8 +22,13 @@ def _n(value) -> str:
 
 
 def _row(name: str, m: dict) -> str:
+    def maybe(key: str, fmt: str) -> str:  # reports older than the coverage and RAIL metrics lack them
+        return format(m[key], fmt) if key in m else "-"
+
     return (f"| {name} | {m['sigma_mad']:.4f} | {m['outlier_fraction']:.2%} | {m['bias']:+.5f} | "
-            f"{m['crps']:.4f} | {m['pit_ks']:.3f} | {m['n']} |")
+            f"{m['crps']:.4f} | {m['pit_ks']:.3f} | {maybe('coverage_68', '.3f')} / {maybe('coverage_95', '.3f')} | "
+            f"{maybe('rail_bias', '+.5f')} / {maybe('rail_sigma_iqr', '.4f')} / {maybe('rail_outlier_rate', '.2%')} "
+            f"| {m['n']} |")
 
 
 def render(bundle_path: Path, report: dict, figures: list[str]) -> str:
@@ -58,7 +63,8 @@ def render(bundle_path: Path, report: dict, figures: list[str]) -> str:
         f"On `{report['data']}` ({report['n']:,} simulated galaxies, a separate simulation seed), point estimate "
         f"= PDF {cnn['point_estimate'].replace('z_', '')}, dz = (z_phot - z_spec)/(1 + z_spec), outliers |dz| > 0.05. "
         "Measured with `photoz evaluate`.", "",
-        "| | sigma_MAD | outliers | bias | CRPS | PIT KS | n |", "| --- | --- | --- | --- | --- | --- | --- |",
+        "| | sigma_MAD | outliers | bias | CRPS | PIT KS | 68% / 95% coverage | RAIL: median bias / sigma_IQR / "
+        "outliers | n |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         _row("this CNN", cnn)]
     if knn:
         lines.append(_row("kNN baseline", knn))
@@ -74,20 +80,26 @@ def render(bundle_path: Path, report: dict, figures: list[str]) -> str:
     lines += ["", "By redshift:", "", "| z | sigma_MAD | outliers | bias | n |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {b['lo']:.2f}-{b['hi']:.2f} | {b['sigma_mad']:.4f} | {b['outlier_fraction']:.2%} | "
               f"{b['bias']:+.4f} | {b['n']} |" for b in cnn["by_redshift"]]
+    if cnn.get("by_photometric_redshift"):
+        lines += ["", "By photometric redshift (what a user selecting on the estimate gets):", "",
+                  "| z_phot | sigma_MAD | outliers | bias | PIT KS | n |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {b['lo']:.2f}-{b['hi']:.2f} | {b['sigma_mad']:.4f} | {b['outlier_fraction']:.2%} | "
+                  f"{b['bias']:+.4f} | {b['pit_ks']:.3f} | {b['n']} |" for b in cnn["by_photometric_redshift"]]
     lines += [""] + [f"![{Path(f).stem}]({Path(f).name})" for f in figures]
     lines += ["", "## Limits", "",
-              "- Trained on **simulated** SDSS-like cutouts (GalSim bulge + disk galaxies, CWW templates, "
-              "see docs/simulation.md), not on real images. Real galaxies have structure (spiral arms, "
+              "- Trained on **simulated** SDSS-like cutouts (GalSim bulge + disk galaxies; the simulator version "
+              "and its calibration against real SDSS are above and in docs/simulation.md), not on real images. "
+              "Real galaxies have structure (spiral arms, "
               "star-forming knots, mergers), colours and artefacts the simulation lacks: **retrain on real "
               "labelled cutouts before scientific use** (`photoz train --data real.h5 ...`, README), "
               "e.g. SDSS DR16+ cutouts of Main Galaxy Sample galaxies with spectroscopic redshifts.",
               "- Valid for SDSS-like data: ugriz, 0.396\"/pixel, nanomaggies, r < 17.77, z < 0.4. Other "
               "surveys need retraining; objects beyond the grid pile up in the last bins "
               "(flag `pdf_at_grid_edge`).",
-              "- Few simulated galaxies lie at z > 0.2 (as in the MGS) and the simulated luminous red "
-              "galaxies at 0.25-0.30 are ~0.06 mag too blue in r - i (docs/simulation.md): photo-z there "
+              "- Few galaxies lie at z > 0.2 (as in the MGS), and the simulation is least like the real sky "
+              "there (docs/simulation.md's colour table for the simulator version above): photo-z there "
               "is less reliable and, like every template-free estimator, pulled towards the bulk of the "
-              "training sample (the per-bin bias above: positive below z = 0.1, negative beyond 0.15)."]
+              "training sample (the per-bin bias above)."]
     return "\n".join(lines) + "\n"
 
 

@@ -11,7 +11,12 @@ def test_card_states_data_metrics_targets_and_limits(tiny_bundle, tmp_path):
     report = {"data": "sim-test.h5", "n": 1000, "model_metrics": m,
               "baseline": {"name": "kNN", "trained_on": "sim-train.h5", "metrics": knn}}
     card = render(tiny_bundle, report, ["photoz_diagnostics.png"])
-    assert "| this CNN | 0.0120 | 1.00% | +0.00040 |" in card
+    assert "| this CNN | 0.0120 | 1.00% | +0.00040 | 0.0080 | 0.030 | - / - | - / - / - | 1000 |" in card
+    full = dict(m, coverage_68=0.672, coverage_95=0.951, rail_bias=0.0003, rail_sigma_iqr=0.0121,
+                rail_outlier_rate=0.008, by_photometric_redshift=[dict(m["by_redshift"][0], pit_ks=0.04)])
+    card_full = render(tiny_bundle, dict(report, model_metrics=full), [])
+    assert "| 0.672 / 0.951 | +0.00030 / 0.0121 / 0.80% | 1000 |" in card_full
+    assert "| 0.00-0.05 | 0.0100 | 0.00% | +0.0000 | 0.040 | 100 |" in card_full
     assert "| kNN baseline | 0.0220 | 4.00% |" in card
     assert "| sigma_MAD <= 0.75 x baseline | yes | ratio 0.55 |" in card
     assert "retrain on real labelled cutouts" in card and "**simulated**" in card

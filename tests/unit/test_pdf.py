@@ -5,12 +5,14 @@ from scipy import integrate, stats
 from photoz.model.pdf import (
     RedshiftBins,
     crps,
+    interval_coverage,
     ks_uniform,
     outlier_fraction,
     photoz_metrics,
     pit,
     point_estimates,
     quantile,
+    rail_point_metrics,
     sigma_mad,
 )
 
@@ -132,3 +134,42 @@ def test_metrics_hand_worked():
     assert sigma_mad(dz2) == pytest.approx(1.4826 * np.median(np.abs(dz2 - med)))
     assert sigma_mad(dz2) == pytest.approx(1.4826 * stats.median_abs_deviation(dz2))
     assert outlier_fraction(dz2) == pytest.approx(1 / 6)  # 0.05 itself is not an outlier
+
+
+def test_rail_point_metrics_are_qps():
+    """The DESC RAIL metrics as qp computes them (PointBias, PointSigmaIQR, PointOutlierRate), on a sample with
+    a core, a tail and outliers on both sides."""
+    from qp.metrics.point_estimate_metric_classes import PointBias, PointOutlierRate, PointSigmaIQR
+
+    rng = np.random.default_rng(3)
+    z_spec = rng.uniform(0.02, 0.35, 5000)
+    z_phot = z_spec + (1 + z_spec) * np.concatenate([rng.normal(0.002, 0.015, 4700), rng.normal(0, 0.1, 300)])
+    m = rail_point_metrics(z_phot, z_spec)
+    assert m["rail_bias"] == pytest.approx(PointBias().evaluate(z_phot, z_spec), abs=1e-12)
+    assert m["rail_sigma_iqr"] == pytest.approx(PointSigmaIQR().evaluate(z_phot, z_spec), abs=1e-12)
+    assert m["rail_outlier_rate"] == pytest.approx(PointOutlierRate().evaluate(z_phot, z_spec), abs=1e-12)
+    assert 0.03 < m["rail_outlier_rate"] < 0.07 and m["rail_bias"] == pytest.approx(0.002, abs=0.001)
+    assert set(m) <= set(photoz_metrics(z_phot, z_spec))
+
+
+def test_interval_coverage_of_calibrated_and_overconfident_pdfs():
+    """Gaussian PDFs whose truth is drawn from them cover it 68% / 95% of the time; PDFs half as wide cover
+    it far less often."""
+    rng = np.random.default_rng(4)
+    n, sigma = 4000, 0.02
+    centre = rng.uniform(0.08, 0.32, n)
+    z_true = centre + rng.normal(0, sigma, n)
+
+    def gaussians(width):
+        c = BINS.centres[None, :]
+        p = np.exp(-0.5 * ((c - centre[:, None]) / width) ** 2)
+        return p / p.sum(axis=1, keepdims=True)
+
+    calibrated = gaussians(sigma)
+    assert interval_coverage(calibrated, BINS, z_true, 0.68) == pytest.approx(0.68, abs=0.025)
+    assert interval_coverage(calibrated, BINS, z_true, 0.95) == pytest.approx(0.95, abs=0.015)
+    narrow = gaussians(sigma / 2)
+    assert interval_coverage(narrow, BINS, z_true, 0.68) < 0.45
+    m = photoz_metrics(point_estimates(calibrated, BINS)["z_mean"], z_true, calibrated, BINS)
+    assert m["coverage_68"] == interval_coverage(calibrated, BINS, z_true, 0.68)
+    assert m["coverage_95"] == interval_coverage(calibrated, BINS, z_true, 0.95)
