@@ -59,7 +59,8 @@ def size_comparison(sim: dict, real: dict) -> list[dict]:
     sim_g_r = sim["mags"][:, 1] - sim["mags"][:, 2]
     for lo, hi in zip(Z_EDGES[:-1], Z_EDGES[1:], strict=True):
         s, r = (sim["z"] >= lo) & (sim["z"] < hi), (real["z"] >= lo) & (real["z"] < hi)
-        row: dict = {"z_lo": lo, "z_hi": hi, "n_real": int(r.sum()), "sim_median_r50": float(np.median(sim["r50"][s])),
+        row: dict = {"z_lo": lo, "z_hi": hi, "n_real": int(r.sum()),
+                     "sim_median_r50": float(np.median(sim["r50"][s])) if s.any() else None,
                      "real_median_r50": float(np.median(real["r50"][r])) if r.any() else None}
         if r.sum() >= 2 * MIN_PER_BIN:
             cut = float(np.median(real["g_r"][r]))
@@ -314,8 +315,9 @@ def format_tables(report: dict) -> str:
         real = f"{row['real_median_r50']:.2f}" if row["real_median_r50"] is not None else "-"
         halves = [f"{row[f'sim_median_r50_{h}']:.2f} / {row[f'real_median_r50_{h}']:.2f}"
                   if f"sim_median_r50_{h}" in row else "-" for h in ("red", "blue")]
-        lines.append(f"| {row['z_lo']:.2f}-{row['z_hi']:.2f} | {row['n_real']} | {row['sim_median_r50']:.2f} | "
-                     f"{real} | " + " | ".join(halves) + " |")
+        sim = f"{row['sim_median_r50']:.2f}" if row["sim_median_r50"] is not None else "-"
+        lines.append(f"| {row['z_lo']:.2f}-{row['z_hi']:.2f} | {row['n_real']} | {sim} | {real} | "
+                     + " | ".join(halves) + " |")
     t = report["transfer"]
     b = report["baseline_sim_to_sim"]
     lines += ["", f"median z: simulated {report['median_z_sim']:.3f}, real {report['median_z_real']:.3f}",
