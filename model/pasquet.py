@@ -14,6 +14,7 @@ so that the exported ONNX graph takes raw nanomaggies.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -151,6 +152,25 @@ class PasquetNet(nn.Module):
 
     def forward(self, images: torch.Tensor, ebv: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.logits(images, ebv), dim=1)
+
+
+class EnsembleNet(nn.Module):
+    """A deep ensemble (Lakshminarayanan et al. 2017): networks of one architecture trained from different
+    seeds, whose PDFs are averaged. Exported as one graph, so serving sees a single network with the same
+    inputs and output (and pays K times the compute)."""
+
+    def __init__(self, members: list[PasquetNet]):
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one network")
+        configs = {json.dumps(m.config.to_dict(), sort_keys=True) for m in members}
+        if len(configs) > 1:
+            raise ValueError("ensemble members must share one architecture (config)")
+        self.members = nn.ModuleList(members)
+        self.config = members[0].config
+
+    def forward(self, images: torch.Tensor, ebv: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(images, ebv) for m in self.members]).mean(dim=0)
 
 
 def build(name_or_config: str | PasquetConfig, **overrides: Any) -> PasquetNet:

@@ -99,8 +99,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-figures", action="store_true")
     p.set_defaults(func=_evaluate)
 
-    p = sub.add_parser("export", help="export a training checkpoint to an ONNX model bundle")
-    p.add_argument("--checkpoint", required=True)
+    p = sub.add_parser("export", help="export a training checkpoint (or a deep ensemble of them) to an ONNX bundle")
+    p.add_argument("--checkpoint", required=True, nargs="+",
+                   help="checkpoint(s); several (one architecture and data set, different --seed) are exported as "
+                        "one deep ensemble that averages their PDFs (serving costs one network per member)")
     p.add_argument("--out", required=True, help="bundle path (.onnx)")
     p.add_argument("--name", default="photoz-sdss-sim")
     p.add_argument("--version", default="0.1.0")

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from photoz.model.export import code_commit, export_bundle, make_metadata
+from photoz.model.pasquet import EnsembleNet
 from photoz.model.pdf import RedshiftBins
 from photoz.training.train import load_checkpoint
 
@@ -25,11 +26,30 @@ def training_record(state: dict, held_out: dict | None) -> dict:
             "code_commit": code_commit(), "metrics": metrics}
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path, name: str, version: str,
+def export_checkpoint(checkpoint: str | Path | list, out: str | Path, name: str, version: str,
                       held_out_report: str | Path | None = None, fp16: bool = False):
-    net, state = load_checkpoint(checkpoint)
+    """A checkpoint, or several (a deep ensemble: one architecture and data set, different seeds; their PDFs
+    are averaged in the exported graph), to a bundle with its training record."""
+    paths = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
+    loaded = [load_checkpoint(p) for p in paths]
     held_out = json.loads(Path(held_out_report).read_text()) if held_out_report else None
+    states = [state for _, state in loaded]
+    state = states[0]
+    record = training_record(state, held_out)
+    if len(loaded) == 1:
+        net = loaded[0][0]
+    else:
+        for key, what in (("variant", "architecture"), ("z_bins", "redshift grid")):
+            if len({json.dumps(s["train_config"][key], sort_keys=True) for s in states}) > 1:
+                raise ValueError(f"ensemble members differ in {what}: {', '.join(str(p) for p in paths)}")
+        if len({s["dataset"].get("name") for s in states}) > 1:
+            raise ValueError("ensemble members were trained on different data sets")
+        net = EnsembleNet([member for member, _ in loaded])
+        record["seed"] = [s["train_config"]["seed"] for s in states]
+        record["epochs"] = [s["epoch"] for s in states]
+        record["metrics"]["validation"] = {"members": [dict(s.get("best") or {}) for s in states]}
+        record["ensemble"] = {"members": len(states), "checkpoints": [Path(p).name for p in paths],
+                              "combination": "mean of the members' PDFs"}
     bins = RedshiftBins.from_metadata(state["train_config"]["z_bins"])
-    metadata = make_metadata(net, state["train_config"]["variant"], name, version,
-                             training_record(state, held_out), bins=bins)
+    metadata = make_metadata(net, state["train_config"]["variant"], name, version, record, bins=bins)
     return export_bundle(net, out, metadata, fp16=fp16)

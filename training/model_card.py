@@ -53,6 +53,8 @@ def render(bundle_path: Path, report: dict, figures: list[str]) -> str:
         f"{_n(training['dataset']['n_objects'])} objects ({_n(training['dataset'].get('n_train'))} train, "
         f"{_n(training['dataset'].get('n_validation'))} validation, split by object, seed {training['seed']}); "
         f"simulator {training['dataset'].get('simulator_version')}, simulation seed {training['dataset'].get('seed')}",
+        *([f"- deep ensemble of {training['ensemble']['members']} networks (seeds {training['seed']}), PDFs averaged "
+           "in the graph: serving costs that many networks' compute"] if "ensemble" in training else []),
         f"- epochs: {training['epochs']}, batch {training.get('batch_size')}, Adam at {training.get('learning_rate')} "
         "(divided by 5 halfway), cross-entropy over the bins, random 90-degree rotations and flips",
         f"- code commit: `{training['code_commit']}`"]

@@ -74,6 +74,38 @@ def test_end_to_end_train_resume_export_predict(tiny_data, tmp_path):
     np.testing.assert_allclose(onnx_p, torch_p, atol=1e-5)
 
 
+def test_deep_ensemble_exports_as_one_graph_averaging_its_members(tiny_data, tmp_path):
+    """Two networks from different seeds exported as one bundle: ONNX Runtime gives the mean of the members'
+    torch PDFs, the training record names the members, and members of another architecture are refused."""
+    from photoz.training.export import export_checkpoint
+    from photoz.training.model_card import render
+
+    runs = [train(tiny_config(tiny_data, tmp_path / f"m{seed}", seed=seed, epochs=1), progress=False)
+            for seed in (0, 1)]
+    bundle = export_checkpoint([r / "best.pt" for r in runs], tmp_path / "ens.onnx", "tiny-ensemble", "0.0.1")
+    record = load_bundle(bundle.path).metadata.document["training"]
+    assert record["ensemble"]["members"] == 2 and record["seed"] == [0, 1]
+    assert len(record["metrics"]["validation"]["members"]) == 2
+    with h5py.File(tiny_data) as h5:
+        images, ebv = h5["images"][:6], h5["ebv"][:6]
+    members = []
+    for r in runs:
+        net, _ = load_checkpoint(r / "best.pt")
+        with torch.no_grad():
+            members.append(net(torch.from_numpy(images), torch.from_numpy(ebv).reshape(-1, 1)).numpy())
+    assert np.abs(members[0] - members[1]).max() > 1e-3  # different seeds: different networks
+    onnx_p = OnnxPredictor(bundle, providers="cpu").predict(images, ebv)
+    np.testing.assert_allclose(onnx_p, (members[0] + members[1]) / 2, atol=1e-5)
+    report = {"data": "tiny.h5", "n": 6, "model_metrics": {"point_estimate": "z_mean", "sigma_mad": 0.1,
+              "outlier_fraction": 0.5, "bias": 0.0, "crps": 0.1, "pit_ks": 0.5, "n": 6, "by_redshift": []}}
+    assert "deep ensemble of 2 networks (seeds [0, 1])" in render(bundle.path, report, [])
+
+    other = train(tiny_config(tiny_data, tmp_path / "wide", variant="pasquet2019_half", epochs=1,
+                              max_steps_per_epoch=1), progress=False)
+    with pytest.raises(ValueError, match="architecture"):
+        export_checkpoint([runs[0] / "best.pt", other / "best.pt"], tmp_path / "bad.onnx", "x", "0.0.1")
+
+
 def test_sigterm_checkpoint_and_exact_batch_resume(tiny_data, tmp_path):
     """A SIGTERM mid-epoch writes last.pt at the batch reached; resume skips exactly those batches."""
     out = tmp_path / "sig"
