@@ -150,8 +150,15 @@ class PasquetNet(nn.Module):
         """Unnormalised scores; training uses these with cross-entropy for stability."""
         return self.classifier(torch.cat([self.features(images), ebv.reshape(-1, 1)], dim=1))
 
+    #: Softmax temperature (post-hoc calibration, Guo et al. 2017): the PDF is softmax(logits / T); 1 leaves
+    #: the network as trained. A plain attribute, so an exported graph carries it as a constant.
+    temperature: float = 1.0
+
     def forward(self, images: torch.Tensor, ebv: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.logits(images, ebv), dim=1)
+        logits = self.logits(images, ebv)
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        return torch.softmax(logits, dim=1)
 
 
 class EnsembleNet(nn.Module):

@@ -55,6 +55,12 @@ def _export(args) -> int:
     return 0
 
 
+def _recalibrate(args) -> int:
+    from photoz.training.temperature import main
+
+    return main(["--checkpoint", args.checkpoint, "--out", args.out] + (["--data", args.data] if args.data else []))
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from photoz.training.config import add_arguments as add_train_arguments
 
@@ -110,3 +116,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fp16", action="store_true",
                    help="float16 weights and compute (GPU serving); inputs and outputs stay float32")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("recalibrate", help="fit a softmax temperature on a checkpoint's validation rows",
+                       description="Post-hoc calibration of the PDFs (temperature scaling): the temperature that "
+                                   "minimises the validation NLL, written into a new checkpoint; photoz export "
+                                   "puts it in the graph.")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True, help="the recalibrated checkpoint (.pt)")
+    p.add_argument("--data", default=None, help="the training data set (default: the checkpoint's)")
+    p.set_defaults(func=_recalibrate)

@@ -50,6 +50,9 @@ def export_checkpoint(checkpoint: str | Path | list, out: str | Path, name: str,
         record["metrics"]["validation"] = {"members": [dict(s.get("best") or {}) for s in states]}
         record["ensemble"] = {"members": len(states), "checkpoints": [Path(p).name for p in paths],
                               "combination": "mean of the members' PDFs"}
+    temperatures = [float(s.get("temperature", 1.0)) for s in states]
+    if any(t != 1.0 for t in temperatures):  # post-hoc calibration (photoz recalibrate), applied in the graph
+        record["temperature"] = temperatures[0] if len(temperatures) == 1 else temperatures
     bins = RedshiftBins.from_metadata(state["train_config"]["z_bins"])
     metadata = make_metadata(net, state["train_config"]["variant"], name, version, record, bins=bins)
     return export_bundle(net, out, metadata, fp16=fp16)

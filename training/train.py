@@ -132,6 +132,20 @@ def validate(net, dataset, bins: RedshiftBins, device, workers: int) -> dict:
     return photoz_metrics(point_estimates(pdfs, bins)["z_mean"], z, pdfs, bins)
 
 
+def training_split(data, n: int, validation_fraction: float, seed: int, max_validation: int | None = None):
+    """Training and validation rows of a data set, and how they were chosen: the file's own split (e.g. by sky
+    position) when it has one, else a validation fraction held out by object, fixed by the seed."""
+    file_train, file_val = split_rows(data, "train"), split_rows(data, "validation")
+    if file_train is not None and file_val is not None and file_val.size:
+        train_idx, val_idx, kind = file_train, file_val, "the file's split dataset"
+    else:
+        train_idx, val_idx = split_indices(n, validation_fraction, seed)
+        kind = f"random by object ({validation_fraction:g}, seed {seed})"
+    if max_validation:
+        val_idx = val_idx[:max_validation]
+    return train_idx, val_idx, kind
+
+
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     """Train; return the run directory (checkpoints ``last.pt``, ``best.pt``, ``metrics.csv``)."""
     # -- processes and device
@@ -150,14 +164,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     # -- data: the file's own train/validation split (e.g. by sky position) when it has one, else a
     # validation split held out by object, fixed by the seed
     info = inspect(cfg.data)
-    file_train, file_val = split_rows(cfg.data, "train"), split_rows(cfg.data, "validation")
-    if file_train is not None and file_val is not None and file_val.size:
-        train_idx, val_idx, split_kind = file_train, file_val, "the file's split dataset"
-    else:
-        train_idx, val_idx = split_indices(info["n"], cfg.validation_fraction, cfg.seed)
-        split_kind = f"random by object ({cfg.validation_fraction:g}, seed {cfg.seed})"
-    if cfg.max_validation:
-        val_idx = val_idx[: cfg.max_validation]
+    train_idx, val_idx, split_kind = training_split(cfg.data, info["n"], cfg.validation_fraction, cfg.seed,
+                                                    cfg.max_validation)
     val_set = CutoutDataset(cfg.data, val_idx)
     dataset_info = {"name": info["name"], "provenance": info["provenance"], "n_objects": int(info["n"]),
                     "n_train": int(train_idx.size), "n_validation": int(val_idx.size), "split": split_kind,
@@ -294,4 +302,5 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[PasquetNet, 
     state = torch.load(path, map_location=device, weights_only=False)
     net = build(PasquetConfig.from_dict(state["network_config"]))
     net.load_state_dict(state["model"])
+    net.temperature = float(state.get("temperature", 1.0))
     return net.eval(), state

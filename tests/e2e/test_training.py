@@ -106,6 +106,27 @@ def test_deep_ensemble_exports_as_one_graph_averaging_its_members(tiny_data, tmp
         export_checkpoint([runs[0] / "best.pt", other / "best.pt"], tmp_path / "bad.onnx", "x", "0.0.1")
 
 
+def test_recalibrated_temperature_is_fitted_on_validation_rows_and_exported_in_the_graph(tiny_data, tmp_path):
+    from photoz.training.export import export_checkpoint
+    from photoz.training.temperature import main as recalibrate_main
+
+    run = train(tiny_config(tiny_data, tmp_path / "t", epochs=1), progress=False)
+    assert recalibrate_main(["--checkpoint", str(run / "best.pt"), "--out", str(run / "calibrated.pt")]) == 0
+    net, state = load_checkpoint(run / "calibrated.pt")
+    report = state["recalibration"]
+    assert net.temperature == state["temperature"] != 1.0
+    assert report["validation_rows"] == state["dataset"]["n_validation"]
+    assert report["after"]["nll"] <= report["before"]["nll"]
+    bundle = export_checkpoint(run / "calibrated.pt", tmp_path / "t.onnx", "tiny-t", "0.0.1")
+    assert load_bundle(bundle.path).metadata.document["training"]["temperature"] == net.temperature
+    with h5py.File(tiny_data) as h5:
+        images, ebv = h5["images"][:5], h5["ebv"][:5]
+    with torch.no_grad():
+        logits = net.logits(torch.from_numpy(images), torch.from_numpy(ebv).reshape(-1, 1))
+        expected = torch.softmax(logits / net.temperature, dim=1).numpy()
+    np.testing.assert_allclose(OnnxPredictor(bundle, providers="cpu").predict(images, ebv), expected, atol=1e-5)
+
+
 def test_sigterm_checkpoint_and_exact_batch_resume(tiny_data, tmp_path):
     """A SIGTERM mid-epoch writes last.pt at the batch reached; resume skips exactly those batches."""
     out = tmp_path / "sig"
