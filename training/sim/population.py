@@ -25,6 +25,7 @@ unchanged (``sed.py``).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -37,6 +38,8 @@ from photoz.training.sim.sed import (
     TABLE_DUST_EBV,
     TABLE_Z,
     band_maggies,
+    calzetti_k,
+    effective_wavelengths_aa,
     k_corrections,
     load_library,
     photometry_table,
@@ -120,7 +123,18 @@ def shen2003_r50_kpc(abs_mag_r, early: np.ndarray, rng: np.random.Generator) -> 
 
 
 
+def fill(n: int, batch: Callable[[int], tuple[dict[str, np.ndarray], np.ndarray]]) -> dict[str, np.ndarray]:
+    """The first n rows kept from ``batch(missing)`` (arrays of candidates and the mask of those kept), called
+    round after round with the number still missing until n are kept."""
+    parts, have = [], 0
+    while have < n:
+        rows, keep = batch(n - have)
+        parts.append({k: v[keep] for k, v in rows.items()})
+        have += int(keep.sum())
+    return {k: np.concatenate([p[k] for p in parts])[:n] for k in parts[0]}
 
+
+@functools.lru_cache(maxsize=4)
 def mean_log_inverse_axis_ratio(thickness: float) -> float:
     """<log10(1/q)> of disks of intrinsic thickness ``thickness`` seen at random orientations."""
     cos_i = (np.arange(20000) + 0.5) / 20000
@@ -171,17 +185,17 @@ def _clone_grid(library_name: str, q: float, r_limit: float, z_max: float, sampl
     return weight / weight.sum(), cdf
 
 
-
-
 @functools.lru_cache(maxsize=2)
 def _library_colours(library_name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per library galaxy: rest-frame u - r and g - r, K_r(0.1) + 2.5 log10(1.1) (rest r to Blanton's
     ^{0.1}r), and the continuous type t (0 = E ... 3 = Im) its rest g - r gives."""
     lib = load_library(REFERENCE / library_name)
-    k01 = k_corrections(lib.coeffs, np.full(lib.z.size, 0.1), lib.repair_mag)[:, BANDS.index("r")]
-    g_r = lib.rest_colour("g", "r")
+    u, g, r = (BANDS.index(b) for b in "ugr")
+    rest = k_corrections(lib.coeffs, np.zeros(lib.z.size), lib.repair_mag)
+    k01 = k_corrections(lib.coeffs, np.full(lib.z.size, 0.1), lib.repair_mag)[:, r]
+    g_r = rest[:, g] - rest[:, r]
     t = np.interp(-g_r, [-c for c in TYPE_REST_G_MINUS_R], np.arange(len(TYPE_REST_G_MINUS_R), dtype=float))
-    return lib.rest_colour("u", "r"), g_r, k01 + 2.5 * np.log10(1.1), t
+    return rest[:, u] - rest[:, r], g_r, k01 + 2.5 * np.log10(1.1), t
 
 
 def draw_candidates(cfg: PopulationConfig, n: int, rng: np.random.Generator, r_limit: float | None = None,
@@ -194,22 +208,19 @@ def draw_candidates(cfg: PopulationConfig, n: int, rng: np.random.Generator, r_l
     if r_limit is not None:
         return _draw(cfg, n, rng, float(r_limit), z_max, petrosian=False)
     widest = cfg.r_limit_mag + cfg.candidate_margin_mag + max_inclination_brightening(cfg)
-    parts, have = [], 0
-    while have < n:
-        cand = _draw(cfg, int(1.3 * (n - have)) + 16, rng, widest, z_max, petrosian=True)
+
+    def batch(missing: int):
+        cand = _draw(cfg, int(1.3 * missing) + 16, rng, widest, z_max, petrosian=True)
         expected = dereddened(cand["mag_true"], ebv=cand["ebv"])[:, BANDS.index("r")] \
             + np.interp(cand["bulge_fraction"], *PETROSIAN_DEFICIT_MAG)
-        keep = expected <= cfg.r_limit_mag + cfg.candidate_margin_mag
-        parts.append({k: v[keep] for k, v in cand.items()})
-        have += int(keep.sum())
-    return {k: np.concatenate([p[k] for p in parts])[:n] for k in parts[0]}
+        return cand, expected <= cfg.r_limit_mag + cfg.candidate_margin_mag
+
+    return fill(n, batch)
 
 
 def max_inclination_brightening(cfg: PopulationConfig) -> float:
     """The most a face-on disk's r brightens by the inclination dust (mag): its negative extra E(B-V) times the
     Calzetti curve at r."""
-    from photoz.training.sim.sed import calzetti_k, effective_wavelengths_aa
-
     k_r = float(calzetti_k(effective_wavelengths_aa()[BANDS.index("r")]))
     return cfg.inclination_dust_ebv_per_dex * mean_log_inverse_axis_ratio(cfg.disk_thickness) * k_r
 
@@ -259,11 +270,8 @@ def _draw(cfg: PopulationConfig, n: int, rng: np.random.Generator, r_limit: floa
 def draw_selected(cfg: PopulationConfig, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Draw n galaxies brighter than the MGS limit in noise-free, dereddened total r (no measurement: the
     population's own cut, for test fields; ``photoz simulate`` cuts on the measured Petrosian r instead)."""
-    r = BANDS.index("r")
-    parts, have = [], 0
-    while have < n:
-        cand = draw_candidates(cfg, max(2 * (n - have), 64), rng, r_limit=cfg.r_limit_mag)
-        keep = dereddened(cand["mag_true"], ebv=cand["ebv"])[:, r] < cfg.r_limit_mag
-        parts.append({k: v[keep] for k, v in cand.items()})
-        have += int(keep.sum())
-    return {k: np.concatenate([p[k] for p in parts])[:n] for k in parts[0]}
+    def batch(missing: int):
+        cand = draw_candidates(cfg, max(2 * missing, 64), rng, r_limit=cfg.r_limit_mag)
+        return cand, dereddened(cand["mag_true"], ebv=cand["ebv"])[:, BANDS.index("r")] < cfg.r_limit_mag
+
+    return fill(n, batch)

@@ -29,7 +29,7 @@ from photoz.model.conventions import (
     sky_sigma_nmgy_per_pixel,
 )
 from photoz.training.baseline import dereddened
-from photoz.training.sim.population import NEIGHBOUR_Z_MAX, PopulationConfig, draw_candidates
+from photoz.training.sim.population import NEIGHBOUR_Z_MAX, PopulationConfig, draw_candidates, fill
 
 PETROSIAN_ETA = 0.2
 #: Looser than GalSim's defaults (folding 5e-3): flux lost to aliasing stays
@@ -81,10 +81,15 @@ class InstrumentConfig:
 
     def sky_sigma_nmgy(self) -> np.ndarray:
         """Per-pixel sky noise (nanomaggies) of each band at the calibrated depth and median sky."""
-        return np.array([sky_sigma_nmgy_per_pixel(b) for b in BANDS]) * 10 ** (0.4 * np.array(self.depth_offset_mag))
+        return _band_values(sky_sigma_nmgy_per_pixel) * 10 ** (0.4 * np.array(self.depth_offset_mag))
 
     def gain_e_per_nmgy(self) -> np.ndarray:
-        return np.array([effective_gain_e_per_nmgy(b) for b in BANDS]) * np.array(self.gain_scale)
+        return _band_values(effective_gain_e_per_nmgy) * np.array(self.gain_scale)
+
+
+def _band_values(per_band) -> np.ndarray:
+    """A conventions function of the band, for every band in BANDS order: (5,)."""
+    return np.array([per_band(b) for b in BANDS])
 
 
 #: Per-object artefact flags (``truth/flags``): bit b (0..4) a cosmic ray was interpolated over in band b
@@ -410,7 +415,7 @@ def render_galaxies(pop: dict, rng: np.random.Generator, inst: InstrumentConfig,
         own_flux[k] = fluxes[:, :n_own].sum(axis=1)
     noisy = add_noise(clean, np.random.default_rng(noise_seeds), sky_sigma[:, :, None, None],
                       inst.gain_e_per_nmgy()[None, :, None, None])
-    sky_level = np.array([sky_level_nmgy_per_pixel(b) for b in BANDS])
+    sky_level = _band_values(sky_level_nmgy_per_pixel)
     sky_offset = rng.normal(0, inst.sky_offset_fraction, (n, len(BANDS))) * sky_level[None, :]
     noisy += sky_offset[:, :, None, None].astype(np.float32)
     cosmic = add_cosmic_rays(noisy, sky_sigma, inst.cosmic_rays_per_band, rng)
@@ -436,19 +441,11 @@ def render_galaxies(pop: dict, rng: np.random.Generator, inst: InstrumentConfig,
     return clean, noisy, draws, {"deblended": measured, "model_templates": templates}
 
 
-def _default_sky() -> np.ndarray:
-    return np.array([sky_sigma_nmgy_per_pixel(b) for b in BANDS])[None, :, None, None]
-
-
-def _default_gain() -> np.ndarray:
-    return np.array([effective_gain_e_per_nmgy(b) for b in BANDS])[None, :, None, None]
-
-
 def noise_sigma(clean: np.ndarray, sky=None, gain=None) -> np.ndarray:
     """Per-pixel noise (nanomaggies): sky + read noise (``sky``, broadcast against ``clean``; default the
     conventions' depths), plus source Poisson noise with ``gain`` electrons per nanomaggy."""
-    sky = _default_sky() if sky is None else sky
-    gain = _default_gain() if gain is None else gain
+    sky = _band_values(sky_sigma_nmgy_per_pixel)[None, :, None, None] if sky is None else sky
+    gain = _band_values(effective_gain_e_per_nmgy)[None, :, None, None] if gain is None else gain
     # sqrt(sky^2 + max(clean, 0) / gain) in float64, computed in place (same numbers, no temporaries)
     sigma = np.empty(clean.shape, np.float64)
     np.divide(np.maximum(clean, 0), gain, out=sigma)
@@ -473,17 +470,14 @@ def _radial_profile(images: np.ndarray, radii: np.ndarray):
     return flux, inside.sum(axis=1).astype(np.float64)
 
 
-def measure_catalogue(noisy: np.ndarray, sky_sigma: np.ndarray | None = None, gain: np.ndarray | None = None,
-                      model_templates: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """SDSS-style Petrosian photometry of noisy cutouts (N, 5, S, S) in nanomaggies, whose per-pixel sky noise
-    is ``sky_sigma`` (N, 5; default the conventions' depths) and gain ``gain`` (5,) electrons per nanomaggy:
-    the errors a pipeline would quote from its own noise model. With ``model_templates`` (N, 5, S, S: each
-    galaxy's noise-free profile in each band through that band's PSF, scaled to unit total flux) the model
-    magnitudes fit them, as SDSS fits a profile convolved with each band's PSF (a perfect fit: the profile is
-    the true one, so colour gradients do not shift model colours); without, the galaxy's own smoothed light."""
-    sky_sigma = np.broadcast_to(_default_sky()[:, :, 0, 0] if sky_sigma is None else sky_sigma,
-                                noisy.shape[:2])
-    gain = _default_gain()[0, :, 0, 0] if gain is None else np.asarray(gain)
+def measure_catalogue(noisy: np.ndarray, sky_sigma: np.ndarray, gain: np.ndarray,
+                      model_templates: np.ndarray) -> dict[str, np.ndarray]:
+    """SDSS-style photometry of noisy cutouts (N, 5, S, S) in nanomaggies, whose per-pixel sky noise is
+    ``sky_sigma`` (N, 5) and gain ``gain`` (5,) electrons per nanomaggy: the errors a pipeline would quote
+    from its own noise model. Petrosian fluxes in every band within two r-band Petrosian radii; model fluxes
+    fitted with ``model_templates`` (N, 5, S, S: each galaxy's noise-free profile in each band through that
+    band's PSF, scaled to unit total flux), as SDSS fits a profile convolved with each band's PSF (a perfect
+    fit: the profile is the true one, so colour gradients do not shift model colours)."""
     n, _, size, _ = noisy.shape
     r_band = BANDS.index("r")
     radii = np.arange(1.0, size / 2, 0.5)
@@ -506,10 +500,7 @@ def measure_catalogue(noisy: np.ndarray, sky_sigma: np.ndarray | None = None, ga
     # running maximum of the growth curve, which noise can make dip)
     r50 = np.array([np.interp(0.5 * ft, f, radii)
                     for ft, f in zip(fluxes[:, r_band], np.maximum.accumulate(flux_r, axis=1), strict=True)])
-    if model_templates is None:
-        model_flux, model_err = _template_photometry(noisy, aperture, sky_sigma, gain)
-    else:
-        model_flux, model_err = _model_fit_photometry(noisy, model_templates, sky_sigma, gain)
+    model_flux, model_err = _model_fit_photometry(noisy, model_templates, sky_sigma, gain)
     out = {
         "petro_r50_arcsec": (r50 * PIXEL_SCALE_ARCSEC).astype(np.float32),
         "petro_rad_arcsec": (r_petro * PIXEL_SCALE_ARCSEC).astype(np.float32),
@@ -535,33 +526,6 @@ def _model_fit_photometry(noisy: np.ndarray, templates: np.ndarray, sky: np.ndar
     return flux, err
 
 
-def _template_photometry(noisy: np.ndarray, aperture_pixels: np.ndarray, sky: np.ndarray, gain: np.ndarray):
-    """"Model" fluxes: every band fitted with the galaxy's own light profile.
-
-    Like SDSS model magnitudes (one profile, refitted in amplitude in each
-    band), the weights follow the galaxy's light, so colours are measured at
-    far better signal-to-noise than in the large Petrosian aperture. The
-    template is the smoothed g + r + i stack inside the Petrosian aperture,
-    leaving out the band being measured so that its noise does not bias its
-    own flux; the flux is the template's fitted amplitude times its total.
-    """
-    n, n_bands, size, _ = noisy.shape
-    yy, xx = np.mgrid[:size, :size]
-    inside = np.hypot(xx - (size - 1) / 2, yy - (size - 1) / 2)[None] <= aperture_pixels[:, None, None]
-    stack_bands = [BANDS.index(b) for b in ("g", "r", "i")]
-    flux, err = np.empty((n, n_bands)), np.empty((n, n_bands))
-    for b in range(n_bands):
-        image = noisy[:, [c for c in stack_bands if c != b]].sum(axis=1)
-        smooth = (image + np.roll(image, 1, 1) + np.roll(image, -1, 1) + np.roll(image, 1, 2)
-                  + np.roll(image, -1, 2)) / 5
-        template = np.clip(smooth, 0, None) * inside
-        t_sum = template.sum(axis=(1, 2))
-        t_sq = np.maximum((template**2).sum(axis=(1, 2)), 1e-20)
-        flux[:, b] = np.einsum("nyx,nyx->n", noisy[:, b], template) / t_sq * t_sum
-        err[:, b] = np.sqrt(sky[:, b] ** 2 * t_sum**2 / t_sq + np.maximum(flux[:, b], 0) / gain[b])
-    return flux, err
-
-
 def simulate_chunk(pop_cfg: PopulationConfig, inst: InstrumentConfig, seed: int, chunk: int,
                    n: int) -> dict[str, np.ndarray]:
     """All outputs for one chunk of n galaxies; a pure function of (configs, seed, chunk).
@@ -572,19 +536,17 @@ def simulate_chunk(pop_cfg: PopulationConfig, inst: InstrumentConfig, seed: int,
     rng = np.random.default_rng(np.random.SeedSequence([seed, chunk]))
     pool = draw_candidates(pop_cfg, 4 * n + 16, rng, r_limit=inst.neighbour_r_limit_mag, z_max=NEIGHBOUR_Z_MAX)
     r = BANDS.index("r")
-    parts: list[dict[str, np.ndarray]] = []
-    have = 0
-    while have < n:
-        pop = draw_candidates(pop_cfg, int(1.1 * (n - have)) + 4, rng)
+
+    def batch(missing: int):
+        pop = draw_candidates(pop_cfg, int(1.1 * missing) + 4, rng)
         _, noisy, draws, measured = render_galaxies(pop, rng, inst, pool)
         catalogue = measure_catalogue(measured["deblended"], draws["sky_sigma_nmgy"], inst.gain_e_per_nmgy(),
                                       measured["model_templates"])
-        keep = dereddened(catalogue["petro_mag"], ebv=pop["ebv"])[:, r] <= pop_cfg.r_limit_mag
         out = {"images": noisy, "z": pop["z"].astype(np.float64), "ebv": pop["ebv"].astype(np.float32)}
         out.update({f"truth_{k}": v for k, v in pop.items() if k not in ("z", "ebv")})
         out["cat_flags"] = draws.pop("flags")  # what the pipeline knows: interpolated pixels, close neighbours
         out.update({f"truth_{k}": v for k, v in draws.items()})
         out.update({f"cat_{k}": v for k, v in catalogue.items()})
-        parts.append({k: v[keep] for k, v in out.items()})
-        have += int(keep.sum())
-    return {k: np.concatenate([p[k] for p in parts])[:n] for k in parts[0]}
+        return out, dereddened(catalogue["petro_mag"], ebv=pop["ebv"])[:, r] <= pop_cfg.r_limit_mag
+
+    return fill(n, batch)

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from photoz.model.conventions import BANDS, EXTINCTION_A_OVER_EBV
+from photoz.model.conventions import BANDS
 
 KCORRECT_TEMPLATES = "kcorrect-default-v4.fits"
 N_TEMPLATES = 5
@@ -99,6 +99,14 @@ def repaired_templates(repair_mag: tuple[float, ...]) -> tuple[np.ndarray, np.nd
     return wave, np.concatenate([flux, flux * np.log(wave / GRADIENT_PIVOT_AA)[None, :]])
 
 
+@functools.lru_cache(maxsize=1)
+def sdss_filters():
+    """speclite's ``sdss2010-ugriz`` response curves, in BANDS order."""
+    import speclite.filters
+
+    return speclite.filters.load_filters(*[f"sdss2010-{b}" for b in BANDS])
+
+
 @functools.lru_cache(maxsize=4)
 def photometry_table(repair_mag: tuple[float, ...]) -> np.ndarray:
     """Band maggies of every (template, dust, redshift): (2 N_TEMPLATES, n_dust, n_z, n_bands).
@@ -108,9 +116,7 @@ def photometry_table(repair_mag: tuple[float, ...]) -> np.ndarray:
     rest-frame r flux one and -2.5 log10 of the table is its K-correction from rest r to each band. The
     tilted copies share their template's normalisation.
     """
-    import speclite.filters
-
-    filters = speclite.filters.load_filters(*[f"sdss2010-{b}" for b in BANDS])
+    filters = sdss_filters()
     wave, templates = repaired_templates(repair_mag)
     dust = 10 ** (-0.4 * calzetti_k(wave)[None, :] * TABLE_DUST_EBV[:, None])
     spectra = templates[:, None, :] * dust[None, :, :]  # (T, D, L)
@@ -157,10 +163,7 @@ def k_corrections(coeffs: np.ndarray, z, repair_mag: tuple[float, ...]) -> np.nd
 
 def effective_wavelengths_aa() -> np.ndarray:
     """Effective wavelength (Angstrom) of each band's filter curve, in BANDS order."""
-    import speclite.filters
-
-    filters = speclite.filters.load_filters(*[f"sdss2010-{b}" for b in BANDS])
-    return np.array([f.effective_wavelength.to_value("Angstrom") for f in filters])
+    return np.array([f.effective_wavelength.to_value("Angstrom") for f in sdss_filters()])
 
 
 @dataclass(frozen=True)
@@ -205,11 +208,13 @@ def fit_coefficients(mags: np.ndarray, mag_errs: np.ndarray, z: np.ndarray, repa
 
 
 def fit_library(mags: np.ndarray, mag_errs: np.ndarray, z: np.ndarray, iterations: int = 8,
-                source: str = "") -> SEDLibrary:
+                source: str = "") -> tuple[SEDLibrary, np.ndarray]:
     """Fit the templates to real galaxies (magnitudes as published, with Galactic dust REFERENCE_MW_EBV), and
-    repair them until the median residual of every band vanishes (see the module's docstring)."""
-    a_mw = np.array([EXTINCTION_A_OVER_EBV[b] for b in BANDS])
-    mags = np.asarray(mags, dtype=np.float64) - REFERENCE_MW_EBV * a_mw[None, :]
+    repair them until the median residual of every band vanishes (see the module's docstring). Returns the
+    library and the final fit's residuals (model minus data, mag; N, 5)."""
+    from photoz.training.baseline import dereddened
+
+    mags = dereddened(mags, ebv=np.full(len(mags), REFERENCE_MW_EBV))
     knots = np.log(REPAIR_KNOTS_AA)
     basis_of = np.eye(knots.size)
     repair = np.zeros(knots.size)
@@ -222,8 +227,8 @@ def fit_library(mags: np.ndarray, mag_errs: np.ndarray, z: np.ndarray, iteration
         delta = np.linalg.lstsq(design * np.sqrt(weight)[:, None], target * np.sqrt(weight), rcond=None)[0]
         repair += delta
     repair_t = tuple(round(float(x), 6) for x in repair)
-    coeffs, abs_mag, _ = fit_coefficients(mags, mag_errs, z, repair_t)
-    return SEDLibrary(coeffs, np.asarray(z, dtype=np.float64), abs_mag, repair_t, source)
+    coeffs, abs_mag, residual = fit_coefficients(mags, mag_errs, z, repair_t)
+    return SEDLibrary(coeffs, np.asarray(z, dtype=np.float64), abs_mag, repair_t, source), residual
 
 
 def reference_photometry(splits=("train", "valid"), r_limit: float = 17.77, z_max: float = 0.4) -> dict:
@@ -266,10 +271,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(LIBRARY))
     args = parser.parse_args(argv)
     real = reference_photometry()
-    library = fit_library(real["mags"], real["errs"], real["z"],
-                          source="sdss.ugriz.train + sdss.ugriz.valid (ANNz), r < 17.77, 0.003 < z < 0.4")
-    _, _, residual = fit_coefficients(real["mags"] - REFERENCE_MW_EBV * np.array(
-        [EXTINCTION_A_OVER_EBV[b] for b in BANDS]), real["errs"], real["z"], library.repair_mag)
+    library, residual = fit_library(real["mags"], real["errs"], real["z"],
+                                    source="sdss.ugriz.train + sdss.ugriz.valid (ANNz), r < 17.77, 0.003 < z < 0.4")
     print(f"{library.z.size} galaxies; median residual (model - data, mag) per band "
           + " ".join(f"{b} {v:+.4f}" for b, v in zip(BANDS, np.median(residual, axis=0), strict=True)))
     print(f"repair (mag at {REPAIR_KNOTS_AA} A): {library.repair_mag}")
