@@ -118,13 +118,17 @@ def transfer_matrix(sim: dict) -> dict:
     real_train, real_test = load_real("train"), load_real("test")
     sim_mags = {"petro": sim["petro_mags"], "model": sim["model_mags"],
                 "model-dereddened": _dereddened(sim["model_mags"], sim.get("ebv", REFERENCE_MW_EBV))}
+    # the real magnitudes as published, and dereddened: each method's real-to-real score is computed once per
+    # version of the real magnitudes, not once per simulated kind
+    real_mags = {dered: tuple(_dereddened(r["mags"], REFERENCE_MW_EBV) if dered else r["mags"]
+                              for r in (real_train, real_test)) for dered in (False, True)}
     out: dict = {}
     for method in (KNNPhotoZ, LocalLinearPhotoZ):
+        real_scores = {dered: scored(method, train, real_train["z"], test, real_test["z"])
+                       for dered, (train, test) in real_mags.items()}
         for kind in KINDS:
             dered = kind.endswith("dereddened")
-            train, test = ((_dereddened(r["mags"], REFERENCE_MW_EBV) if dered else r["mags"])
-                           for r in (real_train, real_test))
-            real_to_real = scored(method, train, real_train["z"], test, real_test["z"])
+            real_to_real, test = real_scores[dered], real_mags[dered][1]
             sim_to_real = scored(method, sim_mags[kind], sim["z"], test, real_test["z"])
             row = {"real_to_real": real_to_real, "sim_to_real": sim_to_real,
                    "sigma_mad_ratio": sim_to_real["sigma_mad"] / real_to_real["sigma_mad"],
