@@ -27,7 +27,8 @@ import numpy as np
 import orjson
 
 from photoz.model.bundle import Bundle
-from photoz.model.pdf import ESTIMATES, pdf_flags, point_estimates
+from photoz.model.pdf import ESTIMATES, point_estimates
+from photoz.model.quality import FLAG_BITS, flag_names, pdf_flag_bits
 
 JSON_TYPE, FITS_TYPE, HDF5_TYPE = "application/json", "application/fits", "application/x-hdf5"
 ACCEPTED = (JSON_TYPE, FITS_TYPE, HDF5_TYPE)
@@ -53,40 +54,43 @@ class ModelInfo:
 
 @dataclass
 class ResultRows:
-    """One row per input object; invalid rows have NaN estimates and PDF and a non-empty error."""
+    """One row per input object; invalid rows have NaN estimates and PDF, no flags and a non-empty error."""
 
     ids: list[str]
     valid: np.ndarray  # (n,) bool
     errors: list[str]
     estimates: dict[str, np.ndarray]  # each (n,) float64
     probs: np.ndarray  # (n, n_bins) float32
+    flag_bits: np.ndarray  # (n,) uint32, photoz.model.quality.FLAG_BITS
 
     def __len__(self) -> int:
         return len(self.ids)
 
     @property
     def flags(self) -> list[str]:
-        """Comma-joined flags per row ("" for none)."""
-        return [",".join(flags) for flags in pdf_flags(self.probs)]
+        """Comma-joined flag names per row ("" for none)."""
+        return [",".join(names) for names in flag_names(self.flag_bits)]
 
     @classmethod
     def empty(cls, ids: list[str], problems: list[str | None], n_bins: int) -> ResultRows:
         """Rows with no prediction yet: fill ``probs`` and ``estimates`` of the valid rows with :meth:`fill`."""
         n = len(ids)
         return cls(list(ids), np.array([p is None for p in problems], bool), [p or "" for p in problems],
-                   {key: np.full(n, np.nan) for key in ESTIMATES}, np.full((n, n_bins), np.nan, np.float32))
+                   {key: np.full(n, np.nan) for key in ESTIMATES}, np.full((n, n_bins), np.nan, np.float32),
+                   np.zeros(n, np.uint32))
 
     def fill(self, rows: np.ndarray, outputs: dict[str, np.ndarray]) -> None:
-        """Put the engine's ``outputs`` (``probs`` and the estimates) into ``rows``."""
+        """Put the engine's ``outputs`` (``probs``, the estimates and, if there, ``flag_bits``) into ``rows``."""
         self.probs[rows] = outputs["probs"]
         for key in ESTIMATES:
             self.estimates[key][rows] = outputs[key]
+        self.flag_bits[rows] = outputs["flag_bits"] if "flag_bits" in outputs else pdf_flag_bits(outputs["probs"])
 
     def save(self, path: Path) -> None:
         """An ``.npz`` (no pickles), written atomically: the file exists only once complete."""
         tmp = path.with_name(path.name + ".tmp.npz")
         arrays: dict[str, Any] = {"ids": _utf8(self.ids), "valid": self.valid, "errors": _utf8(self.errors),
-                                  "probs": self.probs, **self.estimates}
+                                  "probs": self.probs, "flag_bits": self.flag_bits, **self.estimates}
         np.savez(tmp, **arrays)
         tmp.replace(path)
 
@@ -94,31 +98,34 @@ class ResultRows:
     def load(cls, path: Path) -> ResultRows:
         with np.load(path, allow_pickle=False) as d:
             return cls(_from_utf8(d["ids"]), d["valid"], _from_utf8(d["errors"]),
-                       {key: d[key] for key in ESTIMATES}, d["probs"])
+                       {key: d[key] for key in ESTIMATES}, d["probs"], d["flag_bits"])
 
     @classmethod
     def concatenate(cls, parts: list[ResultRows]) -> ResultRows:
         return cls([i for p in parts for i in p.ids], np.concatenate([p.valid for p in parts]),
                    [e for p in parts for e in p.errors],
                    {key: np.concatenate([p.estimates[key] for p in parts]) for key in ESTIMATES},
-                   np.concatenate([p.probs for p in parts]))
+                   np.concatenate([p.probs for p in parts]), np.concatenate([p.flag_bits for p in parts]))
 
 
 @dataclass
 class Results:
-    """Per-object outcome of one request. ``probs`` rows align with ``ids[valid]``."""
+    """Per-object outcome of one request. ``probs``, ``estimates`` and ``flag_bits`` rows align with
+    ``ids[valid]``; estimates and the PDF's own flag are computed here when not given."""
 
     bundle: Bundle
     ids: list[str]
     problems: list[str | None]
     probs: np.ndarray  # (n_valid, n_bins)
-    estimates: dict[str, np.ndarray] = field(default_factory=dict)  # computed here when not given
+    estimates: dict[str, np.ndarray] = field(default_factory=dict)
+    flag_bits: np.ndarray | None = None  # (n_valid,) uint32
 
     def __post_init__(self) -> None:
         self.valid = np.array([p is None for p in self.problems], dtype=bool)
         if not self.estimates:
             self.estimates = point_estimates(self.probs, self.bundle.metadata.bins)
-        self.flags = pdf_flags(self.probs)
+        self.bits: np.ndarray = pdf_flag_bits(self.probs) if self.flag_bits is None else self.flag_bits
+        self.flags = flag_names(self.bits)
 
     def model_info(self) -> ModelInfo:
         return ModelInfo.of(self.bundle)
@@ -126,7 +133,7 @@ class Results:
     def rows(self) -> ResultRows:
         """One row per input object."""
         table = ResultRows.empty(self.ids, self.problems, self.bundle.metadata.bins.n_bins)
-        table.fill(np.flatnonzero(self.valid), {"probs": self.probs, **self.estimates})
+        table.fill(np.flatnonzero(self.valid), {"probs": self.probs, **self.estimates, "flag_bits": self.bits})
         return table
 
 
@@ -202,12 +209,16 @@ def fits_hdus(rows: ResultRows, edges: np.ndarray, model: ModelInfo, include_pdf
 
     columns = [_text_column("ID", rows.ids), fits.Column(name="VALID", format="L", array=rows.valid)]
     columns += [fits.Column(name=key.upper(), format="D", array=rows.estimates[key]) for key in ESTIMATES]
-    columns += [_text_column("FLAGS", rows.flags), _text_column("ERROR", rows.errors)]
+    columns += [_text_column("FLAGS", rows.flags),
+                fits.Column(name="FLAG_BITS", format="J", array=rows.flag_bits.astype(np.int32)),
+                _text_column("ERROR", rows.errors)]
     if include_pdf:
         columns.append(fits.Column(name="PDF", format=f"{rows.probs.shape[1]}E", array=rows.probs))
     primary = fits.PrimaryHDU()
     primary.header["MODEL"], primary.header["MODELVER"] = model.name, model.version
     primary.header["SHA256"] = model.sha256[:68]
+    for name, bit in FLAG_BITS.items():  # what FLAG_BITS means, in the file itself
+        primary.header[f"FLAGBIT{bit.bit_length() - 1}"] = name
     bins = fits.BinTableHDU.from_columns([fits.Column(name="Z_EDGES", format="D", array=edges)], name="BINS")
     return fits.HDUList([primary, fits.BinTableHDU.from_columns(columns, name="PHOTOZ"), bins])
 
@@ -235,7 +246,8 @@ class QpHdf5Writer:
         meta.create_dataset("pdf_name", data=np.array([b"hist"]))
         meta.create_dataset("pdf_version", data=np.array([0]))
         meta.create_dataset("bins", data=np.asarray(edges, np.float64)[None, :])
-        h5.attrs.update({"model_name": model.name, "model_version": model.version, "model_sha256": model.sha256})
+        h5.attrs.update({"model_name": model.name, "model_version": model.version, "model_sha256": model.sha256,
+                         "flag_bits": json.dumps(FLAG_BITS)})
         self.n_bins = len(edges) - 1 if include_pdf else 0
         self.pdfs = h5.create_group("data").create_dataset("pdfs", shape=(0, self.n_bins), maxshape=(None, self.n_bins),
                                                           dtype=np.float64, chunks=(4096, max(1, self.n_bins)))
@@ -246,7 +258,7 @@ class QpHdf5Writer:
         v = rows.valid
         ancil = {"ids": _utf8([i for i, ok in zip(rows.ids, v, strict=True) if ok]),
                  **{key: rows.estimates[key][v] for key in ESTIMATES},
-                 "flags": _utf8([f for f, ok in zip(rows.flags, v, strict=True) if ok])}
+                 "flags": _utf8([f for f, ok in zip(rows.flags, v, strict=True) if ok]), "flag_bits": rows.flag_bits[v]}
         _append(self.pdfs, rows.probs[v].astype(np.float64) if self.include_pdf else np.zeros((int(v.sum()), 0)))
         for key, value in ancil.items():
             if key not in self.ancil:
@@ -295,8 +307,10 @@ def parquet_table(rows: ResultRows, edges: np.ndarray, model: ModelInfo) -> Any:
 
     table = pa.table({"id": rows.ids, "valid": rows.valid, "error": rows.errors,
                       **{key: rows.estimates[key] for key in ESTIMATES}, "flags": rows.flags,
+                      "flag_bits": rows.flag_bits,
                       "pdf": pa.FixedSizeListArray.from_arrays(pa.array(rows.probs.ravel()), rows.probs.shape[1])})
-    meta = {b"photoz": json.dumps({"z_bin_edges": [float(e) for e in edges], "model": model.as_dict()}).encode()}
+    meta = {b"photoz": json.dumps({"z_bin_edges": [float(e) for e in edges], "model": model.as_dict(),
+                                   "flag_bits": FLAG_BITS}).encode()}
     return table.replace_schema_metadata(meta)
 
 

@@ -14,7 +14,8 @@ The ONNX ``metadata_props`` carry a JSON document under the key ``photoz``::
       "inputs": {"images": "images", "ebv": "ebv"},
       "outputs": {"probabilities": "probabilities"},
       "training": {"dataset": {"name": ..., "provenance": ..., "n_objects": ...},
-                   "seed": ..., "epochs": ..., "code_commit": ..., "metrics": {...}}
+                   "seed": ..., "epochs": ..., "code_commit": ..., "metrics": {...}},
+      "quality": {"features_version": 1, "thresholds": {...}, ...}   # optional: the flags' thresholds
     }
 
 :func:`load_bundle` refuses a bundle whose document is missing or wrong and
@@ -104,6 +105,16 @@ class BundleMetadata:
     @property
     def output_probabilities(self) -> str:
         return self.document["outputs"]["probabilities"]
+
+    @property
+    def pixel_scale_arcsec(self) -> float:
+        return float(self.document["pixel_scale_arcsec"])
+
+    @property
+    def quality(self) -> dict[str, Any] | None:
+        """The quality-flag thresholds measured on the training set (:mod:`photoz.model.quality`), if any."""
+        quality = self.document.get("quality")
+        return quality if isinstance(quality, dict) else None
 
 
 def _structure_problems(document: dict[str, Any]) -> list[str]:

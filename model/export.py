@@ -25,6 +25,28 @@ class ParityError(RuntimeError):
     pass
 
 
+def write_metadata(path: str | Path, metadata: dict[str, Any], out: str | Path | None = None) -> Bundle:
+    """Replace the ``photoz`` metadata of the bundle at ``path`` (validated first), writing it to ``out``
+    (default: in place, atomically); the graph and weights are untouched. Returns the bundle as written."""
+    import onnx
+
+    parse_metadata(metadata)
+    path, out = Path(path), Path(out or path)
+    proto = onnx.load(str(path))
+    _set_metadata(proto, metadata)
+    tmp = out.with_name(out.name + ".tmp")
+    onnx.save(proto, str(tmp))
+    tmp.replace(out)
+    return load_bundle(out)
+
+
+def _set_metadata(proto: Any, metadata: dict[str, Any]) -> None:
+    del proto.metadata_props[:]
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
+    proto.doc_string = f"photoz {metadata['model']['name']} {metadata['model']['version']}"
+
+
 def code_commit() -> str:
     """The git commit of the code doing the export, or 'unknown' outside a checkout."""
     try:
@@ -118,10 +140,7 @@ def export_bundle(net: PasquetNet | EnsembleNet, path: str | Path, metadata: dic
 
         proto = float16.convert_float_to_float16(proto, keep_io_types=True)
         metadata = {**metadata, "precision": "float16"}
-    del proto.metadata_props[:]
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
-    proto.doc_string = f"photoz {metadata['model']['name']} {metadata['model']['version']}"
+    _set_metadata(proto, metadata)
     onnx.save(proto, str(path))
     bundle = load_bundle(path)
     check_parity(net, path, n=parity_samples, seed=seed,

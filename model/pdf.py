@@ -117,11 +117,6 @@ def at_grid_edge(pdfs: np.ndarray) -> np.ndarray:
     return np.asarray(np.nan_to_num(pdfs[:, -EDGE_BINS:]).sum(axis=1) >= EDGE_PROBABILITY)
 
 
-def pdf_flags(pdfs: np.ndarray) -> list[list[str]]:
-    """The flags of each PDF (today only :data:`GRID_EDGE_FLAG`)."""
-    return [[GRID_EDGE_FLAG] if edge else [] for edge in at_grid_edge(pdfs)]
-
-
 def point_estimates(pdfs: ArrayLike, bins: RedshiftBins) -> dict[str, np.ndarray]:
     """Mean, median, mode, standard deviation and 68%/95% central intervals.
 

@@ -79,8 +79,12 @@ class OnnxPredictor:
                  inter_op_threads: int = 0, allow_spinning: bool = True) -> None:
         import onnxruntime as ort
 
+        from photoz.model.quality import QualityFlagger
+
         self.bundle = bundle
         self.metadata = bundle.metadata
+        self.flagger = QualityFlagger(bundle.metadata.bands, bundle.metadata.pixel_scale_arcsec,
+                                      bundle.metadata.quality)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = intra_op_threads
@@ -148,11 +152,12 @@ class OnnxPredictor:
         return session.run([md.output_probabilities], {md.input_images: images, md.input_ebv: ebv})[0][:n]
 
     def predict_with_estimates(self, images: np.ndarray, ebv: np.ndarray) -> dict[str, np.ndarray]:
-        """Probabilities plus point estimates, all row-aligned (estimates vectorised over the batch)."""
+        """Probabilities, point estimates and ``flag_bits`` (:mod:`photoz.model.quality`), all row-aligned."""
         from photoz.model.pdf import point_estimates
 
         probs = self.predict(images, ebv)
-        return {"probs": probs, **point_estimates(probs, self.metadata.bins)}
+        return {"probs": probs, **point_estimates(probs, self.metadata.bins),
+                "flag_bits": self.flagger.flag_bits(images, np.asarray(ebv).reshape(-1), probs)}
 
     def predict_batched(self, images: np.ndarray, ebv: np.ndarray, batch_size: int = 64) -> np.ndarray:
         out = [self.predict(images[i:i + batch_size], ebv[i:i + batch_size])

@@ -18,6 +18,7 @@ from photoz.formats.cutouts import Geometry
 from photoz.formats.results import ModelInfo
 from photoz.model.bundle import load_bundle
 from photoz.model.pdf import ESTIMATES, RedshiftBins
+from photoz.model.quality import bits_from_names
 from photoz.model.runtime import OnnxPredictor
 
 
@@ -29,7 +30,7 @@ class Engine(Protocol):
     model: ModelInfo
 
     def run(self, images: np.ndarray, ebv: np.ndarray) -> dict[str, np.ndarray]:
-        """``probs`` (N, n_bins) and every point estimate (N,), row-aligned with ``images``."""
+        """``probs`` (N, n_bins), every point estimate (N,) and ``flag_bits`` (N,), row-aligned with ``images``."""
         ...
 
 
@@ -74,6 +75,8 @@ class RemoteEngine:
         out["probs"][rows] = res.pdfs
         for key in ESTIMATES:
             out[key][rows] = res.estimates[key]
+        out["flag_bits"] = np.zeros(n, np.uint32)
+        out["flag_bits"][rows] = bits_from_names(res.flags)
         return out
 
 

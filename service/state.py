@@ -222,8 +222,8 @@ async def predict_cutouts(request: Request, engine: ServingEngine, cutouts: Cuto
         outputs = _refuse_non_finite(cutouts, valid, outputs)
     engine.metrics.objects_rejected.inc(sum(p is not None for p in cutouts.problems))
     assert outputs is not None
-    probs = outputs.pop("probs")
-    return Results(engine.bundle, cutouts.ids, cutouts.problems, probs, outputs)
+    probs, flag_bits = outputs.pop("probs"), outputs.pop("flag_bits", None)
+    return Results(engine.bundle, cutouts.ids, cutouts.problems, probs, outputs, flag_bits)
 
 
 async def encoded(results: Results, encode: Callable[..., T], *args: Any) -> T:

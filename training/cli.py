@@ -50,8 +50,24 @@ def _export(args) -> int:
     from photoz.training.export import export_checkpoint
 
     bundle = export_checkpoint(args.checkpoint, args.out, args.name, args.version, args.held_out_report,
-                               fp16=args.fp16)
+                               fp16=args.fp16, reference_data=args.reference_data)
     print(f"{bundle.path}  sha256 {bundle.sha256}  (ONNX/torch parity checked)")
+    return 0
+
+
+def _ood_thresholds(args) -> int:
+    from photoz.model.bundle import load_bundle
+    from photoz.model.export import write_metadata
+    from photoz.training.ood import reference_quality
+
+    bundle = load_bundle(args.model)
+    document = {**bundle.metadata.document, "quality": reference_quality(args.data, args.n)}
+    if args.version:
+        document["model"] = {**document["model"], "version": args.version}
+    written = write_metadata(args.model, document, args.out)
+    thresholds = document["quality"]["thresholds"]
+    print(", ".join(f"{k} {v:.4g}" for k, v in thresholds.items() if isinstance(v, float)))
+    print(f"{written.path}  sha256 {written.sha256}")
     return 0
 
 
@@ -115,7 +131,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--held-out-report", default=None, help="metrics.json of `photoz evaluate` on held-out data")
     p.add_argument("--fp16", action="store_true",
                    help="float16 weights and compute (GPU serving); inputs and outputs stay float32")
+    p.add_argument("--reference-data", default=None,
+                   help="labelled HDF5 whose first 20,000 cutouts set the out-of-distribution flags' thresholds "
+                        "(default: the checkpoint's training set)")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("ood-thresholds", help="measure a bundle's out-of-distribution flag thresholds on its "
+                                              "training set and write them into its metadata",
+                       description="The quality flags (E(B-V), r flux and signal-to-noise outside the training "
+                                   "range, point source, blend) compare features of each cutout with their "
+                                   "range on the training set: this measures that range on --data and stores it "
+                                   "in the bundle's metadata (the graph is unchanged; the checksum changes).")
+    p.add_argument("--model", required=True, help="bundle (.onnx)")
+    p.add_argument("--data", required=True, help="the bundle's training set (labelled HDF5)")
+    p.add_argument("--n", type=int, default=20_000, help="cutouts to measure (the first N; default 20000)")
+    p.add_argument("--out", default=None, help="write the bundle here (default: in place)")
+    p.add_argument("--version", default=None, help="new model version for the re-stamped bundle")
+    p.set_defaults(func=_ood_thresholds)
 
     p = sub.add_parser("recalibrate", help="fit a softmax temperature on a checkpoint's validation rows",
                        description="Post-hoc calibration of the PDFs (temperature scaling): the temperature that "

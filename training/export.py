@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from photoz.model.export import code_commit, export_bundle, make_metadata
 from photoz.model.pasquet import EnsembleNet
 from photoz.model.pdf import RedshiftBins
 from photoz.training.train import load_checkpoint
+
+log = logging.getLogger("photoz.export")
 
 
 def training_record(state: dict, held_out: dict | None) -> dict:
@@ -27,9 +30,12 @@ def training_record(state: dict, held_out: dict | None) -> dict:
 
 
 def export_checkpoint(checkpoint: str | Path | list, out: str | Path, name: str, version: str,
-                      held_out_report: str | Path | None = None, fp16: bool = False):
+                      held_out_report: str | Path | None = None, fp16: bool = False,
+                      reference_data: str | Path | None = None):
     """A checkpoint, or several (a deep ensemble: one architecture and data set, different seeds; their PDFs
-    are averaged in the exported graph), to a bundle with its training record."""
+    are averaged in the exported graph), to a bundle with its training record and the thresholds of its
+    out-of-distribution flags, measured on ``reference_data`` (default: the training set named in the
+    checkpoint, if it is there; without either the bundle gets the fixed-definition flags only)."""
     paths = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
     loaded = [load_checkpoint(p) for p in paths]
     held_out = json.loads(Path(held_out_report).read_text()) if held_out_report else None
@@ -55,4 +61,14 @@ def export_checkpoint(checkpoint: str | Path | list, out: str | Path, name: str,
         record["temperature"] = temperatures[0] if len(temperatures) == 1 else temperatures
     bins = RedshiftBins.from_metadata(state["train_config"]["z_bins"])
     metadata = make_metadata(net, state["train_config"]["variant"], name, version, record, bins=bins)
+    reference = Path(reference_data or state["train_config"].get("data", ""))
+    if reference_data is not None and not reference.is_file():
+        raise FileNotFoundError(f"reference data set {reference} does not exist")
+    if reference.is_file():
+        from photoz.training.ood import reference_quality
+
+        metadata["quality"] = reference_quality(reference)
+    else:
+        log.warning("training set %s not found: the bundle gets no out-of-distribution thresholds "
+                    "(give --reference-data, or add them later with `photoz ood-thresholds`)", reference)
     return export_bundle(net, out, metadata, fp16=fp16)

@@ -1,0 +1,105 @@
+"""Quality flags end to end: a bundle with thresholds, served (JSON, FITS, /v1/models), offline (Parquet,
+through the service too), and written into a bundle by `photoz ood-thresholds`."""
+import io
+import shutil
+import subprocess
+import sys
+
+import h5py
+import httpx
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from photoz.model.conventions import BANDS, PIXEL_SCALE_ARCSEC
+from photoz.model.quality import FLAG_BITS, cutout_features, quality_metadata
+from tests.helpers import disk_galaxies, npy_bytes, star
+
+
+@pytest.fixture(scope="module")
+def flagged_bundle(tiny_bundle, tmp_path_factory):
+    """The tiny bundle with thresholds measured on synthetic disks."""
+    from photoz.model.bundle import load_bundle
+    from photoz.model.export import write_metadata
+
+    images, ebv = disk_galaxies(np.random.default_rng(7), 2000)
+    quality = quality_metadata(cutout_features(images, ebv, BANDS, PIXEL_SCALE_ARCSEC), {"dataset": "disks"})
+    path = tmp_path_factory.mktemp("flagged") / "tiny-flagged.onnx"
+    document = {**load_bundle(tiny_bundle).metadata.document, "quality": quality}
+    return write_metadata(tiny_bundle, document, path).path
+
+
+@pytest.fixture(scope="module")
+def probes():
+    """[a galaxy, the same with a zero-filled strip, a star, the galaxy at E(B-V) 1]: what each should say."""
+    rng = np.random.default_rng(3)
+    galaxy, _ = disk_galaxies(rng, 1, r_mag=(16.5, 16.5), scale_px=(2.5, 2.5))
+    masked = galaxy.copy()
+    masked[0, 3, 20:24, :] = 0.0
+    images = np.concatenate([galaxy, masked, star(rng, 16.0), galaxy])
+    ebv = np.array([0.03, 0.03, 0.03, 1.0], np.float32)
+    return images, ebv, [[], ["masked_pixels"], ["point_source"], ["ebv_above_training"]]
+
+
+@pytest.fixture(scope="module")
+def flag_server(flagged_bundle, tmp_path_factory):
+    from photoz.service.live import LiveServer
+
+    srv = LiveServer(flagged_bundle, tmp_path_factory.mktemp("flaglogs") / "server.log", max_batch_size=8)
+    yield srv
+    srv.stop()
+
+
+def test_served_json_and_fits_carry_the_flags(flag_server, probes):
+    images, ebv, want = probes
+    params = {"ebv": ",".join(str(float(e)) for e in ebv)}
+    doc = httpx.post(flag_server.url + "/v1/predict", content=npy_bytes(images), params=params,
+                     headers={"Content-Type": "application/x-npy"}, timeout=60).json()
+    assert doc["ancil"]["flags"] == want
+    response = httpx.post(flag_server.url + "/v1/predict", content=npy_bytes(images), params=params, timeout=60,
+                          headers={"Content-Type": "application/x-npy", "Accept": "application/fits"})
+    with fits.open(io.BytesIO(response.content)) as hdul:
+        table = hdul["PHOTOZ"].data
+        assert list(table["FLAGS"]) == [",".join(w) for w in want]
+        assert list(table["FLAG_BITS"]) == [sum(FLAG_BITS[f] for f in w) for w in want]
+        assert hdul[0].header["FLAGBIT6"] == "masked_pixels"
+    model = httpx.get(flag_server.url + "/v1/models").json()["models"][0]
+    assert model["metadata"]["quality"]["thresholds"]["ebv_max"] < 1.0
+
+
+def test_offline_tables_carry_the_same_flags_here_and_through_the_service(flagged_bundle, flag_server, probes,
+                                                                          tmp_path):
+    import pyarrow.parquet as pq
+
+    from photoz.pipeline.predict import predict_files
+
+    images, ebv, want = probes
+    with h5py.File(tmp_path / "in.h5", "w") as h5:
+        h5["images"], h5["ebv"] = images, ebv
+    bits = [sum(FLAG_BITS[f] for f in w) for w in want]
+    predict_files([tmp_path / "in.h5"], tmp_path / "here.parquet", model=flagged_bundle, progress=False)
+    here = pq.read_table(tmp_path / "here.parquet").to_pydict()
+    assert here["flag_bits"] == bits and here["flags"] == [",".join(w) for w in want]
+    predict_files([tmp_path / "in.h5"], tmp_path / "there.parquet", url=flag_server.url, progress=False)
+    assert pq.read_table(tmp_path / "there.parquet").to_pydict()["flag_bits"] == bits
+
+
+def test_ood_thresholds_command_writes_them_into_a_bundle(tiny_bundle, tmp_path):
+    from photoz.model.bundle import load_bundle
+
+    images, ebv = disk_galaxies(np.random.default_rng(1), 300)
+    with h5py.File(tmp_path / "train.h5", "w") as h5:
+        h5["images"], h5["ebv"], h5["z"] = images, ebv, np.full(300, 0.1)
+    bundle = tmp_path / "b.onnx"
+    shutil.copy(tiny_bundle, bundle)
+    before = load_bundle(bundle)
+    assert before.metadata.quality is None
+    run = subprocess.run([sys.executable, "-m", "photoz", "ood-thresholds", "--model", str(bundle), "--data",
+                          str(tmp_path / "train.h5"), "--version", "0.0.2"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    after = load_bundle(bundle)
+    quality = after.metadata.quality
+    assert quality["reference"] == {"dataset": "train.h5", "rows": "first 300 of 300", "n_objects": 300}
+    assert after.metadata.version == "0.0.2" and after.sha256 != before.sha256
+    features = cutout_features(images, ebv, BANDS, PIXEL_SCALE_ARCSEC)
+    assert quality["thresholds"]["r_mag_min"] == pytest.approx(np.quantile(features["r_mag"], 0.001))

@@ -1,0 +1,166 @@
+"""Quality and out-of-distribution flags (photoz.model.quality): each flag on cutouts made to trip it.
+
+The "training set" here is synthetic (tests.helpers.disk_galaxies: exponential disks through a Gaussian PSF
+with sky noise, numpy only), so the thresholds come from a known population.
+"""
+import numpy as np
+import pytest
+
+from photoz.model.conventions import BANDS, PIXEL_SCALE_ARCSEC
+from photoz.model.quality import (
+    FEATURES_VERSION,
+    FLAG_BITS,
+    FLAG_NAMES,
+    IDENTICAL_RUN_PIXELS,
+    OOD_FLAGS,
+    QualityFlagger,
+    bits_from_names,
+    cutout_features,
+    flag_bits_from_features,
+    flag_names,
+    quality_metadata,
+    reference_thresholds,
+    usable_thresholds,
+)
+from tests.helpers import SIGMA, SIZE, disk_galaxies, star
+
+
+@pytest.fixture(scope="module")
+def reference():
+    rng = np.random.default_rng(7)
+    images, ebv = disk_galaxies(rng, 3000)
+    features = cutout_features(images, ebv, BANDS, PIXEL_SCALE_ARCSEC)
+    return quality_metadata(features, {"dataset": "synthetic disks"})
+
+
+def _flags(images, ebv, quality) -> list[list[str]]:
+    flagger = QualityFlagger(BANDS, PIXEL_SCALE_ARCSEC, quality)
+    probs = np.full((len(images), 180), 1 / 180, np.float32)
+    return flag_names(flagger.flag_bits(images, ebv, probs))
+
+
+def _share(flags, name) -> float:
+    return float(np.mean([name in f for f in flags]))
+
+
+def test_in_range_objects_are_rarely_flagged(reference):
+    images, ebv = disk_galaxies(np.random.default_rng(8), 1500)
+    flags = _flags(images, ebv, reference)
+    assert np.mean([any(f in OOD_FLAGS for f in row) for row in flags]) <= 0.03
+
+
+def test_r_magnitude_and_snr_measure_what_was_put_in():
+    rng = np.random.default_rng(1)
+    images, ebv = disk_galaxies(rng, 200, r_mag=(16.0, 16.0), scale_px=(1.5, 2.0), noise=False)
+    f = cutout_features(images, ebv, BANDS, PIXEL_SCALE_ARCSEC)
+    # a 6" aperture holds nearly all the light of a small disk: within 0.05 mag of the total
+    assert np.all(np.abs(f["r_mag"] - 16.0) < 0.05)
+    sky = rng.normal(0, 1, images.shape).astype(np.float32) * SIGMA[None, :, None, None]
+    f = cutout_features(sky, ebv, BANDS, PIXEL_SCALE_ARCSEC)
+    assert abs(np.median(f["snr_r"])) < 0.3  # no source: no signal
+
+
+def test_background_sigma_is_the_sky_sigma():
+    rng = np.random.default_rng(2)
+    images, ebv = disk_galaxies(rng, 100)
+    from photoz.model.quality import _background, _Geometry
+
+    geo = _Geometry(SIZE, PIXEL_SCALE_ARCSEC)
+    outer = np.flatnonzero(geo.centre_distance().ravel() > geo.radius_pixels(10.0))[::2]
+    level, sigma = _background(images.reshape(100, 5, -1), outer)
+    np.testing.assert_allclose(np.median(sigma, axis=0), SIGMA, rtol=0.05)
+    assert np.all(np.abs(np.median(level, axis=0)) < 0.1 * SIGMA)
+
+
+def test_ebv_flux_and_snr_beyond_the_training_range_are_flagged(reference):
+    rng = np.random.default_rng(3)
+    t = reference["thresholds"]
+    images, ebv = disk_galaxies(rng, 50)
+    assert _share(_flags(images, np.full(50, 2 * t["ebv_max"]), reference), "ebv_above_training") == 1
+    bright, _ = disk_galaxies(rng, 50, r_mag=(12.0, 12.5))
+    assert _share(_flags(bright, ebv, reference), "r_above_training") == 1
+    faint, _ = disk_galaxies(rng, 50, r_mag=(20.0, 20.5))
+    flags = _flags(faint, ebv, reference)
+    assert _share(flags, "r_below_training") >= 0.9 and _share(flags, "low_snr") >= 0.9
+    noisy = images + rng.normal(0, 1, images.shape).astype(np.float32) * 30 * SIGMA[None, :, None, None]
+    assert _share(_flags(noisy, ebv, reference), "low_snr") >= 0.9
+
+
+def test_stars_are_point_sources_and_galaxies_are_not(reference):
+    rng = np.random.default_rng(4)
+    stars = np.concatenate([star(rng, rng.uniform(15, 17.5), rng.uniform(1.2, 1.6)) for _ in range(40)])
+    assert _share(_flags(stars, np.full(40, 0.03), reference), "point_source") >= 0.9
+    big, ebv = disk_galaxies(rng, 40, scale_px=(3.0, 5.0))
+    assert _share(_flags(big, ebv, reference), "point_source") == 0
+
+
+def test_an_equal_companion_is_a_blend(reference):
+    rng = np.random.default_rng(5)
+    images, ebv = disk_galaxies(rng, 40, r_mag=(15.5, 16.5), scale_px=(1.5, 2.5))
+    companions = np.roll(images, (0, 7), axis=(2, 3))  # 2.8" to the side, as bright
+    assert _share(_flags(images + 0.8 * companions, ebv, reference), "blend") >= 0.9
+    assert _share(_flags(images, ebv, reference), "blend") <= 0.05
+
+
+def test_masked_pixels_need_a_run_of_identical_values(reference):
+    rng = np.random.default_rng(6)
+    images, ebv = disk_galaxies(rng, 3)
+    images[0, 1, 10:12, :] = 0.0  # a zero-filled strip in g
+    images[1, 4, 5, 20:20 + IDENTICAL_RUN_PIXELS - 1] = 1.25  # one pixel short of a run
+    images[2, 0, 30:30 + IDENTICAL_RUN_PIXELS, 3] = -7.0  # a column of a fill value in u
+    flags = _flags(images, ebv, reference)
+    assert ["masked_pixels" in f for f in flags] == [True, False, True]
+
+
+def test_a_flat_topped_peak_is_saturated(reference):
+    rng = np.random.default_rng(9)
+    images, ebv = disk_galaxies(rng, 2, r_mag=(13.5, 13.5), scale_px=(1.5, 1.5))
+    level = 0.5 * images[0].max(axis=(1, 2))
+    images[0] = np.minimum(images[0], level[:, None, None])
+    flags = _flags(images, ebv, reference)
+    assert "saturated" in flags[0] and "saturated" not in flags[1]
+
+
+def test_the_pdf_flag_needs_no_cutout_features():
+    probs = np.zeros((2, 180), np.float32)
+    probs[0, -1] = 1.0
+    probs[1, 50] = 1.0
+    flagger = QualityFlagger(BANDS, PIXEL_SCALE_ARCSEC, None)
+    images, ebv = disk_galaxies(np.random.default_rng(0), 2)
+    assert flag_names(flagger.flag_bits(images, ebv, probs)) == [["pdf_at_grid_edge"], []]
+
+
+def test_without_thresholds_only_the_fixed_flags_are_set(reference):
+    images, ebv = disk_galaxies(np.random.default_rng(10), 5, r_mag=(11.0, 11.5))
+    images[0, 2, :, 40:44] = 0.0
+    flags = _flags(images, np.full(5, 5.0), None)  # far too bright, E(B-V) 5: unknown without thresholds
+    assert flags[0] == ["masked_pixels"] and all(f == [] for f in flags[1:])
+    stale = {**reference, "features_version": FEATURES_VERSION + 1}
+    assert usable_thresholds(stale) is None
+    assert _flags(images[1:], np.full(4, 5.0), stale) == [[]] * 4
+
+
+def test_binned_thresholds_follow_the_magnitude():
+    rng = np.random.default_rng(11)
+    n = 20000
+    r_mag = rng.uniform(14, 18, n)
+    features = {"ebv": rng.uniform(0, 0.1, n), "r_mag": r_mag, "snr_r": rng.uniform(50, 500, n),
+                "concentration": 0.1 + 0.05 * (r_mag - 14) + rng.uniform(0, 0.02, n),
+                "asymmetry": rng.uniform(0, 0.1, n), "identical_run": np.zeros(n, bool), "plateau": np.zeros(n)}
+    t = reference_thresholds(features)
+    limits = t["by_r_mag"]["concentration_max"]
+    assert np.all(np.diff(limits) > 0) and limits[0] < 0.2 < limits[-1]
+    # a value typical at r = 18 is out of range at r = 14.5, fine at 17.8
+    probe = {**{k: v[:2] for k, v in features.items()}, "r_mag": np.array([14.5, 17.8]),
+             "concentration": np.array([0.3, 0.3]), "ebv": np.array([0.05, 0.05]),
+             "snr_r": np.array([100.0, 100.0]), "asymmetry": np.array([0.05, 0.05])}
+    assert flag_names(flag_bits_from_features(probe, t)) == [["point_source"], []]
+
+
+def test_flag_names_and_bits_round_trip():
+    assert FLAG_NAMES[0] == "pdf_at_grid_edge" and len(set(FLAG_BITS.values())) == len(FLAG_NAMES)
+    bits = np.array([0, FLAG_BITS["blend"] | FLAG_BITS["low_snr"], FLAG_BITS["pdf_at_grid_edge"]], np.uint32)
+    names = flag_names(bits)
+    assert names == [[], ["blend", "low_snr"], ["pdf_at_grid_edge"]]
+    np.testing.assert_array_equal(bits_from_names(names), bits)
+    np.testing.assert_array_equal(bits_from_names(["", "blend,low_snr", "pdf_at_grid_edge,unknown"]), bits)
