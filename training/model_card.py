@@ -31,7 +31,38 @@ def _row(name: str, m: dict) -> str:
             f"| {m['n']} |")
 
 
-def render(bundle_path: Path, report: dict, figures: list[str]) -> str:
+def flags_section(document: dict, ood_report: dict | None = None) -> list[str]:
+    """Markdown: the per-object flags, the bundle's thresholds and (from ``python -m photoz.training.ood``) how
+    many injected out-of-range objects they catch."""
+    from photoz.model.quality import FLAG_BITS
+
+    quality = document.get("quality")
+    lines = ["## Flags", "",
+             "Every output carries per-object flags (JSON `ancil.flags`, FITS `FLAGS` and `FLAG_BITS`, Parquet and "
+             "HDF5 `flags` and `flag_bits`); their definitions are in `photoz.model.quality`. Bits: " +
+             ", ".join(f"{bit.bit_length() - 1} `{name}`" for name, bit in FLAG_BITS.items()) + "."]
+    if not quality:
+        return lines + ["", "This bundle has no training-set thresholds: only `pdf_at_grid_edge`, `masked_pixels` "
+                        "and `saturated` are set (`photoz ood-thresholds` adds the rest)."]
+    t, ref = quality["thresholds"], quality["reference"]
+    lines += ["", f"Thresholds measured on {ref.get('dataset', '?')} ({ref.get('rows', '')}; simulator "
+              f"{ref.get('simulator_version', '-')}), tails of {quality['tail_fraction']:.1%} per side "
+              f"({', '.join(f'{k} {v:.1%}' for k, v in quality.get('tail_fraction_by_feature', {}).items())}):",
+              "", "| threshold | value |", "| --- | --- |"]
+    lines += [f"| {k} | {v:.4g} |" for k, v in t.items() if isinstance(v, float)]
+    lines += ["", "The point-source and blend thresholds also vary with the r magnitude (`by_r_mag` in the metadata)."]
+    if ood_report:
+        lines += ["", f"Injected out-of-range objects made from {ood_report['n']:,} held-out cutouts "
+                  f"(`python -m photoz.training.ood`, {ood_report['data']}):", "",
+                  "| objects | n | intended flag | flagged by it | any out-of-range flag |",
+                  "| --- | --- | --- | --- | --- |",
+                  f"| in range | {ood_report['n']} | - | - | {ood_report['in_range']['any_ood_flag']:.1%} |"]
+        lines += [f"| {kind} | {r['n']} | `{r['flag']}` | {r['intended_flag']:.1%} | {r['any_ood_flag']:.1%} |"
+                  for kind, r in ood_report["injected"].items()]
+    return lines
+
+
+def render(bundle_path: Path, report: dict, figures: list[str], ood_report: dict | None = None) -> str:
     bundle = load_bundle(bundle_path)
     doc = bundle.metadata.document
     training = doc["training"]
@@ -88,6 +119,7 @@ def render(bundle_path: Path, report: dict, figures: list[str]) -> str:
         lines += [f"| {b['lo']:.2f}-{b['hi']:.2f} | {b['sigma_mad']:.4f} | {b['outlier_fraction']:.2%} | "
                   f"{b['bias']:+.4f} | {b['pit_ks']:.3f} | {b['n']} |" for b in cnn["by_photometric_redshift"]]
     lines += [""] + [f"![{Path(f).stem}]({Path(f).name})" for f in figures]
+    lines += [""] + flags_section(doc, ood_report)
     lines += ["", "## Limits", "",
               "- Trained on **simulated** SDSS-like cutouts (GalSim bulge + disk galaxies; the simulator version "
               "and its calibration against real SDSS are above and in docs/simulation.md), not on real images. "
@@ -110,6 +142,8 @@ def main(argv=None) -> int:
     parser.add_argument("--bundle", type=Path, required=True)
     parser.add_argument("--report", type=Path, required=True, help="metrics.json from photoz evaluate")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--ood-report", type=Path, default=None,
+                        help="ood_flags.json from python -m photoz.training.ood (injected out-of-range objects)")
     args = parser.parse_args(argv)
     report = json.loads(args.report.read_text())
     figures = []
@@ -117,7 +151,8 @@ def main(argv=None) -> int:
         target = args.out.parent / f"{args.bundle.stem}-{Path(fig).name}"
         shutil.copyfile(fig, target)
         figures.append(str(target))
-    args.out.write_text(render(args.bundle, report, figures))
+    ood = json.loads(args.ood_report.read_text()) if args.ood_report else None
+    args.out.write_text(render(args.bundle, report, figures, ood))
     print(f"wrote {args.out}")
     return 0
 

@@ -23,3 +23,18 @@ def test_card_states_data_metrics_targets_and_limits(tiny_bundle, tmp_path):
     bad = dict(report, model_metrics=dict(m, bias=0.01))
     assert "| abs(bias) < 0.001 | **no** | +0.01000 |" in render(tiny_bundle, bad, [])
     json.dumps(report)
+
+
+def test_flags_section_lists_thresholds_and_injections():
+    from photoz.training.model_card import flags_section
+
+    quality = {"tail_fraction": 0.001, "tail_fraction_by_feature": {"asymmetry": 0.005},
+               "reference": {"dataset": "train.h5", "rows": "first 10 of 10"},
+               "thresholds": {"ebv_max": 0.17, "by_r_mag": {}}}
+    ood = {"n": 10, "data": "held.h5", "in_range": {"any_ood_flag": 0.01},
+           "injected": {"star": {"n": 10, "flag": "point_source", "intended_flag": 0.9, "any_ood_flag": 0.95}}}
+    text = "\n".join(flags_section({"quality": quality}, ood))
+    assert "| ebv_max | 0.17 |" in text and "| star | 10 | `point_source` | 90.0% | 95.0% |" in text
+    assert "8 `low_snr`" in text
+    bare = "\n".join(flags_section({}))
+    assert "no training-set thresholds" in bare and "ebv_max" not in bare
