@@ -60,5 +60,6 @@ ship: $(VENV)/.dev-installed
 	$(BIN)/photoz evaluate --model $(RUN)/best.pt --data $(TEST_H5) --baseline-train $(TRAIN_H5) --out $(RUN)/eval
 	$(BIN)/photoz export --checkpoint $(RUN)/best.pt --out $(MODEL) --name photoz-sdss-sim --version $(VERSION) \
 		--held-out-report $(RUN)/eval/metrics.json
+	-$(BIN)/python -m photoz.training.ood --model $(MODEL) --data $(TEST_H5) --out $(RUN)/eval
 	$(BIN)/python -m photoz.training.model_card --bundle $(MODEL) --report $(RUN)/eval/metrics.json \
-		--out $(basename $(MODEL)).md
+		--ood-report $(RUN)/eval/ood_flags.json --out $(basename $(MODEL)).md
