@@ -57,8 +57,9 @@ def _psf_convolve(images: np.ndarray, psf_sigma_px: np.ndarray) -> np.ndarray:
     return np.real(np.fft.ifft2(np.fft.fft2(images) * transfer)).astype(np.float32)
 
 
-def disk_galaxies(rng, n, r_mag=(14.6, 17.7), scale_px=(1.5, 5.0), noise=True, offset_px=0.5):
-    """(images (n, 5, S, S) nanomaggies, ebv (n,)) of exponential disks through a ~1.4" Gaussian PSF."""
+def disk_galaxies(rng, n, r_mag=(14.6, 17.7), scale_px=(1.5, 5.0), noise=True, offset_px=0.5,
+                  psf_fwhm_arcsec=(1.2, 1.6)):
+    """(images (n, 5, S, S) nanomaggies, ebv (n,)) of exponential disks through a Gaussian PSF (~1.4")."""
     x, y = _grid()
     mags = rng.uniform(*r_mag, n)
     h = rng.uniform(*scale_px, n)
@@ -71,7 +72,7 @@ def disk_galaxies(rng, n, r_mag=(14.6, 17.7), scale_px=(1.5, 5.0), noise=True, o
     profile /= profile.sum(axis=(1, 2), keepdims=True)
     flux = 10 ** (-0.4 * (mags[:, None] + COLOURS[None, :] - 22.5))  # (n, 5)
     images = flux[:, :, None, None] * profile[:, None]
-    psf = rng.uniform(1.2, 1.6, n) / 2.355 / PIXEL_SCALE_ARCSEC
+    psf = rng.uniform(*psf_fwhm_arcsec, n) / 2.355 / PIXEL_SCALE_ARCSEC
     images = _psf_convolve(images, psf)
     if noise:
         images += rng.normal(0, 1, images.shape).astype(np.float32) * SIGMA[None, :, None, None]

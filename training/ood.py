@@ -33,6 +33,7 @@ from photoz.model.quality import (
     cutout_features,
     flag_bits_from_features,
     quality_metadata,
+    sky_background,
     usable_thresholds,
 )
 
@@ -76,42 +77,37 @@ def reference_quality(data: str | Path, n: int = REFERENCE_OBJECTS) -> dict[str,
     return quality_metadata(features, {k: v for k, v in reference.items() if v is not None})
 
 
-# --- injections: each returns new (images, ebv) for the rows given, and the flag meant to catch them ---
+# --- injections: each takes the rows' cutouts, E(B-V), the thresholds, a generator and the rows' features
+#     and returns new (images, ebv); INJECTIONS names the flag meant to catch them ---
 
 def _sky_sigma(images: np.ndarray) -> np.ndarray:
-    """Per object and band sky sigma (N, B) from the cutout's edge pixels (MAD)."""
-    edge = np.concatenate([images[:, :, :8, :].reshape(*images.shape[:2], -1),
-                           images[:, :, -8:, :].reshape(*images.shape[:2], -1)], axis=2)
-    return 1.4826 * np.median(np.abs(edge - np.median(edge, axis=2, keepdims=True)), axis=2)
+    """Per object and band sky sigma (N, B), as the flags measure it."""
+    return sky_background(images, PIXEL_SCALE_ARCSEC)[1]
 
 
-def _r_mag(images: np.ndarray, ebv: np.ndarray) -> np.ndarray:
-    return cutout_features(images, ebv, BANDS, PIXEL_SCALE_ARCSEC)["r_mag"]
-
-
-def inject_ebv(images, ebv, t, rng):
+def inject_ebv(images, ebv, t, rng, features):
     return images, t["ebv_max"] * rng.uniform(1.1, 3.0, len(ebv))
 
 
-def inject_bright(images, ebv, t, rng):
+def inject_bright(images, ebv, t, rng, features):
     """The whole cutout scaled so the aperture r magnitude lands 0.3-1.5 mag above the brightest training one."""
     target = t["r_mag_min"] - rng.uniform(0.3, 1.5, len(ebv))
-    factor = 10 ** (-0.4 * (target - _r_mag(images, ebv)))
+    factor = 10 ** (-0.4 * (target - features["r_mag"]))
     return images * factor[:, None, None, None].astype(np.float32), ebv
 
 
-def inject_faint(images, ebv, t, rng):
+def inject_faint(images, ebv, t, rng, features):
     """The galaxy dimmed to 0.3-1.5 mag below the faintest training one, at the same sky noise (the dimmed
     noise topped up)."""
     target = t["r_mag_max"] + rng.uniform(0.3, 1.5, len(ebv))
-    f = np.clip(10 ** (-0.4 * (target - _r_mag(images, ebv))), 0, 1).astype(np.float32)
+    f = np.clip(10 ** (-0.4 * (target - features["r_mag"])), 0, 1).astype(np.float32)
     sigma = _sky_sigma(images)
     top_up = sigma * np.sqrt(1 - f[:, None] ** 2)
     noise = rng.normal(0, 1, images.shape).astype(np.float32) * top_up[:, :, None, None].astype(np.float32)
     return images * f[:, None, None, None] + noise, ebv
 
 
-def inject_star(images, ebv, t, rng):
+def inject_star(images, ebv, t, rng, features):
     """A star (the simulator's PSF: Moffat core, Gaussian wing, shear; seeing drawn as the simulator draws it)
     on the object's sky noise, in the training set's flux range, in place of the galaxy."""
     import galsim
@@ -138,7 +134,7 @@ def inject_star(images, ebv, t, rng):
     return out, ebv
 
 
-def inject_blend(images, ebv, t, rng):
+def inject_blend(images, ebv, t, rng, features):
     """A blend: a second copy of the galaxy, rotated 90 degrees, :data:`BLEND_FLUX_RATIO` times as bright,
     :data:`BLEND_DISTANCE_ARCSEC` away (fainter or further neighbours are in the training set)."""
     out = images.copy()
@@ -153,7 +149,7 @@ def inject_blend(images, ebv, t, rng):
     return out, ebv
 
 
-def inject_masked(images, ebv, t, rng):
+def inject_masked(images, ebv, t, rng, features):
     """Zero-filled pixels in one band: a 2-8 pixel wide strip along a row or a column (a bad column, a chip
     gap, a cutout's edge past the frame)."""
     out = images.copy()
@@ -174,7 +170,7 @@ def bright_peaks(images: np.ndarray) -> np.ndarray:
     return np.flatnonzero((peak / np.maximum(_sky_sigma(images), 1e-12)).max(axis=1) > SATURATION_MIN_PEAK_SIGMA)
 
 
-def inject_saturated(images, ebv, t, rng):
+def inject_saturated(images, ebv, t, rng, features):
     """A saturated object: made 1.5-4 times brighter than the saturation level at its peak, clipped there with
     the excess bled along the columns as the simulator does (:func:`~photoz.training.sim.render.saturate`),
     sky noise on top (made from the objects bright enough to saturate, :func:`bright_peaks`)."""
@@ -189,9 +185,9 @@ def inject_saturated(images, ebv, t, rng):
     return out + rng.normal(0, 1, out.shape).astype(np.float32) * sigma[:, :, None, None].astype(np.float32), ebv
 
 
-def inject_low_snr(images, ebv, t, rng):
+def inject_low_snr(images, ebv, t, rng, features):
     """Extra sky noise that puts the r-band aperture signal-to-noise at 0.2-0.7 of the training minimum."""
-    snr = cutout_features(images, ebv, BANDS, PIXEL_SCALE_ARCSEC)["snr_r"]
+    snr = features["snr_r"]
     target = t["snr_r_min"] * rng.uniform(0.2, 0.7, len(ebv))
     grow = np.sqrt(np.maximum((snr / target) ** 2 - 1, 0))  # added sigma over the existing one
     sigma = _sky_sigma(images)
@@ -199,9 +195,15 @@ def inject_low_snr(images, ebv, t, rng):
     return images + noise * (grow[:, None] * sigma)[:, :, None, None].astype(np.float32), ebv
 
 
-#: Injection kinds: the function that makes them and the flag meant for them (and, for "saturated", the
-#: rows it can be made from).
-ELIGIBLE: dict[str, Callable[[np.ndarray], np.ndarray]] = {"saturated": bright_peaks}
+def measured_flux(images: np.ndarray, features: dict[str, np.ndarray]) -> np.ndarray:
+    """Rows with a positive r aperture flux (a finite magnitude), which can be scaled to a target magnitude."""
+    return np.flatnonzero(np.isfinite(features["r_mag"]))
+
+
+#: Injection kinds: the function that makes them and the flag meant for them (and, for some, the rows they
+#: can be made from).
+ELIGIBLE: dict[str, Callable[[np.ndarray, dict[str, np.ndarray]], np.ndarray]] = {
+    "saturated": lambda images, features: bright_peaks(images), "brighter": measured_flux, "fainter": measured_flux}
 INJECTIONS: dict[str, tuple[Callable, str]] = {
     "ebv_above": (inject_ebv, "ebv_above_training"),
     "brighter": (inject_bright, "r_above_training"),
@@ -223,12 +225,14 @@ def _shares(bits: np.ndarray) -> dict[str, float]:
 def measure(thresholds: dict[str, float], images: np.ndarray, ebv: np.ndarray, seed: int = 0) -> dict[str, Any]:
     """Flag rates on the in-range objects and on each injection kind made from them."""
     rng = np.random.default_rng(seed)
-    bits = flag_bits_from_features(cutout_features(images, ebv, BANDS, PIXEL_SCALE_ARCSEC), thresholds)
+    features = cutout_features(images, ebv, BANDS, PIXEL_SCALE_ARCSEC)
+    bits = flag_bits_from_features(features, thresholds)
     report: dict[str, Any] = {"n": len(ebv), "in_range": {"any_ood_flag": float(np.mean((bits & OOD_MASK) > 0)),
                                                           "by_flag": _shares(bits)}, "injected": {}}
     for kind, (inject, flag) in INJECTIONS.items():
-        rows = ELIGIBLE[kind](images) if kind in ELIGIBLE else np.arange(len(ebv))
-        new_images, new_ebv = inject(images[rows], ebv[rows], thresholds, rng)
+        rows = ELIGIBLE[kind](images, features) if kind in ELIGIBLE else np.arange(len(ebv))
+        new_images, new_ebv = inject(images[rows], ebv[rows], thresholds, rng,
+                                     {key: value[rows] for key, value in features.items()})
         got = flag_bits_from_features(cutout_features(new_images, new_ebv, BANDS, PIXEL_SCALE_ARCSEC), thresholds)
         report["injected"][kind] = {"flag": flag, "n": len(new_ebv),
                                     "intended_flag": float(np.mean((got & FLAG_BITS[flag]) > 0)),

@@ -22,7 +22,7 @@ from photoz.model.quality import (
     reference_thresholds,
     usable_thresholds,
 )
-from tests.helpers import SIGMA, SIZE, disk_galaxies, star
+from tests.helpers import SIGMA, disk_galaxies, star
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +63,9 @@ def test_r_magnitude_and_snr_measure_what_was_put_in():
 def test_background_sigma_is_the_sky_sigma():
     rng = np.random.default_rng(2)
     images, ebv = disk_galaxies(rng, 100)
-    from photoz.model.quality import _background, _Geometry
+    from photoz.model.quality import sky_background
 
-    geo = _Geometry(SIZE, PIXEL_SCALE_ARCSEC)
-    outer = np.flatnonzero(geo.centre_distance().ravel() > geo.radius_pixels(10.0))[::2]
-    level, sigma = _background(images.reshape(100, 5, -1), outer)
+    level, sigma = sky_background(images, PIXEL_SCALE_ARCSEC)
     np.testing.assert_allclose(np.median(sigma, axis=0), SIGMA, rtol=0.05)
     assert np.all(np.abs(np.median(level, axis=0)) < 0.1 * SIGMA)
 
@@ -92,6 +90,18 @@ def test_stars_are_point_sources_and_galaxies_are_not(reference):
     assert _share(_flags(stars, np.full(40, 0.03), reference), "point_source") >= 0.9
     big, ebv = disk_galaxies(rng, 40, scale_px=(3.0, 5.0))
     assert _share(_flags(big, ebv, reference), "point_source") == 0
+
+
+def test_a_star_in_poor_seeing_is_told_from_compact_galaxies_in_good_seeing():
+    """The wings, not the core: a star seen through a 1.8" PSF has a broader core than a compact galaxy seen
+    through a 1.0" one, but no light outside its PSF (the concentration is the flux within 2.4" over 3.2")."""
+    rng = np.random.default_rng(11)
+    images, ebv = disk_galaxies(rng, 3000, scale_px=(1.2, 5.0), psf_fwhm_arcsec=(1.0, 1.8))
+    quality = quality_metadata(cutout_features(images, ebv, BANDS, PIXEL_SCALE_ARCSEC), {"dataset": "disks"})
+    stars = np.concatenate([star(rng, rng.uniform(15, 17.5), rng.uniform(1.7, 1.8)) for _ in range(40)])
+    assert _share(_flags(stars, np.full(40, 0.03), quality), "point_source") >= 0.9
+    compact, ebv = disk_galaxies(rng, 200, scale_px=(1.5, 2.0), psf_fwhm_arcsec=(1.0, 1.2))
+    assert _share(_flags(compact, ebv, quality), "point_source") <= 0.02  # (a 0.8" core: stars 10%, these 0%)
 
 
 def test_an_equal_companion_is_a_blend(reference):
