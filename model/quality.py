@@ -389,7 +389,12 @@ class QualityFlagger:
         self.enabled = "r" in bands and "i" in bands
 
     def flag_bits(self, images: np.ndarray, ebv: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        return pdf_flag_bits(probs) | self.image_bits(images, ebv)
+
+    def image_bits(self, images: np.ndarray, ebv: np.ndarray) -> np.ndarray:
+        """The flags measured on the cutouts, all but the PDF's own: (N,) uint32. Independent of the network, so
+        a server measures them beside the inference rather than on its thread."""
         if not self.enabled or len(images) == 0:
-            return pdf_flag_bits(probs)
-        features = cutout_features(images, ebv, self.bands, self.pixel_scale_arcsec)
-        return flag_bits_from_features(features, self.thresholds, probs)
+            return np.zeros(len(images), np.uint32)
+        features = cutout_features(images, np.asarray(ebv).reshape(-1), self.bands, self.pixel_scale_arcsec)
+        return flag_bits_from_features(features, self.thresholds)

@@ -151,13 +151,24 @@ class OnnxPredictor:
             session = self._session_for(size)
         return session.run([md.output_probabilities], {md.input_images: images, md.input_ebv: ebv})[0][:n]
 
-    def predict_with_estimates(self, images: np.ndarray, ebv: np.ndarray) -> dict[str, np.ndarray]:
-        """Probabilities, point estimates and ``flag_bits`` (:mod:`photoz.model.quality`), all row-aligned."""
+    def predict_with_estimates(self, images: np.ndarray, ebv: np.ndarray,
+                               image_flags: bool = True) -> dict[str, np.ndarray]:
+        """Probabilities, point estimates and ``flag_bits`` (:mod:`photoz.model.quality`), all row-aligned.
+
+        With ``image_flags=False``, ``flag_bits`` holds only the PDF's own flag: the caller measures the cutouts'
+        flags itself (:meth:`image_flag_bits`), as the server does beside the inference: on a GPU they cost
+        far more CPU time per cutout than the network's GPU time.
+        """
         from photoz.model.pdf import point_estimates
+        from photoz.model.quality import pdf_flag_bits
 
         probs = self.predict(images, ebv)
-        return {"probs": probs, **point_estimates(probs, self.metadata.bins),
-                "flag_bits": self.flagger.flag_bits(images, np.asarray(ebv).reshape(-1), probs)}
+        bits = self.flagger.flag_bits(images, ebv, probs) if image_flags else pdf_flag_bits(probs)
+        return {"probs": probs, **point_estimates(probs, self.metadata.bins), "flag_bits": bits}
+
+    def image_flag_bits(self, images: np.ndarray, ebv: np.ndarray) -> np.ndarray:
+        """The flags measured on the cutouts (all but the PDF's): (N,) uint32."""
+        return self.flagger.image_bits(images, ebv)
 
     def predict_batched(self, images: np.ndarray, ebv: np.ndarray, batch_size: int = 64) -> np.ndarray:
         out = [self.predict(images[i:i + batch_size], ebv[i:i + batch_size])

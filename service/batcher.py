@@ -7,7 +7,11 @@ runs it off the event loop, and hands each piece its rows. While a batch
 runs, the next one accumulates, so a busy server forms full batches. Under
 light load (a batch runs alone and nothing waits) the optional
 ``infer_alone`` engine runs it instead: on a CPU, one using every core, so
-a lone request is not held to its share of the cores. The
+a lone request is not held to its share of the cores. An optional
+``finish`` stage (the cutouts' quality flags) runs on its own threads after
+the model call, so the next batch's model call does not wait for it (a GPU
+would otherwise idle through CPU work); at most two batches per finishing
+thread wait for it, beyond which the model waits. The
 queue is bounded (in cutouts): a request that does not fit is refused at
 once. Pieces whose caller gave up (deadline passed, client gone) are
 dropped before they reach the model.
@@ -57,8 +61,12 @@ class Batcher:
                  max_queue_delay_s: float, max_queue_objects: int, workers: int = 1,
                  stats: BatchStats | None = None,
                  infer_alone: Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]] | None = None,
-                 max_queue_wait_s: float | None = None):
+                 max_queue_wait_s: float | None = None,
+                 finish: Callable[[np.ndarray, np.ndarray, dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+                 finish_workers: int = 1):
         self.infer = infer
+        # (images, ebv, outputs) -> outputs, after the model call, on its own threads
+        self.finish = finish
         # under light load (one batch running, nothing queued) a wider engine uses the idle cores
         self.infer_alone = infer_alone
         self.max_batch_size = max_batch_size
@@ -78,6 +86,9 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(workers)
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="photoz-infer")
+        self._finisher = ThreadPoolExecutor(max_workers=finish_workers, thread_name_prefix="photoz-finish") \
+            if finish is not None else None
+        self._finishing = asyncio.Semaphore(2 * finish_workers)  # batches finished or waiting to be, at most
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
         self.seconds_per_object = 0.01  # running estimate (warm-up seeds it): Retry-After, the wait target
@@ -173,6 +184,7 @@ class Batcher:
         return batch
 
     async def _run(self, batch: list[_Piece]) -> None:
+        slot_held = True
         try:
             images = np.concatenate([p.images for p in batch]) if len(batch) > 1 else batch[0].images
             ebv = np.concatenate([p.ebv for p in batch]) if len(batch) > 1 else batch[0].ebv
@@ -181,21 +193,28 @@ class Batcher:
             start = time.perf_counter()
             try:
                 outputs = await asyncio.get_running_loop().run_in_executor(self._executor, infer, images, ebv)
+                seconds = time.perf_counter() - start
+                self.seconds_per_object = 0.8 * self.seconds_per_object + 0.2 * seconds / len(images)
+                self.stats.on_batch(len(images), seconds)
+                if self.finish is not None:
+                    async with self._finishing:  # acquired before the model is freed: backpressure
+                        self._slots.release()
+                        slot_held = False
+                        outputs = await asyncio.get_running_loop().run_in_executor(
+                            self._finisher, self.finish, images, ebv, outputs)
             except Exception as exc:  # an engine failure fails this batch's callers, not the server
                 for p in batch:
                     if not p.future.done():
                         p.future.set_exception(exc)
                 return
-            seconds = time.perf_counter() - start
-            self.seconds_per_object = 0.8 * self.seconds_per_object + 0.2 * seconds / len(images)
-            self.stats.on_batch(len(images), seconds)
             offset = 0
             for p in batch:
                 if not p.future.done():
                     p.future.set_result({key: value[offset:offset + p.n] for key, value in outputs.items()})
                 offset += p.n
         finally:
-            self._slots.release()
+            if slot_held:
+                self._slots.release()
 
     def expected_wait_s(self, n: int = 0) -> float:
         """How long the queued and incoming cutouts (plus ``n`` more) take to run at the measured rate, seconds."""
@@ -272,6 +291,8 @@ class Batcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self._executor.shutdown(wait=True)
+        if self._finisher is not None:
+            self._finisher.shutdown(wait=True)
 
 
 class Reservation:

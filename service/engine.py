@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import time
+from functools import partial
 
 import numpy as np
 
@@ -40,7 +41,7 @@ def warm_up(predictor: OnnxPredictor, max_batch_size: int) -> tuple[list[int], f
                           np.zeros(n, np.float32))
     full = np.zeros((max_batch_size, len(md.bands), md.cutout_size, md.cutout_size), np.float32)
     start = time.perf_counter()
-    predictor.predict_with_estimates(full, np.zeros(max_batch_size, np.float32))
+    predictor.predict_with_estimates(full, np.zeros(max_batch_size, np.float32), image_flags=False)
     return sizes, (time.perf_counter() - start) / max_batch_size
 
 
@@ -70,17 +71,26 @@ class ServingEngine:
             self.predictor.use_buckets(bucket_sizes(settings.max_batch_size))
         self.metrics = Metrics(settings.max_batch_size)
         self.solo = self._solo_predictor()
-        self.batcher = Batcher(self.predictor.predict_with_estimates, settings.max_batch_size,
-                               settings.max_queue_delay_ms / 1000, settings.max_queue_objects,
+        # the model call leaves the cutouts' quality flags to the batcher's finishing threads (add_image_flags):
+        # on a GPU the flags' CPU time per cutout is far more than the network's GPU time
+        self.batcher = Batcher(partial(self.predictor.predict_with_estimates, image_flags=False),
+                               settings.max_batch_size, settings.max_queue_delay_ms / 1000, settings.max_queue_objects,
                                settings.inference_workers, self.metrics.batch_stats(),
-                               infer_alone=self.solo.predict_with_estimates if self.solo is not None else None,
-                               max_queue_wait_s=settings.max_queue_wait_ms / 1000)
+                               infer_alone=partial(self.solo.predict_with_estimates, image_flags=False)
+                               if self.solo is not None else None,
+                               max_queue_wait_s=settings.max_queue_wait_ms / 1000,
+                               finish=self.add_image_flags, finish_workers=settings.flag_workers)
         self.metrics.incoming.set_function(lambda: self.batcher.incoming)
         self._log_loaded()
 
     @property
     def provider(self) -> str:
         return self.predictor.provider
+
+    def add_image_flags(self, images: np.ndarray, ebv: np.ndarray,
+                        outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A batch's outputs with the flags measured on its cutouts added to the PDF's own."""
+        return {**outputs, "flag_bits": outputs["flag_bits"] | self.predictor.image_flag_bits(images, ebv)}
 
     def _solo_predictor(self) -> OnnxPredictor | None:
         """On a CPU, a second session on the same bundle for lone batches (a GPU needs none: one batch fills it)."""

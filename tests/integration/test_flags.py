@@ -103,3 +103,19 @@ def test_ood_thresholds_command_writes_them_into_a_bundle(tiny_bundle, tmp_path)
     assert after.metadata.version == "0.0.2" and after.sha256 != before.sha256
     features = cutout_features(images, ebv, BANDS, PIXEL_SCALE_ARCSEC)
     assert quality["thresholds"]["r_mag_min"] == pytest.approx(np.quantile(features["r_mag"], 0.001))
+
+
+def test_the_batcher_path_leaves_the_cutout_flags_to_the_server(flagged_bundle, probes):
+    """The server runs the network through predict_with_estimates(image_flags=False) and measures the cutouts'
+    flags beside it (image_flag_bits): together they are the offline flags, and the first holds only the PDF's."""
+    from photoz.model.bundle import load_bundle
+    from photoz.model.runtime import OnnxPredictor
+
+    images, ebv, want = probes
+    predictor = OnnxPredictor(load_bundle(flagged_bundle), providers="cpu")
+    full = predictor.predict_with_estimates(images, ebv)["flag_bits"]
+    network = predictor.predict_with_estimates(images, ebv, image_flags=False)["flag_bits"]
+    measured = predictor.image_flag_bits(images, ebv)
+    np.testing.assert_array_equal(network | measured, full)
+    assert not np.any(network & ~np.uint32(FLAG_BITS["pdf_at_grid_edge"]))
+    assert measured[1] & FLAG_BITS["masked_pixels"] and measured[2] & FLAG_BITS["point_source"]

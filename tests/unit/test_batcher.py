@@ -126,3 +126,87 @@ def test_admitted_requests_count_against_the_queue_until_their_cutouts_are_queue
         assert len((await work)["probs"]) == 4
 
     run_with_batcher(test)
+
+
+def _finishing_batcher(infer, finish, **options):
+    return Batcher(infer, **{"max_batch_size": 4, "max_queue_delay_s": 0.0, "max_queue_objects": 64, "workers": 1,
+                             "finish": finish, "finish_workers": 1, **options})
+
+
+def test_the_finish_stage_runs_on_its_own_thread_while_the_model_takes_the_next_batch():
+    """A batch being finished (the quality flags) does not hold the model: the next batch's model call starts
+    while the first is still finishing, and each caller gets its own rows with the finish's additions."""
+    calls: list[str] = []
+    finishing = threading.Event()
+    second_model_call = threading.Event()
+
+    def infer(images, ebv):
+        calls.append("infer")
+        if calls.count("infer") == 2:
+            second_model_call.set()
+        return {"probs": np.repeat(ebv[:, None], 3, axis=1)}
+
+    def finish(images, ebv, outputs):
+        calls.append("finish")
+        finishing.set()
+        second_model_call.wait(10)  # blocks until the model has run the next batch
+        return {**outputs, "flag_bits": (ebv * 10).astype(np.uint32), "thread": np.array([threading.get_ident()] *
+                                                                                          len(ebv))}
+
+    async def main():
+        batcher = _finishing_batcher(infer, finish)
+        batcher.start()
+        try:
+            first = asyncio.ensure_future(batcher.submit(images(4)[0], np.full(4, 0.1, np.float32), 10))
+            await asyncio.get_running_loop().run_in_executor(None, finishing.wait, 10)
+            second = asyncio.ensure_future(batcher.submit(images(2)[0], np.full(2, 0.3, np.float32), 10))
+            a, b = await asyncio.wait_for(first, 10), await asyncio.wait_for(second, 10)
+        finally:
+            await batcher.close()
+        return a, b
+
+    a, b = asyncio.run(main())
+    assert second_model_call.is_set() and calls.index("finish") < len(calls) - 1  # infer #2 ran mid-finish
+    np.testing.assert_allclose(a["probs"], 0.1) and np.testing.assert_allclose(b["probs"], 0.3)
+    assert a["flag_bits"].tolist() == [1] * 4 and b["flag_bits"].tolist() == [3] * 2
+    assert a["thread"][0] != threading.get_ident()
+
+
+def test_a_failing_finish_fails_its_batch_only_and_a_slow_one_holds_the_model_back():
+    """An exception in the finish stage goes to that batch's callers; with one finishing thread, at most two
+    batches wait for it, and the model waits beyond that (no unbounded pile of finished model outputs)."""
+    release = threading.Event()
+    model_calls = []
+
+    def infer(images, ebv):
+        model_calls.append(len(images))
+        return {"probs": np.zeros((len(images), 3))}
+
+    def finish(images, ebv, outputs):
+        if ebv[0] < 0:
+            raise RuntimeError("flags failed")
+        release.wait(10)
+        return outputs
+
+    async def main():
+        batcher = _finishing_batcher(infer, finish)
+        batcher.start()
+        try:
+            bad = asyncio.ensure_future(batcher.submit(images(1)[0], np.full(1, -1.0, np.float32), 10))
+            with pytest.raises(RuntimeError, match="flags failed"):
+                await asyncio.wait_for(bad, 10)
+            jobs = [asyncio.ensure_future(batcher.submit(*images(4), 10)) for _ in range(5)]
+            await asyncio.sleep(0.3)
+            held = len(model_calls) - 1  # model calls of the five batches while the finish is blocked
+            release.set()
+            done = await asyncio.wait_for(asyncio.gather(*jobs), 10)
+        finally:
+            release.set()
+            await batcher.close()
+        return held, done
+
+    held, done = asyncio.run(main())
+    # two batches within the finishing stage's bound (one finishing, one queued for its thread) and a third that
+    # has run the model and holds it until there is room: the fourth and fifth wait unrun
+    assert held == 3
+    assert [len(d["probs"]) for d in done] == [4] * 5
