@@ -235,6 +235,38 @@ def test_cosmic_rays_are_interpolated_over_and_flagged():
     assert FLAG_COSMIC_RAY_BAND_BIT["u"] == 1 and FLAG_COSMIC_RAY_BAND_BIT["z"] == 16
 
 
+def test_bad_columns_are_interpolated_over_and_flagged():
+    from photoz.training.sim.render import FLAG_BAD_COLUMN, add_bad_columns
+
+    rng = np.random.default_rng(8)
+    images = (rng.normal(size=(60, 5, 64, 64)) * 0.02).astype(np.float32)
+    before = images.copy()
+    hit = add_bad_columns(images, 0.5, rng)
+    assert 0.3 < hit.mean() < 0.5  # Poisson mean 0.5: 39% of band-cutouts
+    changed = images != before
+    np.testing.assert_array_equal(changed.any(axis=(2, 3)), hit)
+    # only whole columns (or a column from some row to the end) change, along y
+    k, b = np.argwhere(hit)[0]
+    columns = np.flatnonzero(changed[k, b].any(axis=0))
+    assert 1 <= len(columns) <= 4
+    for x in columns:
+        rows = np.flatnonzero(changed[k, b, :, x])
+        assert rows.max() == 63 and len(rows) == 64 - rows.min()
+    # each replaced pixel lies between its row's good neighbours (linear interpolation), so the column is
+    # smoother than the sky: its noise is below the sky's
+    replaced = images[changed]
+    assert replaced.std() < 0.9 * 0.02
+    for k, b, y, x in np.argwhere(changed)[:200]:
+        lo, hi = x - 1, x + 1
+        while lo >= 0 and changed[k, b, y, lo]:
+            lo -= 1
+        while hi < 64 and changed[k, b, y, hi]:
+            hi += 1
+        sides = [images[k, b, y, c] for c in (lo, hi) if 0 <= c < 64]
+        assert min(sides) - 1e-6 <= images[k, b, y, x] <= max(sides) + 1e-6
+    assert FLAG_BAD_COLUMN == 128
+
+
 def test_blank_sky_noise_matches_configured_depth():
     noisy = add_noise(np.zeros((200, 5, 64, 64), np.float32), np.random.default_rng(2))
     for b, band in enumerate(BANDS):
@@ -428,3 +460,26 @@ def test_a_bright_star_saturates_and_bleeds_along_its_column():
     column, row = flat.sum(axis=0).max(), flat.sum(axis=1).max()
     assert column > row + 4  # the trail runs along y
     assert FLAG_SATURATED == 64
+
+
+@pytest.mark.parametrize("shape", [None, PSFShape(0.1, 2.5, 0.03, -0.02), PSFShape(0.0, 2.5, -0.05, 0.04)])
+def test_the_numpy_psf_transform_is_galsims(shape):
+    """draw_bands takes every band's PSF k-image from psf_k_images: GalSim's k-image of psf_profile, to the
+    accuracy of GalSim's own tables (float32 here), with the shear's sign and axes right."""
+    import galsim
+
+    from photoz.training.sim.render import psf_k_images, psf_profile
+
+    fwhms = (2.5, 3.4, 4.6)  # pixels
+    kimage = galsim.ImageCD(galsim.BoundsI(0, 64, -64, 64), scale=2 * np.pi / 128)
+    b = kimage.bounds
+    kx, ky = np.arange(b.xmin, b.xmax + 1) * kimage.scale, np.arange(b.ymin, b.ymax + 1) * kimage.scale
+    mine = psf_k_images(kx, ky, fwhms, shape)
+    assert mine.shape == (3, 129, 65) and mine.dtype == np.float32
+    for fwhm, got in zip(fwhms, mine, strict=True):
+        psf_profile(fwhm, shape)._drawKImage(kimage)
+        np.testing.assert_allclose(got, kimage.array.real, atol=3e-6)
+        assert np.abs(kimage.array.imag).max() < 1e-12
+    if shape is not None and shape.g2:
+        flipped = PSFShape(shape.wing_fraction, shape.wing_fwhm_ratio, shape.g1, -shape.g2)
+        assert np.abs(psf_k_images(kx, ky, [fwhms[-1]], flipped)[0] - kimage.array.real).max() > 0.01

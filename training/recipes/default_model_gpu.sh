@@ -7,7 +7,7 @@
 # core, trains pasquet2019_half with the data held in GPU memory (--preload),
 # bfloat16 autocast, and scores the best checkpoint against the kNN baseline.
 # Measured on an H100 machine with 16 vCPUs (DATA=/dev/shm/data, N_TRAIN=120000,
-# BUDGET_S=545): 1,060 galaxies/s simulated (simulator 1.3.0; 1.5.0 costs about
+# BUDGET_S=545): 1,060 galaxies/s simulated (simulator 1.3.0; 1.6.0 costs about
 # as much per galaxy on this machine's cores, so expect ~1,000/s: ~2 min for
 # 130,000), ~12,000 cutouts/s trained at batch 256, 27 epochs in 410 s. BUDGET_S
 # caps the whole run: the number of epochs is chosen to fit (learning rate / 5

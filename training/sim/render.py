@@ -64,6 +64,9 @@ class InstrumentConfig:
     # cosmic rays per band and cutout (Poisson mean): short tracks the photometric pipeline finds and
     # interpolates over before cutouts are made; the object's flags record it
     cosmic_rays_per_band: float = 0.1
+    # bad CCD columns per band and cutout (Poisson mean; SDSS's masks hold a handful per 2048-column chip, so
+    # a 64-pixel cutout crosses one in a few per cent of its bands): interpolated over and flagged
+    bad_columns_per_band: float = 0.03
     close_neighbour_arcsec: float = 3.0  # a neighbour nearer than this sets the close-neighbour flag
     # a pixel saturates above this (nanomaggies; ~55,000 counts at the r band's ~0.005 nanomaggies per count:
     # the peak of a star of r ~ 13.7 in median seeing)
@@ -96,6 +99,7 @@ def _band_values(per_band) -> np.ndarray:
 FLAG_COSMIC_RAY_BAND_BIT = {band: 1 << b for b, band in enumerate(BANDS)}
 FLAG_CLOSE_NEIGHBOUR = 1 << 5  # a neighbour (star or galaxy) within close_neighbour_arcsec of the centre
 FLAG_SATURATED = 1 << 6  # saturated pixels (and their bleed trail) in some band of the cutout
+FLAG_BAD_COLUMN = 1 << 7  # a bad column was interpolated over in some band of the cutout
 
 
 def saturate(bands: np.ndarray, level: float) -> np.ndarray:
@@ -137,6 +141,29 @@ def add_cosmic_rays(images: np.ndarray, sky_sigma: np.ndarray, rate: float, rng:
         total = sum(padded[1 + oy:1 + oy + size, 1 + ox:1 + ox + size] for oy in (-1, 0, 1) for ox in (-1, 0, 1))
         count = sum(weight[1 + oy:1 + oy + size, 1 + ox:1 + ox + size] for oy in (-1, 0, 1) for ox in (-1, 0, 1))
         image[mask] = np.where(count[mask] > 0, total[mask] / np.maximum(count[mask], 1), 0.0)
+    return hits > 0
+
+
+def add_bad_columns(images: np.ndarray, rate: float, rng: np.random.Generator) -> np.ndarray:
+    """Give noisy cutouts (N, B, S, S) bad CCD columns (Poisson ``rate`` per band and cutout; 1 or 2 pixels
+    wide, along y, the readout direction; three in ten start at a row, below a charge trap, the rest cross the
+    cutout) and replace them, as SDSS's photometric pipeline does, by linear interpolation between the good
+    columns on either side (the one side at the cutout's edge): smooth pixels with less noise than the sky's.
+    Returns the (N, B) mask of band-cutouts that carry one."""
+    n, n_bands, size, _ = images.shape
+    hits = rng.poisson(rate, (n, n_bands))
+    for k, b in zip(*np.nonzero(hits), strict=True):
+        image = images[k, b]
+        for _ in range(hits[k, b]):
+            width = int(rng.integers(1, 3))
+            x0 = int(rng.integers(0, size - width + 1))
+            y0 = int(rng.integers(0, size)) if rng.uniform() < 0.3 else 0
+            left, right = x0 - 1, x0 + width
+            left_values = image[y0:, left] if left >= 0 else image[y0:, right]
+            right_values = image[y0:, right] if right < size else left_values
+            for j in range(width):
+                w = np.float32((j + 1) / (width + 1))
+                image[y0:, x0 + j] = (1 - w) * left_values + w * right_values
     return hits > 0
 
 
@@ -199,6 +226,40 @@ def psf_profile(fwhm: float, shape: PSFShape | None = None):
     return psf
 
 
+def psf_k_images(kx: np.ndarray, ky: np.ndarray, fwhms, shape: PSFShape | None = None) -> np.ndarray:
+    """Fourier transforms of :func:`psf_profile` (unit flux at k = 0) for each core FWHM in ``fwhms`` (one
+    shape), on the grid ``ky`` x ``kx`` (radians per the unit the FWHMs are in): (len(fwhms), len(ky),
+    len(kx)) float32, as GalSim's k-images of the same profiles (to its 1e-6 table accuracy; a test checks) at a
+    fraction of the cost: the sheared |k| is computed once for every band.
+
+    The untruncated Moffat's transform is (k r_d)^nu K_nu(k r_d) / (2^(nu-1) Gamma(nu)), nu = beta - 1, r_d its
+    scale radius; for beta = 3.5 that is exp(-x) (1 + x + x^2 / 3), x = k r_d. The wing is a Gaussian; the
+    shear (g1, g2) maps k through the shear's (symmetric) matrix."""
+    shape = shape or PSFShape()
+    kx, ky = np.asarray(kx, np.float64)[None, :], np.asarray(ky, np.float64)[:, None]
+    g_squared = shape.g1**2 + shape.g2**2
+    if g_squared:
+        f = 1 / np.sqrt(1 - g_squared)
+        kx, ky = f * ((1 + shape.g1) * kx + shape.g2 * ky), f * (shape.g2 * kx + (1 - shape.g1) * ky)
+    k = np.broadcast_to(np.sqrt(kx * kx + ky * ky), (ky.shape[0], kx.shape[1])).astype(np.float32)
+    fwhms = np.asarray(fwhms, np.float64).reshape(-1, 1, 1)
+    x = k[None] * (fwhms / (2 * np.sqrt(2 ** (1 / PSF_MOFFAT_BETA) - 1))).astype(np.float32)
+    if PSF_MOFFAT_BETA == 3.5:
+        transform = np.exp(-x) * (1 + x + x * x / np.float32(3))
+    else:
+        from scipy.special import gamma, kv
+
+        nu = PSF_MOFFAT_BETA - 1
+        with np.errstate(invalid="ignore"):
+            transform = np.where(x > 0, x**nu * kv(nu, x) / (2 ** (nu - 1) * gamma(nu)), 1.0).astype(np.float32)
+    if shape.wing_fraction > 0:
+        s = (fwhms * shape.wing_fwhm_ratio / (2 * np.sqrt(2 * np.log(2)))).astype(np.float32)
+        ks = k[None] * s
+        transform = np.float32(1 - shape.wing_fraction) * transform + \
+            np.float32(shape.wing_fraction) * np.exp(np.float32(-0.5) * ks * ks)
+    return transform
+
+
 def draw(profiles: list, psf_fwhm_arcsec: float, psf_shape: PSFShape | None = None) -> np.ndarray:
     """Sum of GalSim profiles (flux in nanomaggies, positions in arcsec from the centre)
     seen through the PSF, drawn (with the pixel response) on the cutout grid.
@@ -226,7 +287,8 @@ def draw_bands(components: list, fluxes_nmgy: np.ndarray, psf_fwhm_arcsec, psf_s
     pixel response, up to GalSim's folding and k-range accuracy), at a fraction of the cost: each
     component's Fourier image is drawn once per object instead of once per band, on the k-grid that the
     most demanding band needs (the widest PSF sets the real-space size, the narrowest the k range), and
-    only the PSF changes between bands (a band's shift is a phase factor on the same k-image). This is
+    only the PSF changes between bands (its k-image from :func:`psf_k_images`; a band's shift is a phase
+    factor on the same k-image). This is
     GalSim's own split of ``drawFFT`` into ``drawFFT_makeKImage``, the profiles' k-images and
     ``drawFFT_finish``, which its documentation suggests for reusing k-images.
     """
@@ -236,13 +298,13 @@ def draw_bands(components: list, fluxes_nmgy: np.ndarray, psf_fwhm_arcsec, psf_s
     inverse_scale = 1.0 / PIXEL_SCALE_ARCSEC
     # image coordinates (pixels); origin on the cutout's true centre, half a pixel off the integer centre
     shapes = [c.dilate(inverse_scale).shift(-0.5, -0.5) for c in components]
-    psfs = [psf_profile(float(f) * inverse_scale, psf_shape) for f in psf_fwhm_arcsec]
+    widths = np.asarray(psf_fwhm_arcsec, dtype=float) * inverse_scale  # pixels
     pixel = galsim.Pixel(1.0, gsparams=gsparams)
     image = galsim.ImageF(CUTOUT_SIZE_PIXELS, CUTOUT_SIZE_PIXELS, scale=1.0)
     image.setCenter(0, 0)
     total = galsim.Add(shapes, gsparams=gsparams)
-    widths = np.asarray(psf_fwhm_arcsec, dtype=float)
-    grids = [galsim.Convolve(total, psfs[b], pixel, gsparams=gsparams).drawFFT_makeKImage(image)
+    grids = [galsim.Convolve(total, psf_profile(float(widths[b]), psf_shape), pixel,
+                             gsparams=gsparams).drawFFT_makeKImage(image)
              for b in sorted({int(widths.argmax()), int(widths.argmin())})]
     kimage = max((g[0] for g in grids), key=lambda k: k.array.size)
     wrap = max(g[1] for g in grids)
@@ -253,16 +315,15 @@ def draw_bands(components: list, fluxes_nmgy: np.ndarray, psf_fwhm_arcsec, psf_s
 
     component_k = np.stack([k_array(s) for s in shapes])  # (n_components, ky, kx)
     pixel_k = k_array(pixel)
-    if band_shifts_pixels is not None:
-        b = kimage.bounds
-        kx = np.arange(b.xmin, b.xmax + 1) * kimage.scale
-        ky = np.arange(b.ymin, b.ymax + 1) * kimage.scale
-    out = np.empty((len(psfs), CUTOUT_SIZE_PIXELS, CUTOUT_SIZE_PIXELS), np.float32)
+    bounds = kimage.bounds
+    kx = np.arange(bounds.xmin, bounds.xmax + 1) * kimage.scale
+    ky = np.arange(bounds.ymin, bounds.ymax + 1) * kimage.scale
+    out = np.empty((len(widths), CUTOUT_SIZE_PIXELS, CUTOUT_SIZE_PIXELS), np.float32)
     first = out.copy() if first_components is not None else None
     fluxes = np.asarray(fluxes_nmgy, dtype=np.float32)
-    for band, psf in enumerate(psfs):
-        psf._drawKImage(kimage)
-        psf_k = kimage.array * pixel_k
+    psf_ks = psf_k_images(kx, ky, widths, psf_shape)  # every band's PSF at once, in numpy
+    for band in range(len(widths)):
+        psf_k = psf_ks[band] * pixel_k
         if band_shifts_pixels is not None and np.any(band_shifts_pixels[band]):
             dx, dy = band_shifts_pixels[band]
             psf_k *= np.exp(-1j * ky * dy)[:, None] * np.exp(-1j * kx * dx)[None, :]
@@ -419,7 +480,9 @@ def render_galaxies(pop: dict, rng: np.random.Generator, inst: InstrumentConfig,
     sky_offset = rng.normal(0, inst.sky_offset_fraction, (n, len(BANDS))) * sky_level[None, :]
     noisy += sky_offset[:, :, None, None].astype(np.float32)
     cosmic = add_cosmic_rays(noisy, sky_sigma, inst.cosmic_rays_per_band, rng)
+    bad_columns = add_bad_columns(noisy, inst.bad_columns_per_band, rng)
     flags = (cosmic * np.array([FLAG_COSMIC_RAY_BAND_BIT[b] for b in BANDS])[None, :]).sum(axis=1)
+    flags |= np.where(bad_columns.any(axis=1), FLAG_BAD_COLUMN, 0)
     flags |= np.where(nearest < inst.close_neighbour_arcsec, FLAG_CLOSE_NEIGHBOUR, 0)
     flags |= np.where(saturated, FLAG_SATURATED, 0)
     # the photometry is measured on each band's own pixel grid, as a pipeline measures each frame, with the

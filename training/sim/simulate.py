@@ -29,7 +29,7 @@ from photoz.progress import Progress
 from photoz.training.sim.population import PopulationConfig
 from photoz.training.sim.render import InstrumentConfig, simulate_chunk
 
-SIMULATOR_VERSION = "1.5.0"
+SIMULATOR_VERSION = "1.6.0"
 DEFAULT_CHUNK_SIZE = 256
 
 
@@ -71,7 +71,8 @@ def _create(h5, signature: dict, first: dict) -> None:
         "Photometry measured on the noisy images with neighbours deblended: Petrosian (eta = 0.2 radius on r, "
         "fluxes in every band in a circular aperture of 2 Petrosian radii) and model (each band's profile "
         "through its PSF, amplitude fitted); asinh magnitudes; flags: bits 0-4 a cosmic ray interpolated in "
-        "u, g, r, i, z; bit 5 a neighbour within 3 arcsec; bit 6 saturated pixels.")
+        "u, g, r, i, z; bit 5 a neighbour within 3 arcsec; bit 6 saturated pixels; bit 7 a bad column "
+        "interpolated over.")
 
 
 def _append(h5, chunk: dict, n_keep: int) -> None:
