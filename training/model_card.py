@@ -59,6 +59,11 @@ def flags_section(document: dict, ood_report: dict | None = None) -> list[str]:
                   f"| in range | {ood_report['n']} | - | - | {ood_report['in_range']['any_ood_flag']:.1%} |"]
         lines += [f"| {kind} | {r['n']} | `{r['flag']}` | {r['intended_flag']:.1%} | {r['any_ood_flag']:.1%} |"
                   for kind, r in ood_report["injected"].items()]
+        for kind, r in ood_report["injected"].items():
+            for key, bins in r.items():
+                if key.startswith("by_") and key != "by_flag":
+                    lines += ["", f"{kind} by {key[3:].replace('_', ' ')}, share flagged `{r['flag']}`: " + ", ".join(
+                        f"{b['lo']:g}-{b['hi']:g}: {b['intended_flag']:.0%} (n {b['n']})" for b in bins) + "."]
     return lines
 
 

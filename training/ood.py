@@ -48,6 +48,8 @@ STAR_R_MAG, STAR_G_MINUS_R = (14.8, 17.5), (0.2, 1.4)
 SATURATION_MIN_PEAK_SIGMA = 150.0
 #: Injected blends: the companion's flux over the galaxy's, and its distance, arcsec.
 BLEND_FLUX_RATIO, BLEND_DISTANCE_ARCSEC = (0.5, 1.0), (1.5, 3.0)
+#: The report breaks the blends down by separation in these bins, arcsec.
+BLEND_SEPARATION_BINS_ARCSEC = (1.5, 2.0, 2.5, 3.0)
 
 
 def read_cutouts(path: str | Path, n: int | None = None, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -78,7 +80,8 @@ def reference_quality(data: str | Path, n: int = REFERENCE_OBJECTS) -> dict[str,
 
 
 # --- injections: each takes the rows' cutouts, E(B-V), the thresholds, a generator and the rows' features
-#     and returns new (images, ebv); INJECTIONS names the flag meant to catch them ---
+#     and returns new (images, ebv) and, optionally, {name: (per-object values, bin edges)} for the report to
+#     break the intended flag's rate down by; INJECTIONS names the flag meant to catch them ---
 
 def _sky_sigma(images: np.ndarray) -> np.ndarray:
     """Per object and band sky sigma (N, B), as the flags measure it."""
@@ -146,7 +149,7 @@ def inject_blend(images, ebv, t, rng, features):
         dy, dx = int(round(distance[k] * np.sin(angle[k]))), int(round(distance[k] * np.cos(angle[k])))
         companion = np.roll(np.rot90(images[k], axes=(1, 2)), (dy, dx), axis=(1, 2))
         out[k] += ratio[k] * companion
-    return out, ebv
+    return out, ebv, {"separation_arcsec": (distance * PIXEL_SCALE_ARCSEC, BLEND_SEPARATION_BINS_ARCSEC)}
 
 
 def inject_masked(images, ebv, t, rng, features):
@@ -231,12 +234,17 @@ def measure(thresholds: dict[str, float], images: np.ndarray, ebv: np.ndarray, s
                                                           "by_flag": _shares(bits)}, "injected": {}}
     for kind, (inject, flag) in INJECTIONS.items():
         rows = ELIGIBLE[kind](images, features) if kind in ELIGIBLE else np.arange(len(ebv))
-        new_images, new_ebv = inject(images[rows], ebv[rows], thresholds, rng,
-                                     {key: value[rows] for key, value in features.items()})
+        new_images, new_ebv, *details = inject(images[rows], ebv[rows], thresholds, rng,
+                                               {key: value[rows] for key, value in features.items()})
         got = flag_bits_from_features(cutout_features(new_images, new_ebv, BANDS, PIXEL_SCALE_ARCSEC), thresholds)
-        report["injected"][kind] = {"flag": flag, "n": len(new_ebv),
-                                    "intended_flag": float(np.mean((got & FLAG_BITS[flag]) > 0)),
+        caught = (got & FLAG_BITS[flag]) > 0
+        report["injected"][kind] = {"flag": flag, "n": len(new_ebv), "intended_flag": float(np.mean(caught)),
                                     "any_ood_flag": float(np.mean((got & OOD_MASK) > 0)), "by_flag": _shares(got)}
+        for name, (values, edges) in (details[0] if details else {}).items():  # the intended flag's rate per bin
+            report["injected"][kind][f"by_{name}"] = [
+                {"lo": lo, "hi": hi, "n": int(inside.sum()), "intended_flag": float(np.mean(caught[inside]))}
+                for lo, hi in zip(edges[:-1], edges[1:], strict=True)
+                for inside in [(values >= lo) & (values < hi)] if inside.any()]
     injected = report["injected"].values()
     report["targets"] = {
         "injected_flagged_min": min(r["any_ood_flag"] for r in injected),
@@ -251,6 +259,10 @@ def format_report(report: dict[str, Any]) -> str:
              f"{'in range':<14}{report['n']:>6}  {'-':<22}{'-':>14}{report['in_range']['any_ood_flag']:>14.1%}"]
     for kind, r in report["injected"].items():
         lines.append(f"{kind:<14}{r['n']:>6}  {r['flag']:<22}{r['intended_flag']:>14.1%}{r['any_ood_flag']:>14.1%}")
+        for key, bins in r.items():
+            if key.startswith("by_") and key != "by_flag":
+                lines.append(f"{'':<14}{'':>6}  {key[3:]:<22}" + ", ".join(
+                    f"{b['lo']:g}-{b['hi']:g}: {b['intended_flag']:.0%}" for b in bins))
     t = report["targets"]
     lines.append(f"targets (>= 90% injected, <= 2% in range): {'met' if t['met'] else 'NOT met'} "
                  f"(lowest injected {t['injected_flagged_min']:.1%}, in range {t['in_range_flagged']:.1%})")

@@ -32,9 +32,13 @@ def test_flags_section_lists_thresholds_and_injections():
                "reference": {"dataset": "train.h5", "rows": "first 10 of 10"},
                "thresholds": {"ebv_max": 0.17, "by_r_mag": {}}}
     ood = {"n": 10, "data": "held.h5", "in_range": {"any_ood_flag": 0.01},
-           "injected": {"star": {"n": 10, "flag": "point_source", "intended_flag": 0.9, "any_ood_flag": 0.95}}}
+           "injected": {"star": {"n": 10, "flag": "point_source", "intended_flag": 0.9, "any_ood_flag": 0.95},
+                        "blend": {"n": 4, "flag": "blend", "intended_flag": 0.5, "any_ood_flag": 0.5,
+                                  "by_separation_arcsec": [{"lo": 1.5, "hi": 2.0, "n": 2, "intended_flag": 0.0},
+                                                           {"lo": 2.0, "hi": 3.0, "n": 2, "intended_flag": 1.0}]}}}
     text = "\n".join(flags_section({"quality": quality}, ood))
     assert "| ebv_max | 0.17 |" in text and "| star | 10 | `point_source` | 90.0% | 95.0% |" in text
+    assert "blend by separation arcsec, share flagged `blend`: 1.5-2: 0% (n 2), 2-3: 100% (n 2)." in text
     assert "8 `low_snr`" in text
     bare = "\n".join(flags_section({}))
     assert "no training-set thresholds" in bare and "ebv_max" not in bare

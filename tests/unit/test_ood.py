@@ -26,6 +26,9 @@ def test_injected_objects_are_flagged_and_reported(thresholds):
     assert report["injected"]["star"]["intended_flag"] >= 0.8
     assert report["targets"]["injected_flagged_min"] == min(r["any_ood_flag"] for r in report["injected"].values())
     assert "in range" in format_report(report) and "star" in format_report(report)
+    bins = report["injected"]["blend"]["by_separation_arcsec"]  # closer companions are harder to see
+    assert [b["lo"] for b in bins] == [1.5, 2.0, 2.5] and sum(b["n"] for b in bins) == 120
+    assert "separation_arcsec" in format_report(report)
 
 
 def test_objects_without_a_positive_flux_are_not_scaled(thresholds):
