@@ -118,14 +118,15 @@ class Results:
     problems: list[str | None]
     probs: np.ndarray  # (n_valid, n_bins)
     estimates: dict[str, np.ndarray] = field(default_factory=dict)
-    flag_bits: np.ndarray | None = None  # (n_valid,) uint32
+    flag_bits: np.ndarray | None = None  # (n_valid,) uint32; None: the PDF's own flag, set here
 
     def __post_init__(self) -> None:
         self.valid = np.array([p is None for p in self.problems], dtype=bool)
         if not self.estimates:
             self.estimates = point_estimates(self.probs, self.bundle.metadata.bins)
-        self.bits: np.ndarray = pdf_flag_bits(self.probs) if self.flag_bits is None else self.flag_bits
-        self.flags = flag_names(self.bits)
+        if self.flag_bits is None:
+            self.flag_bits = pdf_flag_bits(self.probs)
+        self.flags = flag_names(self.flag_bits)
 
     def model_info(self) -> ModelInfo:
         return ModelInfo.of(self.bundle)
@@ -133,7 +134,8 @@ class Results:
     def rows(self) -> ResultRows:
         """One row per input object."""
         table = ResultRows.empty(self.ids, self.problems, self.bundle.metadata.bins.n_bins)
-        table.fill(np.flatnonzero(self.valid), {"probs": self.probs, **self.estimates, "flag_bits": self.bits})
+        assert self.flag_bits is not None  # set by __post_init__
+        table.fill(np.flatnonzero(self.valid), {"probs": self.probs, **self.estimates, "flag_bits": self.flag_bits})
         return table
 
 
