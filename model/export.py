@@ -11,7 +11,7 @@ import torch
 
 from photoz.model.bundle import FORMAT_VERSION, METADATA_KEY, Bundle, load_bundle, parse_metadata
 from photoz.model.conventions import BANDS, FLUX_UNIT, PIXEL_SCALE_ARCSEC
-from photoz.model.pasquet import EnsembleNet, PasquetNet
+from photoz.model.pasquet import EnsembleNet, MCDropoutNet, PasquetNet
 from photoz.model.pdf import RedshiftBins
 
 INPUT_IMAGES, INPUT_EBV, OUTPUT_PROBABILITIES = "images", "ebv", "probabilities"
@@ -65,7 +65,7 @@ def untrained_record(seed: int = 0) -> dict[str, Any]:
             "seed": seed, "epochs": 0, "code_commit": code_commit(), "metrics": {}}
 
 
-def make_metadata(net: PasquetNet | EnsembleNet, variant: str, model_name: str, model_version: str,
+def make_metadata(net: PasquetNet | EnsembleNet | MCDropoutNet, variant: str, model_name: str, model_version: str,
                   training: dict[str, Any], bins: RedshiftBins | None = None) -> dict[str, Any]:
     cfg = net.config
     bins = bins or RedshiftBins.uniform(n_bins=cfg.n_bins)
@@ -88,8 +88,8 @@ def make_metadata(net: PasquetNet | EnsembleNet, variant: str, model_name: str, 
     return doc
 
 
-def export_bundle(net: PasquetNet | EnsembleNet, path: str | Path, metadata: dict[str, Any], parity_samples: int = 4,
-                  seed: int = 0, fp16: bool = False) -> Bundle:
+def export_bundle(net: PasquetNet | EnsembleNet | MCDropoutNet, path: str | Path, metadata: dict[str, Any],
+                  parity_samples: int = 4, seed: int = 0, fp16: bool = False) -> Bundle:
     """Write ``net`` to ``path`` as an ONNX bundle with ``metadata``; check ORT/torch parity.
 
     The graph has a dynamic batch axis, inputs ``images`` (N, bands, S, S)
@@ -98,8 +98,9 @@ def export_bundle(net: PasquetNet | EnsembleNet, path: str | Path, metadata: dic
 
     Parameters
     ----------
-    net : PasquetNet or EnsembleNet
-        The network, or a deep ensemble of them (PDFs averaged in the graph); put in eval mode here.
+    net : PasquetNet, EnsembleNet or MCDropoutNet
+        The network, a deep ensemble of them (PDFs averaged in the graph), or a network with MC dropout
+        (its passes averaged in the graph); put in eval mode here.
     path : str or Path
         Where to write the ``.onnx`` file.
     metadata : dict
@@ -148,7 +149,7 @@ def export_bundle(net: PasquetNet | EnsembleNet, path: str | Path, metadata: dic
     return bundle
 
 
-def check_parity(net: PasquetNet | EnsembleNet, path: str | Path, n: int = 4, seed: int = 0,
+def check_parity(net: PasquetNet | EnsembleNet | MCDropoutNet, path: str | Path, n: int = 4, seed: int = 0,
                  tolerance: float = PARITY_TOLERANCE) -> float:
     """Max |p_onnx - p_torch| over random SDSS-like inputs; raise if above tolerance."""
     import onnxruntime as ort

@@ -42,7 +42,10 @@ class PasquetConfig:
 
     ``width`` multiplies every convolution's channel count; ``dense_units``
     is the size of both hidden dense layers; ``softening_nmgy`` is the per-band
-    asinh softening of the input normalisation, in nanomaggies.
+    asinh softening of the input normalisation, in nanomaggies; ``dropout`` is
+    the dropout rate after each hidden dense layer (0: none, the paper's
+    network; above 0 the network can be exported with MC dropout,
+    :class:`MCDropoutNet`).
     """
 
     width: float = 1.0
@@ -51,6 +54,7 @@ class PasquetConfig:
     n_bands: int = len(BANDS)
     cutout_size: int = CUTOUT_SIZE_PIXELS
     softening_nmgy: tuple[float, ...] = field(default_factory=default_softening_nmgy)
+    dropout: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -140,9 +144,11 @@ class PasquetNet(nn.Module):
         layers.append(nn.Flatten())
         self.features = nn.Sequential(*layers)
         n_flat = c_in * side * side
+        # dropout modules only when used, so the layers' indices (and older checkpoints) stay as they were
+        drop: list[nn.Module] = [nn.Dropout(config.dropout)] if config.dropout > 0 else []
         self.classifier = nn.Sequential(
-            nn.Linear(n_flat + 1, config.dense_units), nn.ReLU(),
-            nn.Linear(config.dense_units, config.dense_units), nn.ReLU(),
+            nn.Linear(n_flat + 1, config.dense_units), nn.ReLU(), *drop,
+            nn.Linear(config.dense_units, config.dense_units), nn.ReLU(), *drop,
             nn.Linear(config.dense_units, config.n_bins),
         )
 
@@ -178,6 +184,41 @@ class EnsembleNet(nn.Module):
 
     def forward(self, images: torch.Tensor, ebv: torch.Tensor) -> torch.Tensor:
         return torch.stack([m(images, ebv) for m in self.members]).mean(dim=0)
+
+
+class MCDropoutNet(nn.Module):
+    """MC dropout (Gal & Ghahramani 2016) for a network trained with dropout: the PDF is the mean of ``passes``
+    passes through the dense head, each with its own dropout masks, over one pass of the convolutions (which
+    have no dropout), so T passes cost far less than T networks.
+
+    The masks are drawn once, from ``seed``, when the module is made, and are constants of the exported graph:
+    the same cutout always gets the same PDF (an implicit ensemble of ``passes`` thinned heads), which keeps
+    serving deterministic and testable. Exported as one graph with the network's inputs and output.
+    """
+
+    def __init__(self, net: PasquetNet, passes: int, seed: int = 0):
+        super().__init__()
+        rate = net.config.dropout
+        if not 0 < rate < 1:
+            raise ValueError(f"MC dropout needs a network trained with dropout (its rate is {rate})")
+        if passes < 1:
+            raise ValueError(f"MC dropout needs at least one pass, not {passes}")
+        self.net, self.config, self.passes, self.seed = net, net.config, passes, seed
+        self.linears = [m for m in net.classifier if isinstance(m, nn.Linear)]
+        generator = torch.Generator().manual_seed(seed)
+        for k, linear in enumerate(self.linears[:-1]):  # a mask per hidden layer and pass, scaled as in training
+            keep = torch.rand(passes, 1, linear.out_features, generator=generator) >= rate
+            self.register_buffer(f"mask{k}", keep.float() / (1 - rate))
+
+    def forward(self, images: torch.Tensor, ebv: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.net.features(images), ebv.reshape(-1, 1)], dim=1)  # (N, F)
+        h = x.unsqueeze(0)  # (1, N, F): broadcast against the (passes, 1, units) masks
+        for k, linear in enumerate(self.linears[:-1]):
+            h = torch.relu(linear(h)) * getattr(self, f"mask{k}")
+        logits = self.linears[-1](h)  # (passes, N, bins)
+        if self.net.temperature != 1.0:
+            logits = logits / self.net.temperature
+        return torch.softmax(logits, dim=2).mean(dim=0)
 
 
 def build(name_or_config: str | PasquetConfig, **overrides: Any) -> PasquetNet:

@@ -50,7 +50,8 @@ def _export(args) -> int:
     from photoz.training.export import export_checkpoint
 
     bundle = export_checkpoint(args.checkpoint, args.out, args.name, args.version, args.held_out_report,
-                               fp16=args.fp16, reference_data=args.reference_data)
+                               fp16=args.fp16, reference_data=args.reference_data, mc_passes=args.mc_passes,
+                               mc_seed=args.mc_seed)
     print(f"{bundle.path}  sha256 {bundle.sha256}  (ONNX/torch parity checked)")
     return 0
 
@@ -134,6 +135,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reference-data", default=None,
                    help="labelled HDF5 whose first 20,000 cutouts set the out-of-distribution flags' thresholds "
                         "(default: the checkpoint's training set)")
+    p.add_argument("--mc-passes", type=int, default=0,
+                   help="MC dropout: average this many passes through the dense head with dropout kept on (a "
+                        "network trained with --dropout; masks drawn once from --mc-seed and fixed in the graph)")
+    p.add_argument("--mc-seed", type=int, default=0)
     p.set_defaults(func=_export)
 
     p = sub.add_parser("ood-thresholds", help="measure a bundle's out-of-distribution flag thresholds on its "

@@ -32,6 +32,8 @@ class TrainConfig:
     lr: float = _option(1e-4, "Adam learning rate; divided by --lr-drop-factor halfway")
     lr_drop_factor: float = _option(5.0, "learning-rate divisor after half of the epochs")
     weight_decay: float = _option(0.0, "Adam weight decay")
+    dropout: float = _option(0.0, "dropout rate after each hidden dense layer (0: none); a network trained with "
+                                  "it can be exported with MC dropout (photoz export --mc-passes)")
     validation_fraction: float = _option(0.1, "fraction of objects held out for validation")
     seed: int = _option(0, "seed of the split, initialisation and augmentation")
     workers: int = _option(2, "data-loading worker processes")

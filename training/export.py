@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from photoz.model.export import code_commit, export_bundle, make_metadata
-from photoz.model.pasquet import EnsembleNet
+from photoz.model.pasquet import EnsembleNet, MCDropoutNet
 from photoz.model.pdf import RedshiftBins
 from photoz.training.train import load_checkpoint
 
@@ -31,11 +31,14 @@ def training_record(state: dict, held_out: dict | None) -> dict:
 
 def export_checkpoint(checkpoint: str | Path | list, out: str | Path, name: str, version: str,
                       held_out_report: str | Path | None = None, fp16: bool = False,
-                      reference_data: str | Path | None = None):
+                      reference_data: str | Path | None = None, mc_passes: int = 0, mc_seed: int = 0):
     """A checkpoint, or several (a deep ensemble: one architecture and data set, different seeds; their PDFs
     are averaged in the exported graph), to a bundle with its training record and the thresholds of its
     out-of-distribution flags, measured on ``reference_data`` (default: the training set named in the
-    checkpoint, if it is there; without either the bundle gets the fixed-definition flags only)."""
+    checkpoint, if it is there; without either the bundle gets the fixed-definition flags only).
+
+    ``mc_passes`` > 0 exports a network trained with dropout as MC dropout (:class:`MCDropoutNet`: that many
+    passes through its dense head with masks drawn from ``mc_seed``, fixed in the graph)."""
     paths = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
     loaded = [load_checkpoint(p) for p in paths]
     held_out = json.loads(Path(held_out_report).read_text()) if held_out_report else None
@@ -56,6 +59,12 @@ def export_checkpoint(checkpoint: str | Path | list, out: str | Path, name: str,
         record["metrics"]["validation"] = {"members": [dict(s.get("best") or {}) for s in states]}
         record["ensemble"] = {"members": len(states), "checkpoints": [Path(p).name for p in paths],
                               "combination": "mean of the members' PDFs"}
+    if mc_passes:
+        if len(loaded) > 1:
+            raise ValueError("MC dropout is exported for one network, not for an ensemble")
+        net = MCDropoutNet(net, mc_passes, mc_seed)
+        record["mc_dropout"] = {"passes": mc_passes, "rate": net.config.dropout, "seed": mc_seed,
+                                "combination": "mean of the passes' PDFs; masks fixed at export (deterministic)"}
     temperatures = [float(s.get("temperature", 1.0)) for s in states]
     if any(t != 1.0 for t in temperatures):  # post-hoc calibration (photoz recalibrate), applied in the graph
         record["temperature"] = temperatures[0] if len(temperatures) == 1 else temperatures

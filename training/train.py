@@ -174,7 +174,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     preloaded = InMemoryData(cfg.data, device) if cfg.preload else None
 
     # -- model and optimiser
-    net = build(variant_config(cfg.variant, n_bins=bins.n_bins)).to(device)
+    net = build(variant_config(cfg.variant, n_bins=bins.n_bins, dropout=cfg.dropout)).to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start_epoch, start_batch, best, history = 0, 0, None, []
     if resume and (out / "last.pt").exists():

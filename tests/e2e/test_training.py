@@ -74,6 +74,38 @@ def test_end_to_end_train_resume_export_predict(tiny_data, tmp_path):
     np.testing.assert_allclose(onnx_p, torch_p, atol=1e-5)
 
 
+def test_mc_dropout_trains_and_exports_as_one_deterministic_graph(tiny_data, tmp_path):
+    """photoz train --dropout, then photoz export --mc-passes: ONNX Runtime gives torch's MC-dropout PDF (the
+    mean of the passes), the same twice, unlike the plain network; the record and the card say so."""
+    from photoz.model.pasquet import MCDropoutNet
+    from photoz.training.export import export_checkpoint
+    from photoz.training.model_card import render
+
+    run = train(tiny_config(tiny_data, tmp_path / "drop", dropout=0.25, epochs=1), progress=False)
+    net, state = load_checkpoint(run / "best.pt")
+    assert state["network_config"]["dropout"] == 0.25 and not net.training
+    bundle = export_checkpoint(run / "best.pt", tmp_path / "mc.onnx", "tiny-mc", "0.0.1", mc_passes=6, mc_seed=3)
+    record = load_bundle(bundle.path).metadata.document["training"]
+    assert record["mc_dropout"] == {"passes": 6, "rate": 0.25, "seed": 3,
+                                    "combination": "mean of the passes' PDFs; masks fixed at export (deterministic)"}
+    with h5py.File(tiny_data) as h5:
+        images, ebv = h5["images"][:6], h5["ebv"][:6]
+    predictor = OnnxPredictor(bundle, providers="cpu")
+    onnx_p = predictor.predict(images, ebv)
+    np.testing.assert_array_equal(onnx_p, predictor.predict(images, ebv))
+    with torch.no_grad():
+        x, e = torch.from_numpy(images), torch.from_numpy(ebv).reshape(-1, 1)
+        mc_p, plain_p = MCDropoutNet(net, 6, seed=3)(x, e).numpy(), net(x, e).numpy()
+    np.testing.assert_allclose(onnx_p, mc_p, atol=1e-5)
+    assert np.abs(onnx_p - plain_p).max() > 1e-4
+    report = {"data": "tiny.h5", "n": 6, "model_metrics": {"point_estimate": "z_mean", "sigma_mad": 0.1,
+              "outlier_fraction": 0.5, "bias": 0.0, "crps": 0.1, "pit_ks": 0.5, "n": 6, "by_redshift": []}}
+    assert "MC dropout: 6 passes through the dense head at dropout rate 0.25" in render(bundle.path, report, [])
+    with pytest.raises(ValueError, match="trained with dropout"):
+        plain = train(tiny_config(tiny_data, tmp_path / "plain", epochs=1, max_steps_per_epoch=1), progress=False)
+        export_checkpoint(plain / "best.pt", tmp_path / "x.onnx", "x", "0.0.1", mc_passes=4)
+
+
 def test_deep_ensemble_exports_as_one_graph_averaging_its_members(tiny_data, tmp_path):
     """Two networks from different seeds exported as one bundle: ONNX Runtime gives the mean of the members'
     torch PDFs, the training record names the members, and members of another architecture are refused."""

@@ -87,3 +87,45 @@ def test_summary_command_prints_layers_and_totals():
     assert "Trainable params: 27,596,372" in out
     assert "FLOPs per cutout: 1.519 GFLOP" in out
     assert "features.1.0 (Conv2d)" in out and "(64, 64, 64)" in out
+
+
+def test_dropout_adds_no_parameters_and_keeps_the_layer_names():
+    """Dropout modules exist only when the rate is above 0, so a network without it has the state-dict keys
+    older checkpoints were saved with."""
+    plain, dropped = build("pasquet2019_tiny"), build("pasquet2019_tiny", dropout=0.2)
+    assert [k for k in plain.state_dict() if k.startswith("classifier")] == \
+        ["classifier.0.weight", "classifier.0.bias", "classifier.2.weight", "classifier.2.bias",
+         "classifier.4.weight", "classifier.4.bias"]
+    assert n_params(plain) == n_params(dropped) == expected_parameter_count(variant_config("pasquet2019_tiny"))
+    assert "dropout" not in {k for k, v in plain.config.to_dict().items() if v}  # 0 by default
+
+
+def test_mc_dropout_averages_fixed_thinned_heads_over_one_pass_of_the_convolutions():
+    from photoz.model.pasquet import MCDropoutNet
+
+    torch.manual_seed(0)
+    net = build("pasquet2019_tiny", dropout=0.3).eval()
+    images, ebv = torch.rand(3, 5, 64, 64), torch.rand(3, 1) * 0.1
+    mc = MCDropoutNet(net, passes=4, seed=7)
+    with torch.no_grad():
+        got = mc(images, ebv)
+        again = MCDropoutNet(net, passes=4, seed=7)(images, ebv)
+        other_seed = MCDropoutNet(net, passes=4, seed=8)(images, ebv)
+        plain = net(images, ebv)
+        # by hand: each pass keeps a fixed subset of each hidden layer's units, scaled by 1 / (1 - rate)
+        x = torch.cat([net.features(images), ebv], dim=1)
+        l1, l2, l3 = [m for m in net.classifier if isinstance(m, torch.nn.Linear)]
+        passes = []
+        for t in range(4):
+            h = torch.relu(l1(x)) * mc.mask0[t]
+            h = torch.relu(l2(h)) * mc.mask1[t]
+            passes.append(torch.softmax(l3(h), dim=1))
+    torch.testing.assert_close(got, torch.stack(passes).mean(0))
+    torch.testing.assert_close(got, again)  # the masks are fixed by the seed: deterministic
+    assert (got - other_seed).abs().max() > 1e-6 and (got - plain).abs().max() > 1e-6
+    torch.testing.assert_close(got.sum(1), torch.ones(3))
+    kept = mc.mask0[:, 0] > 0
+    assert 0.5 < kept.float().mean() < 0.9  # rate 0.3
+    torch.testing.assert_close(mc.mask0[:, 0][kept], torch.full((int(kept.sum()),), 1 / 0.7))
+    with pytest.raises(ValueError, match="trained with dropout"):
+        MCDropoutNet(build("pasquet2019_tiny"), passes=4)

@@ -15,7 +15,9 @@
 #
 # MEMBERS=K trains K networks (seeds 0..K-1) in the same budget and exports them as
 # one deep ensemble; RECALIBRATE=1 fits each member's softmax temperature on its
-# validation rows first (photoz recalibrate). The evaluation then scores the bundle
+# validation rows first (photoz recalibrate). DROPOUT=p trains with dropout in the dense head and MC_PASSES=T
+# exports it as MC dropout (T passes, masks fixed in the graph), scoring the plain network beside it
+# (eval-plain/). The evaluation then scores the bundle
 # ($RUN/model.onnx) that `make ship`'s steps would export.
 set -euo pipefail
 PHOTOZ=${PHOTOZ:-photoz}
@@ -31,6 +33,9 @@ BUDGET_S=${BUDGET_S:-3600}
 RATE=${RATE:-13000}  # expected training cutouts/s, to size the epochs to BUDGET_S
 MEMBERS=${MEMBERS:-1}
 RECALIBRATE=${RECALIBRATE:-0}
+DROPOUT=${DROPOUT:-0}      # dropout rate after the hidden dense layers (training)
+MC_PASSES=${MC_PASSES:-0}  # > 0 (with DROPOUT > 0, one member): export as MC dropout, and score the plain net too
+if (( MC_PASSES > 0 && MEMBERS > 1 )); then echo "MC_PASSES needs MEMBERS=1"; exit 1; fi
 start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
 
@@ -51,7 +56,8 @@ for (( k = 0; k < MEMBERS; k++ )); do
     echo "training $VARIANT (seed $k) for $epochs epochs (~$epoch_s s each)"
     timeout --signal=TERM "$(( left / MEMBERS + 30 ))" \
         $PHOTOZ train --data "$DATA/sim-train.h5" --out "$member" --variant "$VARIANT" --epochs "$epochs" \
-        --batch-size "$BATCH" --lr "$LR" --seed "$k" --preload --quiet || echo "training stopped by the time budget"
+        --batch-size "$BATCH" --lr "$LR" --seed "$k" --dropout "$DROPOUT" --preload --quiet \
+        || echo "training stopped by the time budget"
     cat "$member/metrics.csv"
     checkpoint=$member/best.pt
     if (( RECALIBRATE )); then
@@ -61,11 +67,15 @@ for (( k = 0; k < MEMBERS; k++ )); do
     checkpoints+=("$checkpoint")
 done
 echo "trained in $(elapsed) s"
-if (( MEMBERS == 1 && ! RECALIBRATE )); then
+if (( MEMBERS == 1 && ! RECALIBRATE && MC_PASSES == 0 )); then
     model=$RUN/best.pt
 else
-    $PHOTOZ export --checkpoint "${checkpoints[@]}" --out "$RUN/model.onnx" --name photoz-sdss-sim --version 0.0.0
+    $PHOTOZ export --checkpoint "${checkpoints[@]}" --out "$RUN/model.onnx" --name photoz-sdss-sim --version 0.0.0 \
+        --mc-passes "$MC_PASSES"
     model=$RUN/model.onnx
+fi
+if (( MC_PASSES > 0 )); then  # the same network without MC dropout, for the comparison
+    $PHOTOZ evaluate --model "${checkpoints[0]}" --data "$DATA/sim-test.h5" --out "$RUN/eval-plain" --no-figures
 fi
 $PHOTOZ evaluate --model "$model" --data "$DATA/sim-test.h5" --baseline-train "$DATA/sim-train.h5" \
     --out "$RUN/eval"
