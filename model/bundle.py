@@ -107,6 +107,11 @@ class BundleMetadata:
         return self.document["outputs"]["probabilities"]
 
     @property
+    def output_epistemic(self) -> str | None:
+        """The graph's output of the members' spread of mean redshift (ensembles, MC dropout), if it has one."""
+        return self.document["outputs"].get("epistemic_std")
+
+    @property
     def pixel_scale_arcsec(self) -> float:
         return float(self.document["pixel_scale_arcsec"])
 
@@ -244,6 +249,8 @@ def _check_signature(session: Any, metadata: BundleMetadata, path: Path) -> None
             problems.append(f"graph has no input '{name}' (inputs: {sorted(inputs)})")
     if metadata.output_probabilities not in outputs:
         problems.append(f"graph has no output '{metadata.output_probabilities}' (outputs: {sorted(outputs)})")
+    if metadata.output_epistemic is not None and metadata.output_epistemic not in outputs:
+        problems.append(f"graph has no output '{metadata.output_epistemic}' (outputs: {sorted(outputs)})")
     else:
         n_out = outputs[metadata.output_probabilities][-1]
         if isinstance(n_out, int) and n_out != metadata.bins.n_bins:

@@ -11,10 +11,12 @@ import torch
 
 from photoz.model.bundle import FORMAT_VERSION, METADATA_KEY, Bundle, load_bundle, parse_metadata
 from photoz.model.conventions import BANDS, FLUX_UNIT, PIXEL_SCALE_ARCSEC
-from photoz.model.pasquet import EnsembleNet, MCDropoutNet, PasquetNet
+from photoz.model.pasquet import EnsembleNet, MCDropoutNet, PasquetNet, WithEpistemicSpread
 from photoz.model.pdf import RedshiftBins
 
 INPUT_IMAGES, INPUT_EBV, OUTPUT_PROBABILITIES = "images", "ebv", "probabilities"
+#: Second output of an ensemble's or MC dropout's graph: the members' spread of mean redshift (N,).
+OUTPUT_EPISTEMIC = "z_epistemic_std"
 
 #: Largest allowed |p_onnx - p_torch| on random inputs (float32 graph; float16 graph).
 PARITY_TOLERANCE = 1e-5
@@ -129,11 +131,17 @@ def export_bundle(net: PasquetNet | EnsembleNet | MCDropoutNet, path: str | Path
     path.parent.mkdir(parents=True, exist_ok=True)
     cfg = net.config
     net = net.eval().to("cpu")
+    graph: torch.nn.Module = net
+    outputs = [OUTPUT_PROBABILITIES]
+    if isinstance(net, (EnsembleNet, MCDropoutNet)):  # several networks: their disagreement as a second output
+        graph = WithEpistemicSpread(net, RedshiftBins.from_metadata(metadata["redshift_bins"]).centres).eval()
+        outputs.append(OUTPUT_EPISTEMIC)
+        metadata = {**metadata, "outputs": {**metadata["outputs"], "epistemic_std": OUTPUT_EPISTEMIC}}
     example = (torch.zeros(2, cfg.n_bands, cfg.cutout_size, cfg.cutout_size), torch.zeros(2, 1))
     torch.onnx.export(
-        net, example, str(path), dynamo=False, opset_version=17,
-        input_names=[INPUT_IMAGES, INPUT_EBV], output_names=[OUTPUT_PROBABILITIES],
-        dynamic_axes={INPUT_IMAGES: {0: "batch"}, INPUT_EBV: {0: "batch"}, OUTPUT_PROBABILITIES: {0: "batch"}},
+        graph, example, str(path), dynamo=False, opset_version=17,
+        input_names=[INPUT_IMAGES, INPUT_EBV], output_names=outputs,
+        dynamic_axes={INPUT_IMAGES: {0: "batch"}, INPUT_EBV: {0: "batch"}, **{o: {0: "batch"} for o in outputs}},
     )
     proto = onnx.load(str(path))
     if fp16:
@@ -167,4 +175,13 @@ def check_parity(net: PasquetNet | EnsembleNet | MCDropoutNet, path: str | Path,
     max_dp = float(np.max(np.abs(got - expected)))
     if not max_dp < tolerance:
         raise ParityError(f"ONNX Runtime and torch disagree: max |dp| = {max_dp:.3g} >= {tolerance}")
+    if isinstance(net, (EnsembleNet, MCDropoutNet)):  # and the members' spread, in redshift
+        with torch.no_grad():
+            centres = torch.as_tensor(load_bundle(path).metadata.bins.centres, dtype=torch.float32)
+            spread = (net.member_probs(torch.from_numpy(images), torch.from_numpy(ebv)) @ centres).std(
+                dim=0, unbiased=False).numpy()
+        got_spread = session.run([OUTPUT_EPISTEMIC], {INPUT_IMAGES: images, INPUT_EBV: ebv})[0]
+        if not np.max(np.abs(got_spread - spread)) < tolerance * 0.4:  # z < 0.4: the PDF's tolerance in redshift
+            raise ParityError(f"ONNX Runtime and torch disagree on the members' spread: max |dz| = "
+                              f"{np.max(np.abs(got_spread - spread)):.3g}")
     return max_dp

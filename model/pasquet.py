@@ -18,6 +18,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -182,8 +183,12 @@ class EnsembleNet(nn.Module):
         self.members = nn.ModuleList(members)
         self.config = members[0].config
 
+    def member_probs(self, images: torch.Tensor, ebv: torch.Tensor) -> torch.Tensor:
+        """Each member's PDF: (members, N, bins)."""
+        return torch.stack([m(images, ebv) for m in self.members])
+
     def forward(self, images: torch.Tensor, ebv: torch.Tensor) -> torch.Tensor:
-        return torch.stack([m(images, ebv) for m in self.members]).mean(dim=0)
+        return self.member_probs(images, ebv).mean(dim=0)
 
 
 class MCDropoutNet(nn.Module):
@@ -211,6 +216,10 @@ class MCDropoutNet(nn.Module):
             self.register_buffer(f"mask{k}", keep.float() / (1 - rate))
 
     def forward(self, images: torch.Tensor, ebv: torch.Tensor) -> torch.Tensor:
+        return self.member_probs(images, ebv).mean(dim=0)
+
+    def member_probs(self, images: torch.Tensor, ebv: torch.Tensor) -> torch.Tensor:
+        """Each pass's PDF: (passes, N, bins)."""
         x = torch.cat([self.net.features(images), ebv.reshape(-1, 1)], dim=1)  # (N, F)
         h = x.unsqueeze(0)  # (1, N, F): broadcast against the (passes, 1, units) masks
         for k, linear in enumerate(self.linears[:-1]):
@@ -218,7 +227,25 @@ class MCDropoutNet(nn.Module):
         logits = self.linears[-1](h)  # (passes, N, bins)
         if self.net.temperature != 1.0:
             logits = logits / self.net.temperature
-        return torch.softmax(logits, dim=2).mean(dim=0)
+        return torch.softmax(logits, dim=2)
+
+
+class WithEpistemicSpread(nn.Module):
+    """An ensemble's or MC dropout's graph with a second output: the standard deviation, over its members (or
+    passes), of their mean redshifts, ``(N,)``: how much the networks disagree (epistemic uncertainty), which
+    the averaged PDF alone does not show. ``centres`` are the redshift bins' centres."""
+
+    centres: torch.Tensor
+
+    def __init__(self, net: EnsembleNet | MCDropoutNet, centres: Any):
+        super().__init__()
+        self.net, self.config = net, net.config
+        self.register_buffer("centres", torch.as_tensor(np.asarray(centres, np.float32)))
+
+    def forward(self, images: torch.Tensor, ebv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        members = self.net.member_probs(images, ebv)  # (K, N, bins)
+        means = members @ self.centres  # (K, N)
+        return members.mean(dim=0), means.std(dim=0, unbiased=False)
 
 
 def build(name_or_config: str | PasquetConfig, **overrides: Any) -> PasquetNet:

@@ -101,7 +101,12 @@ def quantile(pdfs: ArrayLike, bins: RedshiftBins, q: float) -> np.ndarray:
 
 
 #: The point estimates of :func:`point_estimates`, in the order every output lists them.
-ESTIMATES: tuple[str, ...] = ("z_mean", "z_median", "z_mode", "z_std", "z_lo68", "z_hi68", "z_lo95", "z_hi95")
+ESTIMATES: tuple[str, ...] = ("z_mean", "z_median", "z_mode", "z_std", "z_lo68", "z_hi68", "z_lo95", "z_hi95",
+                               "z_epistemic_std")
+#: The estimate that is not a property of the PDF: the spread of the mean redshift over a deep ensemble's members
+#: or MC dropout's passes (their disagreement, epistemic uncertainty), a second output of such a bundle's graph;
+#: NaN for a single network, which cannot measure it.
+EPISTEMIC_ESTIMATE = "z_epistemic_std"
 
 #: Flag of a PDF that may extend beyond the grid: at least ``EDGE_PROBABILITY`` of it
 #: lies in the top ``EDGE_BINS`` bins.
@@ -117,11 +122,14 @@ def at_grid_edge(pdfs: np.ndarray) -> np.ndarray:
     return np.asarray(np.nan_to_num(pdfs[:, -EDGE_BINS:]).sum(axis=1) >= EDGE_PROBABILITY)
 
 
-def point_estimates(pdfs: ArrayLike, bins: RedshiftBins) -> dict[str, np.ndarray]:
+def point_estimates(pdfs: ArrayLike, bins: RedshiftBins,
+                    epistemic_std: ArrayLike | None = None) -> dict[str, np.ndarray]:
     """Mean, median, mode, standard deviation and 68%/95% central intervals.
 
     Returns a dict of arrays of length N: ``z_mean``, ``z_median``,
-    ``z_mode``, ``z_std``, ``z_lo68``, ``z_hi68``, ``z_lo95``, ``z_hi95``.
+    ``z_mode``, ``z_std``, ``z_lo68``, ``z_hi68``, ``z_lo95``, ``z_hi95``, and
+    ``z_epistemic_std``: ``epistemic_std`` as given (the members' spread a
+    bundle's graph measures), NaN without it.
     """
     p = _as_pdfs(pdfs, bins)
     p = p / p.sum(axis=1, keepdims=True)
@@ -139,6 +147,8 @@ def point_estimates(pdfs: ArrayLike, bins: RedshiftBins) -> dict[str, np.ndarray
         "z_hi68": quantile(p, bins, 0.8413447460685429),
         "z_lo95": quantile(p, bins, 0.025),
         "z_hi95": quantile(p, bins, 0.975),
+        EPISTEMIC_ESTIMATE: np.full(len(p), np.nan) if epistemic_std is None
+        else np.asarray(epistemic_std, np.float64).reshape(len(p)),
     }
 
 

@@ -136,6 +136,10 @@ class OnnxPredictor:
         return self._bucket_sessions[size]
 
     def predict(self, images: np.ndarray, ebv: np.ndarray) -> np.ndarray:
+        return self._run(images, ebv, [self.metadata.output_probabilities])[0]
+
+    def _run(self, images: np.ndarray, ebv: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
+        """The graph's ``outputs`` for these cutouts (padded to a bucket's size when buckets are on)."""
         md = self.metadata
         images = np.ascontiguousarray(images, dtype=np.float32)
         ebv = np.ascontiguousarray(np.asarray(ebv, dtype=np.float32).reshape(-1, 1))
@@ -143,17 +147,19 @@ class OnnxPredictor:
         if self.buckets is not None:
             top = self.buckets[-1]
             if n > top:
-                return np.concatenate([self.predict(images[i:i + top], ebv[i:i + top]) for i in range(0, n, top)])
+                parts = [self._run(images[i:i + top], ebv[i:i + top], outputs) for i in range(0, n, top)]
+                return [np.concatenate([p[k] for p in parts]) for k in range(len(outputs))]
             size = next(b for b in self.buckets if b >= n)
             if size > n:
                 images = np.concatenate([images, np.zeros((size - n, *images.shape[1:]), np.float32)])
                 ebv = np.concatenate([ebv, np.zeros((size - n, 1), np.float32)])
             session = self._session_for(size)
-        return session.run([md.output_probabilities], {md.input_images: images, md.input_ebv: ebv})[0][:n]
+        return [out[:n] for out in session.run(outputs, {md.input_images: images, md.input_ebv: ebv})]
 
     def predict_with_estimates(self, images: np.ndarray, ebv: np.ndarray,
                                image_flags: bool = True) -> dict[str, np.ndarray]:
-        """Probabilities, point estimates and ``flag_bits`` (:mod:`photoz.model.quality`), all row-aligned.
+        """Probabilities, point estimates (with the members' spread ``z_epistemic_std`` where the bundle's graph
+        gives it, else NaN) and ``flag_bits`` (:mod:`photoz.model.quality`), all row-aligned.
 
         With ``image_flags=False``, ``flag_bits`` holds only the PDF's own flag: the caller measures the cutouts'
         flags itself (:meth:`image_flag_bits`), as the server does beside the inference: on a GPU they cost
@@ -162,9 +168,13 @@ class OnnxPredictor:
         from photoz.model.pdf import point_estimates
         from photoz.model.quality import pdf_flag_bits
 
-        probs = self.predict(images, ebv)
+        md = self.metadata
+        if md.output_epistemic is None:
+            probs, spread = self.predict(images, ebv), None
+        else:  # an ensemble or MC dropout: the members' spread comes with the PDF
+            probs, spread = self._run(images, ebv, [md.output_probabilities, md.output_epistemic])
         bits = self.flagger.flag_bits(images, ebv, probs) if image_flags else pdf_flag_bits(probs)
-        return {"probs": probs, **point_estimates(probs, self.metadata.bins), "flag_bits": bits}
+        return {"probs": probs, **point_estimates(probs, md.bins, spread), "flag_bits": bits}
 
     def image_flag_bits(self, images: np.ndarray, ebv: np.ndarray) -> np.ndarray:
         """The flags measured on the cutouts (all but the PDF's): (N,) uint32."""

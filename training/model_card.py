@@ -90,10 +90,12 @@ def render(bundle_path: Path, report: dict, figures: list[str], ood_report: dict
         f"{_n(training['dataset'].get('n_validation'))} validation, split by object, seed {training['seed']}); "
         f"simulator {training['dataset'].get('simulator_version')}, simulation seed {training['dataset'].get('seed')}",
         *([f"- deep ensemble of {training['ensemble']['members']} networks (seeds {training['seed']}), PDFs averaged "
-           "in the graph: serving costs that many networks' compute"] if "ensemble" in training else []),
+           "in the graph (their spread of mean redshift is the `z_epistemic_std` column): serving costs that many "
+           "networks' compute"] if "ensemble" in training else []),
         *([f"- MC dropout: {training['mc_dropout']['passes']} passes through the dense head at dropout rate "
            f"{training['mc_dropout']['rate']:g} (masks drawn from seed {training['mc_dropout']['seed']}, fixed in the "
-           "graph), PDFs averaged: the convolutions run once"] if "mc_dropout" in training else []),
+           "graph), PDFs averaged (their spread of mean redshift is the `z_epistemic_std` column): the convolutions "
+           "run once"] if "mc_dropout" in training else []),
         f"- epochs: {training['epochs']}, batch {training.get('batch_size')}, Adam at {training.get('learning_rate')} "
         "(divided by 5 halfway), cross-entropy over the bins, random 90-degree rotations and flips",
         f"- code commit: `{training['code_commit']}`"]

@@ -98,6 +98,13 @@ def test_mc_dropout_trains_and_exports_as_one_deterministic_graph(tiny_data, tmp
         mc_p, plain_p = MCDropoutNet(net, 6, seed=3)(x, e).numpy(), net(x, e).numpy()
     np.testing.assert_allclose(onnx_p, mc_p, atol=1e-5)
     assert np.abs(onnx_p - plain_p).max() > 1e-4
+    with torch.no_grad():  # the passes' spread of mean redshift, a column of every output
+        bins = load_bundle(bundle.path).metadata.bins
+        spread = (MCDropoutNet(net, 6, seed=3).member_probs(x, e).numpy() @ bins.centres).std(axis=0)
+    np.testing.assert_allclose(predictor.predict_with_estimates(images, ebv)["z_epistemic_std"], spread, atol=1e-5)
+    single = OnnxPredictor(export_checkpoint(run / "best.pt", tmp_path / "one.onnx", "tiny", "0.0.1"),
+                           providers="cpu").predict_with_estimates(images, ebv)
+    assert np.isnan(single["z_epistemic_std"]).all() and np.isfinite(single["z_mean"]).all()
     report = {"data": "tiny.h5", "n": 6, "model_metrics": {"point_estimate": "z_mean", "sigma_mad": 0.1,
               "outlier_fraction": 0.5, "bias": 0.0, "crps": 0.1, "pit_ks": 0.5, "n": 6, "by_redshift": []}}
     assert "MC dropout: 6 passes through the dense head at dropout rate 0.25" in render(bundle.path, report, [])
@@ -128,6 +135,21 @@ def test_deep_ensemble_exports_as_one_graph_averaging_its_members(tiny_data, tmp
     assert np.abs(members[0] - members[1]).max() > 1e-3  # different seeds: different networks
     onnx_p = OnnxPredictor(bundle, providers="cpu").predict(images, ebv)
     np.testing.assert_allclose(onnx_p, (members[0] + members[1]) / 2, atol=1e-5)
+    # the members' disagreement comes out as z_epistemic_std: half the difference of their mean redshifts
+    bins = load_bundle(bundle.path).metadata.bins
+    out = OnnxPredictor(bundle, providers="cpu").predict_with_estimates(images, ebv)
+    means = np.stack(members) @ bins.centres
+    np.testing.assert_allclose(out["z_epistemic_std"], np.abs(means[0] - means[1]) / 2, atol=1e-5)
+    assert load_bundle(bundle.path).metadata.output_epistemic == "z_epistemic_std"
+    from astropy.table import Table
+
+    from photoz.pipeline.predict import predict_files  # offline, into a FITS table: a column like the others
+
+    np.save(tmp_path / "cutouts.npy", images)
+    predict_files([tmp_path / "cutouts.npy"], tmp_path / "ens.fits", model=bundle.path, progress=False)
+    np.testing.assert_allclose(Table.read(tmp_path / "ens.fits")["Z_EPISTEMIC_STD"],
+                               OnnxPredictor(bundle, providers="cpu").predict_with_estimates(
+                                   images, np.zeros(len(images)))["z_epistemic_std"], atol=1e-6)
     report = {"data": "tiny.h5", "n": 6, "model_metrics": {"point_estimate": "z_mean", "sigma_mad": 0.1,
               "outlier_fraction": 0.5, "bias": 0.0, "crps": 0.1, "pit_ks": 0.5, "n": 6, "by_redshift": []}}
     assert "deep ensemble of 2 networks (seeds [0, 1])" in render(bundle.path, report, [])
