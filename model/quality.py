@@ -11,7 +11,7 @@ ebv_above_training  1    E(B-V) above the training set's range
 r_above_training    2    r-band aperture flux brighter than the training set's range
 r_below_training    3    r-band aperture flux fainter than the training set's range
 point_source        4    light more concentrated than any training galaxy's (a star or a quasar)
-blend               5    asymmetric light: a close neighbour or a blend the training set did not show
+blend               5    a close, comparably bright companion: the blend detector's score, or asymmetric light
 masked_pixels       6    a run of identical pixel values (zero-filled, masked or off-chip pixels)
 saturated           7    a flat-topped bright peak (saturated pixels)
 low_snr             8    r-band aperture signal-to-noise below the training set's range
@@ -43,6 +43,12 @@ Features, all from the cutout (nanomaggies) and its E(B-V):
   (Conselice 2000's A, noise-corrected);
 - ``identical_run``: whether any band has :data:`IDENTICAL_RUN_PIXELS` identical values in a row or column
   (real sky noise practically never repeats a float that many times);
+- ``blend_score`` (bundles whose thresholds carry a blend detector): the logit of a small convolutional
+  network (``blend_net`` in the metadata, ONNX, run with ONNX Runtime on one thread) that looks at the central
+  :data:`BLEND_CROP_PIXELS` pixels of the r+i image, each cutout scaled by its own central flux
+  (:func:`blend_input`), trained when the thresholds are measured to tell the training set's galaxies from
+  the same galaxies with another training galaxy 1.5-3" away at 0.5-1 times their flux
+  (``photoz.training.blend``): the asymmetry misses most such pairs, which are symmetric about their midpoint;
 - ``plateau``: the largest number of pixels, over bands whose peak is above
   :data:`PLATEAU_MIN_PEAK_SIGMA` sky sigma, within :data:`PLATEAU_FRACTION` or :data:`PLATEAU_NOISE_SIGMA`
   sky sigma of that band's peak.
@@ -60,7 +66,7 @@ from photoz.model.pdf import GRID_EDGE_FLAG, at_grid_edge
 
 #: Version of the feature definitions below; a bundle's thresholds apply only to the version they were measured
 #: with (a bundle measured with another version gets the fixed-definition flags only).
-FEATURES_VERSION = 2
+FEATURES_VERSION = 3
 
 #: Flag names by bit, in bit order (bit k is ``1 << k``).
 FLAG_NAMES: tuple[str, ...] = (GRID_EDGE_FLAG, "ebv_above_training", "r_above_training", "r_below_training",
@@ -98,7 +104,10 @@ TAIL_FRACTION = 0.001
 #: ... but for the asymmetry, whose training tail is the simulation's own neighbours, a wider tail catches
 #: more blends for 0.5% of in-range objects flagged; for the concentration, 0.2% takes injected stars from
 #: 95% to 97% caught.
-TAIL_FRACTION_BY_FEATURE = {"asymmetry": 0.005, "concentration": 0.002}
+TAIL_FRACTION_BY_FEATURE = {"asymmetry": 0.005, "concentration": 0.002, "blend_score": 0.002}
+#: The blend detector's input: the central BLEND_CROP_PIXELS of the r+i image, divided by the flux in its central
+#: BLEND_CORE_PIXELS, through asinh(BLEND_ASINH_SCALE x) (bright and faint galaxies alike).
+BLEND_CROP_PIXELS, BLEND_CORE_PIXELS, BLEND_ASINH_SCALE = 32, 16, 50.0
 
 #: Profile features whose threshold depends on the r magnitude (bright galaxies are large and seen at high
 #: signal-to-noise, faint ones compact): one threshold per :data:`R_MAG_BIN_WIDTH` bin of ``r_mag``, the tail
@@ -113,6 +122,7 @@ _RANGE_TESTS: tuple[tuple[str, str, str, str], ...] = (
     ("concentration", "above", "concentration_max", "point_source"),
     ("asymmetry", "above", "asymmetry_max", "blend"),
     ("snr_r", "below", "snr_r_min", "low_snr"),
+    ("blend_score", "above", "blend_score_max", "blend"),
 )
 
 
@@ -139,16 +149,16 @@ def _window(radius: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def cutout_features(images: np.ndarray, ebv: np.ndarray, bands: tuple[str, ...],
-                    pixel_scale_arcsec: float) -> dict[str, np.ndarray]:
+                    pixel_scale_arcsec: float, blend_net: BlendNet | None = None) -> dict[str, np.ndarray]:
     """The quality features of each cutout: a dict of (N,) arrays (see the module docstring).
 
     ``images`` is (N, bands, S, S) in nanomaggies, ``ebv`` (N,) in magnitudes. Worked in blocks of
-    :data:`BLOCK` cutouts, which stay in the CPU's cache.
+    :data:`BLOCK` cutouts, which stay in the CPU's cache; with ``blend_net``, ``blend_score`` too.
     """
     images = np.asarray(images, np.float32)
     ebv = np.asarray(ebv, np.float64).reshape(len(images))
     if len(images) > BLOCK:
-        parts = [cutout_features(images[i:i + BLOCK], ebv[i:i + BLOCK], bands, pixel_scale_arcsec)
+        parts = [cutout_features(images[i:i + BLOCK], ebv[i:i + BLOCK], bands, pixel_scale_arcsec, blend_net)
                  for i in range(0, len(images), BLOCK)]
         return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
     n, _, size, _ = images.shape
@@ -167,9 +177,59 @@ def cutout_features(images: np.ndarray, ebv: np.ndarray, bands: tuple[str, ...],
     ri = images[:, r_index] + images[:, i_index] - (background[:, r_index] + background[:, i_index])[:, None, None]
     ri_sigma = np.hypot(sigma[:, r_index], sigma[:, i_index])
     concentration, asymmetry = _shape_features(ri, ri_sigma, geo)
-    return {"ebv": ebv, "r_mag": r_mag, "snr_r": snr_r,
-            "concentration": concentration, "asymmetry": asymmetry,
-            "identical_run": _identical_runs(images), "plateau": _plateau(images, background, sigma)}
+    features = {"ebv": ebv, "r_mag": r_mag, "snr_r": snr_r,
+                "concentration": concentration, "asymmetry": asymmetry,
+                "identical_run": _identical_runs(images), "plateau": _plateau(images, background, sigma)}
+    if blend_net is not None:
+        features["blend_score"] = blend_net.scores(_blend_input(ri))
+    return features
+
+
+def blend_input(images: np.ndarray, bands: tuple[str, ...], pixel_scale_arcsec: float) -> np.ndarray:
+    """The blend detector's input for cutouts (N, bands, S, S): (N, 1, BLEND_CROP_PIXELS, BLEND_CROP_PIXELS)."""
+    level = sky_background(images, pixel_scale_arcsec)[0]
+    r, i = bands.index("r"), bands.index("i")
+    images = np.asarray(images, np.float32)
+    return _blend_input(images[:, r] + images[:, i] - (level[:, r] + level[:, i])[:, None, None])
+
+
+def _blend_input(ri: np.ndarray) -> np.ndarray:
+    """From sky-subtracted r+i images (N, S, S): the central crop over its central flux, through asinh."""
+    size = ri.shape[-1]
+    lo = (size - BLEND_CROP_PIXELS) // 2
+    crop = ri[:, lo:lo + BLEND_CROP_PIXELS, lo:lo + BLEND_CROP_PIXELS]
+    c = (BLEND_CROP_PIXELS - BLEND_CORE_PIXELS) // 2
+    core = np.maximum(crop[:, c:c + BLEND_CORE_PIXELS, c:c + BLEND_CORE_PIXELS].sum(axis=(1, 2), dtype=np.float64),
+                      1e-3)
+    x = np.arcsinh(crop / core[:, None, None].astype(np.float32) * np.float32(BLEND_ASINH_SCALE))
+    return np.ascontiguousarray(x[:, None], dtype=np.float32)
+
+
+class BlendNet:
+    """The blend detector of a bundle's thresholds: an ONNX graph (bytes) from ``blend_input`` (N, 1, C, C) to
+    logits (N,), run with ONNX Runtime on one thread (it runs beside the model's own sessions)."""
+
+    def __init__(self, onnx_bytes: bytes) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+
+    @classmethod
+    def from_quality(cls, quality: Mapping[str, Any] | None) -> BlendNet | None:
+        """The detector stored in a bundle's ``quality`` metadata (base64 ONNX), if it has one of this version."""
+        import base64
+
+        if not quality or quality.get("features_version") != FEATURES_VERSION or "blend_net" not in quality:
+            return None
+        return cls(base64.b64decode(quality["blend_net"]["onnx_base64"]))
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        if len(x) == 0:
+            return np.zeros(0)
+        return np.asarray(self.session.run(None, {self.input: x})[0], np.float64).reshape(len(x))
 
 
 def sky_background(images: np.ndarray, pixel_scale_arcsec: float) -> tuple[np.ndarray, np.ndarray]:
@@ -277,6 +337,8 @@ def reference_thresholds(features: Mapping[str, np.ndarray], tail_fraction: floa
     out: dict[str, Any] = {}
     tails = {feature: TAIL_FRACTION_BY_FEATURE.get(feature, tail_fraction) for feature, *_ in _RANGE_TESTS}
     for feature, side, key, _ in _RANGE_TESTS:
+        if feature not in features:  # the blend score, without a detector
+            continue
         values = np.asarray(features[feature], np.float64)
         values = values[np.isfinite(values)]
         q = 1 - tails[feature] if side == "above" else tails[feature]
@@ -314,9 +376,13 @@ def _binned_limit(thresholds: Mapping[str, Any], key: str, r_mag: np.ndarray) ->
 
 
 def quality_metadata(features: Mapping[str, np.ndarray], reference: dict[str, Any],
-                     tail_fraction: float = TAIL_FRACTION) -> dict[str, Any]:
-    """The bundle metadata section ``quality``: thresholds, what they were measured on, and how."""
+                     tail_fraction: float = TAIL_FRACTION,
+                     blend_net: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The bundle metadata section ``quality``: thresholds, what they were measured on, and how; with
+    ``blend_net`` (``onnx_base64`` and how it was trained: ``photoz.training.blend``) the blend detector whose
+    ``blend_score`` the features carry."""
     return {"features_version": FEATURES_VERSION, "tail_fraction": tail_fraction,
+            **({"blend_net": dict(blend_net)} if blend_net is not None else {}),
             "tail_fraction_by_feature": dict(TAIL_FRACTION_BY_FEATURE),
             "reference": {**reference, "n_objects": int(len(features["ebv"]))},
             "thresholds": reference_thresholds(features, tail_fraction),
@@ -326,7 +392,23 @@ def quality_metadata(features: Mapping[str, np.ndarray], reference: dict[str, An
                             "asymmetry_radius_arcsec": ASYMMETRY_RADIUS_ARCSEC,
                             "identical_run_pixels": IDENTICAL_RUN_PIXELS,
                             "plateau_fraction": PLATEAU_FRACTION, "plateau_noise_sigma": PLATEAU_NOISE_SIGMA,
-                            "plateau_min_peak_sigma": PLATEAU_MIN_PEAK_SIGMA}}
+                            "plateau_min_peak_sigma": PLATEAU_MIN_PEAK_SIGMA,
+                            "blend_crop_pixels": BLEND_CROP_PIXELS, "blend_core_pixels": BLEND_CORE_PIXELS,
+                            "blend_asinh_scale": BLEND_ASINH_SCALE}}
+
+
+def quality_summary(quality: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``quality`` section as an API shows it: the blend detector's graph (a few hundred kB of base64) as
+    its size and sha256."""
+    import base64
+    import hashlib
+
+    out = dict(quality)
+    if isinstance(out.get("blend_net"), Mapping) and "onnx_base64" in out["blend_net"]:
+        net = dict(out["blend_net"])
+        raw = base64.b64decode(net.pop("onnx_base64"))
+        out["blend_net"] = {**net, "onnx_bytes": len(raw), "onnx_sha256": hashlib.sha256(raw).hexdigest()}
+    return out
 
 
 def usable_thresholds(quality: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -351,7 +433,7 @@ def flag_bits_from_features(features: Mapping[str, np.ndarray], thresholds: Mapp
     bits |= np.where(features["plateau"] > floor, FLAG_BITS["saturated"], 0).astype(np.uint32)
     if thresholds is not None:
         for feature, side, key, flag in _RANGE_TESTS:
-            if key not in thresholds:
+            if key not in thresholds or feature not in features:
                 continue
             values = np.asarray(features[feature], np.float64)
             limit = _binned_limit(thresholds, key, features["r_mag"]) if feature in BINNED_FEATURES \
@@ -387,6 +469,7 @@ class QualityFlagger:
         self.bands, self.pixel_scale_arcsec = bands, pixel_scale_arcsec
         self.thresholds = usable_thresholds(quality)
         self.enabled = "r" in bands and "i" in bands
+        self.blend_net = BlendNet.from_quality(quality) if self.enabled else None
 
     def flag_bits(self, images: np.ndarray, ebv: np.ndarray, probs: np.ndarray) -> np.ndarray:
         return pdf_flag_bits(probs) | self.image_bits(images, ebv)
@@ -396,5 +479,6 @@ class QualityFlagger:
         a server measures them beside the inference rather than on its thread."""
         if not self.enabled or len(images) == 0:
             return np.zeros(len(images), np.uint32)
-        features = cutout_features(images, np.asarray(ebv).reshape(-1), self.bands, self.pixel_scale_arcsec)
+        features = cutout_features(images, np.asarray(ebv).reshape(-1), self.bands, self.pixel_scale_arcsec,
+                                   self.blend_net)
         return flag_bits_from_features(features, self.thresholds)

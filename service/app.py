@@ -31,6 +31,7 @@ from photoz.formats.cutouts import Cutouts
 from photoz.formats.errors import InputError
 from photoz.formats.inputs import parse_list_field
 from photoz.formats.results import ACCEPTED, ENCODERS, choose_media_type
+from photoz.model.quality import quality_summary
 from photoz.service import oip
 from photoz.service.engine import ServingEngine
 from photoz.service.errors import Draining, Unauthorized, problem_for, validation_problem
@@ -85,11 +86,12 @@ async def models(request: Request) -> dict[str, Any]:
     engine = state_of(request).running_engine()
     md, bundle = engine.bundle.metadata, engine.bundle
     card = bundle.model_card_path
+    metadata = md.document if not md.quality else {**md.document, "quality": quality_summary(md.quality)}
     return {"models": [{
         "name": md.name, "version": md.version, "sha256": bundle.sha256,
         "provider": engine.provider, "bands": list(md.bands), "cutout_size_pixels": md.cutout_size,
         "bins": {"n_bins": md.bins.n_bins, "z_min": float(md.bins.edges[0]), "z_max": float(md.bins.edges[-1])},
-        "max_batch_size": engine.settings.max_batch_size, "metadata": md.document,
+        "max_batch_size": engine.settings.max_batch_size, "metadata": metadata,
         "model_card": card.read_text() if card else None,
     }]}
 

@@ -51,6 +51,9 @@ def flags_section(document: dict, ood_report: dict | None = None) -> list[str]:
               "", "| threshold | value |", "| --- | --- |"]
     lines += [f"| {k} | {v:.4g} |" for k, v in t.items() if isinstance(v, float)]
     lines += ["", "The point-source and blend thresholds also vary with the r magnitude (`by_r_mag` in the metadata)."]
+    if "blend_net" in quality:
+        lines += ["", "Blend detector (`blend_score`, a small convolutional network stored in the metadata, "
+                  f"photoz.training.blend): trained on {quality['blend_net'].get('trained_on', '?')}."]
     if ood_report:
         lines += ["", f"Injected out-of-range objects made from {ood_report['n']:,} held-out cutouts "
                   f"(`python -m photoz.training.ood`, {ood_report['data']}):", "",

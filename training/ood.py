@@ -30,6 +30,8 @@ from photoz.model.conventions import (
 from photoz.model.quality import (
     FLAG_BITS,
     OOD_FLAGS,
+    BlendNet,
+    blend_input,
     cutout_features,
     flag_bits_from_features,
     quality_metadata,
@@ -65,18 +67,41 @@ def read_cutouts(path: str | Path, n: int | None = None, start: int = 0) -> tupl
     return images, ebv
 
 
-def reference_quality(data: str | Path, n: int = REFERENCE_OBJECTS) -> dict[str, Any]:
-    """The ``quality`` metadata section measured on the first ``n`` cutouts of a training set."""
+def reference_quality(data: str | Path, n: int = REFERENCE_OBJECTS, seed: int = 0) -> dict[str, Any]:
+    """The ``quality`` metadata section measured on the first ``n`` cutouts of a training set, with the blend
+    detector trained on them (:mod:`photoz.training.blend`) and its score's threshold."""
+    import base64
+
+    from photoz.training.blend import COMPANION_DISTANCE_ARCSEC, COMPANION_FLUX_RATIO, add_companions, train_blend_net
     from photoz.training.data import inspect
 
     info = inspect(data)
     n = min(n, info["n"])
-    parts = [cutout_features(*read_cutouts(data, min(READ_BLOCK, n - start), start), BANDS, PIXEL_SCALE_ARCSEC)
-             for start in range(0, n, READ_BLOCK)]  # a block at a time: 20,000 cutouts are 1.6 GB
+    rng = np.random.default_rng(seed)
+    parts, singles, blends = [], [], []
+    for start in range(0, n, READ_BLOCK):  # a block at a time: 20,000 cutouts are 1.6 GB
+        images, ebv = read_cutouts(data, min(READ_BLOCK, n - start), start)
+        parts.append(cutout_features(images, ebv, BANDS, PIXEL_SCALE_ARCSEC))
+        background = sky_background(images, PIXEL_SCALE_ARCSEC)[0]
+        singles.append(blend_input(images, BANDS, PIXEL_SCALE_ARCSEC))
+        rows = np.flatnonzero(np.isfinite(parts[-1]["r_mag"]))  # companions are scaled to a galaxy's flux
+        if len(rows) > 1:
+            blended, _ = add_companions(images[rows], parts[-1]["r_mag"][rows], background[rows], rng)
+            blends.append(blend_input(blended, BANDS, PIXEL_SCALE_ARCSEC))
     features = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
     reference = {"dataset": info["name"], "rows": f"first {n} of {info['n']}",
                  "simulator_version": info["simulator_version"], "seed": info["seed"]}
-    return quality_metadata(features, {k: v for k, v in reference.items() if v is not None})
+    reference = {k: v for k, v in reference.items() if v is not None}
+    if not blends:
+        return quality_metadata(features, reference)
+    detector = train_blend_net(np.concatenate(singles), np.concatenate(blends), seed=seed)
+    features["blend_score"] = BlendNet(detector).scores(np.concatenate(singles))
+    blend_net = {"onnx_base64": base64.b64encode(detector).decode("ascii"),
+                 "trained_on": f"the same {n} cutouts, each alone and with another of them added as a companion "
+                               f"{COMPANION_DISTANCE_ARCSEC[0]:g}-{COMPANION_DISTANCE_ARCSEC[1]:g} arcsec away at "
+                               f"{COMPANION_FLUX_RATIO[0]:g}-{COMPANION_FLUX_RATIO[1]:g} times its r flux",
+                 "seed": seed}
+    return quality_metadata(features, reference, blend_net=blend_net)
 
 
 # --- injections: each takes the rows' cutouts, E(B-V), the thresholds, a generator and the rows' features
@@ -152,6 +177,16 @@ def inject_blend(images, ebv, t, rng, features):
     return out, ebv, {"separation_arcsec": (distance * PIXEL_SCALE_ARCSEC, BLEND_SEPARATION_BINS_ARCSEC)}
 
 
+def inject_blend_other(images, ebv, t, rng, features):
+    """A blend with another galaxy of the set (not a copy: its own shape and colours), as the blend detector is
+    trained on (:func:`photoz.training.blend.add_companions`), with other draws."""
+    from photoz.training.blend import add_companions
+
+    blended, distance = add_companions(images, features["r_mag"], sky_background(images, PIXEL_SCALE_ARCSEC)[0],
+                                       rng)
+    return blended, ebv, {"separation_arcsec": (distance, BLEND_SEPARATION_BINS_ARCSEC)}
+
+
 def inject_masked(images, ebv, t, rng, features):
     """Zero-filled pixels in one band: a 2-8 pixel wide strip along a row or a column (a bad column, a chip
     gap, a cutout's edge past the frame)."""
@@ -206,13 +241,15 @@ def measured_flux(images: np.ndarray, features: dict[str, np.ndarray]) -> np.nda
 #: Injection kinds: the function that makes them and the flag meant for them (and, for some, the rows they
 #: can be made from).
 ELIGIBLE: dict[str, Callable[[np.ndarray, dict[str, np.ndarray]], np.ndarray]] = {
-    "saturated": lambda images, features: bright_peaks(images), "brighter": measured_flux, "fainter": measured_flux}
+    "saturated": lambda images, features: bright_peaks(images), "brighter": measured_flux, "fainter": measured_flux,
+    "blend_other": measured_flux}
 INJECTIONS: dict[str, tuple[Callable, str]] = {
     "ebv_above": (inject_ebv, "ebv_above_training"),
     "brighter": (inject_bright, "r_above_training"),
     "fainter": (inject_faint, "r_below_training"),
     "star": (inject_star, "point_source"),
     "blend": (inject_blend, "blend"),
+    "blend_other": (inject_blend_other, "blend"),
     "masked": (inject_masked, "masked_pixels"),
     "saturated": (inject_saturated, "saturated"),
     "low_snr": (inject_low_snr, "low_snr"),
@@ -225,10 +262,12 @@ def _shares(bits: np.ndarray) -> dict[str, float]:
     return {name: float(np.mean((bits & FLAG_BITS[name]) > 0)) for name in OOD_FLAGS}
 
 
-def measure(thresholds: dict[str, float], images: np.ndarray, ebv: np.ndarray, seed: int = 0) -> dict[str, Any]:
-    """Flag rates on the in-range objects and on each injection kind made from them."""
+def measure(thresholds: dict[str, float], images: np.ndarray, ebv: np.ndarray, seed: int = 0,
+            blend_net: BlendNet | None = None) -> dict[str, Any]:
+    """Flag rates on the in-range objects and on each injection kind made from them (``blend_net``: the
+    bundle's blend detector, whose score the thresholds may test)."""
     rng = np.random.default_rng(seed)
-    features = cutout_features(images, ebv, BANDS, PIXEL_SCALE_ARCSEC)
+    features = cutout_features(images, ebv, BANDS, PIXEL_SCALE_ARCSEC, blend_net)
     bits = flag_bits_from_features(features, thresholds)
     report: dict[str, Any] = {"n": len(ebv), "in_range": {"any_ood_flag": float(np.mean((bits & OOD_MASK) > 0)),
                                                           "by_flag": _shares(bits)}, "injected": {}}
@@ -236,7 +275,8 @@ def measure(thresholds: dict[str, float], images: np.ndarray, ebv: np.ndarray, s
         rows = ELIGIBLE[kind](images, features) if kind in ELIGIBLE else np.arange(len(ebv))
         new_images, new_ebv, *details = inject(images[rows], ebv[rows], thresholds, rng,
                                                {key: value[rows] for key, value in features.items()})
-        got = flag_bits_from_features(cutout_features(new_images, new_ebv, BANDS, PIXEL_SCALE_ARCSEC), thresholds)
+        got = flag_bits_from_features(cutout_features(new_images, new_ebv, BANDS, PIXEL_SCALE_ARCSEC, blend_net),
+                                      thresholds)
         caught = (got & FLAG_BITS[flag]) > 0
         report["injected"][kind] = {"flag": flag, "n": len(new_ebv), "intended_flag": float(np.mean(caught)),
                                     "any_ood_flag": float(np.mean((got & OOD_MASK) > 0)), "by_flag": _shares(got)}
@@ -285,8 +325,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{args.model} has no quality thresholds of this photoz's feature version: add them with "
                 "`photoz ood-thresholds`")
     images, ebv = read_cutouts(args.data, args.n)
+    blend_net = BlendNet.from_quality(bundle.metadata.document.get("quality"))
     report = {"model": {"name": bundle.metadata.name, "version": bundle.metadata.version, "sha256": bundle.sha256},
-              "data": str(args.data), "thresholds": thresholds, **measure(thresholds, images, ebv, args.seed)}
+              "data": str(args.data), "thresholds": thresholds,
+              **measure(thresholds, images, ebv, args.seed, blend_net)}
     print(format_report(report))
     if args.out:
         out = Path(args.out)

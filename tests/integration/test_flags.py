@@ -103,6 +103,47 @@ def test_ood_thresholds_command_writes_them_into_a_bundle(tiny_bundle, tmp_path)
     assert after.metadata.version == "0.0.2" and after.sha256 != before.sha256
     features = cutout_features(images, ebv, BANDS, PIXEL_SCALE_ARCSEC)
     assert quality["thresholds"]["r_mag_min"] == pytest.approx(np.quantile(features["r_mag"], 0.001))
+    assert "blend_score_max" in quality["thresholds"] and "300 cutouts" in quality["blend_net"]["trained_on"]
+
+
+def test_a_bundle_with_a_blend_detector_flags_pairs_the_same_served_and_offline(tiny_bundle, tmp_path):
+    """The blend detector travels in the bundle's metadata: a server loading the bundle runs it (on its
+    finishing threads) and answers the flags ONNX Runtime gives here, pairs flagged as blends."""
+    from photoz.model.bundle import load_bundle
+    from photoz.model.export import write_metadata
+    from photoz.model.quality import QualityFlagger, sky_background
+    from photoz.service.live import LiveServer
+    from photoz.training.blend import add_companions
+    from photoz.training.ood import reference_quality
+
+    images, ebv = disk_galaxies(np.random.default_rng(41), 800, r_mag=(15.0, 17.0))
+    with h5py.File(tmp_path / "train.h5", "w") as h5:
+        h5["images"], h5["ebv"], h5["z"] = images, ebv, np.full(800, 0.1)
+    document = {**load_bundle(tiny_bundle).metadata.document, "quality": reference_quality(tmp_path / "train.h5")}
+    bundle = write_metadata(tiny_bundle, document, tmp_path / "blend.onnx").path
+    new, new_ebv = disk_galaxies(np.random.default_rng(42), 24, r_mag=(15.0, 17.0))
+    r_mag = cutout_features(new, new_ebv, BANDS, PIXEL_SCALE_ARCSEC)["r_mag"]
+    pairs, _ = add_companions(new, r_mag, sky_background(new, PIXEL_SCALE_ARCSEC)[0], np.random.default_rng(43))
+    probe, probe_ebv = np.concatenate([new, pairs]), np.concatenate([new_ebv, new_ebv])
+    flagger = QualityFlagger(BANDS, PIXEL_SCALE_ARCSEC, document["quality"])
+    offline = flagger.image_bits(probe, probe_ebv)
+    assert flagger.blend_net is not None
+    assert np.mean(offline[24:] & FLAG_BITS["blend"] > 0) >= 0.6 > np.mean(offline[:24] & FLAG_BITS["blend"] > 0)
+    srv = LiveServer(bundle, tmp_path / "blend.log", max_batch_size=8)
+    try:
+        response = httpx.post(srv.url + "/v1/predict", content=npy_bytes(probe), timeout=60,
+                              params={"ebv": ",".join(str(float(e)) for e in probe_ebv)},
+                              headers={"Content-Type": "application/x-npy", "Accept": "application/fits"})
+        listing = httpx.get(srv.url + "/v1/models")
+    finally:
+        srv.stop()
+    shown = listing.json()["models"][0]["metadata"]["quality"]["blend_net"]  # the graph as its size and digest
+    assert "onnx_base64" not in shown and shown["onnx_bytes"] > 1000 and len(shown["onnx_sha256"]) == 64
+    assert len(listing.content) < 100_000
+    with fits.open(io.BytesIO(response.content)) as hdul:
+        served = np.asarray(hdul["PHOTOZ"].data["FLAG_BITS"])
+    edge = FLAG_BITS["pdf_at_grid_edge"]
+    np.testing.assert_array_equal(served & ~edge, offline)
 
 
 def test_the_batcher_path_leaves_the_cutout_flags_to_the_server(flagged_bundle, probes):

@@ -39,6 +39,9 @@ def test_flags_section_lists_thresholds_and_injections():
     text = "\n".join(flags_section({"quality": quality}, ood))
     assert "| ebv_max | 0.17 |" in text and "| star | 10 | `point_source` | 90.0% | 95.0% |" in text
     assert "blend by separation arcsec, share flagged `blend`: 1.5-2: 0% (n 2), 2-3: 100% (n 2)." in text
+    assert "Blend detector" not in text
+    detector = "\n".join(flags_section({"quality": {**quality, "blend_net": {"trained_on": "the same 10 cutouts"}}}))
+    assert "Blend detector (`blend_score`" in detector and "trained on the same 10 cutouts." in detector
     assert "8 `low_snr`" in text
     bare = "\n".join(flags_section({}))
     assert "no training-set thresholds" in bare and "ebv_max" not in bare
