@@ -185,9 +185,12 @@ def cutout_features(images: np.ndarray, ebv: np.ndarray, bands: tuple[str, ...],
     return features
 
 
-def blend_input(images: np.ndarray, bands: tuple[str, ...], pixel_scale_arcsec: float) -> np.ndarray:
-    """The blend detector's input for cutouts (N, bands, S, S): (N, 1, BLEND_CROP_PIXELS, BLEND_CROP_PIXELS)."""
-    level = sky_background(images, pixel_scale_arcsec)[0]
+def blend_input(images: np.ndarray, bands: tuple[str, ...], pixel_scale_arcsec: float,
+                level: np.ndarray | None = None) -> np.ndarray:
+    """The blend detector's input for cutouts (N, bands, S, S): (N, 1, BLEND_CROP_PIXELS, BLEND_CROP_PIXELS).
+    ``level``: their sky levels (N, bands) if already measured (:func:`sky_background`)."""
+    if level is None:
+        level = sky_background(images, pixel_scale_arcsec)[0]
     r, i = bands.index("r"), bands.index("i")
     images = np.asarray(images, np.float32)
     return _blend_input(images[:, r] + images[:, i] - (level[:, r] + level[:, i])[:, None, None])
