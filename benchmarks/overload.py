@@ -34,7 +34,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -194,10 +193,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="extra photoz serve flag, e.g. max_queue_wait_ms=250")
     args = parser.parse_args(argv)
 
-    from benchmarks.serve import export_random_bundle
+    from benchmarks.serve import export_random_bundle, scratch_dir
     from photoz.service.live import LiveServer
 
-    work = Path(tempfile.mkdtemp(prefix="photoz-overload-"))
+    work = scratch_dir("photoz-overload-")
     bundle = args.model or export_random_bundle(work / "bench.onnx")
     buffer = io.BytesIO()
     np.save(buffer, np.random.default_rng(1).normal(0, 0.05, (5, 64, 64)).astype(np.float32))

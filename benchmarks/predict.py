@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from benchmarks.serve import export_random_bundle  # noqa: E402
+from benchmarks.serve import export_random_bundle, scratch_dir  # noqa: E402
 from photoz.model.bundle import load_bundle  # noqa: E402
 from photoz.model.runtime import OnnxPredictor  # noqa: E402
 from photoz.pipeline.predict import predict_files  # noqa: E402
@@ -38,7 +37,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternating engine / predict rounds")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="photoz-predict-bench-"))
+    work = scratch_dir("photoz-predict-bench-")
     bundle = args.model or export_random_bundle(work / "bench.onnx")
     images = np.random.default_rng(0).normal(0, 0.05, (args.n, 5, 64, 64)).astype(np.float32)
     np.save(work / "stack.npy", images)

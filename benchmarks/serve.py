@@ -73,6 +73,17 @@ end
 """
 
 
+def scratch_dir(prefix: str) -> Path:
+    """A temporary folder for a benchmark's bundle, request bodies and server logs, removed when the process
+    exits (the benchmarks' errors carry the server's log text)."""
+    import atexit
+    import shutil
+
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
+    return work
+
+
 def export_random_bundle(path: Path) -> Path:
     import torch
 
@@ -269,7 +280,7 @@ def main(argv=None) -> int:
     global WRK_THREADS
     WRK_THREADS = args.wrk_threads or (4 if gpu else 1)
     conns = [int(c) for c in args.connections.split(",")]
-    work = Path(tempfile.mkdtemp(prefix="photoz-bench-"))
+    work = scratch_dir("photoz-bench-")
     bundle = args.model or export_random_bundle(work / "bench.onnx")
 
     rng = np.random.default_rng(1)

@@ -21,7 +21,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -67,10 +66,10 @@ def main(argv=None) -> int:
 
     import httpx
 
-    from benchmarks.serve import export_random_bundle, wrk
+    from benchmarks.serve import export_random_bundle, scratch_dir, wrk
     from photoz.service.live import free_port
 
-    work = Path(tempfile.mkdtemp(prefix="photoz-overhead-"))
+    work = scratch_dir("photoz-overhead-")
     bundle = args.model or export_random_bundle(work / "bench.onnx")
     buffer = io.BytesIO()
     np.save(buffer, np.random.default_rng(1).normal(0, 0.05, (5, 64, 64)).astype(np.float32))

@@ -90,3 +90,12 @@ def test_readme_settings_defaults_match_the_code():
             assert str(default).endswith(documented), variable
         else:
             assert documented == str(default), variable
+
+
+def test_docker_smoke_resolves_the_gpu_requirement_the_dockerfile_installs():
+    """When the disk is too small for the GPU image, make docker-test resolves its requirements instead: the
+    same requirement string, or the fallback checks something the image does not install."""
+    from tests.e2e.docker_smoke import GPU_REQUIREMENT
+
+    installs = re.findall(r'pip install --no-cache-dir "(onnxruntime-gpu[^"]*)"', DOCKERFILE)
+    assert installs == [GPU_REQUIREMENT]
