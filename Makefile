@@ -56,9 +56,10 @@ RUN      ?= runs/default
 TRAIN_H5 ?= data/sim-train.h5
 TEST_H5  ?= data/sim-test.h5
 VERSION  ?= 0.1.0
+CHECKPOINT ?= $(RUN)/best.pt
 ship: $(VENV)/.dev-installed
-	$(BIN)/photoz evaluate --model $(RUN)/best.pt --data $(TEST_H5) --baseline-train $(TRAIN_H5) --out $(RUN)/eval
-	$(BIN)/photoz export --checkpoint $(RUN)/best.pt --out $(MODEL) --name photoz-sdss-sim --version $(VERSION) \
+	$(BIN)/photoz evaluate --model $(CHECKPOINT) --data $(TEST_H5) --baseline-train $(TRAIN_H5) --out $(RUN)/eval
+	$(BIN)/photoz export --checkpoint $(CHECKPOINT) --out $(MODEL) --name photoz-sdss-sim --version $(VERSION) \
 		--held-out-report $(RUN)/eval/metrics.json
 	-$(BIN)/python -m photoz.training.ood --model $(MODEL) --data $(TEST_H5) --out $(RUN)/eval
 	$(BIN)/python -m photoz.training.model_card --bundle $(MODEL) --report $(RUN)/eval/metrics.json \

@@ -4,9 +4,12 @@
 
 One training step = forward + cross-entropy + backward + Adam update on a
 batch already in device memory (what ``photoz train --preload`` feeds), with
-the same mixed precision ``photoz train`` uses (bfloat16 autocast on a GPU,
-float32 on CPU). Also the in-memory augmentation cost per batch. Prints a
-table and writes JSON to benchmarks/results/.
+the same mixed precision ``photoz train`` uses (bfloat16 autocast on a GPU).
+On a CPU, side by side: float32 in the default memory layout, float32
+channels-last, and (where the CPU has bfloat16 natively: AVX512-BF16/AMX)
+bfloat16 autocast channels-last, the last available being what ``photoz
+train`` uses. Also the in-memory augmentation cost per batch. Prints a table
+and writes JSON to benchmarks/results/.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 
 from photoz.model.pasquet import build, variant_config  # noqa: E402
-from photoz.training.train import augment_batch  # noqa: E402
+from photoz.training.train import augment_batch, cpu_has_bfloat16  # noqa: E402
 
 
 def _sync(device):
@@ -30,16 +33,16 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_variant(variant: str, device, batch_size: int, steps: int, amp: bool) -> dict:
-    net = build(variant_config(variant)).to(device).train()
+def time_variant(variant: str, device, batch_size: int, steps: int, amp: bool, channels_last: bool = False) -> dict:
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    net = build(variant_config(variant)).to(device).train().to(memory_format=memory_format)
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
-    images = torch.rand(batch_size, 5, 64, 64, device=device) * 10
+    images = (torch.rand(batch_size, 5, 64, 64, device=device) * 10).contiguous(memory_format=memory_format)
     ebv = torch.full((batch_size, 1), 0.03, device=device)
     target = torch.randint(net.config.n_bins, (batch_size,), device=device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
     def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=amp and device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss = F.cross_entropy(net.logits(images, ebv), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -54,12 +57,15 @@ def time_variant(variant: str, device, batch_size: int, steps: int, amp: bool) -
     _sync(device)
     elapsed = time.perf_counter() - t0
     rot, flip = torch.randint(4, (batch_size,)), torch.randint(2, (batch_size,))
+    plain = images.contiguous()  # augmentation runs before the layout change, as in photoz train
     _sync(device)
     t1 = time.perf_counter()
     for _ in range(steps):
-        augment_batch(images, rot, flip)
+        augment_batch(plain, rot, flip)
     _sync(device)
-    return {"variant": variant, "parameters": sum(p.numel() for p in net.parameters()), "batch_size": batch_size,
+    return {"variant": variant, "precision": "bf16 autocast" if amp else "fp32",
+            "memory_format": "channels_last" if channels_last else "default",
+            "parameters": sum(p.numel() for p in net.parameters()), "batch_size": batch_size,
             "steps": steps, "cutouts_per_s": steps * batch_size / elapsed,
             "augment_ms_per_batch": 1e3 * (time.perf_counter() - t1) / steps}
 
@@ -76,19 +82,24 @@ def main(argv=None) -> int:
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if cuda else "cpu")
     steps = args.steps or (200 if cuda else 5)
-    rows = [time_variant(v, device, int(b), steps, not args.no_amp)
-            for v in args.variants.split(",") for b in args.batch_sizes.split(",")]
+    if cuda:  # (autocast, channels-last) as photoz train runs
+        arrangements = [(not args.no_amp, False)]
+    else:
+        arrangements = [(False, False), (False, True)] + ([(True, True)] if cpu_has_bfloat16() and not args.no_amp
+                                                          else [])
+    rows = [time_variant(v, device, int(b), steps, amp, channels_last)
+            for v in args.variants.split(",") for b in args.batch_sizes.split(",")
+            for amp, channels_last in arrangements]
     name = torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine()
-    print(f"training step throughput on {name} (torch {torch.__version__}, "
-          f"{'bf16 autocast' if cuda and not args.no_amp else 'fp32'})")
-    print("| variant | parameters | batch | cutouts/s | augmentation ms/batch |\n| --- | --- | --- | --- | --- |")
+    print(f"training step throughput on {name} (torch {torch.__version__}; photoz train uses the last arrangement)")
+    print("| variant | precision | memory format | parameters | batch | cutouts/s | augmentation ms/batch |\n"
+          "| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['variant']} | {r['parameters']:,} | {r['batch_size']} | {r['cutouts_per_s']:.0f} "
-              f"| {r['augment_ms_per_batch']:.2f} |")
+        print(f"| {r['variant']} | {r['precision']} | {r['memory_format']} | {r['parameters']:,} | {r['batch_size']} "
+              f"| {r['cutouts_per_s']:.0f} | {r['augment_ms_per_batch']:.2f} |")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"train-speed-{device.type}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"device": name, "torch": torch.__version__, "amp": cuda and not args.no_amp,
-                                "rows": rows}, indent=2))
+    path.write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": rows}, indent=2))
     print(f"wrote {path}")
     return 0
 

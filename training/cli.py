@@ -51,7 +51,7 @@ def _export(args) -> int:
 
     bundle = export_checkpoint(args.checkpoint, args.out, args.name, args.version, args.held_out_report,
                                fp16=args.fp16, reference_data=args.reference_data, mc_passes=args.mc_passes,
-                               mc_seed=args.mc_seed)
+                               mc_seed=args.mc_seed, thresholds=not args.no_thresholds)
     print(f"{bundle.path}  sha256 {bundle.sha256}  (ONNX/torch parity checked)")
     return 0
 
@@ -135,6 +135,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reference-data", default=None,
                    help="labelled HDF5 whose first 20,000 cutouts set the out-of-distribution flags' thresholds "
                         "(default: the checkpoint's training set)")
+    p.add_argument("--no-thresholds", action="store_true",
+                   help="do not measure the flags' thresholds (minutes on a CPU): a bundle to score, not to ship "
+                        "(its flags are the fixed-definition ones)")
     p.add_argument("--mc-passes", type=int, default=0,
                    help="MC dropout: average this many passes through the dense head with dropout kept on (a "
                         "network trained with --dropout; masks drawn once from --mc-seed and fixed in the graph)")

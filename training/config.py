@@ -38,11 +38,14 @@ class TrainConfig:
     seed: int = _option(0, "seed of the split, initialisation and augmentation")
     workers: int = _option(2, "data-loading worker processes")
     device: str = _option("auto", "where to train", choices=("auto", "cpu", "cuda"))
-    amp: bool = _option(True, "bfloat16/float16 autocast (GPU only)")
+    amp: bool = _option(True, "bfloat16/float16 autocast on a GPU; bfloat16 on a CPU that has it natively "
+                                "(AVX512-BF16 or AMX), float32 on other CPUs")
     max_steps_per_epoch: int | None = _option(None, "cap on steps per epoch (smoke tests)")
     max_validation: int | None = _option(None, "cap on validation objects per epoch")
     preload: bool = _option(False, "hold the whole data set in memory (GPU memory on a GPU) and augment there, "
                                    "instead of streaming from disk: for data sets that fit (100k cutouts = 8 GB)")
+    init_from: str | None = _option(None, "start from this bundle's (.onnx) or checkpoint's (.pt) weights instead of "
+                                          "random ones (fine-tuning on new data; same variant, no ensemble)")
     z_bins: dict[str, Any] = _option(lambda: RedshiftBins.uniform().to_metadata(), "redshift grid", cli=False)
 
 

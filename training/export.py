@@ -26,19 +26,22 @@ def training_record(state: dict, held_out: dict | None) -> dict:
                                       if not k.startswith("by_")}}
     return {"dataset": state["dataset"], "seed": cfg["seed"], "epochs": state["epoch"],
             "variant": cfg["variant"], "batch_size": cfg["batch_size"], "learning_rate": cfg["lr"],
-            "code_commit": code_commit(), "metrics": metrics}
+            "code_commit": code_commit(), "metrics": metrics,
+            **({"initialised_from": state["initialised_from"]} if state.get("initialised_from") else {})}
 
 
 def export_checkpoint(checkpoint: str | Path | list, out: str | Path, name: str, version: str,
                       held_out_report: str | Path | None = None, fp16: bool = False,
-                      reference_data: str | Path | None = None, mc_passes: int = 0, mc_seed: int = 0):
+                      reference_data: str | Path | None = None, mc_passes: int = 0, mc_seed: int = 0,
+                      thresholds: bool = True):
     """A checkpoint, or several (a deep ensemble: one architecture and data set, different seeds; their PDFs
     are averaged in the exported graph), to a bundle with its training record and the thresholds of its
     out-of-distribution flags, measured on ``reference_data`` (default: the training set named in the
     checkpoint, if it is there; without either the bundle gets the fixed-definition flags only).
 
     ``mc_passes`` > 0 exports a network trained with dropout as MC dropout (:class:`MCDropoutNet`: that many
-    passes through its dense head with masks drawn from ``mc_seed``, fixed in the graph)."""
+    passes through its dense head with masks drawn from ``mc_seed``, fixed in the graph). ``thresholds=False``
+    skips the thresholds (a bundle to score, not to ship)."""
     paths = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
     loaded = [load_checkpoint(p) for p in paths]
     held_out = json.loads(Path(held_out_report).read_text()) if held_out_report else None
@@ -73,7 +76,9 @@ def export_checkpoint(checkpoint: str | Path | list, out: str | Path, name: str,
     reference = Path(reference_data or state["train_config"].get("data", ""))
     if reference_data is not None and not reference.is_file():
         raise FileNotFoundError(f"reference data set {reference} does not exist")
-    if reference.is_file():
+    if not thresholds:
+        log.info("no out-of-distribution thresholds measured (--no-thresholds)")
+    elif reference.is_file():
         from photoz.training.ood import reference_quality
 
         metadata["quality"] = reference_quality(reference)

@@ -294,3 +294,47 @@ def test_ddp_with_two_cpu_processes_on_gloo(tiny_data, tmp_path):
     assert len(rows) == 1
     state = torch.load(out / "last.pt", weights_only=False)
     assert state["epoch"] == 1
+
+
+def test_fine_tuning_starts_from_a_bundles_weights(tiny_data, tmp_path):
+    """--init-from a bundle: the network starts with the weights ONNX Runtime runs (PReLU slopes included, found
+    through the graph), with or without dropout modules in its head; the checkpoint and the next bundle's training
+    record name what it started from; another architecture is refused, saying which weights differ."""
+    from photoz.training.export import export_checkpoint
+    from photoz.training.train import load_initial_weights
+
+    first = train(tiny_config(tiny_data, tmp_path / "first", epochs=1), progress=False)
+    bundle = export_checkpoint(first / "best.pt", tmp_path / "first.onnx", "tiny-first", "0.1.0")
+    with h5py.File(tiny_data) as h5:
+        images, ebv = h5["images"][:6], h5["ebv"][:6]
+    expected = OnnxPredictor(bundle, providers="cpu").predict(images, ebv)
+    # learning rate 0: the fine-tuned network is still the bundle's, so torch must give ONNX Runtime's numbers
+    for dropout in (0.0, 0.3):
+        run = train(tiny_config(tiny_data, tmp_path / f"tuned{dropout}", epochs=1, lr=0.0, dropout=dropout,
+                                init_from=str(bundle.path)), progress=False)
+        net, state = load_checkpoint(run / "last.pt")
+        with torch.no_grad():
+            got = net(torch.from_numpy(images), torch.from_numpy(ebv).reshape(-1, 1)).numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+        assert state["initialised_from"]["sha256"] == load_bundle(bundle.path).sha256
+        assert state["initialised_from"]["version"] == "0.1.0"
+    tuned = export_checkpoint(run / "last.pt", tmp_path / "tuned.onnx", "tiny-tuned", "0.2.0", thresholds=False)
+    document = load_bundle(tuned.path).metadata.document
+    assert document["training"]["initialised_from"]["model"] == "tiny-first"
+    assert "quality" in load_bundle(bundle.path).metadata.document and "quality" not in document  # --no-thresholds
+    from photoz.training.model_card import render
+
+    metrics = {"point_estimate": "z_mean", "sigma_mad": 0.02, "outlier_fraction": 0.01, "bias": 0.0, "crps": 0.01,
+               "pit_ks": 0.03, "n": 10, "by_redshift": []}
+    card = render(tuned.path, {"data": "t.h5", "n": 10, "model_metrics": metrics}, [])
+    assert "- initialised from `first.onnx` (tiny-first 0.1.0, sha256 `" in card and "fine-tuned" in card
+    # starting from a checkpoint works the same way
+    run = train(tiny_config(tiny_data, tmp_path / "from-pt", epochs=1, lr=0.0, init_from=str(first / "best.pt")),
+                progress=False)
+    assert torch.equal(torch.load(run / "last.pt", weights_only=False)["model"]["classifier.4.weight"],
+                       torch.load(first / "best.pt", weights_only=False)["model"]["classifier.4.weight"])
+    from photoz.model.pasquet import build, variant_config
+
+    wider = build(variant_config("pasquet2019_half", n_bins=180))
+    with pytest.raises(ValueError, match="weight shapes differ"):
+        load_initial_weights(wider, bundle.path)

@@ -18,11 +18,51 @@ def test_card_states_data_metrics_targets_and_limits(tiny_bundle, tmp_path):
     assert "| 0.672 / 0.951 | +0.00030 / 0.0121 / 0.80% | 1000 |" in card_full
     assert "| 0.00-0.05 | 0.0100 | 0.00% | +0.0000 | 0.040 | 100 |" in card_full
     assert "| kNN baseline | 0.0220 | 4.00% |" in card
-    assert "| sigma_MAD <= 0.75 x baseline | yes | ratio 0.55 |" in card
+    assert "| sigma_MAD <= 0.75 x the baseline's | yes | ratio 0.55 |" in card
+    assert "| PIT KS < 0.02 | **no** | 0.030 |" in card
     assert "retrain on real labelled cutouts" in card and "**simulated**" in card
     bad = dict(report, model_metrics=dict(m, bias=0.01))
     assert "| abs(bias) < 0.001 | **no** | +0.01000 |" in render(tiny_bundle, bad, [])
     json.dumps(report)
+
+
+def test_card_checks_issue_targets_against_the_strong_baseline_and_compares_candidates(tiny_bundle, tmp_path):
+    """The sigma_MAD target is against the kNN on dereddened model magnitudes when the report has it; PIT KS is
+    checked in every redshift bin with >= 500 objects and the intervals' coverage against 0.66-0.70 / 0.93-0.97;
+    other candidates' metrics (--compare) get a table."""
+    from photoz.training.model_card import main
+
+    def metrics(sigma, pit_ks=0.015, c68=0.68, c95=0.95, bins=((600, 0.03), (100, 0.2))):
+        return {"point_estimate": "z_mean", "sigma_mad": sigma, "outlier_fraction": 0.01, "bias": 0.0002,
+                "crps": 0.008, "pit_ks": pit_ks, "coverage_68": c68, "coverage_95": c95, "n": 700,
+                "by_redshift": [{"lo": 0.05 * i, "hi": 0.05 * (i + 1), "sigma_mad": sigma, "outlier_fraction": 0.0,
+                                 "bias": 0.0, "pit_ks": ks, "coverage_68": c68, "coverage_95": c95, "n": n}
+                                for i, (n, ks) in enumerate(bins)]}
+
+    report = {"data": "sim-test.h5", "n": 700, "model_metrics": metrics(0.0120),
+              "baseline": {"name": "kNN", "trained_on": "t.h5", "metrics": metrics(0.030)},
+              "strong_baselines": [{"name": "KNN (k=16) on dereddened model magnitudes", "trained_on": "t.h5",
+                                    "metrics": metrics(0.0150)}]}
+    card = render(tiny_bundle, report, [])
+    assert "| sigma_MAD <= 0.75 x the strong baseline's | **no** | ratio 0.80 |" in card  # not 0.40 (old kNN)
+    assert "| KNN (k=16) on dereddened model magnitudes | 0.0150 |" in card
+    # the bin of 100 objects with PIT KS 0.2 does not count; the one of 600 at 0.03 passes
+    assert "| PIT KS < 0.05 in every z bin with >= 500 objects | yes | worst 0.030 (z 0.00-0.05) |" in card
+    assert "| 68% interval coverage in 0.66-0.70 | yes | 0.680 |" in card
+    narrow = render(tiny_bundle, dict(report, model_metrics=metrics(0.011, c68=0.60, bins=((600, 0.08),))), [])
+    assert "| 68% interval coverage in 0.66-0.70 | **no** | 0.600 |" in narrow
+    assert "| PIT KS < 0.05 in every z bin with >= 500 objects | **no** | worst 0.080" in narrow
+    assert "| 0.00-0.05 | 0.0110 | 0.00% | +0.0000 | 0.080 | 0.600 / 0.950 | 600 |" in narrow
+    # the command line: candidates compared, the 'how' line
+    (tmp_path / "main.json").write_text(json.dumps(report))
+    (tmp_path / "mc.json").write_text(json.dumps({"model_metrics": metrics(0.0125, pit_ks=0.011)}))
+    out = tmp_path / "card.md"
+    assert main(["--bundle", str(tiny_bundle), "--report", str(tmp_path / "main.json"), "--out", str(out),
+                 "--compare", f"MC dropout={tmp_path / 'mc.json'}", "--compare-note", "MC costs 1.2x.",
+                 "--how", "on a CPU"]) == 0
+    text = out.read_text()
+    assert "## Uncertainty: the candidates compared" in text and "| MC dropout | 0.0125 |" in text
+    assert "MC costs 1.2x." in text and "- how: on a CPU" in text
 
 
 def test_flags_section_lists_thresholds_and_injections():

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Reproduce the shipped model on a CPU: the 0.2.x network (trained from scratch on simulator 1.3.0 on an
+# H100, training/recipes/default_model_gpu.sh) fine-tuned on simulator 1.6.0 galaxies, then recalibrated.
+#
+#   bash training/recipes/finetune_cpu.sh        # then: make ship VERSION=x.y.z CHECKPOINT=$RUN/calibrated.pt
+#
+# The starting bundle comes from git history (INIT_COMMIT), so a clean clone reproduces it. Simulates the
+# held-out set (seed 2) and the training set (seed 1) with every core, fine-tunes pasquet2019_half from the
+# starting weights with the data held in memory (--preload; 80,000 cutouts = 6.6 GB), bfloat16 autocast on
+# CPUs that have it natively (AVX512-BF16/AMX), then fits the softmax temperature on the validation rows
+# (photoz recalibrate) and scores the plain network, the recalibrated one and MC dropout (MC_PASSES passes
+# through the dense head, which the network was fine-tuned with dropout for) against the catalogue baselines.
+# Measured on the 2-core development machine (Xeon with AMX): 90,000 galaxies simulated in ~10 minutes,
+# ~100 cutouts/s trained, ~13 minutes an epoch.
+set -euo pipefail
+PHOTOZ=${PHOTOZ:-photoz}
+DATA=${DATA:-data/sim160}
+RUN=${RUN:-runs/default}
+N_TRAIN=${N_TRAIN:-80000}
+N_TEST=${N_TEST:-10000}
+EPOCHS=${EPOCHS:-6}
+BATCH=${BATCH:-128}
+LR=${LR:-1e-4}
+DROPOUT=${DROPOUT:-0.1}
+MC_PASSES=${MC_PASSES:-16}
+INIT_COMMIT=${INIT_COMMIT:-e7c9c18}  # bundle 0.2.3 = 0.2.0's network (simulator 1.3.0)
+start=$(date +%s)
+elapsed() { echo $(( $(date +%s) - start )); }
+
+mkdir -p "$RUN" "$DATA"
+git show "$INIT_COMMIT:model/bundles/photoz-sdss-sim.onnx" > "$RUN/init.onnx"
+(
+    export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1  # one thread per simulation worker process
+    $PHOTOZ simulate --n "$N_TEST" --seed 2 --out "$DATA/sim-test.h5" --quiet
+    $PHOTOZ simulate --n "$N_TRAIN" --seed 1 --out "$DATA/sim-train.h5" --quiet
+)
+echo "simulated $N_TRAIN + $N_TEST galaxies in $(elapsed) s"
+$PHOTOZ train --data "$DATA/sim-train.h5" --out "$RUN" --variant pasquet2019_half --epochs "$EPOCHS" \
+    --batch-size "$BATCH" --lr "$LR" --dropout "$DROPOUT" --init-from "$RUN/init.onnx" --preload --workers 0 \
+    --seed 0 --resume --quiet
+cat "$RUN/metrics.csv"
+echo "trained in $(elapsed) s"
+$PHOTOZ recalibrate --checkpoint "$RUN/best.pt" --out "$RUN/calibrated.pt"
+# the three candidates, scored on the same held-out galaxies
+$PHOTOZ evaluate --model "$RUN/best.pt" --data "$DATA/sim-test.h5" --out "$RUN/eval-plain" --no-figures
+if (( MC_PASSES > 0 )); then
+    $PHOTOZ export --checkpoint "$RUN/best.pt" --out "$RUN/mc.onnx" --name photoz-sdss-sim --version 0.0.0 \
+        --mc-passes "$MC_PASSES" --no-thresholds
+    $PHOTOZ evaluate --model "$RUN/mc.onnx" --data "$DATA/sim-test.h5" --out "$RUN/eval-mc" --no-figures
+fi
+$PHOTOZ evaluate --model "$RUN/calibrated.pt" --data "$DATA/sim-test.h5" --baseline-train "$DATA/sim-train.h5" \
+    --out "$RUN/eval"
+echo "done in $(elapsed) s"
