@@ -483,3 +483,22 @@ def test_the_numpy_psf_transform_is_galsims(shape):
     if shape is not None and shape.g2:
         flipped = PSFShape(shape.wing_fraction, shape.wing_fwhm_ratio, shape.g1, -shape.g2)
         assert np.abs(psf_k_images(kx, ky, [fwhms[-1]], flipped)[0] - kimage.array.real).max() > 0.01
+
+
+@pytest.mark.parametrize("beta", [2.5, 4.2])
+def test_the_psf_transform_for_other_moffat_betas_is_galsims(beta, monkeypatch):
+    """The closed form is for beta = 3.5 (conventions.PSF_MOFFAT_BETA); another beta takes the Bessel-function
+    transform, which must match GalSim's k-image of the same profile too."""
+    import galsim
+
+    from photoz.training.sim import render
+
+    monkeypatch.setattr(render, "PSF_MOFFAT_BETA", beta)
+    shape = PSFShape(0.1, 2.5, 0.03, -0.02)
+    kimage = galsim.ImageCD(galsim.BoundsI(0, 64, -64, 64), scale=2 * np.pi / 128)
+    b = kimage.bounds
+    kx, ky = np.arange(b.xmin, b.xmax + 1) * kimage.scale, np.arange(b.ymin, b.ymax + 1) * kimage.scale
+    mine = render.psf_k_images(kx, ky, [3.4], shape)[0]
+    render.psf_profile(3.4, shape)._drawKImage(kimage)
+    np.testing.assert_allclose(mine, kimage.array.real, atol=3e-6)
+    assert mine[64, 0] == pytest.approx(1.0)  # unit flux at k = 0
