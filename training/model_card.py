@@ -167,6 +167,10 @@ def render(bundle_path: Path, report: dict, figures: list[str], ood_report: dict
                      "2016): the network is worth its cost only where it beats them." if strong else ""), ""]
         lines += ["| target | met | value |", "| --- | --- | --- |"]
         lines += [f"| {name} | {'yes' if ok else '**no**'} | {value} |" for name, ok, value in target_checks(report)]
+        lines += ["", "PIT by *true* redshift measures the pull of every estimate towards the bulk of the training "
+                  "sample (the per-bin bias below) as much as calibration: a calibrated posterior's PIT is uniform "
+                  "given the data, not given the truth. The PIT by *photometric* redshift (further below) is what a "
+                  "user selecting on the estimate gets."]
     if report.get("comparison"):
         lines += ["", "## Uncertainty: the candidates compared", "",
                   "The same held-out galaxies, scored for each way of making the PDF (CRPS: lower is better; PIT "
