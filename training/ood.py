@@ -67,6 +67,19 @@ def read_cutouts(path: str | Path, n: int | None = None, start: int = 0) -> tupl
     return images, ebv
 
 
+def simulated_saturation(path: str | Path, n: int) -> np.ndarray | None:
+    """Which of a simulated file's first ``n`` cutouts the simulator saturated (its catalogue's flags, bit
+    ``FLAG_SATURATED``), or None when the file has no catalogue flags."""
+    import h5py
+
+    from photoz.training.sim.render import FLAG_SATURATED
+
+    with h5py.File(path, "r") as h5:
+        if "catalogue/flags" not in h5:
+            return None
+        return (np.asarray(h5["catalogue/flags"][:n]).astype(np.int64) & FLAG_SATURATED) != 0
+
+
 def reference_quality(data: str | Path, n: int = REFERENCE_OBJECTS, seed: int = 0) -> dict[str, Any]:
     """The ``quality`` metadata section measured on the first ``n`` cutouts of a training set, with the blend
     detector trained on them (:mod:`photoz.training.blend`) and its score's threshold."""
@@ -92,6 +105,12 @@ def reference_quality(data: str | Path, n: int = REFERENCE_OBJECTS, seed: int = 
     reference = {"dataset": info["name"], "rows": f"first {n} of {info['n']}",
                  "simulator_version": info["simulator_version"], "seed": info["seed"]}
     reference = {k: v for k, v in reference.items() if v is not None}
+    saturated = simulated_saturation(data, n) if info["simulator_version"] is not None else None
+    if saturated is not None and saturated.any():
+        # the saturation floor is the largest flat top among galaxies whose pixels are not saturated: the
+        # simulator saturates bright stars and neighbours (and says so), which would raise it past what it catches
+        features["plateau"] = np.where(saturated, 0, features["plateau"])
+        reference["saturated_rows_excluded_from_plateau"] = int(saturated.sum())
     if not blends:
         return quality_metadata(features, reference)
     detector = train_blend_net(np.concatenate(singles), np.concatenate(blends), seed=seed)
