@@ -263,6 +263,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     # on AMX: python -m benchmarks.train_speed --device cpu)
     memory_format = torch.preserve_format if use_cuda else torch.channels_last
     net.to(memory_format=memory_format)
+    for buffer in net.buffers():  # DDP broadcasts buffers in place, which a channels-last view refuses
+        buffer.data = buffer.data.clone(memory_format=torch.contiguous_format)
     # DDP synchronises gradients only through its own forward: wrap the logits
     model = _Logits(net)
     if distributed:
