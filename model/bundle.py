@@ -247,11 +247,11 @@ def _check_signature(session: Any, metadata: BundleMetadata, path: Path) -> None
     for name in (metadata.input_images, metadata.input_ebv):
         if name not in inputs:
             problems.append(f"graph has no input '{name}' (inputs: {sorted(inputs)})")
-    if metadata.output_probabilities not in outputs:
-        problems.append(f"graph has no output '{metadata.output_probabilities}' (outputs: {sorted(outputs)})")
-    if metadata.output_epistemic is not None and metadata.output_epistemic not in outputs:
-        problems.append(f"graph has no output '{metadata.output_epistemic}' (outputs: {sorted(outputs)})")
-    else:
+    declared = [metadata.output_probabilities] + ([metadata.output_epistemic] if metadata.output_epistemic else [])
+    for output in declared:
+        if output not in outputs:
+            problems.append(f"graph has no output '{output}' (outputs: {sorted(outputs)})")
+    if metadata.output_probabilities in outputs:
         n_out = outputs[metadata.output_probabilities][-1]
         if isinstance(n_out, int) and n_out != metadata.bins.n_bins:
             problems.append(f"graph outputs {n_out} bins, metadata declares {metadata.bins.n_bins}")

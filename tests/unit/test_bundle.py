@@ -80,6 +80,16 @@ def test_metadata_that_disagrees_with_the_graph_is_refused(tiny_bundle, tmp_path
     with pytest.raises(BundleError, match="graph outputs 180 bins, metadata declares 100") as err:
         load_bundle(tmp_path / "mismatch.onnx")
     assert "no input 'cutouts'" in str(err.value)
+    # a declared output the graph lacks is named, and the bins are still checked beside it
+    doc["outputs"] = {**doc["outputs"], "epistemic_std": "z_epistemic_std"}
+    write_with_metadata(tiny_bundle, tmp_path / "no-spread.onnx", json.dumps(doc))
+    with pytest.raises(BundleError, match="graph has no output 'z_epistemic_std'") as err:
+        load_bundle(tmp_path / "no-spread.onnx")
+    assert "graph outputs 180 bins, metadata declares 100" in str(err.value)
+    doc["outputs"] = {"probabilities": "pdf"}
+    write_with_metadata(tiny_bundle, tmp_path / "no-pdf.onnx", json.dumps(doc))
+    with pytest.raises(BundleError, match="graph has no output 'pdf'"):  # a clear error, not a KeyError
+        load_bundle(tmp_path / "no-pdf.onnx")
 
 
 def test_not_json_and_not_onnx(tiny_bundle, tmp_path):
