@@ -63,10 +63,10 @@ def main(argv=None) -> int:
     print(f"engine throughput, CPU, {args.threads} threads, batch {args.batch_size}, {args.n} cutouts x "
           f"{args.rounds} alternating rounds")
     print("| bundle | version | cutouts/s (median) | ratio to the first |\n| --- | --- | --- | --- |")
-    for path, engine, median in zip(args.bundles, engines, medians, strict=True):
+    for path, engine, median, rounds in zip(args.bundles, engines, medians, rates, strict=True):
         version = engine.metadata.version
         rows.append({"bundle": str(path), "version": version, "cutouts_per_s": median,
-                     "ratio": median / medians[0], "rounds": rates[len(rows)]})
+                     "ratio": median / medians[0], "rounds": rounds})
         print(f"| {path.name} | {version} | {median:.0f} | {median / medians[0]:.2f} |")
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"bundles-{time.strftime('%Y%m%d-%H%M%S')}.json"

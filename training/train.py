@@ -88,16 +88,16 @@ def load_initial_weights(net: PasquetNet, path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--init-from: {path} does not exist")
-    record = {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
     if path.suffix == ".onnx":
         from photoz.model.bundle import load_bundle
 
         bundle = load_bundle(path)
-        record.update(model=bundle.metadata.name, version=bundle.metadata.version)
+        record = {"file": path.name, "sha256": bundle.sha256, "model": bundle.metadata.name,
+                  "version": bundle.metadata.version}
         state = {k: torch.from_numpy(v.copy()) for k, v in onnx_state_dict(path).items()}
     else:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        state = checkpoint["model"]
+        record = {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        state = torch.load(path, map_location="cpu", weights_only=False)["model"]
     state = _align_classifier(state, net)
     own = net.state_dict()
     missing = sorted(set(own) - set(state))
