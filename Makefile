@@ -51,16 +51,21 @@ docker-test: $(VENV)/.dev-installed
 clean:
 	rm -rf $(VENV) .pytest_cache build
 
-# Evaluate the best checkpoint of RUN on the held-out set, export it as the shipped bundle, write its card.
+# Export CHECKPOINT of RUN (several: a deep ensemble; PIT_MAP: a `photoz calibrate-pit` report applied in the
+# graph), score that very graph on the held-out set, export it as the shipped bundle with the score, write its card.
 RUN      ?= runs/default
 TRAIN_H5 ?= data/sim-train.h5
 TEST_H5  ?= data/sim-test.h5
 VERSION  ?= 0.1.0
 CHECKPOINT ?= $(RUN)/best.pt
+PIT_MAP  ?=
+SHIP_EXPORT = $(BIN)/photoz export --checkpoint $(CHECKPOINT) --name photoz-sdss-sim --version $(VERSION) \
+	$(if $(PIT_MAP),--pit-map $(PIT_MAP),)
 ship: $(VENV)/.dev-installed
-	$(BIN)/photoz evaluate --model $(CHECKPOINT) --data $(TEST_H5) --baseline-train $(TRAIN_H5) --out $(RUN)/eval
-	$(BIN)/photoz export --checkpoint $(CHECKPOINT) --out $(MODEL) --name photoz-sdss-sim --version $(VERSION) \
-		--held-out-report $(RUN)/eval/metrics.json
+	$(SHIP_EXPORT) --out $(RUN)/candidate.onnx --no-thresholds
+	$(BIN)/photoz evaluate --model $(RUN)/candidate.onnx --data $(TEST_H5) --baseline-train $(TRAIN_H5) \
+		--out $(RUN)/eval
+	$(SHIP_EXPORT) --out $(MODEL) --held-out-report $(RUN)/eval/metrics.json
 	-$(BIN)/python -m photoz.training.ood --model $(MODEL) --data $(TEST_H5) --out $(RUN)/eval
 	$(BIN)/python -m photoz.training.model_card --bundle $(MODEL) --report $(RUN)/eval/metrics.json \
 		--ood-report $(RUN)/eval/ood_flags.json --out $(basename $(MODEL)).md

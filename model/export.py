@@ -11,8 +11,9 @@ import torch
 
 from photoz.model.bundle import FORMAT_VERSION, METADATA_KEY, Bundle, load_bundle, parse_metadata
 from photoz.model.conventions import BANDS, FLUX_UNIT, PIXEL_SCALE_ARCSEC
-from photoz.model.pasquet import EnsembleNet, MCDropoutNet, PasquetNet, WithEpistemicSpread
+from photoz.model.pasquet import EnsembleNet, MCDropoutNet, PasquetNet, PITRecalibrated, WithEpistemicSpread
 from photoz.model.pdf import RedshiftBins
+from photoz.model.recalibration import PITMap
 
 INPUT_IMAGES, INPUT_EBV, OUTPUT_PROBABILITIES = "images", "ebv", "probabilities"
 #: Second output of an ensemble's or MC dropout's graph: the members' spread of mean redshift (N,).
@@ -91,7 +92,7 @@ def make_metadata(net: PasquetNet | EnsembleNet | MCDropoutNet, variant: str, mo
 
 
 def export_bundle(net: PasquetNet | EnsembleNet | MCDropoutNet, path: str | Path, metadata: dict[str, Any],
-                  parity_samples: int = 4, seed: int = 0, fp16: bool = False) -> Bundle:
+                  parity_samples: int = 4, seed: int = 0, fp16: bool = False, pit_map: PITMap | None = None) -> Bundle:
     """Write ``net`` to ``path`` as an ONNX bundle with ``metadata``; check ORT/torch parity.
 
     The graph has a dynamic batch axis, inputs ``images`` (N, bands, S, S)
@@ -114,6 +115,9 @@ def export_bundle(net: PasquetNet | EnsembleNet | MCDropoutNet, path: str | Path
     fp16 : bool
         Store weights and compute in float16 (for GPUs); inputs and outputs stay float32, so
         callers see no difference. Checked against :data:`PARITY_TOLERANCE_FP16`.
+    pit_map : PITMap, optional
+        A conditional PIT recalibration (``photoz calibrate-pit``) applied to the PDF in the graph, after the
+        softmax; recorded in the metadata as ``recalibration``.
 
     Returns
     -------
@@ -131,12 +135,16 @@ def export_bundle(net: PasquetNet | EnsembleNet | MCDropoutNet, path: str | Path
     path.parent.mkdir(parents=True, exist_ok=True)
     cfg = net.config
     net = net.eval().to("cpu")
-    graph: PasquetNet | EnsembleNet | MCDropoutNet | WithEpistemicSpread = net
+    core: PasquetNet | EnsembleNet | MCDropoutNet | WithEpistemicSpread = net
     outputs = [OUTPUT_PROBABILITIES]
     if isinstance(net, (EnsembleNet, MCDropoutNet)):  # several networks: their disagreement as a second output
-        graph = WithEpistemicSpread(net, RedshiftBins.from_metadata(metadata["redshift_bins"]).centres).eval()
+        core = WithEpistemicSpread(net, RedshiftBins.from_metadata(metadata["redshift_bins"]).centres).eval()
         outputs.append(OUTPUT_EPISTEMIC)
         metadata = {**metadata, "outputs": {**metadata["outputs"], "epistemic_std": OUTPUT_EPISTEMIC}}
+    graph: PasquetNet | EnsembleNet | MCDropoutNet | WithEpistemicSpread | PITRecalibrated = core
+    if pit_map is not None:
+        graph = PITRecalibrated(core, pit_map, RedshiftBins.from_metadata(metadata["redshift_bins"]).centres).eval()
+        metadata = {**metadata, "recalibration": pit_map.to_metadata()}
     example = (torch.zeros(2, cfg.n_bands, cfg.cutout_size, cfg.cutout_size), torch.zeros(2, 1))
     torch.onnx.export(
         graph, example, str(path), dynamo=False, opset_version=17,
@@ -157,8 +165,8 @@ def export_bundle(net: PasquetNet | EnsembleNet | MCDropoutNet, path: str | Path
     return bundle
 
 
-def check_parity(net: PasquetNet | EnsembleNet | MCDropoutNet | WithEpistemicSpread, path: str | Path, n: int = 4,
-                 seed: int = 0, tolerance: float = PARITY_TOLERANCE) -> float:
+def check_parity(net: PasquetNet | EnsembleNet | MCDropoutNet | WithEpistemicSpread | PITRecalibrated,
+                 path: str | Path, n: int = 4, seed: int = 0, tolerance: float = PARITY_TOLERANCE) -> float:
     """Max |p_onnx - p_torch| over random SDSS-like inputs; raise if above tolerance. For the graph of an
     ensemble or MC dropout (:class:`WithEpistemicSpread`), its members' spread must agree too (in redshift)."""
     import onnxruntime as ort

@@ -248,6 +248,46 @@ class WithEpistemicSpread(nn.Module):
         return members.mean(dim=0), means.std(dim=0, unbiased=False)
 
 
+class PITRecalibrated(nn.Module):
+    """A graph whose PDF goes through a conditional PIT map (:class:`photoz.model.recalibration.PITMap`, fitted
+    by ``photoz calibrate-pit``) after the softmax: the same inputs and outputs (an ensemble's or MC dropout's
+    spread passes through unchanged), the map's arithmetic in the graph. ``centres`` are the redshift bins'
+    centres."""
+
+    knots: torch.Tensor
+    table: torch.Tensor
+    centres: torch.Tensor
+
+    def __init__(self, net: PasquetNet | EnsembleNet | MCDropoutNet | WithEpistemicSpread, pit_map: Any, centres: Any):
+        super().__init__()
+        self.net, self.config, self.n_u = net, net.config, int(pit_map.n_u)
+        self.register_buffer("knots", torch.as_tensor(np.asarray(pit_map.z_knots, np.float32)))
+        self.register_buffer("table", torch.as_tensor(np.asarray(pit_map.table, np.float32)))
+        self.register_buffer("centres", torch.as_tensor(np.asarray(centres, np.float32)))
+
+    def remap(self, probs: torch.Tensor) -> torch.Tensor:
+        z_mean = probs @ self.centres  # (N,)
+        last = self.knots.shape[0] - 2
+        seg = (z_mean[:, None] >= self.knots[None, 1:]).to(torch.int64).sum(dim=1).clamp(max=last)
+        lo, hi = self.knots[seg], self.knots[seg + 1]
+        w = ((z_mean - lo) / (hi - lo)).clamp(0.0, 1.0)[:, None]
+        rows = self.table[seg] * (1 - w) + self.table[seg + 1] * w  # (N, n_u + 1): each object's map
+        cdf = torch.cumsum(probs, dim=1) / probs.sum(dim=1, keepdim=True)  # at the upper bin edges; 0 below
+        pos = (cdf * self.n_u).clamp(0.0, float(self.n_u))
+        j = pos.floor().clamp(max=self.n_u - 1)
+        f = pos - j
+        j = j.to(torch.int64)
+        mapped = rows.gather(1, j) * (1 - f) + rows.gather(1, j + 1) * f
+        q = torch.cat([mapped[:, :1], mapped[:, 1:] - mapped[:, :-1]], dim=1).clamp(min=0.0)  # G(0) = 0 below
+        return q / q.sum(dim=1, keepdim=True)
+
+    def forward(self, images: torch.Tensor, ebv: torch.Tensor) -> Any:
+        out = self.net(images, ebv)
+        if isinstance(out, tuple):
+            return (self.remap(out[0]), *out[1:])
+        return self.remap(out)
+
+
 def build(name_or_config: str | PasquetConfig, **overrides: Any) -> PasquetNet:
     """Build a network from a variant name (with optional overrides) or a config."""
     if isinstance(name_or_config, str):

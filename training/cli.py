@@ -51,7 +51,7 @@ def _export(args) -> int:
 
     bundle = export_checkpoint(args.checkpoint, args.out, args.name, args.version, args.held_out_report,
                                fp16=args.fp16, reference_data=args.reference_data, mc_passes=args.mc_passes,
-                               mc_seed=args.mc_seed, thresholds=not args.no_thresholds)
+                               mc_seed=args.mc_seed, thresholds=not args.no_thresholds, pit_map=args.pit_map)
     print(f"{bundle.path}  sha256 {bundle.sha256}  (ONNX/torch parity checked)")
     return 0
 
@@ -70,6 +70,12 @@ def _ood_thresholds(args) -> int:
     print(", ".join(f"{k} {v:.4g}" for k, v in thresholds.items() if isinstance(v, float)))
     print(f"{written.path}  sha256 {written.sha256}")
     return 0
+
+
+def _calibrate_pit(args) -> int:
+    from photoz.training.pit_calibration import run
+
+    return run(args)
 
 
 def _recalibrate(args) -> int:
@@ -142,6 +148,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="MC dropout: average this many passes through the dense head with dropout kept on (a "
                         "network trained with --dropout; masks drawn once from --mc-seed and fixed in the graph)")
     p.add_argument("--mc-seed", type=int, default=0)
+    p.add_argument("--pit-map", default=None,
+                   help="a `photoz calibrate-pit` report: its conditional PIT map is applied to the PDF in the graph")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("ood-thresholds", help="measure a bundle's out-of-distribution flag thresholds on its "
@@ -165,3 +173,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="the recalibrated checkpoint (.pt)")
     p.add_argument("--data", default=None, help="the training data set (default: the checkpoint's)")
     p.set_defaults(func=_recalibrate)
+
+    p = sub.add_parser("calibrate-pit", help="fit a conditional PIT map (PDF recalibration per photometric redshift)",
+                       description="Where a model's PDFs are miscalibrated differently at different redshifts (PIT "
+                                   "histograms per photometric-redshift bin not flat), a map of each PDF's CDF, "
+                                   "fitted on rows the model was not trained on, makes them flat; photoz export "
+                                   "--pit-map applies it in the graph.")
+    from photoz.training.pit_calibration import add_arguments as add_pit_arguments
+
+    add_pit_arguments(p)
+    p.set_defaults(func=_calibrate_pit)

@@ -35,7 +35,12 @@ class TrainConfig:
     dropout: float = _option(0.0, "dropout rate after each hidden dense layer (0: none); a network trained with "
                                   "it can be exported with MC dropout (photoz export --mc-passes)")
     validation_fraction: float = _option(0.1, "fraction of objects held out for validation")
-    seed: int = _option(0, "seed of the split, initialisation and augmentation")
+    seed: int = _option(0, "seed of the initialisation, batch order, augmentation and dropout (and of the split, "
+                           "unless --split-seed is given)")
+    split_seed: int | None = _option(None, "seed of the train/validation split (default: --seed); deep-ensemble "
+                                           "members trained with different --seed share one split with this, so "
+                                           "none of them has trained on the validation rows the ensemble is "
+                                           "recalibrated and chosen on")
     workers: int = _option(2, "data-loading worker processes")
     device: str = _option("auto", "where to train", choices=("auto", "cpu", "cuda"))
     amp: bool = _option(True, "bfloat16/float16 autocast on a GPU; bfloat16 on a CPU that has it natively "

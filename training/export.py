@@ -33,7 +33,7 @@ def training_record(state: dict, held_out: dict | None) -> dict:
 def export_checkpoint(checkpoint: str | Path | list, out: str | Path, name: str, version: str,
                       held_out_report: str | Path | None = None, fp16: bool = False,
                       reference_data: str | Path | None = None, mc_passes: int = 0, mc_seed: int = 0,
-                      thresholds: bool = True):
+                      thresholds: bool = True, pit_map: str | Path | None = None):
     """A checkpoint, or several (a deep ensemble: one architecture and data set, different seeds; their PDFs
     are averaged in the exported graph), to a bundle with its training record and the thresholds of its
     out-of-distribution flags, measured on ``reference_data`` (default: the training set named in the
@@ -41,7 +41,8 @@ def export_checkpoint(checkpoint: str | Path | list, out: str | Path, name: str,
 
     ``mc_passes`` > 0 exports a network trained with dropout as MC dropout (:class:`MCDropoutNet`: that many
     passes through its dense head with masks drawn from ``mc_seed``, fixed in the graph). ``thresholds=False``
-    skips the thresholds (a bundle to score, not to ship)."""
+    skips the thresholds (a bundle to score, not to ship). ``pit_map``: a ``photoz calibrate-pit`` report whose
+    conditional PIT map the graph applies after the softmax (fitted on this very model's PDFs)."""
     paths = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
     loaded = [load_checkpoint(p) for p in paths]
     held_out = json.loads(Path(held_out_report).read_text()) if held_out_report else None
@@ -85,4 +86,11 @@ def export_checkpoint(checkpoint: str | Path | list, out: str | Path, name: str,
     else:
         log.warning("training set %s not found: the bundle gets no out-of-distribution thresholds "
                     "(give --reference-data, or add them later with `photoz ood-thresholds`)", reference)
-    return export_bundle(net, out, metadata, fp16=fp16)
+    recalibration = None
+    if pit_map is not None:
+        from photoz.training.pit_calibration import load_pit_map
+
+        recalibration, fitted_on = load_pit_map(pit_map)
+        record["pit_recalibration"] = {"fitted_on": fitted_on}
+        metadata["training"] = record
+    return export_bundle(net, out, metadata, fp16=fp16, pit_map=recalibration)

@@ -28,6 +28,13 @@ def _maybe(m: dict, key: str, fmt: str) -> str:
     return format(m[key], fmt) if key in m else "-"
 
 
+def worst_pit_bin(metrics: dict, binning: str) -> dict | None:
+    """The bin of ``binning`` ("by_redshift", "by_photometric_redshift") with the largest PIT KS among those with
+    enough objects for the per-bin target, or None."""
+    populated = [b for b in metrics.get(binning, []) if b["n"] >= TARGETS["pit_ks_min_objects"] and "pit_ks" in b]
+    return max(populated, key=lambda b: b["pit_ks"]) if populated else None
+
+
 def target_checks(report: dict) -> list[tuple[str, bool, str]]:
     """(target, met, value) for the held-out report: against the strong catalogue baseline (kNN on dereddened
     model magnitudes) when the report has it, else the kNN on observed Petrosian magnitudes."""
@@ -44,12 +51,13 @@ def target_checks(report: dict) -> list[tuple[str, bool, str]]:
                     f"{cnn['outlier_fraction']:.2%} vs {base['outlier_fraction']:.2%}")]
     checks += [("abs(bias) < 0.001", abs(cnn["bias"]) < TARGETS["abs_bias"], f"{cnn['bias']:+.5f}"),
                ("PIT KS < 0.02", cnn["pit_ks"] < TARGETS["pit_ks"], f"{cnn['pit_ks']:.3f}")]
-    populated = [b for b in cnn.get("by_redshift", []) if b["n"] >= TARGETS["pit_ks_min_objects"] and "pit_ks" in b]
-    if populated:
-        worst = max(populated, key=lambda b: b["pit_ks"])
-        checks.append((f"PIT KS < 0.05 in every z bin with >= {TARGETS['pit_ks_min_objects']} objects",
+    # in bins of the photometric redshift: a calibrated posterior's PIT is uniform given the data, not given the
+    # truth (tests/unit/test_calibration.py: an exact posterior has KS 0.3 in the lowest true-z bin)
+    worst = worst_pit_bin(cnn, "by_photometric_redshift")
+    if worst:
+        checks.append((f"PIT KS < 0.05 in every photometric-z bin with >= {TARGETS['pit_ks_min_objects']} objects",
                        worst["pit_ks"] < TARGETS["pit_ks_per_z_bin"],
-                       f"worst {worst['pit_ks']:.3f} (z {worst['lo']:.2f}-{worst['hi']:.2f})"))
+                       f"worst {worst['pit_ks']:.3f} (z_phot {worst['lo']:.2f}-{worst['hi']:.2f})"))
     for key, level in (("coverage_68", "68%"), ("coverage_95", "95%")):
         if key in cnn:
             lo, hi = TARGETS[key]
@@ -60,6 +68,15 @@ def target_checks(report: dict) -> list[tuple[str, bool, str]]:
 def _initialised_line(start: dict) -> str:
     return (f"- initialised from `{start['file']}` ({start.get('model', 'a checkpoint')} {start.get('version', '')}, "
             f"sha256 `{start['sha256'][:12]}`): fine-tuned, not trained from random weights")
+
+
+def _recalibration_line(recalibration: dict, fitted_on: dict) -> str:
+    knots = recalibration["z_knots"]
+    where = (f" on {fitted_on['n']:,} objects of `{fitted_on.get('data', '?')}` ({fitted_on.get('rows', '')})"
+             if fitted_on.get("n") else "")
+    return (f"- conditional PIT recalibration (photoz calibrate-pit): each PDF's CDF mapped by the PIT distribution "
+            f"of objects with a similar photometric redshift ({len(knots)} knots, z {knots[0]:g}-{knots[-1]:g}), "
+            f"fitted{where}, applied in the graph after the softmax")
 
 
 def _row(name: str, m: dict) -> str:
@@ -146,6 +163,8 @@ def render(bundle_path: Path, report: dict, figures: list[str], ood_report: dict
         *([f"- post-hoc calibration: softmax temperature {training['temperature']:.3f}, fitted on the validation "
            "rows (photoz recalibrate), applied in the graph"]
           if isinstance(training.get("temperature"), float) else []),
+        *([_recalibration_line(doc["recalibration"], training.get("pit_recalibration", {}).get("fitted_on", {}))]
+          if doc.get("recalibration") else []),
         f"- code commit: `{training['code_commit']}`"]
     if report.get("hardware"):
         lines.append(f"- how: {report['hardware']}")
@@ -167,10 +186,15 @@ def render(bundle_path: Path, report: dict, figures: list[str], ood_report: dict
                      "2016): the network is worth its cost only where it beats them." if strong else ""), ""]
         lines += ["| target | met | value |", "| --- | --- | --- |"]
         lines += [f"| {name} | {'yes' if ok else '**no**'} | {value} |" for name, ok, value in target_checks(report)]
-        lines += ["", "PIT by *true* redshift measures the pull of every estimate towards the bulk of the training "
-                  "sample (the per-bin bias below) as much as calibration: a calibrated posterior's PIT is uniform "
-                  "given the data, not given the truth. The PIT by *photometric* redshift (further below) is what a "
-                  "user selecting on the estimate gets."]
+        by_truth = worst_pit_bin(cnn, "by_redshift")
+        lines += ["", "The per-bin PIT target is checked in bins of the *photometric* redshift, what a user selecting "
+                  "on the estimate gets. PIT by *true* redshift measures the pull of every estimate towards the bulk "
+                  "of the training sample (the per-bin bias below) as much as calibration: a calibrated posterior's "
+                  "PIT is uniform given the data, not given the truth. An exact Bayesian posterior for galaxies "
+                  "with an SDSS-like n(z) and Gaussian errors of 0.018 (1 + z) has PIT KS 0.3 in the lowest "
+                  "true-redshift bin and 0.16-0.22 in the highest (`tests/unit/test_calibration.py`)"
+                  + (f"; this network's worst true-redshift bin: {by_truth['pit_ks']:.3f} (z {by_truth['lo']:.2f}-"
+                     f"{by_truth['hi']:.2f})." if by_truth else ".")]
     if report.get("comparison"):
         lines += ["", "## Uncertainty: the candidates compared", "",
                   "The same held-out galaxies, scored for each way of making the PDF (CRPS: lower is better; PIT "

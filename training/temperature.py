@@ -61,12 +61,12 @@ def recalibrate(checkpoint: str | Path, out: str | Path, data: str | Path | None
     return the validation metrics before and after."""
     from photoz.model.pdf import RedshiftBins, photoz_metrics, point_estimates
     from photoz.training.data import inspect
-    from photoz.training.train import load_checkpoint, training_split
+    from photoz.training.train import load_checkpoint, split_seed, training_split
 
     net, state = load_checkpoint(checkpoint)
     cfg = state["train_config"]
     data = data or cfg["data"]
-    _, val_idx, kind = training_split(data, inspect(data)["n"], cfg["validation_fraction"], cfg["seed"],
+    _, val_idx, kind = training_split(data, inspect(data)["n"], cfg["validation_fraction"], split_seed(cfg),
                                       cfg.get("max_validation"))
     bins = RedshiftBins.from_metadata(cfg["z_bins"])
     logits, z = validation_logits(net, data, val_idx)

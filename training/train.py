@@ -205,6 +205,12 @@ def validate(net, dataset, bins: RedshiftBins, device, workers: int) -> dict:
     return photoz_metrics(point_estimates(pdfs, bins)["z_mean"], z, pdfs, bins)
 
 
+def split_seed(cfg: dict) -> int:
+    """The seed of a run's train/validation split: ``split_seed`` when the run set one, else its ``seed``
+    (checkpoints written before ``split_seed`` existed have only the latter)."""
+    return cfg["seed"] if cfg.get("split_seed") is None else cfg["split_seed"]
+
+
 def training_split(data, n: int, validation_fraction: float, seed: int, max_validation: int | None = None):
     """Training and validation rows of a data set, and how they were chosen: the file's own split (e.g. by sky
     position) when it has one, else a validation fraction held out by object, fixed by the seed."""
@@ -237,7 +243,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     # -- data: the file's own train/validation split (e.g. by sky position) when it has one, else a
     # validation split held out by object, fixed by the seed
     info = inspect(cfg.data)
-    train_idx, val_idx, split_kind = training_split(cfg.data, info["n"], cfg.validation_fraction, cfg.seed,
+    train_idx, val_idx, split_kind = training_split(cfg.data, info["n"], cfg.validation_fraction,
+                                                    split_seed(asdict(cfg)),
                                                     cfg.max_validation)
     val_set = CutoutDataset(cfg.data, val_idx)
     dataset_info = {"name": info["name"], "provenance": info["provenance"], "n_objects": int(info["n"]),

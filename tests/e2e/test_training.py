@@ -338,3 +338,55 @@ def test_fine_tuning_starts_from_a_bundles_weights(tiny_data, tmp_path):
     wider = build(variant_config("pasquet2019_half", n_bins=180))
     with pytest.raises(ValueError, match="weight shapes differ"):
         load_initial_weights(wider, bundle.path)
+
+
+def test_ensemble_members_share_a_split_seed_and_a_pit_map_is_fitted_and_applied_in_the_graph(tiny_data, tmp_path):
+    """Members trained with different --seed and one --split-seed have one validation set (the one the PIT map
+    is fitted on); photoz calibrate-pit fits the map on those rows and photoz export --pit-map puts it in the
+    graph: ONNX Runtime gives the map applied (in numpy) to the torch PDFs, and the bundle records it."""
+    from photoz.model.recalibration import PITMap
+    from photoz.training.export import export_checkpoint
+    from photoz.training.pit_calibration import main as calibrate_main
+    from photoz.training.train import split_seed, training_split
+
+    runs = [train(tiny_config(tiny_data, tmp_path / f"m{seed}", seed=seed, split_seed=0, epochs=1), progress=False)
+            for seed in (0, 1)]
+    configs = [load_checkpoint(r / "best.pt")[1]["train_config"] for r in runs]
+    assert [split_seed(c) for c in configs] == [0, 0] and [c["seed"] for c in configs] == [0, 1]
+    n = inspect(tiny_data)["n"]
+    shared = [training_split(tiny_data, n, 0.2, split_seed(c))[1].tolist() for c in configs]
+    assert shared[0] == shared[1]
+    assert training_split(tiny_data, n, 0.2, 1)[1].tolist() != shared[0]  # the seed alone would have moved it
+
+    report_path = tmp_path / "pit-map.json"
+    assert calibrate_main(["--model", str(runs[0] / "best.pt"), "--data", str(tiny_data), "--out", str(report_path),
+                           "--validation-of", str(runs[0] / "best.pt"), "--prior-count", "1"]) == 0
+    import json
+
+    report = json.loads(report_path.read_text())
+    assert report["fitted_on"]["n"] == len(shared[0])
+    pit_map = PITMap.from_metadata(report["map"])
+    bundle = export_checkpoint(runs[0] / "best.pt", tmp_path / "pit.onnx", "tiny-pit", "0.0.1", thresholds=False,
+                               pit_map=report_path)
+    document = load_bundle(bundle.path).metadata.document
+    np.testing.assert_allclose(document["recalibration"]["table"], pit_map.table, atol=1e-6)
+    assert document["training"]["pit_recalibration"]["fitted_on"]["n"] == len(shared[0])
+    with h5py.File(tiny_data) as h5:
+        images, ebv = h5["images"][:8], h5["ebv"][:8]
+    net, _ = load_checkpoint(runs[0] / "best.pt")
+    with torch.no_grad():
+        plain = net(torch.from_numpy(images), torch.from_numpy(ebv).reshape(-1, 1)).numpy()
+    bins = load_bundle(bundle.path).metadata.bins
+    expected = pit_map.apply(plain, bins)
+    assert np.abs(expected - plain).max() > 1e-3  # the map does something here
+    np.testing.assert_allclose(OnnxPredictor(bundle, providers="cpu").predict(images, ebv), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="already applies a PIT map"):
+        calibrate_main(["--model", str(bundle.path), "--data", str(tiny_data), "--out", str(tmp_path / "x.json")])
+    from photoz.training.model_card import render
+
+    report = {"data": "tiny.h5", "n": 6, "model_metrics": {"point_estimate": "z_mean", "sigma_mad": 0.1,
+              "outlier_fraction": 0.5, "bias": 0.0, "crps": 0.1, "pit_ks": 0.5, "n": 6, "by_redshift": []}}
+    card = render(bundle.path, report, [])
+    assert (f"conditional PIT recalibration (photoz calibrate-pit): each PDF's CDF mapped by the PIT distribution of "
+            f"objects with a similar photometric redshift ({pit_map.z_knots.size} knots") in card
+    assert f"fitted on {len(shared[0])} objects of `{tiny_data.name}` (validation rows of best.pt" in card
