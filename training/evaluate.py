@@ -103,7 +103,7 @@ def evaluate(model_path, data_path, out_dir, baseline_train=None, figures: bool 
               "model_metrics": score(pdfs, bins, z, r_mag)}
     results = {"CNN": pdfs}
     if baseline_train is not None and mags is not None:
-        from photoz.training.baseline import KNNPhotoZ, LocalLinearPhotoZ
+        from photoz.training.baseline import KNNPhotoZ, LocalLinearPhotoZ, dereddened
 
         train = read_labels(baseline_train, split_rows(baseline_train, "train") if split is not None else None)
         knn = KNNPhotoZ(bins=bins).fit(train["catalogue/petro_mag"], train["z"])
@@ -122,6 +122,15 @@ def evaluate(model_path, data_path, out_dir, baseline_train=None, figures: bool 
             report["strong_baselines"].append({"name": name, "trained_on": str(baseline_train),
                                                "metrics": score(method_pdfs, bins, z, r_mag)})
             results[name] = method_pdfs
+        if "truth/mag_true" in labels and "truth/mag_true" in train:
+            # simulations only: the same kNN on the noise-free magnitudes, what the colours could give without
+            # photometric noise; no method on these pixels can be expected below it through colours alone
+            ceiling = KNNPhotoZ(bins=bins).fit(dereddened(train["truth/mag_true"], ebv=train["ebv"]), train["z"])
+            report["noise_free_ceiling"] = {
+                "name": f"kNN (k={ceiling.k}) on noise-free dereddened r + 4 colours (simulation truth)",
+                "trained_on": str(baseline_train),
+                "metrics": score(ceiling.predict_pdfs(dereddened(labels["truth/mag_true"], ebv=labels["ebv"])), bins,
+                                 z, r_mag)}
     (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
     if figures:
         report["figures"] = make_figures(results, bins, z, out_dir)

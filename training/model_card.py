@@ -148,7 +148,8 @@ def render(bundle_path: Path, report: dict, figures: list[str], ood_report: dict
         "## Training data", "",
         f"- data set: `{training['dataset']['name']}`: {training['dataset']['provenance']}, "
         f"{_n(training['dataset']['n_objects'])} objects ({_n(training['dataset'].get('n_train'))} train, "
-        f"{_n(training['dataset'].get('n_validation'))} validation, split by object, seed {training['seed']}); "
+        f"{_n(training['dataset'].get('n_validation'))} validation, "
+        f"{training['dataset'].get('split') or 'split by object, seed ' + str(training['seed'])}); "
         f"simulator {training['dataset'].get('simulator_version')}, simulation seed {training['dataset'].get('seed')}",
         *([f"- deep ensemble of {training['ensemble']['members']} networks (seeds {training['seed']}), PDFs averaged "
            "in the graph (their spread of mean redshift is the `z_epistemic_std` column): serving costs that many "
@@ -180,10 +181,16 @@ def render(bundle_path: Path, report: dict, figures: list[str], ood_report: dict
     if knn:
         lines.append(_row("kNN baseline", knn))
         lines += [_row(b["name"], b["metrics"]) for b in strong]
+        ceiling = report.get("noise_free_ceiling")
+        if ceiling:
+            lines.append(_row(f"reference, not a baseline: {ceiling['name']}", ceiling["metrics"]))
         lines += ["", f"Baselines: {report['baseline']['name']}"
                   + "".join(f"; {b['name']}" for b in strong) + f", trained on `{report['baseline']['trained_on']}`."
                   + (" The dereddened model magnitudes are the literature's strong catalogue baseline (Beck et al. "
-                     "2016): the network is worth its cost only where it beats them." if strong else ""), ""]
+                     "2016): the network is worth its cost only where it beats them." if strong else "")
+                  + (" The reference row is what the same kNN does with the simulation's noise-free magnitudes: "
+                     "how much of the error is photometric noise rather than the colour-redshift relation itself."
+                     if ceiling else ""), ""]
         lines += ["| target | met | value |", "| --- | --- | --- |"]
         lines += [f"| {name} | {'yes' if ok else '**no**'} | {value} |" for name, ok, value in target_checks(report)]
         by_truth = worst_pit_bin(cnn, "by_redshift")

@@ -50,6 +50,13 @@ def test_card_checks_issue_targets_against_the_strong_baseline_and_compares_cand
                                     "metrics": metrics(0.0150)}]}
     card = render(tiny_bundle, report, [])
     assert "| sigma_MAD <= 0.75 x the strong baseline's | **no** | ratio 0.80 |" in card  # not 0.40 (old kNN)
+    assert "reference, not a baseline" not in card
+    ceiling = {"name": "kNN (k=16) on noise-free dereddened r + 4 colours (simulation truth)",
+               "metrics": metrics(0.0093)}
+    with_ceiling = render(tiny_bundle, dict(report, noise_free_ceiling=ceiling), [])
+    assert "| reference, not a baseline: kNN (k=16) on noise-free dereddened r + 4 colours (simulation truth) | " \
+           "0.0093 |" in with_ceiling
+    assert "| sigma_MAD <= 0.75 x the strong baseline's | **no** | ratio 0.80 |" in with_ceiling  # not the target
     assert "| KNN (k=16) on dereddened model magnitudes | 0.0150 |" in card
     # the bin of 100 objects with PIT KS 0.2 does not count; the one of 600 at 0.03 passes
     assert "| PIT KS < 0.05 in every photometric-z bin with >= 500 objects | yes | worst 0.030 (z_phot 0.00-0.05) |" \
