@@ -30,6 +30,20 @@ from photoz.training.config import TrainConfig
 from photoz.training.data import CutoutDataset, inspect, split_indices, split_rows
 
 
+#: The validation metric ``best.pt`` is chosen by: the CRPS, a proper score of the whole PDF, so the pick rewards
+#: calibrated PDFs as well as accurate means (sigma_MAD alone moved by 1e-4 between epochs whose bias moved by
+#: 2e-3 and PIT KS by 0.04); a checkpoint whose record lacks it falls back to sigma_MAD.
+BEST_BY = "val_crps"
+
+
+def is_better(row: dict, best: dict | None) -> bool:
+    """Whether an epoch's validation ``row`` beats the ``best`` so far (by :data:`BEST_BY`)."""
+    if best is None:
+        return True
+    key = BEST_BY if BEST_BY in row and BEST_BY in best else "val_sigma_mad"
+    return bool(row[key] < best[key])
+
+
 def checkpoint_payload(net, optimizer, cfg, epoch, batch_in_epoch, best, history, dataset_info,
                        initialised_from=None) -> dict:
     return {
@@ -346,7 +360,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                 if writer is not None:
                     for key, value in row.items():
                         writer.add_scalar(key, value, epoch + 1)
-                improved = best is None or row["val_sigma_mad"] < best["val_sigma_mad"]
+                improved = is_better(row, best)
                 if improved:
                     best = dict(row)
                 save(epoch + 1, 0)

@@ -48,6 +48,10 @@ def test_end_to_end_train_resume_export_predict(tiny_data, tmp_path):
     after = torch.load(run / "last.pt", weights_only=False)
     assert after["epoch"] == 3 and before["epoch"] == 2
     assert not torch.equal(after["model"]["classifier.4.weight"], before["model"]["classifier.4.weight"])
+    # best.pt is the epoch of the lowest validation CRPS (not of the lowest sigma_MAD)
+    best = torch.load(run / "best.pt", weights_only=False)
+    lowest = min(rows, key=lambda r: float(r["val_crps"]))
+    assert best["epoch"] == int(lowest["epoch"]) and best["best"]["val_crps"] == pytest.approx(float(lowest["val_crps"]))
 
     # export with the training record, load without torch's help, predict
     from photoz.training.evaluate import evaluate
@@ -232,6 +236,16 @@ def test_preload_trains_in_memory_and_matches_streamed_validation(tiny_data, tmp
         assert np.allclose(z.numpy(), h5["z"][[3, 7]]) and np.allclose(ebv.numpy()[:, 0], h5["ebv"][[3, 7]])
         for got, want in zip(images.numpy(), h5["images"][[3, 7]], strict=True):
             assert np.array_equal(np.sort(got.ravel()), np.sort(want.ravel()))
+
+
+def test_best_checkpoint_is_chosen_by_crps_not_sigma_mad():
+    from photoz.training.train import is_better
+
+    sharp_but_miscalibrated = {"val_sigma_mad": 0.017, "val_crps": 0.0131}
+    calibrated = {"val_sigma_mad": 0.018, "val_crps": 0.0125}
+    assert is_better(calibrated, sharp_but_miscalibrated) and not is_better(sharp_but_miscalibrated, calibrated)
+    assert is_better(sharp_but_miscalibrated, None)
+    assert is_better({"val_sigma_mad": 0.017}, {"val_sigma_mad": 0.018})  # an old record without CRPS
 
 
 def test_augment_batch_is_the_numpy_rotation_and_flip():
