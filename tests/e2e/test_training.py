@@ -51,7 +51,8 @@ def test_end_to_end_train_resume_export_predict(tiny_data, tmp_path):
     # best.pt is the epoch of the lowest validation CRPS (not of the lowest sigma_MAD)
     best = torch.load(run / "best.pt", weights_only=False)
     lowest = min(rows, key=lambda r: float(r["val_crps"]))
-    assert best["epoch"] == int(lowest["epoch"]) and best["best"]["val_crps"] == pytest.approx(float(lowest["val_crps"]))
+    assert best["epoch"] == int(lowest["epoch"])
+    assert best["best"]["val_crps"] == pytest.approx(float(lowest["val_crps"]))
 
     # export with the training record, load without torch's help, predict
     from photoz.training.evaluate import evaluate
