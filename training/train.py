@@ -29,7 +29,6 @@ from photoz.progress import Progress
 from photoz.training.config import TrainConfig
 from photoz.training.data import CutoutDataset, inspect, split_indices, split_rows
 
-
 #: The validation metric ``best.pt`` is chosen by: the CRPS, a proper score of the whole PDF, so the pick rewards
 #: calibrated PDFs as well as accurate means (sigma_MAD alone moved by 1e-4 between epochs whose bias moved by
 #: 2e-3 and PIT KS by 0.04); a checkpoint whose record lacks it falls back to sigma_MAD.
