@@ -200,13 +200,17 @@ def format_report(report: dict) -> str:
     if "baseline" in report:
         rows.append(("kNN, Petrosian as observed", report["baseline"]["metrics"]))
     rows += [(b["name"].replace(" r + 4 colours", ""), b["metrics"]) for b in report.get("strong_baselines", [])]
+    if "noise_free_ceiling" in report:
+        rows.append(("(reference) kNN, noise-free magnitudes", report["noise_free_ceiling"]["metrics"]))
     width = max(len(name) for name, _ in rows) + 2
     lines = [f"{'':{width}}{'sigma_MAD':>11}{'outliers':>10}{'bias':>10}{'CRPS':>9}{'PIT KS':>9}{'n':>8}"]
     for name, m in rows:
         lines.append(f"{name:{width}}{m['sigma_mad']:>11.4f}{m['outlier_fraction']:>10.2%}{m['bias']:>+10.4f}"
                      f"{m['crps']:>9.4f}{m['pit_ks']:>9.3f}{m['n']:>8}")
-    lines.append("\nby redshift (CNN):")
-    for b in report["model_metrics"]["by_redshift"]:
-        lines.append(f"  {b['lo']:.2f} <= z < {b['hi']:.2f}: sigma_MAD {b['sigma_mad']:.4f}  "
-                     f"outliers {b['outlier_fraction']:.2%}  bias {b['bias']:+.4f}  n {b['n']}")
+    for binning, label in (("by_redshift", "z"), ("by_photometric_redshift", "z_phot")):
+        lines.append(f"\nby {label} (CNN):")
+        for b in report["model_metrics"].get(binning, []):
+            lines.append(f"  {b['lo']:.2f} <= {label} < {b['hi']:.2f}: sigma_MAD {b['sigma_mad']:.4f}  "
+                         f"outliers {b['outlier_fraction']:.2%}  bias {b['bias']:+.4f}  PIT KS "
+                         f"{b.get('pit_ks', float('nan')):.3f}  n {b['n']}")
     return "\n".join(lines)

@@ -100,3 +100,18 @@ def test_flags_section_lists_thresholds_and_injections():
     assert "8 `low_snr`" in text
     bare = "\n".join(flags_section({}))
     assert "no training-set thresholds" in bare and "ebv_max" not in bare
+
+
+def test_evaluate_prints_the_reference_row_and_the_bins_of_both_redshifts():
+    from photoz.training.evaluate import format_report
+
+    def m(sigma, ks):
+        return {"sigma_mad": sigma, "outlier_fraction": 0.01, "bias": 0.001, "crps": 0.01, "pit_ks": ks, "n": 900}
+
+    report = {"model_metrics": dict(m(0.018, 0.005), by_redshift=[dict(m(0.014, 0.31), lo=0.0, hi=0.05)],
+                                    by_photometric_redshift=[dict(m(0.010, 0.032), lo=0.0, hi=0.05)]),
+              "noise_free_ceiling": {"name": "kNN noise-free", "metrics": m(0.0093, 0.02)}}
+    text = format_report(report)
+    assert "(reference) kNN, noise-free magnitudes" in text and "0.0093" in text
+    assert "0.00 <= z < 0.05: sigma_MAD 0.0140" in text and "PIT KS 0.310" in text
+    assert "0.00 <= z_phot < 0.05: sigma_MAD 0.0100" in text and "PIT KS 0.032" in text
