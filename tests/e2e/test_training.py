@@ -162,6 +162,19 @@ def test_deep_ensemble_exports_as_one_graph_averaging_its_members(tiny_data, tmp
     report = {"data": "tiny.h5", "n": 6, "model_metrics": {"point_estimate": "z_mean", "sigma_mad": 0.1,
               "outlier_fraction": 0.5, "bias": 0.0, "crps": 0.1, "pit_ks": 0.5, "n": 6, "by_redshift": []}}
     assert "deep ensemble of 2 networks (seeds [0, 1])" in render(bundle.path, report, [])
+    # a PIT map on an ensemble maps the averaged PDF; the members' spread passes through unchanged
+    import json
+
+    from photoz.model.recalibration import PITMap
+
+    u = np.linspace(0, 1, 11)
+    pit_map = PITMap(np.array([0.05, 0.15, 0.3]), np.stack([u ** 0.7, u, u ** 1.4]))
+    (tmp_path / "map.json").write_text(json.dumps({"map": pit_map.to_metadata()}))
+    mapped = export_checkpoint([r / "best.pt" for r in runs], tmp_path / "ens-pit.onnx", "tiny-ensemble", "0.0.1",
+                               thresholds=False, pit_map=tmp_path / "map.json")
+    got = OnnxPredictor(mapped, providers="cpu").predict_with_estimates(images, ebv)
+    np.testing.assert_allclose(got["probs"], pit_map.apply((members[0] + members[1]) / 2, bins), atol=1e-5)
+    np.testing.assert_allclose(got["z_epistemic_std"], np.abs(means[0] - means[1]) / 2, atol=1e-5)
 
     other = train(tiny_config(tiny_data, tmp_path / "wide", variant="pasquet2019_half", epochs=1,
                               max_steps_per_epoch=1), progress=False)
