@@ -119,7 +119,8 @@ def evaluate(model_path, data_path, out_dir, baseline_train=None, figures: bool 
         for method in (KNNPhotoZ(bins=bins), LocalLinearPhotoZ(bins=bins)):
             method_pdfs = method.fit(train_mags, train["z"]).predict_pdfs(test_mags)
             name = f"{type(method).__name__.removesuffix('PhotoZ')} (k={method.k}) on {kind}"
-            report["strong_baselines"].append({"name": name, "trained_on": str(baseline_train),
+            report["strong_baselines"].append({"name": name, "method": type(method).__name__,
+                                               "trained_on": str(baseline_train),
                                                "metrics": score(method_pdfs, bins, z, r_mag)})
             results[name] = method_pdfs
         if "truth/mag_true" in labels and "truth/mag_true" in train:

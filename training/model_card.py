@@ -39,7 +39,9 @@ def target_checks(report: dict) -> list[tuple[str, bool, str]]:
     """(target, met, value) for the held-out report: against the strong catalogue baseline (kNN on dereddened
     model magnitudes) when the report has it, else the kNN on observed Petrosian magnitudes."""
     cnn = report["model_metrics"]
-    strong = [b for b in report.get("strong_baselines", []) if b["name"].startswith("KNN")]
+    # the kNN of the strong baselines (reports written before "method" existed name it "KNN (k=...) ...")
+    strong = [b for b in report.get("strong_baselines", [])
+              if b.get("method", b["name"].split(" ")[0] + "PhotoZ") == "KNNPhotoZ"]
     reference = strong[0] if strong else report.get("baseline")
     checks = []
     if reference:
@@ -217,16 +219,16 @@ def render(bundle_path: Path, report: dict, figures: list[str], ood_report: dict
         lines += [_row(name, metrics) for name, metrics in report["comparison"].items()]
         if report.get("comparison_note"):
             lines += ["", report["comparison_note"]]
-    lines += ["", "By redshift:", "", "| z | sigma_MAD | outliers | bias | PIT KS | 68% / 95% coverage | n |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {b['lo']:.2f}-{b['hi']:.2f} | {b['sigma_mad']:.4f} | {b['outlier_fraction']:.2%} | "
-              f"{b['bias']:+.4f} | {_maybe(b, 'pit_ks', '.3f')} | {_maybe(b, 'coverage_68', '.3f')} / "
-              f"{_maybe(b, 'coverage_95', '.3f')} | {b['n']} |" for b in cnn["by_redshift"]]
-    if cnn.get("by_photometric_redshift"):
-        lines += ["", "By photometric redshift (what a user selecting on the estimate gets):", "",
-                  "| z_phot | sigma_MAD | outliers | bias | PIT KS | n |", "| --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {b['lo']:.2f}-{b['hi']:.2f} | {b['sigma_mad']:.4f} | {b['outlier_fraction']:.2%} | "
-                  f"{b['bias']:+.4f} | {b['pit_ks']:.3f} | {b['n']} |" for b in cnn["by_photometric_redshift"]]
+    for binning, title, column in (("by_redshift", "By redshift:", "z"),
+                                   ("by_photometric_redshift", "By photometric redshift (what a user selecting on "
+                                                               "the estimate gets):", "z_phot"),
+                                   ("by_r_magnitude", "By Petrosian r magnitude:", "r")):
+        if cnn.get(binning):
+            lines += ["", title, "", f"| {column} | sigma_MAD | outliers | bias | PIT KS | 68% / 95% coverage | n |",
+                      "| --- | --- | --- | --- | --- | --- | --- |"]
+            lines += [f"| {b['lo']:.2f}-{b['hi']:.2f} | {b['sigma_mad']:.4f} | {b['outlier_fraction']:.2%} | "
+                      f"{b['bias']:+.4f} | {_maybe(b, 'pit_ks', '.3f')} | {_maybe(b, 'coverage_68', '.3f')} / "
+                      f"{_maybe(b, 'coverage_95', '.3f')} | {b['n']} |" for b in cnn[binning]]
     lines += [""] + [f"![{Path(f).stem}]({Path(f).name})" for f in figures]
     lines += [""] + flags_section(doc, ood_report)
     lines += ["", "## Limits", "",

@@ -64,6 +64,7 @@ def test_end_to_end_train_resume_export_predict(tiny_data, tmp_path):
     # the strong baselines: the simulated catalogue's model magnitudes, dereddened with its E(B-V)
     features = [b["name"].split(" on ")[1] for b in report["strong_baselines"]]
     assert features == ["dereddened model r + 4 colours"] * 2
+    assert [b["method"] for b in report["strong_baselines"]] == ["KNNPhotoZ", "LocalLinearPhotoZ"]
     # simulated files carry the truth: the same kNN on noise-free magnitudes, the colours' ceiling
     ceiling = report["noise_free_ceiling"]
     assert ceiling["name"].startswith("kNN (k=16) on noise-free dereddened") and ceiling["metrics"]["n"] == 160

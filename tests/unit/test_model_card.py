@@ -16,7 +16,13 @@ def test_card_states_data_metrics_targets_and_limits(tiny_bundle, tmp_path):
                 rail_outlier_rate=0.008, by_photometric_redshift=[dict(m["by_redshift"][0], pit_ks=0.04)])
     card_full = render(tiny_bundle, dict(report, model_metrics=full), [])
     assert "| 0.672 / 0.951 | +0.00030 / 0.0121 / 0.80% | 1000 |" in card_full
-    assert "| 0.00-0.05 | 0.0100 | 0.00% | +0.0000 | 0.040 | 100 |" in card_full
+    assert "| 0.00-0.05 | 0.0100 | 0.00% | +0.0000 | 0.040 | - / - | 100 |" in card_full
+    by_mag = dict(full, by_r_magnitude=[dict(m["by_redshift"][0], lo=17.0, hi=17.5, pit_ks=0.021, coverage_68=0.69,
+                                              coverage_95=0.95)])
+    card_mag = render(tiny_bundle, dict(report, model_metrics=by_mag), [])
+    assert "By Petrosian r magnitude:" in card_mag and "| 17.00-17.50 | 0.0100 | 0.00% | +0.0000 | 0.021 | 0.690 / " \
+        "0.950 | 100 |" in card_mag
+    assert "By Petrosian r magnitude:" not in card_full
     assert "| kNN baseline | 0.0220 | 4.00% |" in card
     assert "| sigma_MAD <= 0.75 x the baseline's | yes | ratio 0.55 |" in card
     assert "| PIT KS < 0.02 | **no** | 0.030 |" in card
@@ -51,6 +57,11 @@ def test_card_checks_issue_targets_against_the_strong_baseline_and_compares_cand
     card = render(tiny_bundle, report, [])
     assert "| sigma_MAD <= 0.75 x the strong baseline's | **no** | ratio 0.80 |" in card  # not 0.40 (old kNN)
     assert "reference, not a baseline" not in card
+    # the kNN is found by its method, wherever it is listed and whatever its name
+    by_method = dict(report, strong_baselines=[
+        {"name": "local linear", "method": "LocalLinearPhotoZ", "trained_on": "t.h5", "metrics": metrics(0.0100)},
+        {"name": "nearest neighbours", "method": "KNNPhotoZ", "trained_on": "t.h5", "metrics": metrics(0.0150)}])
+    assert "| sigma_MAD <= 0.75 x the strong baseline's | **no** | ratio 0.80 |" in render(tiny_bundle, by_method, [])
     ceiling = {"name": "kNN (k=16) on noise-free dereddened r + 4 colours (simulation truth)",
                "metrics": metrics(0.0093)}
     with_ceiling = render(tiny_bundle, dict(report, noise_free_ceiling=ceiling), [])
@@ -67,7 +78,7 @@ def test_card_checks_issue_targets_against_the_strong_baseline_and_compares_cand
     assert "| 68% interval coverage in 0.66-0.70 | **no** | 0.600 |" in narrow
     assert "| PIT KS < 0.05 in every photometric-z bin with >= 500 objects | **no** | worst 0.080" in narrow
     assert "| 0.00-0.05 | 0.0110 | 0.00% | +0.0000 | 0.300 | 0.600 / 0.950 | 600 |" in narrow  # by true z
-    assert "| 0.00-0.05 | 0.0110 | 0.00% | +0.0000 | 0.080 | 600 |" in narrow  # by photometric z
+    assert "| 0.00-0.05 | 0.0110 | 0.00% | +0.0000 | 0.080 | 0.600 / 0.950 | 600 |" in narrow  # by photometric z
     # the command line: candidates compared, the 'how' line
     (tmp_path / "main.json").write_text(json.dumps(report))
     (tmp_path / "mc.json").write_text(json.dumps({"model_metrics": metrics(0.0125, pit_ks=0.011)}))
