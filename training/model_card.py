@@ -245,6 +245,11 @@ def render(bundle_path: Path, report: dict, figures: list[str], ood_report: dict
               "there (docs/simulation.md's colour table for the simulator version above): photo-z there "
               "is less reliable and, like every template-free estimator, pulled towards the bulk of the "
               "training sample (the per-bin bias above)."]
+    if doc.get("recalibration") or isinstance(training.get("temperature"), (float, list)):
+        lines.append("- The PDFs' recalibration (temperature, PIT map) was fitted on galaxies like the training "
+                     "set's: it holds where they do. On other data, refit it on labelled galaxies of that data "
+                     "(`photoz recalibrate`, `photoz calibrate-pit --data yours.h5`) and check the coverage with "
+                     "`photoz evaluate`.")
     return "\n".join(lines) + "\n"
 
 

@@ -423,3 +423,4 @@ def test_ensemble_members_share_a_split_seed_and_a_pit_map_is_fitted_and_applied
     assert (f"conditional PIT recalibration (photoz calibrate-pit): each PDF's CDF mapped by the PIT distribution of "
             f"objects with a similar photometric redshift ({pit_map.z_knots.size} knots") in card
     assert f"fitted on {len(shared[0])} objects of `{tiny_data.name}` (validation rows of best.pt" in card
+    assert "refit it on labelled galaxies of that data" in card

@@ -27,6 +27,7 @@ def test_card_states_data_metrics_targets_and_limits(tiny_bundle, tmp_path):
     assert "| sigma_MAD <= 0.75 x the baseline's | yes | ratio 0.55 |" in card
     assert "| PIT KS < 0.02 | **no** | 0.030 |" in card
     assert "retrain on real labelled cutouts" in card and "**simulated**" in card
+    assert "refit it on labelled galaxies" not in card  # nothing recalibrated in this bundle
     bad = dict(report, model_metrics=dict(m, bias=0.01))
     assert "| abs(bias) < 0.001 | **no** | +0.01000 |" in render(tiny_bundle, bad, [])
     json.dumps(report)
