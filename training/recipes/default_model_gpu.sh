@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the shipped default model on one GPU machine: simulate, train, evaluate.
 #
-#   bash training/recipes/default_model_gpu.sh            # then: make ship VERSION=x.y.z
+#   bash training/recipes/default_model_gpu.sh            # then: make ship VERSION=x.y.z PIT_MAP=$RUN/pit-map.json
 #
 # Simulates the held-out set (seed 2) and the training set (seed 1) with every
 # core, trains pasquet2019_half with the data held in GPU memory (--preload),
@@ -17,14 +17,18 @@
 # one deep ensemble; RECALIBRATE=1 fits each member's softmax temperature on its
 # validation rows first (photoz recalibrate). DROPOUT=p trains with dropout in the dense head and MC_PASSES=T
 # exports it as MC dropout (T passes, masks fixed in the graph), scoring the plain network beside it
-# (eval-plain/). The evaluation then scores the bundle
-# ($RUN/model.onnx) that `make ship`'s steps would export.
+# (eval-plain/). PIT_MAP=1 (the default) simulates N_CAL more galaxies (seed 3, never trained on) and fits a
+# conditional PIT map on them (photoz calibrate-pit), applied in the exported graph. The evaluation then scores
+# the bundle ($RUN/model.onnx) that `make ship`'s steps would export. Members share one validation split
+# (--split-seed 0).
 set -euo pipefail
 PHOTOZ=${PHOTOZ:-photoz}
 DATA=${DATA:-data}
 RUN=${RUN:-runs/default}
 N_TRAIN=${N_TRAIN:-200000}
 N_TEST=${N_TEST:-10000}
+N_CAL=${N_CAL:-20000}
+PIT_MAP=${PIT_MAP:-1}
 BATCH=${BATCH:-256}
 LR=${LR:-1.5e-4}
 VARIANT=${VARIANT:-pasquet2019_half}
@@ -43,6 +47,7 @@ elapsed() { echo $(( $(date +%s) - start )); }
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-1}
 $PHOTOZ simulate --n "$N_TEST" --seed 2 --out "$DATA/sim-test.h5" --quiet
 $PHOTOZ simulate --n "$N_TRAIN" --seed 1 --out "$DATA/sim-train.h5" --quiet
+if (( PIT_MAP )); then $PHOTOZ simulate --n "$N_CAL" --seed 3 --out "$DATA/sim-cal.h5" --quiet; fi
 echo "simulated $N_TRAIN + $N_TEST galaxies in $(elapsed) s"
 
 left=$(( BUDGET_S - $(elapsed) - 120 ))  # keep two minutes for evaluation
@@ -56,7 +61,7 @@ for (( k = 0; k < MEMBERS; k++ )); do
     echo "training $VARIANT (seed $k) for $epochs epochs (~$epoch_s s each)"
     timeout --signal=TERM "$(( left / MEMBERS + 30 ))" \
         $PHOTOZ train --data "$DATA/sim-train.h5" --out "$member" --variant "$VARIANT" --epochs "$epochs" \
-        --batch-size "$BATCH" --lr "$LR" --seed "$k" --dropout "$DROPOUT" --preload --quiet \
+        --batch-size "$BATCH" --lr "$LR" --seed "$k" --split-seed 0 --dropout "$DROPOUT" --preload --quiet \
         || echo "training stopped by the time budget"
     cat "$member/metrics.csv"
     checkpoint=$member/best.pt
@@ -72,6 +77,12 @@ if (( MEMBERS == 1 && ! RECALIBRATE && MC_PASSES == 0 )); then
 else
     $PHOTOZ export --checkpoint "${checkpoints[@]}" --out "$RUN/model.onnx" --name photoz-sdss-sim --version 0.0.0 \
         --mc-passes "$MC_PASSES"
+    model=$RUN/model.onnx
+fi
+if (( PIT_MAP )); then  # fitted on the very graph that is exported (temperature, ensemble, MC dropout included)
+    $PHOTOZ calibrate-pit --model "$model" --data "$DATA/sim-cal.h5" --out "$RUN/pit-map.json"
+    $PHOTOZ export --checkpoint "${checkpoints[@]}" --out "$RUN/model.onnx" --name photoz-sdss-sim --version 0.0.0 \
+        --mc-passes "$MC_PASSES" --pit-map "$RUN/pit-map.json"
     model=$RUN/model.onnx
 fi
 if (( MC_PASSES > 0 )); then  # the same network without MC dropout, for the comparison
