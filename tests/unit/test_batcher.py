@@ -1,6 +1,7 @@
 """The batcher's admission policy, drain cut-off and thread start-up, driven directly (no HTTP)."""
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -196,6 +197,11 @@ def test_a_failing_finish_fails_its_batch_only_and_a_slow_one_holds_the_model_ba
             with pytest.raises(RuntimeError, match="flags failed"):
                 await asyncio.wait_for(bad, 10)
             jobs = [asyncio.ensure_future(batcher.submit(*images(4), 10)) for _ in range(5)]
+            # wait (on a loaded machine, threads start late) until three batches have run the model, then a
+            # while longer: a broken bound would let the fourth and fifth run too
+            deadline = time.monotonic() + 10
+            while len(model_calls) - 1 < 3 and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
             await asyncio.sleep(0.3)
             held = len(model_calls) - 1  # model calls of the five batches while the finish is blocked
             release.set()
