@@ -64,16 +64,13 @@ class PITMap:
     def rows_for(self, z_mean: ArrayLike) -> np.ndarray:
         """Each object's map: the table linearly interpolated between the knots around its mean redshift
         (the end knots' maps beyond them), shape (N, n_u + 1)."""
-        z = np.asarray(z_mean, np.float64)
-        seg = np.clip(np.searchsorted(self.z_knots, z, side="right") - 1, 0, self.z_knots.size - 2)
-        lo, hi = self.z_knots[seg], self.z_knots[seg + 1]
-        w = np.clip((z - lo) / (hi - lo), 0.0, 1.0)[:, None]
-        return (1 - w) * self.table[seg] + w * self.table[seg + 1]
+        seg, w = knot_weights(self.z_knots, z_mean)
+        return (1 - w[:, None]) * self.table[seg] + w[:, None] * self.table[seg + 1]
 
     def apply(self, pdfs: ArrayLike, bins: RedshiftBins) -> np.ndarray:
         """The recalibrated PDFs (float64, rows summing to 1)."""
         cdf = cdf_at_edges(pdfs, bins)
-        rows = self.rows_for(_means(cdf, bins))
+        rows = self.rows_for(np.diff(cdf, axis=1) @ bins.centres)
         pos = np.clip(cdf * self.n_u, 0.0, self.n_u)
         j = np.clip(np.floor(pos).astype(np.int64), 0, self.n_u - 1)
         f = pos - j
@@ -93,8 +90,12 @@ class PITMap:
                    float(doc.get("prior_count", PRIOR_COUNT)))
 
 
-def _means(cdf: np.ndarray, bins: RedshiftBins) -> np.ndarray:
-    return np.diff(cdf, axis=1) @ bins.centres
+def knot_weights(z_knots: np.ndarray, z_mean: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """For each redshift, the knot segment it lies in (its lower knot's index) and its linear weight on the
+    upper knot (0 at or below the first knot, 1 at or beyond the last): how the map is fitted and applied."""
+    z = np.asarray(z_mean, np.float64)
+    seg = np.clip(np.searchsorted(z_knots, z, side="right") - 1, 0, z_knots.size - 2)
+    return seg, np.clip((z - z_knots[seg]) / (z_knots[seg + 1] - z_knots[seg]), 0.0, 1.0)
 
 
 def default_knots(bins: RedshiftBins, spacing: float = KNOT_SPACING_Z) -> np.ndarray:
@@ -116,8 +117,7 @@ def fit_pit_map(pdfs: ArrayLike, bins: RedshiftBins, z_true: ArrayLike, z_knots:
     below = (values[:, None] <= u[None, :]).astype(np.float64)  # (N, n_u + 1)
     # each object's weight at each knot: the linear interpolation weights the map is applied with
     weights = np.zeros((z_mean.size, knots.size))
-    seg = np.clip(np.searchsorted(knots, z_mean, side="right") - 1, 0, knots.size - 2)
-    w = np.clip((z_mean - knots[seg]) / (knots[seg + 1] - knots[seg]), 0.0, 1.0)
+    seg, w = knot_weights(knots, z_mean)
     rows = np.arange(z_mean.size)
     weights[rows, seg] += 1 - w
     weights[rows, seg + 1] += w

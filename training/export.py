@@ -72,6 +72,12 @@ def export_checkpoint(checkpoint: str | Path | list, out: str | Path, name: str,
     temperatures = [float(s.get("temperature", 1.0)) for s in states]
     if any(t != 1.0 for t in temperatures):  # post-hoc calibration (photoz recalibrate), applied in the graph
         record["temperature"] = temperatures[0] if len(temperatures) == 1 else temperatures
+    recalibration = None
+    if pit_map is not None:
+        from photoz.training.pit_calibration import load_pit_map
+
+        recalibration, fitted_on = load_pit_map(pit_map)
+        record["pit_recalibration"] = {"fitted_on": fitted_on}
     bins = RedshiftBins.from_metadata(state["train_config"]["z_bins"])
     metadata = make_metadata(net, state["train_config"]["variant"], name, version, record, bins=bins)
     reference = Path(reference_data or state["train_config"].get("data", ""))
@@ -86,11 +92,4 @@ def export_checkpoint(checkpoint: str | Path | list, out: str | Path, name: str,
     else:
         log.warning("training set %s not found: the bundle gets no out-of-distribution thresholds "
                     "(give --reference-data, or add them later with `photoz ood-thresholds`)", reference)
-    recalibration = None
-    if pit_map is not None:
-        from photoz.training.pit_calibration import load_pit_map
-
-        recalibration, fitted_on = load_pit_map(pit_map)
-        record["pit_recalibration"] = {"fitted_on": fitted_on}
-        metadata["training"] = record
     return export_bundle(net, out, metadata, fp16=fp16, pit_map=recalibration)

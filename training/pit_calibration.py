@@ -24,12 +24,9 @@ def fitting_rows(data: str | Path, validation_of: str | Path | None) -> tuple[np
     """All rows (None) of a calibration file, or a checkpoint's validation rows of its training file."""
     if validation_of is None:
         return None, "every row"
-    from photoz.training.data import inspect
-    from photoz.training.train import load_checkpoint, split_seed, training_split
+    from photoz.training.train import load_checkpoint, validation_rows
 
-    cfg = load_checkpoint(validation_of)[1]["train_config"]
-    _, rows, kind = training_split(data, inspect(data)["n"], cfg["validation_fraction"], split_seed(cfg),
-                                   cfg.get("max_validation"))
+    rows, kind = validation_rows(load_checkpoint(validation_of)[1]["train_config"], data)
     return np.sort(rows), f"validation rows of {Path(validation_of).name} ({kind})"
 
 
@@ -44,8 +41,7 @@ def calibrate_pit(model: str | Path, data: str | Path, out: str | Path, validati
                   knot_spacing: float = KNOT_SPACING_Z, prior_count: float = PRIOR_COUNT) -> dict:
     """Fit the map on ``model``'s PDFs for ``data`` (see the module docstring), write the JSON report to
     ``out`` and return it."""
-    import h5py
-
+    from photoz.training.data import read_labels
     from photoz.training.evaluate import predict_file
 
     if Path(model).suffix == ".onnx":
@@ -56,9 +52,7 @@ def calibrate_pit(model: str | Path, data: str | Path, out: str | Path, validati
                              "its checkpoint), so the new map is not stacked on the old one")
     rows, which = fitting_rows(data, validation_of)
     pdfs, bins = predict_file(model, data, rows=rows)
-    with h5py.File(data, "r") as h5:
-        z = np.asarray(h5["z"][:], np.float64)
-    z = z if rows is None else z[rows]
+    z = read_labels(data, rows)["z"]
     pit_map = fit_pit_map(pdfs, bins, z, default_knots(bins, knot_spacing), prior_count=prior_count)
     report = {"map": pit_map.to_metadata(),
               "fitted_on": {"model": Path(model).name, "data": Path(data).name, "rows": which, "n": int(z.size)},

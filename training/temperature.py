@@ -60,14 +60,12 @@ def recalibrate(checkpoint: str | Path, out: str | Path, data: str | Path | None
     """Fit the temperature on the checkpoint's validation rows, write the checkpoint with it to ``out``, and
     return the validation metrics before and after."""
     from photoz.model.pdf import RedshiftBins, photoz_metrics, point_estimates
-    from photoz.training.data import inspect
-    from photoz.training.train import load_checkpoint, split_seed, training_split
+    from photoz.training.train import load_checkpoint, validation_rows
 
     net, state = load_checkpoint(checkpoint)
     cfg = state["train_config"]
     data = data or cfg["data"]
-    _, val_idx, kind = training_split(data, inspect(data)["n"], cfg["validation_fraction"], split_seed(cfg),
-                                      cfg.get("max_validation"))
+    val_idx, kind = validation_rows(cfg, data)
     bins = RedshiftBins.from_metadata(cfg["z_bins"])
     logits, z = validation_logits(net, data, val_idx)
     inside = (z >= bins.edges[0]) & (z < bins.edges[-1])

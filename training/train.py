@@ -224,6 +224,14 @@ def split_seed(cfg: dict) -> int:
     return cfg["seed"] if cfg.get("split_seed") is None else cfg["split_seed"]
 
 
+def validation_rows(cfg: dict, data) -> tuple[np.ndarray, str]:
+    """The validation rows of ``data`` for a run's config (a checkpoint's ``train_config``), and how they were
+    chosen: the rows the run never trained on, where its PDFs are recalibrated."""
+    _, rows, kind = training_split(data, inspect(data)["n"], cfg["validation_fraction"], split_seed(cfg),
+                                   cfg.get("max_validation"))
+    return rows, kind
+
+
 def training_split(data, n: int, validation_fraction: float, seed: int, max_validation: int | None = None):
     """Training and validation rows of a data set, and how they were chosen: the file's own split (e.g. by sky
     position) when it has one, else a validation fraction held out by object, fixed by the seed."""
