@@ -52,7 +52,8 @@ clean:
 	rm -rf $(VENV) .pytest_cache build
 
 # Export CHECKPOINT of RUN (several: a deep ensemble; PIT_MAP: a `photoz calibrate-pit` report applied in the
-# graph), score that very graph on the held-out set, export it as the shipped bundle with the score, write its card.
+# graph), score that very graph on the held-out set, export it as the shipped bundle with the score (its flags'
+# thresholds measured on TRAIN_H5, the training set), write its card.
 RUN      ?= runs/default
 TRAIN_H5 ?= data/sim-train.h5
 TEST_H5  ?= data/sim-test.h5
@@ -65,7 +66,7 @@ ship: $(VENV)/.dev-installed
 	$(SHIP_EXPORT) --out $(RUN)/candidate.onnx --no-thresholds
 	$(BIN)/photoz evaluate --model $(RUN)/candidate.onnx --data $(TEST_H5) --baseline-train $(TRAIN_H5) \
 		--out $(RUN)/eval
-	$(SHIP_EXPORT) --out $(MODEL) --held-out-report $(RUN)/eval/metrics.json
+	$(SHIP_EXPORT) --out $(MODEL) --held-out-report $(RUN)/eval/metrics.json --reference-data $(TRAIN_H5)
 	-$(BIN)/python -m photoz.training.ood --model $(MODEL) --data $(TEST_H5) --out $(RUN)/eval
 	$(BIN)/python -m photoz.training.model_card --bundle $(MODEL) --report $(RUN)/eval/metrics.json \
 		--ood-report $(RUN)/eval/ood_flags.json --out $(basename $(MODEL)).md
