@@ -194,9 +194,11 @@ def render(bundle_path: Path, report: dict, figures: list[str], ood_report: dict
                      "how much of the error is photometric noise rather than the colour-redshift relation itself. "
                      "The simulator fits its model magnitudes with each galaxy's own noise-free profile as the "
                      "template (`photoz.training.sim.render.measure_catalogue`), the least-noisy linear flux "
-                     "estimate the pixels allow, which real SDSS model fits (one de Vaucouleurs or exponential "
-                     "profile for all bands) do not reach: on this simulation the catalogue baselines see as much "
-                     "of the colours as the pixels hold."
+                     "estimate the pixels allow; fitting one r-band profile to every band, as SDSS does, moves "
+                     "the simulated colours by about a tenth of their noise (`python -m "
+                     "benchmarks.model_magnitudes`): on this simulation the catalogue baselines see as much of "
+                     "the colours as the pixels hold, and the images' smooth bulge + disk galaxies carry little "
+                     "redshift information beyond them (docs/simulation.md)."
                      if ceiling else ""), ""]
         lines += ["| target | met | value |", "| --- | --- | --- |"]
         lines += [f"| {name} | {'yes' if ok else '**no**'} | {value} |" for name, ok, value in target_checks(report)]
