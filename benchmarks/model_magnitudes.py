@@ -24,12 +24,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 
 from photoz.model.conventions import BANDS  # noqa: E402
+from photoz.model.pdf import photoz_metrics  # noqa: E402
 from photoz.training.baseline import KNNPhotoZ, dereddened  # noqa: E402
 from photoz.training.sim import render  # noqa: E402
 from photoz.training.sim.population import NEIGHBOUR_Z_MAX, PopulationConfig, draw_candidates  # noqa: E402
 
 R = BANDS.index("r")
-OUTLIER_DZ = 0.05  # |dz| / (1 + z) above this is an outlier (Pasquet et al. 2019)
 
 
 def render_with_r_profile_templates(n: int, seed: int) -> dict[str, np.ndarray]:
@@ -67,9 +67,7 @@ def knn_scores(mags: np.ndarray, ebv: np.ndarray, z: np.ndarray) -> dict[str, fl
     features = dereddened(mags, ebv=ebv)
     knn = KNNPhotoZ().fit(features[train], z[train])
     _, idx = knn.index_.kneighbors(knn.scaled(features[~train]))
-    dz = (np.median(knn.z_[idx], axis=1) - z[~train]) / (1 + z[~train])
-    return {"sigma_mad": float(1.4826 * np.median(np.abs(dz - np.median(dz)))),
-            "outlier_fraction": float(np.mean(np.abs(dz) > OUTLIER_DZ)), "n_test": int((~train).sum())}
+    return photoz_metrics(np.median(knn.z_[idx], axis=1), z[~train])
 
 
 def main(argv=None) -> int:
@@ -101,7 +99,7 @@ def main(argv=None) -> int:
     for name in ("knn_perfect_fit", "knn_sdss_style"):
         s = result[name]
         print(f"{name:>16}: sigma_MAD {s['sigma_mad']:.4f}, outliers {100 * s['outlier_fraction']:.2f}% "
-              f"({s['n_test']} test galaxies)")
+              f"({s['n']} test galaxies)")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"model-magnitudes-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
