@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +33,11 @@ from photoz.training.sim.population import NEIGHBOUR_Z_MAX, PopulationConfig, dr
 R = BANDS.index("r")
 
 
-def render_with_r_profile_templates(n: int, seed: int) -> dict[str, np.ndarray]:
-    """Render n candidates; beside the simulator's templates, each galaxy's r-band profile through every band."""
+def render_with_r_profile_templates(n: int, seed: int, edit: Callable[[dict], None] | None = None,
+                                    select: bool = True) -> dict[str, np.ndarray]:
+    """Render n candidates; beside the simulator's templates, each galaxy's r-band profile through every band.
+    Model magnitudes fitted with each (``perfect``, ``sdss``) for the galaxies that pass the MGS cut (all of
+    them without ``select``); ``edit`` may change the drawn population in place before it is rendered."""
     r_profile_templates: list[np.ndarray] = []
     draw_bands = render.draw_bands
 
@@ -48,6 +52,8 @@ def render_with_r_profile_templates(n: int, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     pool = draw_candidates(pop_cfg, 4 * n + 16, rng, r_limit=inst.neighbour_r_limit_mag, z_max=NEIGHBOUR_Z_MAX)
     pop = draw_candidates(pop_cfg, n, rng)
+    if edit is not None:
+        edit(pop)
     render.draw_bands = drawing
     try:
         _, _, draws, measured = render.render_galaxies(pop, rng, inst, pool)
@@ -56,7 +62,7 @@ def render_with_r_profile_templates(n: int, seed: int) -> dict[str, np.ndarray]:
     sky, gain = draws["sky_sigma_nmgy"], inst.gain_e_per_nmgy()
     perfect = render.measure_catalogue(measured["deblended"], sky, gain, measured["model_templates"])
     sdss = render.measure_catalogue(measured["deblended"], sky, gain, np.stack(r_profile_templates))
-    keep = dereddened(perfect["petro_mag"], ebv=pop["ebv"])[:, R] <= pop_cfg.r_limit_mag
+    keep = dereddened(perfect["petro_mag"], ebv=pop["ebv"])[:, R] <= pop_cfg.r_limit_mag if select else slice(None)
     return {"z": pop["z"][keep], "ebv": pop["ebv"][keep], "perfect": perfect["model_mag"][keep],
             "sdss": sdss["model_mag"][keep], "perfect_err": perfect["model_mag_err"][keep]}
 

@@ -81,7 +81,7 @@ def post(server, body, content_type, **kw):
                       **kw)
 
 
-def assert_refused_cheaply(server, body, content_type, status, expect=None, **kw):
+def assert_refused_cheaply(server, body, content_type, status, expect=None, healthz_s=0.3, **kw):
     with Watch(server) as watch:
         response = post(server, body, content_type, **kw)
     assert response.status_code == status, response.text
@@ -89,7 +89,7 @@ def assert_refused_cheaply(server, body, content_type, status, expect=None, **kw
         assert response.headers["content-type"] == "application/problem+json"
     if expect:
         assert expect in response.text, response.text
-    assert watch.worst_s < 0.3, f"/healthz took {watch.worst_s:.2f} s"
+    assert watch.worst_s < healthz_s, f"/healthz took {watch.worst_s:.2f} s"
     assert watch.peak - server.idle_rss < 300 * MiB, f"RSS grew {(watch.peak - server.idle_rss) / MiB:.0f} MiB"
     return response
 
@@ -231,10 +231,15 @@ def test_bodies_in_flight_are_bounded(hardened):
 
 
 def test_a_large_valid_request_keeps_healthz_fast(hardened, rng):
-    """The heaviest input the limits allow (a tile-compressed FITS cube near max_decoded_mb) decodes off the loop."""
+    """The heaviest input the limits allow (a tile-compressed FITS cube near max_decoded_mb) decodes off the loop.
+
+    Decoding it takes ~1 s on this machine, which /healthz would wait out were it on the loop; the bound is
+    0.5 s, not the refusals' 0.3, because this request also runs the model and the flags on the same two
+    cores (a fresh clone's run once saw 0.34 s)."""
     cube = np.repeat(sky_cutouts(rng, 4), 40, axis=0)  # 160 cutouts, 13 MB decoded
     hdu = fits.CompImageHDU(cube, compression_type="RICE_1", quantize_level=16)
-    response = assert_refused_cheaply(hardened, fits_bytes([fits.PrimaryHDU(), hdu]), "application/fits", 200)
+    body = fits_bytes([fits.PrimaryHDU(), hdu])
+    response = assert_refused_cheaply(hardened, body, "application/fits", 200, healthz_s=0.5)
     assert response.json()["n_objects"] == 160
 
 
