@@ -46,6 +46,11 @@ def test_wheel_installs_one_photoz_package_that_predicts_and_serves(tmp_path, ti
     assert where.returncode == 0, where.stderr
     module, bundle_found = where.stdout.split()
     assert Path(module).is_relative_to(site) and bundle_found == "True"
+    # in a checkout's root, python finds the checkout's photoz first (the recipes' `python -m photoz.training...`):
+    # its rooms are the folders beside it, not the installed package's
+    in_checkout = subprocess.run([env / "bin" / "python", "-m", "photoz.training.ood", "--help"],
+                                 **{**run, "cwd": ROOT})
+    assert in_checkout.returncode == 0 and "--model" in in_checkout.stdout, in_checkout.stderr
 
     np.save(tmp_path / "cutouts.npy", np.random.default_rng(0).normal(0, 0.05, (3, 5, 64, 64)).astype(np.float32))
     predicted = subprocess.run([env / "bin" / "photoz", "predict", "cutouts.npy", "--model", str(tiny_bundle),
