@@ -20,12 +20,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from photoz.model.conventions import BANDS  # noqa: E402
 from photoz.model.pdf import photoz_metrics  # noqa: E402
-from photoz.training.baseline import dereddened  # noqa: E402
+from photoz.training.baseline import KNNPhotoZ, dereddened  # noqa: E402
 
 K_NEIGHBOURS = 16
-R = BANDS.index("r")
 FEATURE_SETS = {
     "model r + 4 colours": (),
     "+ log R50": ("size",),
@@ -45,27 +43,25 @@ def load(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def features(d: dict[str, np.ndarray], extra: tuple[str, ...]) -> np.ndarray:
+def features(d: dict[str, np.ndarray], extra: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray | None]:
+    """Magnitudes (dereddened model, or the truth's) and the extra columns the feature set names."""
     mags = d["mag_true"] if "truth" in extra else dereddened(d["model_mag"], ebv=d["ebv"])
-    columns = [mags[:, R:R + 1], np.diff(mags, axis=1)]
+    columns = []
     if "size" in extra:
-        columns.append(np.log10(np.maximum(d["petro_r50_arcsec"], 0.1))[:, None])
+        columns.append(np.log10(np.maximum(d["petro_r50_arcsec"], 0.1)))
     if "concentration" in extra:
-        columns.append((d["petro_r50_arcsec"] / np.maximum(d["petro_rad_arcsec"], 0.1))[:, None])
+        columns.append(d["petro_r50_arcsec"] / np.maximum(d["petro_rad_arcsec"], 0.1))
     if "ebv" in extra:
-        columns.append(d["ebv"][:, None])
-    return np.hstack(columns)
+        columns.append(d["ebv"])
+    return mags, np.column_stack(columns) if columns else None
 
 
 def knn_scores(train: dict, test: dict, extra: tuple[str, ...]) -> dict[str, float]:
-    from sklearn.neighbors import NearestNeighbors
-    from sklearn.preprocessing import StandardScaler
-
-    x_train, x_test = features(train, extra), features(test, extra)
-    scaler = StandardScaler().fit(x_train)
-    _, idx = NearestNeighbors(n_neighbors=K_NEIGHBOURS).fit(scaler.transform(x_train)).kneighbors(
-        scaler.transform(x_test))
-    return photoz_metrics(np.median(train["z"][idx], axis=1), test["z"])
+    """The catalogue baseline's kNN on these features, scored on the neighbours' median redshift."""
+    knn = KNNPhotoZ(k=K_NEIGHBOURS)
+    train_mags, train_extra = features(train, extra)
+    knn.fit(train_mags, train["z"], extra=train_extra)
+    return photoz_metrics(np.median(knn.neighbour_redshifts(*features(test, extra)), axis=1), test["z"])
 
 
 def main(argv=None) -> int:

@@ -72,8 +72,7 @@ def knn_scores(mags: np.ndarray, ebv: np.ndarray, z: np.ndarray) -> dict[str, fl
     train = np.arange(z.size) < int(0.75 * z.size)
     features = dereddened(mags, ebv=ebv)
     knn = KNNPhotoZ().fit(features[train], z[train])
-    _, idx = knn.index_.kneighbors(knn.scaled(features[~train]))
-    return photoz_metrics(np.median(knn.z_[idx], axis=1), z[~train])
+    return photoz_metrics(np.median(knn.neighbour_redshifts(features[~train]), axis=1), z[~train])
 
 
 def main(argv=None) -> int:

@@ -26,17 +26,23 @@ def catalogue_features(mags: np.ndarray) -> np.ndarray:
 
 
 class _NeighbourModel:
-    """What both catalogue methods share: standardised r + colours of a training set, indexed for its
-    ``k`` nearest neighbours (all of it when it is smaller than ``k``)."""
+    """What both catalogue methods share: standardised r + colours of a training set (and any ``extra``
+    columns, N x m, given alike to ``fit`` and the queries), indexed for its ``k`` nearest neighbours (all of it
+    when it is smaller than ``k``)."""
 
     k: int
     bins: RedshiftBins
 
-    def fit(self, mags: np.ndarray, z: np.ndarray) -> Any:
+    @staticmethod
+    def _features(mags: np.ndarray, extra: np.ndarray | None) -> np.ndarray:
+        features = catalogue_features(mags)
+        return features if extra is None else np.column_stack([features, np.asarray(extra, dtype=np.float64)])
+
+    def fit(self, mags: np.ndarray, z: np.ndarray, extra: np.ndarray | None = None) -> Any:
         from sklearn.neighbors import NearestNeighbors
 
         self.bins = self.bins or RedshiftBins.uniform()
-        features = catalogue_features(mags)
+        features = self._features(mags, extra)
         ok = np.all(np.isfinite(features), axis=1)
         self.mean_, self.scale_ = features[ok].mean(axis=0), features[ok].std(axis=0)
         self.features_ = (features[ok] - self.mean_) / self.scale_
@@ -44,10 +50,15 @@ class _NeighbourModel:
         self.index_ = NearestNeighbors(n_neighbors=min(self.k, int(ok.sum()))).fit(self.features_)
         return self
 
-    def scaled(self, mags: np.ndarray) -> np.ndarray:
+    def scaled(self, mags: np.ndarray, extra: np.ndarray | None = None) -> np.ndarray:
         """Standardised features of ``mags`` (non-finite ones at the training mean)."""
-        features = (catalogue_features(mags) - self.mean_) / self.scale_
+        features = (self._features(mags, extra) - self.mean_) / self.scale_
         return np.where(np.isfinite(features), features, 0.0)
+
+    def neighbour_redshifts(self, mags: np.ndarray, extra: np.ndarray | None = None) -> np.ndarray:
+        """Redshifts of each object's ``k`` nearest training neighbours, (N, k)."""
+        _, idx = self.index_.kneighbors(self.scaled(mags, extra))
+        return self.z_[idx]
 
 
 @dataclass
@@ -59,8 +70,7 @@ class KNNPhotoZ(_NeighbourModel):
     def predict_pdfs(self, mags: np.ndarray) -> np.ndarray:
         from scipy.special import ndtr
 
-        _, idx = self.index_.kneighbors(self.scaled(mags))
-        z_nb = self.z_[idx]  # (N, k)
+        z_nb = self.neighbour_redshifts(mags)  # (N, k)
         edges = self.bins.edges
         cdf = ndtr((edges[None, None, :] - z_nb[:, :, None]) / self.bandwidth)  # (N, k, B+1)
         pdf = np.diff(cdf, axis=2).sum(axis=1) + 1e-12

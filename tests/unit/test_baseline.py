@@ -38,3 +38,16 @@ def test_dereddening_from_the_catalogues_extinction_or_from_ebv():
     assert np.allclose(dereddened(mags, extinction=np.full((2, 5), 0.2)), 17.8)
     with pytest.raises(ValueError, match="extinction"):
         dereddened(mags)
+
+
+def test_extra_columns_join_the_neighbour_search():
+    """Columns beyond r and the colours (a size, say) are standardised and searched alike: one that carries the
+    redshift makes the neighbours' redshifts close to each object's own."""
+    rng = np.random.default_rng(3)
+    mags, z = rng.normal(18, 0.5, (3000, 5)), rng.uniform(0.0, 0.4, 3000)
+    plain = KNNPhotoZ().fit(mags[:2500], z[:2500]).neighbour_redshifts(mags[2500:])
+    informed = KNNPhotoZ().fit(mags[:2500], z[:2500], extra=z[:2500, None]).neighbour_redshifts(
+        mags[2500:], extra=z[2500:, None])
+    assert plain.shape == informed.shape == (500, 16)
+    spread = [np.median(np.abs(np.median(nb, axis=1) - z[2500:])) for nb in (plain, informed)]
+    assert spread[1] < 0.5 * spread[0]
