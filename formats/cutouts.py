@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from photoz.formats.errors import InputError
-from photoz.model.conventions import CHANNEL_FIRST_AXIS, stack_band_axis
+from photoz.model.conventions import CHANNEL_FIRST_AXIS, EBV_RANGE_MAG, MAX_ABS_PIXEL_NMGY, stack_band_axis
 
 MiB = 2**20
 
@@ -62,6 +62,12 @@ class Cutouts:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
+    def set_ebv(self, values: Any, field: str = "ebv") -> None:
+        """E(B-V) given beside the cutouts (a request's query or form, one value or one per cutout): a value out
+        of range is that object's problem, like a bad pixel; a wrong count or a non-number is the request's."""
+        self.ebv, problems = ebv_per_object(values, len(self), field)
+        self.problems = [merge_problems(a, b) for a, b in zip(self.problems, problems, strict=True)]
+
 
 @dataclass(frozen=True)
 class Geometry:
@@ -105,11 +111,30 @@ def canonical_stack(array: Any, geometry: Geometry, field: str) -> np.ndarray:
     return np.ascontiguousarray(stack, dtype=np.float32)
 
 
-def flag_non_finite(images: np.ndarray, bands: tuple[str, ...]) -> list[str | None]:
-    bad = ~np.isfinite(images).all(axis=(2, 3))  # (N, bands)
-    return [None if not row.any() else
-            "non-finite pixel values (NaN or inf) in band " + ", ".join(b for b, x in zip(bands, row, strict=True) if x)
-            for row in bad]
+def flag_unusable_pixels(images: np.ndarray, bands: tuple[str, ...]) -> list[str | None]:
+    """Each cutout's problem with its pixels (None: none): NaN or infinite values, or values beyond any physical
+    flux (|f| > :data:`~photoz.model.conventions.MAX_ABS_PIXEL_NMGY`, such as a 1e30 mask sentinel), named by
+    band with the most extreme value. Such a cutout is refused on its own, before it can join a batch: the
+    network's arithmetic is not defined for it, and it must not fail the other cutouts of its batch."""
+    # two reductions, no temporary array the size of the stack; a NaN anywhere makes its band's max NaN
+    high, low = images.max(axis=(2, 3)), images.min(axis=(2, 3))  # (N, bands)
+    bad = ~((high <= MAX_ABS_PIXEL_NMGY) & (low >= -MAX_ABS_PIXEL_NMGY))
+    if not bad.any():
+        return [None] * len(images)
+    return [_pixel_problem(hi, lo, row, bands) if row.any() else None
+            for hi, lo, row in zip(high, low, bad, strict=True)]
+
+
+def _pixel_problem(high: np.ndarray, low: np.ndarray, bad: np.ndarray, bands: tuple[str, ...]) -> str:
+    non_finite = [b for b, h, lo, x in zip(bands, high, low, bad, strict=True)
+                  if x and not (np.isfinite(h) and np.isfinite(lo))]
+    extreme = [f"{b} ({h if abs(h) >= abs(lo) else lo:.3g} nanomaggies)"
+               for b, h, lo, x in zip(bands, high, low, bad, strict=True) if x and b not in non_finite]
+    found = ([f"non-finite pixel values (NaN or inf) in band {', '.join(non_finite)}"] if non_finite else []) + \
+        ([f"pixel values beyond any physical flux (|f| > {MAX_ABS_PIXEL_NMGY:.0e} nanomaggies, the brightest star's "
+          f"whole flux in one pixel; mask sentinels such as 1e30 must be NaN) in band {', '.join(extreme)}"]
+         if extreme else [])
+    return "; ".join(found)
 
 
 def _vector(values: Any, n: int, field: str, kind: str) -> np.ndarray:
@@ -119,10 +144,6 @@ def _vector(values: Any, n: int, field: str, kind: str) -> np.ndarray:
     if arr.shape != (n,):
         raise InputError(field, f"one {kind} per cutout ({n}) or a single value", f"{arr.size} values")
     return arr
-
-
-#: The range of E(B-V) accepted, mag.
-EBV_RANGE_MAG = (0.0, 10.0)
 
 
 def _ebv_numbers(values: Any, n: int, field: str) -> np.ndarray:
@@ -140,25 +161,17 @@ def _ebv_out_of_range(values: np.ndarray) -> np.ndarray:
     return ~(np.isfinite(values) & (values >= low) & (values <= high))
 
 
-def ebv_vector(values: Any, n: int, field: str = "ebv") -> np.ndarray:
-    """E(B-V) given with a request (query or form): any bad value fails the request (422)."""
-    if values is None:
-        return np.zeros(n, np.float32)
-    arr = _ebv_numbers(values, n, field)
-    bad = _ebv_out_of_range(arr)
-    if bad.any():
-        raise InputError(field, "finite E(B-V) values between 0 and 10 mag", f"{arr[bad][:3]}")
-    return arr.astype(np.float32)
-
-
 def ebv_per_object(values: Any, n: int, field: str = "ebv") -> tuple[np.ndarray, list[str | None]]:
-    """E(B-V) carried by a file, one value per cutout: a value that is not finite or not in 0-10 mag is
-    that object's problem (its value replaced by 0), not the whole file's; a wrong count is the file's."""
+    """One E(B-V) per cutout (a single value is repeated): a value that is not finite or not in
+    :data:`~photoz.model.conventions.EBV_RANGE_MAG` is that object's problem (its value replaced by 0), not the
+    whole stack's; a wrong count or a non-number is the stack's (422)."""
     if values is None:
         return np.zeros(n, np.float32), [None] * n
     arr = _ebv_numbers(values, n, field)
     bad = _ebv_out_of_range(arr)
-    problems = [f"E(B-V) {v} is not a finite value in 0-10 mag" if b else None for v, b in zip(arr, bad, strict=True)]
+    low, high = EBV_RANGE_MAG
+    problems = [f"E(B-V) {v} is not a finite value in {low:g}-{high:g} mag" if b else None
+                for v, b in zip(arr, bad, strict=True)]
     return np.where(bad, 0.0, arr).astype(np.float32), problems
 
 
@@ -179,7 +192,7 @@ def finish(images: Any, geometry: Geometry, ebv: Any, ids: Any, field: str, id_p
     stack = canonical_stack(images, geometry, field)
     n = stack.shape[0]
     ebv_values, ebv_problems = ebv_per_object(ebv, n)
-    problems = [merge_problems(a, b) for a, b in zip(flag_non_finite(stack, geometry.bands), ebv_problems,
+    problems = [merge_problems(a, b) for a, b in zip(flag_unusable_pixels(stack, geometry.bands), ebv_problems,
                                                      strict=True)]
     return Cutouts(stack, ebv_values, id_list(ids, n, id_prefix), problems)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from photoz.formats.cutouts import UNLIMITED, Cutouts, DecodeBudget, Geometry, MiB, ebv_vector, finish, id_list
+from photoz.formats.cutouts import UNLIMITED, Cutouts, DecodeBudget, Geometry, MiB, finish, id_list
 from photoz.formats.errors import InputError
 from photoz.formats.fits_input import FITS_MAGIC, decode_fits
 from photoz.formats.numpy_input import NPY_MAGIC, ZIP_MAGIC, decode_npy, decode_npz
@@ -90,7 +90,8 @@ def decode(body: bytes, kind: str, geometry: Geometry, ebv: Any = None, ids: Any
     if kind == "json":
         cut = decode_json(body, geometry, field, budget)
         if ebv is not None or ids is not None:
-            cut.ebv = ebv_vector(ebv, len(cut)) if ebv is not None else cut.ebv
+            if ebv is not None:
+                cut.set_ebv(ebv)
             cut.ids = id_list(ids, len(cut)) if ids is not None else cut.ids
         return cut
     decoder = {"fits": decode_fits, "npy": decode_npy, "npz": decode_npz}[kind]

@@ -40,6 +40,13 @@ FLUX_UNIT: str = "nanomaggy"
 #: AB magnitude of a flux of one nanomaggy.
 NANOMAGGY_ZEROPOINT_MAG: float = 22.5
 
+#: The largest pixel value, in magnitude, that can be a measured flux, nanomaggies: all the light of the
+#: brightest star in the night sky (Sirius, V = -1.46 mag: 10**((22.5 + 1.46) / 2.5) ~ 3.8e9 nmgy) in one pixel,
+#: rounded up. A real cutout, saturated stars included, stays far below it (SDSS pixels saturate near 1e3 nmgy);
+#: mask sentinels (1e30, float32's maximum 3.4e38, their negatives) lie far above it, and so does the range where
+#: the network's arithmetic overflows float32. A pixel beyond it is refused per object, before batching.
+MAX_ABS_PIXEL_NMGY: float = 1e10
+
 #: One nanomaggy in jansky: the AB zero point 3631 Jy times 1e-9.
 NANOMAGGY_JANSKY: float = 3631e-9
 
@@ -69,6 +76,10 @@ PSF_MOFFAT_BETA: float = 3.5
 DEFAULT_Z_MIN: float = 0.0
 DEFAULT_Z_MAX: float = 0.4
 DEFAULT_N_BINS: int = 180
+
+#: The galactic reddening E(B-V) a cutout may carry, mag: 0 up to 10, beyond the densest lines of sight
+#: (Schlegel et al. 1998's map saturates in the Galactic plane at a few mag; extragalactic fields have < 0.5).
+EBV_RANGE_MAG: tuple[float, float] = (0.0, 10.0)
 
 #: Outlier threshold on |dz| = |z_phot - z_spec| / (1 + z_spec)
 #: (Pasquet et al. 2019).

@@ -50,6 +50,76 @@ def _set_metadata(proto: Any, metadata: dict[str, Any]) -> None:
     proto.doc_string = f"photoz {metadata['model']['name']} {metadata['model']['version']}"
 
 
+#: ONNX element types of floats, and of the integers an index cast produces.
+_FLOAT_TYPES, _INT_TYPES = {1, 10, 11, 16}, {2, 3, 4, 5, 6, 7, 12, 13}
+#: Name prefix of the nodes :func:`guard_index_casts` adds (how a guarded cast is recognised).
+GUARD_PREFIX = "photoz_nan_safe"
+
+
+def guard_index_casts(proto: Any) -> int:
+    """Make every float-to-integer cast of the graph safe on non-finite values; returns how many it guarded.
+
+    Such a cast makes an index (the PIT map's ``floor(cdf * n_u)`` for GatherElements): a cutout with a NaN or
+    infinite PDF (a pixel beyond float32's arithmetic) would cast to an arbitrary integer, and ONNX Runtime
+    fails the whole batch on the out-of-range index. Each guarded cast reads ``where(isfinite(x), x, 0)``
+    instead: an in-range index, while the float path beside it (the interpolation weight ``pos - j``) keeps
+    the NaN, so a non-finite PDF still comes out non-finite and becomes that object's error. Finite inputs
+    give bit-identical outputs. Idempotent (a guarded cast is recognised by its input's node name).
+    """
+    import onnx
+    from onnx import helper
+
+    graph = proto.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in
+             list(onnx.shape_inference.infer_shapes(proto).graph.value_info) + list(graph.input)}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    nodes, guarded = [], 0
+    for node in graph.node:
+        source = node.input[0] if node.op_type == "Cast" else ""
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        if source and to in _INT_TYPES and types.get(source) in _FLOAT_TYPES and not source.startswith(GUARD_PREFIX):
+            name = f"{GUARD_PREFIX}/{guarded}"
+            zero = helper.make_tensor(f"{name}/zero", types[source], [], [0])
+            graph.initializer.append(zero)
+            nodes += [helper.make_node("IsNaN", [source], [f"{name}/nan"]),
+                      helper.make_node("IsInf", [source], [f"{name}/inf"]),
+                      helper.make_node("Or", [f"{name}/nan", f"{name}/inf"], [f"{name}/bad"]),
+                      helper.make_node("Where", [f"{name}/bad", zero.name, source], [f"{name}/x"])]
+            node.input[0] = f"{name}/x"
+            guarded += 1
+        nodes.append(node)
+    if guarded:
+        del graph.node[:]
+        graph.node.extend(nodes)
+        onnx.checker.check_model(proto)
+    return guarded
+
+
+def guard_bundle(path: str | Path, out: str | Path | None = None, version: str | None = None) -> tuple[Bundle, int]:
+    """:func:`guard_index_casts` on the bundle at ``path``, written to ``out`` (default: in place, atomically).
+    With ``version``, the bundle becomes that model version and its training record lists the revision (same
+    weights); its other metadata is unchanged. Returns the bundle as written and the number of casts guarded."""
+    import onnx
+
+    path, out = Path(path), Path(out or path)
+    proto = onnx.load(str(path))
+    guarded = guard_index_casts(proto)
+    metadata = json.loads(next(p.value for p in proto.metadata_props if p.key == METADATA_KEY))
+    if version:
+        revision = {"version": version, "code_commit": code_commit(),
+                    "change": f"graph made safe on non-finite values ({guarded} float-to-integer index cast(s) "
+                              "guarded: a NaN PDF no longer fails its batch); same weights, identical outputs "
+                              "for finite inputs"}
+        metadata["model"] = {**metadata["model"], "version": version}
+        metadata["training"] = {**metadata["training"],
+                                "revisions": [*metadata["training"].get("revisions", []), revision]}
+    _set_metadata(proto, metadata)
+    tmp = out.with_name(out.name + ".tmp")
+    onnx.save(proto, str(tmp))
+    tmp.replace(out)
+    return load_bundle(out), guarded
+
+
 def code_commit() -> str:
     """The git commit of the code doing the export, or 'unknown' outside a checkout."""
     try:
@@ -152,6 +222,7 @@ def export_bundle(net: PasquetNet | EnsembleNet | MCDropoutNet, path: str | Path
         dynamic_axes={INPUT_IMAGES: {0: "batch"}, INPUT_EBV: {0: "batch"}, **{o: {0: "batch"} for o in outputs}},
     )
     proto = onnx.load(str(path))
+    guard_index_casts(proto)
     if fp16:
         from onnxconverter_common import float16
 

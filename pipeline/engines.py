@@ -9,6 +9,7 @@ runs the model::
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Protocol
 
@@ -17,9 +18,12 @@ import numpy as np
 from photoz.formats.cutouts import Geometry
 from photoz.formats.results import ModelInfo
 from photoz.model.bundle import load_bundle
+from photoz.model.isolation import ROW_ERRORS, isolate
 from photoz.model.pdf import ESTIMATES, RedshiftBins
 from photoz.model.quality import bits_from_names
 from photoz.model.runtime import OnnxPredictor
+
+log = logging.getLogger("photoz.pipeline")
 
 
 class Engine(Protocol):
@@ -48,10 +52,27 @@ class LocalEngine:
         self.geometry, self.edges, self.model = Geometry(md.bands, md.cutout_size), md.bins.edges, ModelInfo.of(bundle)
 
     def run(self, images: np.ndarray, ebv: np.ndarray) -> dict[str, np.ndarray]:
+        """Batch by batch; a batch the model fails on is bisected: its culprits come back NaN with their error
+        under ``row_errors`` (:mod:`photoz.model.isolation`), the run goes on."""
         step = self.batch_size
-        outs = [self.predictor.predict_with_estimates(images[i:i + step], ebv[i:i + step])
-                for i in range(0, len(images), step)]
+        outs = [self._run_batch(images[i:i + step], ebv[i:i + step]) for i in range(0, len(images), step)]
+        if any(ROW_ERRORS in o for o in outs):
+            for o in outs:
+                o.setdefault(ROW_ERRORS, np.full(len(o["probs"]), None, object))
         return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+    def _run_batch(self, images: np.ndarray, ebv: np.ndarray) -> dict[str, np.ndarray]:
+        def probe() -> dict[str, np.ndarray]:
+            return self.predictor.predict_with_estimates(np.zeros((1, *images.shape[1:]), np.float32),
+                                                         np.zeros(1, np.float32))
+
+        outputs, isolation = isolate(lambda rows: self.predictor.predict_with_estimates(images[rows], ebv[rows]),
+                                     len(images), probe)
+        if isolation is not None:
+            log.warning("the model failed on a batch of %d cutouts (%s); bisected in %d calls: rows %s of the batch "
+                        "fail alone and are rejected, the rest answered", len(images), isolation.describe(),
+                        isolation.calls, list(isolation.failed_rows))
+        return outputs
 
 
 class RemoteEngine:
@@ -77,6 +98,9 @@ class RemoteEngine:
             out[key][rows] = res.estimates[key]
         out["flag_bits"] = np.zeros(n, np.uint32)
         out["flag_bits"][rows] = bits_from_names(res.flags)
+        out[ROW_ERRORS] = np.full(n, None, object)  # the service's reasons for the objects it refused
+        for entry in res.rejected:
+            out[ROW_ERRORS][int(entry["id"])] = f"refused by the service: {entry['error']}"
         return out
 
 

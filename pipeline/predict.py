@@ -33,12 +33,13 @@ from photoz.formats.cutouts import (
     canonical_stack,
     concatenate,
     ebv_per_object,
-    flag_non_finite,
+    flag_unusable_pixels,
     merge_problems,
 )
 from photoz.formats.errors import InputError
 from photoz.formats.inputs import decode, kind_for_suffix
 from photoz.formats.results import TABLE_SUFFIXES, ResultRows, write_table
+from photoz.model.isolation import ROW_ERRORS
 from photoz.pipeline.engines import Engine, LocalEngine, open_engine
 from photoz.progress import Progress
 
@@ -79,7 +80,7 @@ class Source:
         ebv, ebv_problems = ebv_per_object(ebv, n, f"{self.path}[ebv]")
         # a decoded file's problems already hold its pixels' (and its E(B-V)'s, whose values are now 0)
         pixel_problems = decoded_problems if decoded_problems is not None else \
-            flag_non_finite(images, geometry.bands)
+            flag_unusable_pixels(images, geometry.bands)
         problems = [merge_problems(a, b) for a, b in zip(pixel_problems, ebv_problems, strict=True)]
         return Cutouts(images, ebv, ids, problems)
 
@@ -264,11 +265,12 @@ def process_chunk(engine: Engine, plan_k: list[tuple[Source, int, int]], parts_d
     if rows.valid.any():
         valid = np.flatnonzero(rows.valid)
         outputs = engine.run(cutouts.images[valid], cutouts.ebv[valid])
+        errors = outputs.pop(ROW_ERRORS, np.full(len(valid), None, object))  # the objects the model failed on
         rows.fill(valid, outputs)
-        refused = valid[~np.isfinite(outputs["probs"]).all(axis=1)]  # a service may refuse what we passed
-        rows.valid[refused] = False
-        for i in refused:
-            rows.errors[i] = "no PDF: refused by the service, or non-finite model output"
+        unanswered = ~np.isfinite(outputs["probs"]).all(axis=1)  # those, and any a service refused
+        rows.valid[valid[unanswered]] = False
+        for i, error in zip(valid[unanswered], errors[unanswered], strict=True):
+            rows.errors[i] = error or "no PDF: refused by the service, or non-finite model output"
     rows.save(_part(parts_dir, k))
     return len(rows)
 

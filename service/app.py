@@ -31,6 +31,7 @@ from photoz.formats.cutouts import Cutouts
 from photoz.formats.errors import InputError
 from photoz.formats.inputs import parse_list_field
 from photoz.formats.results import ACCEPTED, ENCODERS, choose_media_type
+from photoz.model.conventions import EBV_RANGE_MAG, MAX_ABS_PIXEL_NMGY
 from photoz.model.quality import quality_summary
 from photoz.service import oip
 from photoz.service.engine import ServingEngine
@@ -139,7 +140,9 @@ def _check_valid(cutouts: Cutouts, all_or_nothing: bool) -> None:
     valid = np.array([p is None for p in cutouts.problems])
     if not valid.any() or (all_or_nothing and not valid.all()):
         bad = [(cutouts.ids[i], cutouts.problems[i]) for i in np.flatnonzero(~valid)]
-        raise InputError("images", "finite pixel values in every band",
+        raise InputError("images", "cutouts the network can use (finite pixels within "
+                         f"+-{MAX_ABS_PIXEL_NMGY:.0e} nanomaggies in every band, E(B-V) in "
+                         f"{EBV_RANGE_MAG[0]:g}-{EBV_RANGE_MAG[1]:g} mag)",
                          "; ".join(f"object {i}: {p}" for i, p in bad[:5]) + (" ..." if len(bad) > 5 else ""))
 
 

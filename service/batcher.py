@@ -14,13 +14,18 @@ would otherwise idle through CPU work); at most two batches per finishing
 thread wait for it, beyond which the model waits. The
 queue is bounded (in cutouts): a request that does not fit is refused at
 once. Pieces whose caller gave up (deadline passed, client gone) are
-dropped before they reach the model.
+dropped before they reach the model. A model call (or finishing stage) that
+raises is bisected (:func:`photoz.model.isolation.isolate`): the cutouts that
+fail alone come back with their error under ``row_errors``, everyone else's
+answers as usual; only a failure of every cutout, with a healthy probe call
+failing too, fails the whole batch.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -30,7 +35,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from photoz.formats.errors import InputError
+from photoz.model.isolation import Isolation, Outputs, isolate
 from photoz.service.errors import DeadlineExceeded, Draining, QueueFull
+
+log = logging.getLogger("photoz.service")
 
 
 @dataclass
@@ -40,6 +48,7 @@ class _Piece:
     future: asyncio.Future[dict[str, np.ndarray]]
     enqueued: float
     deadline: float
+    request_id: str = ""
     started: float = field(default=0.0)
 
     @property
@@ -54,6 +63,7 @@ class BatchStats:
     on_batch: Callable[[int, float], None] = lambda size, seconds: None
     on_queue_wait: Callable[[float], None] = lambda seconds: None
     on_depth: Callable[[int], None] = lambda depth: None
+    on_isolated: Callable[[int], None] = lambda failed_objects: None  # a failed call bisected
 
 
 class Batcher:
@@ -109,8 +119,10 @@ class Batcher:
         for future in [self._executor.submit(barrier.wait, 10) for _ in range(self.workers)]:
             future.result()
 
-    async def submit(self, images: np.ndarray, ebv: np.ndarray, timeout_s: float) -> dict[str, np.ndarray]:
-        """``infer``'s row-aligned outputs for ``images``, in order; raises QueueFull, DeadlineExceeded, Draining."""
+    async def submit(self, images: np.ndarray, ebv: np.ndarray, timeout_s: float,
+                     request_id: str = "") -> dict[str, np.ndarray]:
+        """``infer``'s row-aligned outputs for ``images``, in order (with ``row_errors`` when some cutouts failed
+        alone); raises QueueFull, DeadlineExceeded, Draining. ``request_id`` names the request in the log."""
         n = images.shape[0]
         if not self.accepting:
             raise Draining("the server is shutting down")
@@ -125,7 +137,7 @@ class Batcher:
         pieces = []
         for start in range(0, n, self.max_batch_size):
             piece = _Piece(images[start:start + self.max_batch_size], ebv[start:start + self.max_batch_size],
-                           loop.create_future(), now, now + timeout_s)
+                           loop.create_future(), now, now + timeout_s, request_id)
             pieces.append(piece)
             self._queue.append(piece)
             self._queued += piece.n
@@ -185,6 +197,7 @@ class Batcher:
 
     async def _run(self, batch: list[_Piece]) -> None:
         slot_held = True
+        loop = asyncio.get_running_loop()
         try:
             images = np.concatenate([p.images for p in batch]) if len(batch) > 1 else batch[0].images
             ebv = np.concatenate([p.ebv for p in batch]) if len(batch) > 1 else batch[0].ebv
@@ -192,7 +205,8 @@ class Batcher:
             infer = self.infer_alone if alone and self.infer_alone is not None else self.infer
             start = time.perf_counter()
             try:
-                outputs = await asyncio.get_running_loop().run_in_executor(self._executor, infer, images, ebv)
+                outputs, isolation = await loop.run_in_executor(self._executor, _run_isolated, infer, images, ebv)
+                self._report(batch, isolation, "model call")
                 seconds = time.perf_counter() - start
                 self.seconds_per_object = 0.8 * self.seconds_per_object + 0.2 * seconds / len(images)
                 self.stats.on_batch(len(images), seconds)
@@ -200,9 +214,10 @@ class Batcher:
                     async with self._finishing:  # acquired before the model is freed: backpressure
                         self._slots.release()
                         slot_held = False
-                        outputs = await asyncio.get_running_loop().run_in_executor(
-                            self._finisher, self.finish, images, ebv, outputs)
-            except Exception as exc:  # an engine failure fails this batch's callers, not the server
+                        outputs, isolation = await loop.run_in_executor(
+                            self._finisher, _finish_isolated, self.finish, images, ebv, outputs)
+                        self._report(batch, isolation, "finishing stage")
+            except Exception as exc:  # the engine failed on every cutout: this batch's callers fail, not the server
                 for p in batch:
                     if not p.future.done():
                         p.future.set_exception(exc)
@@ -215,6 +230,21 @@ class Batcher:
         finally:
             if slot_held:
                 self._slots.release()
+
+    def _report(self, batch: list[_Piece], isolation: Isolation | None, stage: str) -> None:
+        """Once per bisected batch: the log line (which requests' cutouts failed alone) and the metrics."""
+        if isolation is None:
+            return
+        self.stats.on_isolated(len(isolation.failed_rows))
+        starts = np.cumsum([0] + [p.n for p in batch])
+        culprits = collections.defaultdict(list)
+        for row in isolation.failed_rows:
+            k = int(np.searchsorted(starts, row, side="right")) - 1
+            culprits[batch[k].request_id or f"#{k}"].append(row - int(starts[k]))
+        log.warning("%s failed on a batch of %d cutouts from requests %s (%s); bisected in %d calls: %d cutout(s) "
+                    "fail alone (request: rows %s), the other cutouts were answered", stage, int(starts[-1]),
+                    ", ".join(p.request_id or f"#{k}" for k, p in enumerate(batch)), isolation.describe(),
+                    isolation.calls, len(isolation.failed_rows), dict(culprits))
 
     def expected_wait_s(self, n: int = 0) -> float:
         """How long the queued and incoming cutouts (plus ``n`` more) take to run at the measured rate, seconds."""
@@ -293,6 +323,21 @@ class Batcher:
         self._executor.shutdown(wait=True)
         if self._finisher is not None:
             self._finisher.shutdown(wait=True)
+
+
+def _run_isolated(infer: Callable[[np.ndarray, np.ndarray], Outputs], images: np.ndarray,
+                  ebv: np.ndarray) -> tuple[Outputs, Isolation | None]:
+    """``infer`` over the batch, bisected if it raises; the probe of a healthy engine is one blank cutout."""
+    def probe() -> Outputs:
+        return infer(np.zeros((1, *images.shape[1:]), images.dtype), np.zeros(1, ebv.dtype))
+
+    return isolate(lambda rows: infer(images[rows], ebv[rows]), len(images), probe)
+
+
+def _finish_isolated(finish: Callable[[np.ndarray, np.ndarray, Outputs], Outputs], images: np.ndarray,
+                     ebv: np.ndarray, outputs: Outputs) -> tuple[Outputs, Isolation | None]:
+    return isolate(lambda rows: finish(images[rows], ebv[rows], {k: v[rows] for k, v in outputs.items()}),
+                   len(images))
 
 
 class Reservation:

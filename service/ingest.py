@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from starlette.requests import Request
 
-from photoz.formats.cutouts import Cutouts, DecodeBudget, Geometry, concatenate, ebv_vector, id_list
+from photoz.formats.cutouts import Cutouts, DecodeBudget, Geometry, concatenate, id_list
 from photoz.formats.errors import InputError
 from photoz.formats.inputs import MEDIA_TYPES, decode, kind_for_filename, parse_list_field, sniff
 from photoz.service.batcher import Batcher, Reservation
@@ -151,7 +151,7 @@ async def read_cutouts(request: Request, geometry: Geometry, settings: Settings,
         else:
             cutouts = await asyncio.to_thread(decode, body, kind, geometry, None, None, "body", budget)
     if ebv is not None:
-        cutouts.ebv = ebv_vector(ebv, len(cutouts))
+        cutouts.set_ebv(ebv)
     if ids is not None:
         cutouts.ids = id_list(ids, len(cutouts))
     return cutouts
@@ -182,13 +182,13 @@ async def _read_multipart(request: Request, body: bytes, geometry: Geometry, ebv
 
 
 async def submit_unless_disconnected(request: Request, batcher: Batcher, images: np.ndarray, ebv: np.ndarray,
-                                     timeout: float) -> dict[str, np.ndarray] | None:
+                                     timeout: float, request_id: str = "") -> dict[str, np.ndarray] | None:
     """Run the batcher; if the client disconnects first, cancel (its work is dropped) and return None."""
     work = asyncio.current_task()
     assert work is not None
     gone = asyncio.get_running_loop().create_task(_cancel_on_disconnect(request, work))
     try:
-        return await batcher.submit(images, ebv, timeout)
+        return await batcher.submit(images, ebv, timeout, request_id)
     except asyncio.CancelledError:
         if gone.done() and not gone.cancelled():  # it finished: the client went away and it cancelled us
             getattr(work, "uncancel", lambda: None)()  # Python >= 3.11 counts cancellations

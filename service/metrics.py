@@ -29,6 +29,10 @@ class Metrics:
         # refusals decided from the headers alone (also counted in photoz_requests{status="429"})
         self._requests_429 = self.requests.labels(status="429")
         self.objects_rejected = Counter("photoz_objects_rejected", "Cutouts flagged invalid (no PDF)", registry=r)
+        self.batches_bisected = Counter("photoz_batches_bisected", "Model calls (or finishing stages) that raised "
+                                        "on a batch and were bisected so only the culprits failed", registry=r)
+        self.objects_failed_alone = Counter("photoz_objects_failed_alone", "Cutouts on which the model failed "
+                                            "alone (rejected; also in photoz_objects_rejected)", registry=r)
         self.refused_before_body = Counter("photoz_refused_before_body", "Requests refused (429) from their "
                                            "headers, before any body byte was read", registry=r)
 
@@ -43,8 +47,12 @@ class Metrics:
             self.compute_latency.observe(seconds)
             self.objects.inc(size)
 
+        def on_isolated(failed_objects: int) -> None:
+            self.batches_bisected.inc()
+            self.objects_failed_alone.inc(failed_objects)
+
         return BatchStats(on_batch=on_batch, on_queue_wait=self.queue_latency.observe,
-                          on_depth=self.queue_depth.set)
+                          on_depth=self.queue_depth.set, on_isolated=on_isolated)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -388,7 +388,8 @@ async def _infer(request: Request) -> Response:
     args = (body, request.headers.get(HEADER_LENGTH), engine.geometry, DecodeBudget(s.decode_limits),
             tuple(output_types(engine)))
     parsed = parse_infer(*args) if len(body) <= INLINE_BYTES else await asyncio.to_thread(parse_infer, *args)
-    results = await predict_cutouts(request, engine, parsed.cutouts, parsed.timeout_s or s.request_timeout_s)
+    results = await predict_cutouts(request, engine, parsed.cutouts, parsed.timeout_s or s.request_timeout_s,
+                                    parsed.id)
     if results is None:
         return Response(status_code=CLIENT_CLOSED)
     md = engine.bundle.metadata

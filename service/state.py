@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import itertools
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from starlette.types import Scope
 
 from photoz.formats.cutouts import Cutouts
 from photoz.formats.results import Results
+from photoz.model.isolation import ROW_ERRORS
 from photoz.service.batcher import Reservation
 from photoz.service.engine import ServingEngine
 from photoz.service.errors import Draining, QueueFull, Unauthorized
@@ -206,24 +209,38 @@ async def answer(request: Request, work: Callable[[], Awaitable[Response]],
     return response
 
 
-async def predict_cutouts(request: Request, engine: ServingEngine, cutouts: Cutouts, timeout_s: float) -> \
-        Results | None:
-    """The valid cutouts through the batcher: their results (an object whose PDF comes out non-finite becomes
-    that object's problem), or None if the client went away first (its queued work is dropped)."""
+async def predict_cutouts(request: Request, engine: ServingEngine, cutouts: Cutouts, timeout_s: float,
+                          request_id: str | None = None) -> Results | None:
+    """The valid cutouts through the batcher: their results (an object the model failed on alone, or whose PDF
+    comes out non-finite, becomes that object's problem), or None if the client went away first (its queued
+    work is dropped). ``request_id`` (default: the X-Request-ID header, else a number) names it in the log."""
     valid = np.array([p is None for p in cutouts.problems], dtype=bool)
     n_bins = engine.bundle.metadata.bins.n_bins
     outputs: dict[str, np.ndarray] | None = {"probs": np.zeros((0, n_bins), np.float32)}
     release_reservation(request.scope)  # from here the queue counts the cutouts themselves
     if valid.any():
         images, ebv = (cutouts.images, cutouts.ebv) if valid.all() else (cutouts.images[valid], cutouts.ebv[valid])
-        outputs = await submit_unless_disconnected(request, engine.batcher, images, ebv, timeout_s)
+        outputs = await submit_unless_disconnected(request, engine.batcher, images, ebv, timeout_s,
+                                                   _request_id(request, request_id))
         if outputs is None:
             return None
-        outputs = _refuse_non_finite(cutouts, valid, outputs)
+        outputs = _refuse_unanswered(cutouts, valid, outputs)
     engine.metrics.objects_rejected.inc(sum(p is not None for p in cutouts.problems))
     assert outputs is not None
     probs, flag_bits = outputs.pop("probs"), outputs.pop("flag_bits", None)
     return Results(engine.bundle, cutouts.ids, cutouts.problems, probs, outputs, flag_bits)
+
+
+_request_numbers = itertools.count(1)
+
+
+def _request_id(request: Request, given: str | None) -> str:
+    """The id the client gave (the protocol's, else X-Request-ID; printable, at most 64 characters), else this
+    process's next number."""
+    given = given or request.headers.get("x-request-id")
+    if given and given.isprintable():
+        return given[:64]
+    return f"{os.getpid()}-{next(_request_numbers)}"
 
 
 async def encoded(results: Results, encode: Callable[..., T], *args: Any) -> T:
@@ -233,13 +250,15 @@ async def encoded(results: Results, encode: Callable[..., T], *args: Any) -> T:
     return await asyncio.to_thread(encode, results, *args)
 
 
-def _refuse_non_finite(cutouts: Cutouts, valid: np.ndarray, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Objects whose PDF came out non-finite (pixel values beyond float32's reach, e.g. a 1e30 mask
-    sentinel) become that object's error instead of a PDF of NaNs marked valid."""
-    finite = np.isfinite(outputs["probs"]).all(axis=1)
-    if finite.all():
+def _refuse_unanswered(cutouts: Cutouts, valid: np.ndarray, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Objects the model failed on alone (``row_errors``) and objects whose PDF came out non-finite become that
+    object's error instead of a PDF of NaNs marked valid; the other objects' outputs are returned."""
+    errors = outputs.pop(ROW_ERRORS, None)
+    answered = np.isfinite(outputs["probs"]).all(axis=1)
+    if answered.all():
         return outputs
-    for i in np.flatnonzero(valid)[~finite]:
-        cutouts.problems[i] = ("the network's output is not finite for this cutout: pixel values out of range "
-                               "(masked-pixel sentinels such as 1e30 must be NaN)")
-    return {key: value[finite] for key, value in outputs.items()}
+    for k, i in enumerate(np.flatnonzero(valid)):
+        if not answered[k]:
+            cutouts.problems[i] = errors[k] if errors is not None and errors[k] is not None else \
+                "the network's output is not finite for this cutout"
+    return {key: value[answered] for key, value in outputs.items()}

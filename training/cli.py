@@ -56,6 +56,14 @@ def _export(args) -> int:
     return 0
 
 
+def _guard_graph(args) -> int:
+    from photoz.model.export import guard_bundle
+
+    bundle, guarded = guard_bundle(args.model, args.out, args.version)
+    print(f"{guarded} index cast(s) guarded; {bundle.path}  sha256 {bundle.sha256}")
+    return 0
+
+
 def _ood_thresholds(args) -> int:
     from photoz.model.bundle import load_bundle
     from photoz.model.export import write_metadata
@@ -151,6 +159,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pit-map", default=None,
                    help="a `photoz calibrate-pit` report: its conditional PIT map is applied to the PDF in the graph")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("guard-graph", help="make an exported bundle's graph safe on non-finite values (what "
+                                           "photoz export now does itself), keeping its weights",
+                       description="Every float-to-integer cast in the graph (an index, such as the PIT map's) "
+                                   "reads where(isfinite(x), x, 0): a cutout whose PDF is not finite can no longer "
+                                   "fail the batch it is in, and still comes out non-finite (that object's "
+                                   "error). Outputs for finite inputs are bit-identical; the checksum changes.")
+    p.add_argument("--model", required=True, help="bundle (.onnx)")
+    p.add_argument("--out", default=None, help="where to write it (default: in place)")
+    p.add_argument("--version", default=None, help="the revised bundle's model version (recorded as a revision)")
+    p.set_defaults(func=_guard_graph)
 
     p = sub.add_parser("ood-thresholds", help="measure a bundle's out-of-distribution flag thresholds on its "
                                               "training set and write them into its metadata",

@@ -168,7 +168,9 @@ def render(bundle_path: Path, report: dict, figures: list[str], ood_report: dict
           if isinstance(training.get("temperature"), float) else []),
         *([_recalibration_line(doc["recalibration"], training.get("pit_recalibration", {}).get("fitted_on", {}))]
           if doc.get("recalibration") else []),
-        f"- code commit: `{training['code_commit']}`"]
+        f"- code commit: `{training['code_commit']}`",
+        *[f"- revision {r['version']} (code commit `{r['code_commit']}`): {r['change']}"
+          for r in training.get("revisions", [])]]
     if report.get("hardware"):
         lines.append(f"- how: {report['hardware']}")
     lines += ["",

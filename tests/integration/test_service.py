@@ -205,8 +205,13 @@ def test_bad_ebv_and_bad_query(server, rng):
     body = npy_bytes(sky_cutouts(rng, 2))
     response = post(server, body, ebv="0.1,0.2,0.3")
     assert response.status_code == 422 and response.json()["field"] == "ebv"
-    response = post(server, body, ebv="-1")
-    assert response.status_code == 422 and "between 0 and 10" in response.json()["expected"]
+    response = post(server, body, ebv="-1")  # every object out of range: nothing to run
+    assert response.status_code == 422 and "E(B-V) in 0-10 mag" in response.json()["expected"]
+    assert "E(B-V) -1.0 is not a finite value in 0-10 mag" in response.json()["received"]
+    response = post(server, body, ebv="0.1,12")  # one out of range: that object's entry in `rejected`
+    assert response.status_code == 200 and response.json()["ancil"]["ids"] == ["0"]
+    assert response.json()["rejected"] == [{"index": 1, "id": "1", "error": "E(B-V) 12.0 is not a finite value in "
+                                                                           "0-10 mag"}]
     response = post(server, body, pdf="some")
     assert response.status_code == 422 and response.json()["field"] == "query.pdf"
 

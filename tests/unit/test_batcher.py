@@ -6,7 +6,8 @@ import time
 import numpy as np
 import pytest
 
-from photoz.service.batcher import Batcher
+from photoz.model.isolation import ROW_ERRORS
+from photoz.service.batcher import Batcher, BatchStats
 from photoz.service.errors import Draining, QueueFull
 
 
@@ -216,3 +217,92 @@ def test_a_failing_finish_fails_its_batch_only_and_a_slow_one_holds_the_model_ba
     # has run the model and holds it until there is room: the fourth and fifth wait unrun
     assert held == 3
     assert [len(d["probs"]) for d in done] == [4] * 5
+
+
+def poisoned_infer(calls):
+    """A model that raises on any batch holding a cutout whose first pixel is negative, else maps each cutout to
+    its own PDF (its ebv in the first bin: rows are told apart)."""
+    def infer(images, ebv):
+        calls.append(len(images))
+        if (images[:, 0, 0, 0] < 0).any():
+            raise RuntimeError("GatherElements: out of range value in index tensor")
+        probs = np.zeros((len(images), 3))
+        probs[:, 0], probs[:, 1] = ebv, 1 - ebv
+        return {"probs": probs, "flag_bits": np.arange(len(images), dtype=np.uint32)}
+    return infer
+
+
+def test_a_failed_model_call_is_bisected_and_only_its_culprit_fails(caplog):
+    """Four requests share one batch of 16; one cutout of one request breaks the model: every other cutout gets
+    its own answer, the culprit comes back NaN with its error, the bisection is counted and logged once."""
+    calls, isolated = [], []
+
+    async def main():
+        batcher = Batcher(poisoned_infer(calls), max_batch_size=16, max_queue_delay_s=0.2, max_queue_objects=64,
+                          stats=BatchStats(on_isolated=isolated.append))
+        batcher.start()
+        try:
+            requests = []
+            for r in range(4):
+                imgs = np.zeros((4, 5, 64, 64), np.float32)
+                ebv = np.linspace(0.1, 0.4, 4).astype(np.float32) + r
+                if r == 2:
+                    imgs[1, 0, 0, 0] = -1.0
+                requests.append(asyncio.ensure_future(batcher.submit(imgs, ebv, 10, request_id=f"req-{r}")))
+            return await asyncio.wait_for(asyncio.gather(*requests), 10)
+        finally:
+            await batcher.close()
+
+    with caplog.at_level("WARNING", logger="photoz.service"):
+        answers = asyncio.run(main())
+    assert calls[0] == 16  # one batch for all four requests
+    for r, out in enumerate(answers):
+        expected_ebv = np.linspace(0.1, 0.4, 4).astype(np.float32) + r
+        errors = out.get(ROW_ERRORS, np.full(4, None, object))
+        for row in range(4):
+            if (r, row) == (2, 1):
+                assert np.isnan(out["probs"][row]).all() and "failed on this cutout alone" in errors[row]
+                assert "RuntimeError" in errors[row]
+            else:
+                assert errors[row] is None and out["probs"][row, 0] == pytest.approx(expected_ebv[row])
+    assert isolated == [1]
+    assert len(calls) <= 1 + 2 * 4  # the full batch, then two halves per level down to the culprit: 2 log2(16)
+    warnings = [r.getMessage() for r in caplog.records if "bisected" in r.getMessage()]
+    assert len(warnings) == 1 and "req-2" in warnings[0] and "'req-2': [1]" in warnings[0]
+
+
+def test_a_model_that_fails_on_everything_fails_the_batch_not_the_objects():
+    """When every cutout fails alone and a blank probe cutout fails too, the engine is broken: the batch's callers
+    get its error (a 500), not a rejection of their cutouts."""
+    def broken(images, ebv):
+        raise RuntimeError("CUDA error: device lost")
+
+    async def main():
+        batcher = Batcher(broken, max_batch_size=8, max_queue_delay_s=0.0, max_queue_objects=64)
+        batcher.start()
+        try:
+            with pytest.raises(RuntimeError, match="device lost"):
+                await asyncio.wait_for(batcher.submit(*images(3), 10), 10)
+        finally:
+            await batcher.close()
+
+    asyncio.run(main())
+
+
+def test_a_lone_culprit_is_rejected_when_the_engine_is_healthy():
+    """A one-cutout batch that fails while a blank cutout runs: the cutout is the culprit, not the engine."""
+    calls = []
+
+    async def main():
+        batcher = Batcher(poisoned_infer(calls), max_batch_size=8, max_queue_delay_s=0.0, max_queue_objects=64)
+        batcher.start()
+        try:
+            imgs, ebv = images(1)
+            imgs[0, 0, 0, 0] = -1.0
+            return await asyncio.wait_for(batcher.submit(imgs, ebv, 10), 10)
+        finally:
+            await batcher.close()
+
+    out = asyncio.run(main())
+    assert calls == [1, 1]  # the cutout, then the probe
+    assert np.isnan(out["probs"]).all() and "alone" in out[ROW_ERRORS][0]

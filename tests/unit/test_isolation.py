@@ -1,0 +1,60 @@
+"""Bisecting a failed call over a batch (photoz.model.isolation), driven directly."""
+import numpy as np
+import pytest
+
+from photoz.model.isolation import ROW_ERRORS, isolate
+
+
+def call_failing_on(bad_rows, data, calls):
+    def call(rows):
+        calls.append((rows.start, rows.stop))
+        if any(rows.start <= b < rows.stop for b in bad_rows):
+            raise ValueError("index out of range")
+        part = data[rows]
+        return {"probs": np.stack([part, 1 - part], axis=1), "bits": part.astype(np.uint32) + 7}
+    return call
+
+
+def test_every_row_but_the_culprits_is_answered_with_its_own_outputs():
+    data, calls = np.linspace(0, 1, 37), []
+    out, isolation = isolate(call_failing_on({5, 30}, data, calls), 37)
+    good = np.setdiff1d(np.arange(37), [5, 30])
+    np.testing.assert_array_equal(out["probs"][good, 0], data[good])
+    np.testing.assert_array_equal(out["bits"][good], data[good].astype(np.uint32) + 7)
+    assert np.isnan(out["probs"][[5, 30]]).all() and (out["bits"][[5, 30]] == 0).all()
+    assert [i for i, e in enumerate(out[ROW_ERRORS]) if e is not None] == [5, 30]
+    assert "ValueError" in out[ROW_ERRORS][5] and "out of range" not in out[ROW_ERRORS][5]  # details: the log
+    assert isolation.failed_rows == (5, 30) and isolation.calls == len(calls)
+    assert "ValueError: index out of range" == isolation.describe()
+    assert len(calls) <= 1 + 2 * 2 * int(np.ceil(np.log2(37)))  # two culprits: two paths down the halving tree
+
+
+def test_a_call_that_succeeds_is_made_once_and_reports_nothing():
+    calls = []
+    out, isolation = isolate(call_failing_on(set(), np.zeros(4), calls), 4)
+    assert isolation is None and calls == [(0, 4)] and ROW_ERRORS not in out
+
+
+def test_all_rows_failing_is_the_engines_failure_unless_a_healthy_call_succeeds():
+    data, calls = np.zeros(3), []
+    with pytest.raises(ValueError):
+        isolate(call_failing_on({0, 1, 2}, data, calls), 3)
+    with pytest.raises(ValueError):
+        isolate(call_failing_on({0, 1, 2}, data, []), 3, healthy=lambda: 1 / 0)
+    template = call_failing_on(set(), np.zeros(1), [])(slice(0, 1))
+    out, isolation = isolate(call_failing_on({0, 1, 2}, data, []), 3, healthy=lambda: template)
+    assert isolation.failed_rows == (0, 1, 2) and np.isnan(out["probs"]).all()
+
+
+def test_errors_of_an_earlier_stage_pass_through_a_later_bisection():
+    """The flags' stage bisected after the model's: rows the model failed on keep the model's message."""
+    earlier = np.array([None, "the model failed on this cutout alone", None, None], object)
+
+    def finish(rows):
+        if rows.start <= 3 < rows.stop:
+            raise RuntimeError("flags")
+        return {"probs": np.ones((rows.stop - rows.start, 2)), ROW_ERRORS: earlier[rows]}
+
+    out, _ = isolate(finish, 4)
+    assert out[ROW_ERRORS][1] == "the model failed on this cutout alone"
+    assert out[ROW_ERRORS][0] is None and "RuntimeError" in out[ROW_ERRORS][3]
