@@ -48,7 +48,7 @@ def test_ebv_out_of_range_is_the_objects_problem_wherever_it_comes_from():
     assert from_file.problems[0] is None and "E(B-V) 11.0" in from_file.problems[1]
     assert "E(B-V) nan" in from_file.problems[2] and from_file.ebv.tolist() == pytest.approx([0.1, 0, 0])
     given = Cutouts(images, np.zeros(3, np.float32), ["a", "b", "c"], [None, "bad pixels", None])
-    given.set_ebv("0.02,-1,0.03".split(","))
+    given.set_ebv(["0.02", "-1", "0.03"])
     assert given.problems == [None, "bad pixels; E(B-V) -1.0 is not a finite value in 0-10 mag", None]
     with pytest.raises(InputError, match="one E\\(B-V\\) in mag per cutout"):
         given.set_ebv([0.1, 0.2])

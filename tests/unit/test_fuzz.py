@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from photoz.service.app import create_app
 from photoz.service.settings import Settings
+from tests.helpers import npy_bytes
 
 settings.register_profile("default", max_examples=50, deadline=None,
                           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -228,3 +229,70 @@ def test_fuzzed_oip_infer_requests_get_200_or_a_4xx_error_never_a_5xx(client, sp
     if response.status_code >= 400:
         assert response.json()["error"]
     assert grown < MEMORY_BOUND, f"{grown / 2**20:.0f} MiB for one request"
+
+
+# -- extreme values through the shipped bundle ------------------------------------
+
+extreme_floats = st.floats(width=32) | st.sampled_from([1e30, -1e30, 3.4e38, -3.4e38, 1e10, -1e10, 1e-40, 0.0])
+
+
+@pytest.fixture(scope="module")
+def shipped_client():
+    from photoz.model.bundle import default_bundle_path
+
+    app = create_app(Settings(model=default_bundle_path(), providers="cpu", warmup=False))
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+@st.composite
+def mixed_stacks(draw) -> np.ndarray:
+    """1-6 sky cutouts, each with a few pixels (or a whole band) set to drawn float32 values, extremes included."""
+    n = draw(st.integers(1, 6))
+    images = np.random.default_rng(draw(st.integers(0, 2**16))).normal(0, 0.05, (n, 5, 64, 64)).astype(np.float32)
+    for i in range(n):
+        for _ in range(draw(st.integers(0, 3))):
+            band, y, x = draw(st.integers(0, 4)), draw(st.integers(0, 63)), draw(st.integers(0, 63))
+            if draw(st.booleans()):
+                images[i, band, y, x] = draw(extreme_floats)
+            else:
+                images[i, band] = draw(extreme_floats)
+    return images
+
+
+@given(images=mixed_stacks())
+def test_extreme_pixel_values_in_mixed_stacks_never_fail_the_shipped_model(shipped_client, images):
+    """Every usable cutout gets a finite PDF, every unusable one (non-finite, or beyond the physical bound) is
+    rejected naming its band, and no answer is a 5xx."""
+    from photoz.model.conventions import MAX_ABS_PIXEL_NMGY
+
+    unusable = ~(np.abs(images) <= MAX_ABS_PIXEL_NMGY).all(axis=(1, 2, 3))
+    response = shipped_client.post("/v1/predict", content=npy_bytes(images),
+                                   headers={"Content-Type": "application/x-npy"})
+    if unusable.all():
+        assert response.status_code == 422 and "object 0" in response.json()["received"]
+        return
+    assert response.status_code == 200, response.text
+    doc = response.json()
+    assert [r["index"] for r in doc["rejected"]] == np.flatnonzero(unusable).tolist()
+    assert all("in band" in r["error"] for r in doc["rejected"])
+    assert np.isfinite(np.array(doc["data"]["pdfs"])).all() and len(doc["data"]["pdfs"]) == (~unusable).sum()
+
+
+@pytest.fixture(scope="module")
+def shipped_predictor():
+    from photoz.model.bundle import default_bundle_path, load_bundle
+    from photoz.model.runtime import OnnxPredictor
+
+    return OnnxPredictor(load_bundle(default_bundle_path()), providers="cpu")
+
+
+@given(images=mixed_stacks())
+def test_the_shipped_graph_itself_never_raises_on_any_float32_input(shipped_predictor, images):
+    """Below the service's validation: ONNX Runtime runs the shipped graph on anything, extremes and NaN
+    included; a cutout it cannot use comes out non-finite (the caller's object error), never an exception."""
+    from photoz.model.conventions import MAX_ABS_PIXEL_NMGY
+
+    probs = shipped_predictor.predict(images, np.zeros(len(images), np.float32))
+    usable = (np.abs(images) <= MAX_ABS_PIXEL_NMGY).all(axis=(1, 2, 3))
+    assert np.isfinite(probs[usable]).all()

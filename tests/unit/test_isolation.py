@@ -25,7 +25,7 @@ def test_every_row_but_the_culprits_is_answered_with_its_own_outputs():
     assert [i for i, e in enumerate(out[ROW_ERRORS]) if e is not None] == [5, 30]
     assert "ValueError" in out[ROW_ERRORS][5] and "out of range" not in out[ROW_ERRORS][5]  # details: the log
     assert isolation.failed_rows == (5, 30) and isolation.calls == len(calls)
-    assert "ValueError: index out of range" == isolation.describe()
+    assert isolation.describe() == "ValueError: index out of range"
     assert len(calls) <= 1 + 2 * 2 * int(np.ceil(np.log2(37)))  # two culprits: two paths down the halving tree
 
 
