@@ -148,3 +148,66 @@ def test_fp16_bundle_keeps_float32_io_and_stays_close(tiny_net, tmp_path):
     with torch.no_grad():
         ref = tiny_net(torch.from_numpy(images), torch.zeros(3, 1)).numpy()
     assert np.max(np.abs(probs - ref)) < 2e-3
+
+
+def _pit_bundle(tiny_net, path):
+    from photoz.model.pdf import RedshiftBins
+    from photoz.model.recalibration import PITMap, default_knots
+
+    bins = RedshiftBins.uniform()
+    knots = default_knots(bins)
+    u = np.linspace(0, 1, 21)
+    pit_map = PITMap(knots, np.tile(u ** 1.3, (knots.size, 1)))  # a real (non-identity) map: a gather per object
+    metadata = make_metadata(tiny_net, "pasquet2019_tiny", "photoz-test-pit", "0.0.1", untrained_record())
+    return export_bundle(tiny_net, path, metadata, pit_map=pit_map)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, 1e30, -3.4e38])
+def test_an_exported_pit_graph_does_not_fail_a_batch_on_a_non_finite_pdf(tiny_net, tmp_path, monkeypatch, value):
+    """The PIT map's index cast is guarded: a cutout whose PDF is not finite comes out NaN and its batch's other
+    rows are what they are alone; without the guard, ONNX Runtime fails the whole batch."""
+    from photoz.model.export import GUARD_PREFIX, guard_index_casts
+
+    bundle = _pit_bundle(tiny_net, tmp_path / "pit.onnx")
+    proto = onnx.load(str(bundle.path))
+    assert any(node.name == "" and node.output[0].startswith(GUARD_PREFIX) for node in proto.graph.node)
+    assert guard_index_casts(proto) == 0  # idempotent: already guarded
+    images = np.random.default_rng(0).normal(0, 0.05, (3, 5, 64, 64)).astype(np.float32)
+    images[1, 2, 30, 30] = value
+    ebv = np.zeros((3, 1), np.float32)
+    session = ort.InferenceSession(str(bundle.path), providers=["CPUExecutionProvider"])
+    probs = session.run(["probabilities"], {"images": images, "ebv": ebv})[0]
+    assert np.isnan(probs[1]).all()
+    alone = session.run(["probabilities"], {"images": images[[0, 2]], "ebv": ebv[[0, 2]]})[0]
+    np.testing.assert_allclose(probs[[0, 2]], alone, atol=1e-7)
+
+    monkeypatch.setattr("photoz.model.export.guard_index_casts", lambda proto: 0)
+    unguarded = _pit_bundle(tiny_net, tmp_path / "unguarded.onnx")
+    with pytest.raises(Exception, match="GatherElements"):
+        ort.InferenceSession(str(unguarded.path), providers=["CPUExecutionProvider"]).run(
+            ["probabilities"], {"images": images, "ebv": ebv})
+
+
+def test_guard_graph_revises_an_exported_bundle_keeping_its_outputs(tiny_net, tmp_path, monkeypatch):
+    """photoz guard-graph on a bundle exported before the guard: same PDFs, a new version, the revision recorded
+    in its training record and on its model card."""
+    from photoz.cli import main
+    from photoz.training.model_card import render
+
+    monkeypatch.setattr("photoz.model.export.guard_index_casts", lambda proto: 0)
+    old = _pit_bundle(tiny_net, tmp_path / "old.onnx")
+    monkeypatch.undo()
+    assert main(["guard-graph", "--model", str(old.path), "--out", str(tmp_path / "new.onnx"),
+                 "--version", "0.0.2"]) == 0
+    new = load_bundle(tmp_path / "new.onnx")
+    assert new.metadata.version == "0.0.2" and new.sha256 != old.sha256
+    [revision] = new.metadata.document["training"]["revisions"]
+    assert revision["version"] == "0.0.2" and "1 float-to-integer index cast(s) guarded" in revision["change"]
+    images = np.random.default_rng(1).normal(0, 0.05, (4, 5, 64, 64)).astype(np.float32)
+    ebv = np.full((4, 1), 0.02, np.float32)
+    run = [ort.InferenceSession(str(b.path), providers=["CPUExecutionProvider"]).run(
+        ["probabilities"], {"images": images, "ebv": ebv})[0] for b in (old, new)]
+    np.testing.assert_array_equal(run[0], run[1])
+    report = {"data": "x.h5", "n": 4, "model_metrics": {"point_estimate": "z_mean", "sigma_mad": 0.1,
+              "outlier_fraction": 0.5, "bias": 0.0, "crps": 0.1, "pit_ks": 0.5, "n": 4, "by_redshift": []}}
+    assert "- revision 0.0.2 (code commit `" in render(new.path, report, [])
