@@ -37,10 +37,10 @@ def serve_without_model(model: str, port: int) -> None:
 
     real, cache = OnnxPredictor.predict_with_estimates, {}
 
-    def cached(self, images, ebv):
+    def cached(self, images, ebv, **options):
         n = len(images)
         if n not in cache:
-            cache[n] = real(self, images, ebv)
+            cache[n] = real(self, images, ebv, **options)
         return {key: value.copy() for key, value in cache[n].items()}
 
     OnnxPredictor.predict_with_estimates = cached

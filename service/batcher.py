@@ -64,6 +64,7 @@ class BatchStats:
     on_queue_wait: Callable[[float], None] = lambda seconds: None
     on_depth: Callable[[int], None] = lambda depth: None
     on_isolated: Callable[[int], None] = lambda failed_objects: None  # a failed call bisected
+    on_incoming: Callable[[int], None] = lambda cutouts: None  # cutouts admitted whose bodies are still read
 
 
 class Batcher:
@@ -253,6 +254,7 @@ class Batcher:
     def reserve(self, n: int) -> Reservation:
         """Count ``n`` cutouts of an admitted request as incoming until its body is decoded (or it ends)."""
         self.incoming += n
+        self.stats.on_incoming(self.incoming)
         return Reservation(self, n)
 
 
@@ -349,5 +351,7 @@ class Reservation:
         self.batcher, self.n = batcher, n
 
     def release(self) -> None:
-        self.batcher.incoming -= self.n
+        if self.n:
+            self.batcher.incoming -= self.n
+            self.batcher.stats.on_incoming(self.batcher.incoming)
         self.n = 0

@@ -80,7 +80,6 @@ class ServingEngine:
                                if self.solo is not None else None,
                                max_queue_wait_s=settings.max_queue_wait_ms / 1000,
                                finish=self.add_image_flags, finish_workers=settings.flag_workers)
-        self.metrics.incoming.set_function(lambda: self.batcher.incoming)
         self._log_loaded()
 
     @property

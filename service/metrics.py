@@ -1,5 +1,11 @@
-"""Prometheus metrics of one app instance (own registry, so tests can run several apps)."""
+"""Prometheus metrics of one app instance (own registry, so tests can run several apps).
+
+Under several worker processes (:mod:`photoz.service.workers`) each process writes its samples to the
+multiprocess directory and :meth:`Metrics.render` shows every worker's, summed (the queue gauges by ``pid``).
+"""
 from __future__ import annotations
+
+import os
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -22,9 +28,12 @@ class Metrics:
         batch_buckets = sorted({1, 2, 4, 8, 16, 32, 64, 128, 256, 512, max_batch_size})
         self.batch_size = Histogram("photoz_batch_size", "Cutouts per model call",
                                     buckets=[b for b in batch_buckets if b <= max_batch_size], registry=r)
-        self.queue_depth = Gauge("photoz_queue_depth", "Cutouts waiting for a batch", registry=r)
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        self.queue_depth = Gauge("photoz_queue_depth", "Cutouts waiting for a batch", registry=r,
+                                 multiprocess_mode="liveall")
         self.incoming = Gauge("photoz_incoming_cutouts", "Cutouts of admitted requests whose bodies are still "
-                              "being read or decoded (counted against the queue)", registry=r)
+                              "being read or decoded (counted against the queue)", registry=r,
+                              multiprocess_mode="liveall")
         self.objects = Counter("photoz_objects", "Cutouts given a PDF", registry=r)
         # refusals decided from the headers alone (also counted in photoz_requests{status="429"})
         self._requests_429 = self.requests.labels(status="429")
@@ -52,7 +61,14 @@ class Metrics:
             self.objects_failed_alone.inc(failed_objects)
 
         return BatchStats(on_batch=on_batch, on_queue_wait=self.queue_latency.observe,
-                          on_depth=self.queue_depth.set, on_isolated=on_isolated)
+                          on_depth=self.queue_depth.set, on_isolated=on_isolated, on_incoming=self.incoming.set)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The text exposition: this process's registry, or under worker processes every worker's samples."""
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)

@@ -122,8 +122,30 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
 def serve(settings: Settings) -> int:
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """``photoz serve``: one server process, or a supervisor of ``settings.worker_count`` worker processes."""
+    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
+    from photoz.model.runtime import choose_providers
+
+    workers = settings.worker_count(gpu=choose_providers(settings.providers)[0] != "CPUExecutionProvider")
+    if workers == 1:
+        return run_server(settings)
+    from photoz.service.workers import Supervisor, worker_settings
+
+    return Supervisor(worker_settings(settings, workers), workers, run_worker).run()
+
+
+def run_worker(settings: Settings, sock: socket.socket, index: int) -> None:
+    """One worker process of a supervisor (:mod:`photoz.service.workers`): a whole server on the shared socket."""
+    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT.replace("%(name)s", f"%(name)s[w{index}]"))
+    raise SystemExit(run_server(settings, sock))
+
+
+def run_server(settings: Settings, sock: socket.socket | None = None) -> int:
+    """The app under uvicorn with photoz's protocol and drain, on ``sock`` if given (a worker), else its own."""
     app = create_app(settings)
     protocol = type("PhotozHttpProtocol", (RefusingProtocol,), {"state": app.state.photoz})
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
@@ -133,5 +155,5 @@ def serve(settings: Settings) -> int:
     # uvicorn re-raises the stop signal after its graceful shutdown; a drain
     # that finished is a clean stop, so the process exits 0 rather than -15
     signal.signal(signal.SIGTERM, lambda *_: None)
-    server.run()
+    server.run(sockets=[sock] if sock is not None else None)
     return 0 if server.started else 1

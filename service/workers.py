@@ -1,0 +1,155 @@
+"""Several worker processes on one port: ``PHOTOZ_WORKERS``.
+
+One Python process answers at most ~1,000-2,000 single-cutout requests per
+second, whatever the accelerator; a GPU engine runs tens of thousands of
+cutouts per second. The supervisor here binds the port once and starts
+``workers`` processes that all accept on that socket (the kernel hands each
+connection to a worker whose event loop is free to take it). Each worker is a
+whole photoz server with its own engine (on a GPU, its own CUDA context and
+sessions): nothing is shared at run time but the socket and the metrics
+directory, so a worker that dies takes only its own requests with it.
+
+- Limits are divided: each worker's queue holds ``max_queue_objects / workers``
+  cutouts and reads ``max_inflight_body_mb / workers`` of bodies at once, so the
+  server as a whole holds what the settings say; admission (429 with
+  Retry-After, the queue-wait target, early refusal from the headers) is each
+  worker's over its own queue, which is what its latency depends on.
+- ``/metrics`` is one view of every worker (Prometheus' multiprocess mode:
+  each process writes its samples to files in one directory, any worker
+  renders them all); the queue gauges carry a ``pid`` label per worker.
+- SIGTERM (or SIGINT) is passed to every worker, which drains as a single
+  server does (readyz 503, queued work finished, nothing accepted is lost);
+  the supervisor exits when they all have.
+- A worker that dies (SIGKILL, out of memory) is replaced; the others carry
+  on. Workers that die right after starting, again and again (a bundle that
+  does not load), stop the server instead of looping.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from multiprocessing.process import BaseProcess
+from types import FrameType
+
+from photoz.service.settings import Settings
+
+log = logging.getLogger("photoz.service")
+
+#: The environment variable Prometheus' client reads at import for its multiprocess mode.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+#: A worker that exits sooner than this after its start, this many times in a row, stops the server.
+QUICK_DEATH_S, QUICK_DEATHS = 20.0, 3
+#: How often the supervisor looks at its workers, seconds.
+POLL_S = 0.2
+
+
+def worker_settings(settings: Settings, workers: int) -> Settings:
+    """One worker's settings: the server's limits divided among ``workers``, and on a CPU its share of the cores
+    (unless the ORT threads are set)."""
+    cores = os.cpu_count() or 1
+    share = max(1, cores // workers)
+    return settings.model_copy(update={
+        "workers": 1,
+        "max_queue_objects": max(1, settings.max_queue_objects // workers),
+        "max_inflight_body_mb": settings.max_inflight_body_mb / workers,
+        "intra_op_threads": settings.intra_op_threads or max(1, share // settings.inference_workers),
+        "solo_threads": settings.solo_threads or share,
+    })
+
+
+def bind(settings: Settings) -> socket.socket:
+    """The listening socket every worker accepts on (bound before any worker starts: a port in use fails here)."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((settings.host, settings.port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+class Supervisor:
+    """Starts ``workers`` processes running ``target(settings, socket, index)``, replaces those that die, and
+    stops them all on SIGTERM/SIGINT."""
+
+    def __init__(self, settings: Settings, workers: int,
+                 target: Callable[[Settings, socket.socket, int], None]) -> None:
+        self.settings, self.workers, self.target = settings, workers, target
+        self.context = multiprocessing.get_context("spawn")
+        self.processes: dict[int, BaseProcess] = {}
+        self.started: dict[int, float] = {}
+        self.stopping = False
+        self.quick_deaths = 0
+
+    def run(self) -> int:
+        metrics_dir = tempfile.mkdtemp(prefix="photoz-metrics-")
+        os.environ[MULTIPROC_ENV] = metrics_dir  # inherited by the workers before they import prometheus_client
+        sock = bind(self.settings)
+        previous = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        log.info("serving http://%s:%d with %d worker processes (PHOTOZ_WORKERS; each its own engine, queue "
+                 "limit %d cutouts)", self.settings.host, sock.getsockname()[1], self.workers,
+                 worker_settings(self.settings, self.workers).max_queue_objects)
+        try:
+            for index in range(self.workers):
+                self._start(index, sock)
+            failed = self._watch(sock)
+            return self._wait_for_workers() or failed
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            sock.close()
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+    def _start(self, index: int, sock: socket.socket) -> None:
+        process = self.context.Process(target=self.target, args=(self.settings, sock, index),
+                                       name=f"photoz-worker-{index}")
+        process.start()
+        self.processes[index], self.started[index] = process, time.monotonic()
+
+    def _watch(self, sock: socket.socket) -> int:
+        """Until asked to stop: replace workers that die; 1 if they keep dying at start-up."""
+        from prometheus_client import multiprocess
+
+        while not self.stopping:
+            time.sleep(POLL_S)
+            for index, process in list(self.processes.items()):
+                if process.is_alive() or self.stopping:
+                    continue
+                lived = time.monotonic() - self.started[index]
+                log.warning("worker %d (pid %s) exited with %s after %.1f s: replacing it", index, process.pid,
+                            process.exitcode, lived)
+                if process.pid is not None:
+                    multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
+                self.quick_deaths = self.quick_deaths + 1 if lived < QUICK_DEATH_S else 0
+                if self.quick_deaths >= QUICK_DEATHS:
+                    log.error("workers keep exiting at start-up (%d in a row): stopping", self.quick_deaths)
+                    self._stop(signal.SIGTERM, None)
+                    return 1
+                self._start(index, sock)
+        return 0
+
+    def _stop(self, sig: int, frame: FrameType | None) -> None:
+        if not self.stopping:
+            log.info("signal %s: draining %d workers", sig, len(self.processes))
+        self.stopping = True
+        for process in self.processes.values():
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signal.SIGTERM)
+
+    def _wait_for_workers(self) -> int:
+        """Wait for every worker's drain (then kill what is left); 0 if every one exited cleanly."""
+        deadline = time.monotonic() + self.settings.drain_timeout_s + 15
+        for process in self.processes.values():
+            process.join(max(0.1, deadline - time.monotonic()))
+            if process.is_alive():
+                log.error("worker %s did not drain in time: killing it", process.pid)
+                process.kill()
+                process.join()
+        return 0 if all(p.exitcode == 0 for p in self.processes.values()) else 1
