@@ -6,10 +6,13 @@ Serves a bundle with the real app (uvicorn, FastAPI, batcher, decoding,
 encoding, metrics) but with the engine's call replaced by a copy of a result
 computed once per batch size, so nothing but the serving path uses the CPU.
 Drives it with `wrk -t1` posting one-cutout `.npy` bodies (JSON PDFs back,
-and `pdf=none`), and reads the server process's CPU time from /proc before
-and after: CPU milliseconds per request is the figure to watch (on a CPU
-host every one of them is taken from inference), requests/s the capacity of
-the path. Prints a table and writes JSON to benchmarks/results/.
+and `pdf=none`), and reads the server's CPU time (its process and worker
+processes) from /proc before and after: CPU milliseconds per request is the
+figure to watch (on a CPU host every one of them is taken from inference),
+requests/s the capacity of the path. Runs once per ``--workers`` count
+(PHOTOZ_WORKERS, default 1 and 2) in one run, and prints the scaling against
+one worker: requests/s and CPU per request. Prints a table and writes JSON
+to benchmarks/results/.
 """
 from __future__ import annotations
 
@@ -29,11 +32,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def serve_without_model(model: str, port: int) -> None:
-    """Child mode: the real server, the engine call replaced by a cached result (one per batch size)."""
+def cache_engine_calls() -> None:
+    """Replace the engine's call by a copy of a result computed once per batch size (this process only)."""
     from photoz.model.runtime import OnnxPredictor
-    from photoz.service.server import serve
-    from photoz.service.settings import Settings
 
     real, cache = OnnxPredictor.predict_with_estimates, {}
 
@@ -44,12 +45,90 @@ def serve_without_model(model: str, port: int) -> None:
         return {key: value.copy() for key, value in cache[n].items()}
 
     OnnxPredictor.predict_with_estimates = cached
-    serve(Settings.from_env(model=model, port=port, providers="cpu", log_level="warning"))
+
+
+def cached_worker(settings, sock, index) -> None:
+    """A worker process of the supervisor with its engine's call cached."""
+    from photoz.service.server import run_worker
+
+    cache_engine_calls()
+    run_worker(settings, sock, index)
+
+
+def serve_without_model(model: str, port: int, workers: int) -> None:
+    """Child mode: the real server (``workers`` processes), the engine call replaced by a cached result."""
+    import logging
+
+    from photoz.service.server import run_server
+    from photoz.service.settings import Settings
+    from photoz.service.workers import Supervisor, worker_settings
+
+    settings = Settings.from_env(model=model, port=port, providers="cpu", log_level="warning", workers=workers)
+    if workers == 1:
+        cache_engine_calls()
+        run_server(settings)
+        return
+    logging.basicConfig(level="WARNING")
+    Supervisor(worker_settings(settings, workers), workers, cached_worker).run()
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+    return found
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time of ``pid`` and its descendants (the worker processes), seconds."""
+    total = 0.0
+    for p in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def start_server(bundle: Path, workers: int, work: Path):
+    import httpx
+
+    from photoz.service.live import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = work / f"server-{workers}.log"
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.serve_overhead", "--serve-without-model", str(bundle),
+                             str(port), str(workers)], cwd=ROOT, stderr=subprocess.STDOUT,
+                            stdout=log.open("w"))  # noqa: SIM115 (the child's)
+    deadline = time.monotonic() + 120
+    while True:
+        try:  # every worker ready: each answers readyz only once loaded, so ask as many times as there are workers
+            if all(httpx.get(url + "/readyz", timeout=1).status_code == 200 for _ in range(4 * workers)) and \
+                    len(process_tree(proc.pid)) > workers:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError(f"server did not start:\n{log.read_text()}")
+        time.sleep(0.2)
+
+
+def scaling(rows: list[dict]) -> list[dict]:
+    """Each load point with more than one worker against the same point with one, measured in the same run."""
+    one = {(r["response"], r["connections"]): r for r in rows if r["workers"] == 1}
+    return [{"workers": r["workers"], "response": r["response"], "connections": r["connections"],
+             "requests_per_s_ratio": r["requests_per_s"] / base["requests_per_s"],
+             "cpu_per_request_ratio": r["server_cpu_ms_per_request"] / base["server_cpu_ms_per_request"]}
+            for r in rows if r["workers"] > 1 and (base := one.get((r["response"], r["connections"])))]
 
 
 def main(argv=None) -> int:
@@ -58,66 +137,61 @@ def main(argv=None) -> int:
     parser.add_argument("--duration", type=int, default=8, help="seconds per load point")
     parser.add_argument("--connections", default="1,32")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    parser.add_argument("--serve-without-model", nargs=2, metavar=("MODEL", "PORT"), help=argparse.SUPPRESS)
+    parser.add_argument("--workers", default="1,2", help="worker process counts to compare, in one run")
+    parser.add_argument("--responses", default="full,none", help="full: JSON with the PDF; none: pdf=none")
+    parser.add_argument("--serve-without-model", nargs=3, metavar=("MODEL", "PORT", "WORKERS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_without_model:
-        serve_without_model(args.serve_without_model[0], int(args.serve_without_model[1]))
+        model, port, workers = args.serve_without_model
+        serve_without_model(model, int(port), int(workers))
         return 0
 
-    import httpx
-
     from benchmarks.serve import export_random_bundle, scratch_dir, wrk
-    from photoz.service.live import free_port
 
     work = scratch_dir("photoz-overhead-")
     bundle = args.model or export_random_bundle(work / "bench.onnx")
     buffer = io.BytesIO()
     np.save(buffer, np.random.default_rng(1).normal(0, 0.05, (5, 64, 64)).astype(np.float32))
     (work / "single.npy").write_bytes(buffer.getvalue())
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.serve_overhead", "--serve-without-model", str(bundle),
-                             str(port)], cwd=ROOT, stderr=subprocess.STDOUT,
-                            stdout=(work / "server.log").open("w"))  # noqa: SIM115 (the child's)
+    responses = {"full": ("", "JSON, full PDF"), "none": ("?pdf=none", "JSON, pdf=none")}
     rows = []
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"server did not start:\n{(work / 'server.log').read_text()}")
-            time.sleep(0.2)
-        for query, label in (("", "JSON, full PDF"), ("?pdf=none", "JSON, pdf=none")):
-            for c in (int(x) for x in args.connections.split(",")):
-                before = cpu_seconds(proc.pid)
-                stats = wrk(url + "/v1/predict" + query, work / "single.npy", "application/x-npy", c, args.duration)
-                cpu = cpu_seconds(proc.pid) - before
-                requests = stats["requests"]
-                rows.append({"response": label, "connections": c, "requests": requests,
-                             "errors": stats["socket_errors"] + stats["non2xx"],
-                             "requests_per_s": requests / (stats["duration_us"] / 1e6),
-                             "server_cpu_ms_per_request": 1e3 * cpu / max(requests, 1),
-                             "p50_ms": stats["p50_us"] / 1e3, "p99_ms": stats["p99_us"] / 1e3})
-                print(f"{label}, {c} connections: {rows[-1]['requests_per_s']:.0f} requests/s, "
-                      f"{rows[-1]['server_cpu_ms_per_request']:.2f} ms of CPU each", flush=True)
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    for workers in (int(x) for x in args.workers.split(",")):
+        proc, url = start_server(bundle, workers, work)
+        try:
+            for query, label in (responses[r] for r in args.responses.split(",")):
+                for c in (int(x) for x in args.connections.split(",")):
+                    before = cpu_seconds(proc.pid)
+                    stats = wrk(url + "/v1/predict" + query, work / "single.npy", "application/x-npy", c,
+                                args.duration)
+                    cpu = cpu_seconds(proc.pid) - before
+                    requests = stats["requests"]
+                    rows.append({"workers": workers, "response": label, "connections": c, "requests": requests,
+                                 "errors": stats["socket_errors"] + stats["non2xx"],
+                                 "requests_per_s": requests / (stats["duration_us"] / 1e6),
+                                 "server_cpu_ms_per_request": 1e3 * cpu / max(requests, 1),
+                                 "p50_ms": stats["p50_us"] / 1e3, "p99_ms": stats["p99_us"] / 1e3})
+                    print(f"{workers} worker(s), {label}, {c} connections: {rows[-1]['requests_per_s']:.0f} "
+                          f"requests/s, {rows[-1]['server_cpu_ms_per_request']:.2f} ms of CPU each", flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(60)
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "bundle": str(bundle),
-              "load_generator": "wrk -t1", "duration_s": args.duration, "rows": rows}
+              "load_generator": "wrk -t1", "duration_s": args.duration, "rows": rows, "scaling": scaling(rows)}
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"serve-overhead-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(report, indent=2))
-    print("\n| response | connections | requests/s | server CPU ms per request | p50 ms | p99 ms | errors |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| workers | response | connections | requests/s | server CPU ms per request | single cutouts/s a 16-core "
+          "host's HTTP side could take | p50 ms | p99 ms | errors |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['response']} | {r['connections']} | {r['requests_per_s']:.0f} | "
-              f"{r['server_cpu_ms_per_request']:.2f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} |")
+        print(f"| {r['workers']} | {r['response']} | {r['connections']} | {r['requests_per_s']:.0f} | "
+              f"{r['server_cpu_ms_per_request']:.2f} | {16e3 / max(r['server_cpu_ms_per_request'], 1e-9):,.0f} | "
+              f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} |")
+    for s in report["scaling"]:
+        print(f"\n{s['response']}, {s['connections']} connections: {s['workers']} workers give "
+              f"{s['requests_per_s_ratio']:.2f}x the requests/s of one, at {s['cpu_per_request_ratio']:.2f}x its CPU "
+              "per request")
     print(f"\nwrote {out}")
     return 0
 

@@ -116,16 +116,33 @@ def test_unexpected_failure_is_a_500_without_internals_carrying_a_request_id(cli
     assert any(problem["request_id"] in r.getMessage() for r in caplog.records)  # the log has the rest
 
 
-def test_a_pdf_that_comes_out_non_finite_is_that_objects_error(client, rng):
-    """A masked-pixel sentinel (1e30 nanomaggies) overflows float32 inside the network: that object gets an
-    error, the others their PDFs; nothing is marked valid with a PDF of NaNs."""
+@pytest.mark.parametrize("cause", ["sentinel", "network"])
+def test_a_cutout_without_a_finite_pdf_is_that_objects_error(client, rng, monkeypatch, cause):
+    """A masked-pixel sentinel (1e30 nanomaggies) is refused before the model; a PDF that comes out non-finite
+    anyway (here: a network made to answer NaN for the second cutout) becomes that object's error too. Either
+    way the others get their PDFs, and nothing is marked valid with a PDF of NaNs."""
     images = sky_cutouts(rng, 3)
-    images[1, 2, 10, 10] = 1e30
+    if cause == "sentinel":
+        images[1, 2, 10, 10] = 1e30
+    else:
+        batcher = client.app.state.photoz.engine.batcher
+        real = batcher.infer
+
+        def nan_for_the_brightest(images, ebv):
+            out = real(images, ebv)
+            out["probs"][images.max(axis=(1, 2, 3)) > 100] = np.nan
+            return out
+
+        images[1, 2, 10, 10] = 500.0
+        monkeypatch.setattr(batcher, "infer", nan_for_the_brightest)
+        monkeypatch.setattr(batcher, "infer_alone", None)
     response = client.post("/v1/predict", content=npy_bytes(images), headers=AUTH, params={"ids": "a,b,c"})
     assert response.status_code == 200, response.text
     doc = response.json()
     assert doc["ancil"]["ids"] == ["a", "c"] and np.isfinite(doc["data"]["pdfs"]).all()
-    assert [r["id"] for r in doc["rejected"]] == ["b"] and "not finite" in doc["rejected"][0]["error"]
+    assert [r["id"] for r in doc["rejected"]] == ["b"]
+    assert ("band r (1e+30 nanomaggies)" if cause == "sentinel" else "output is not finite") in \
+        doc["rejected"][0]["error"]
     fits_answer = client.post("/v1/predict", content=npy_bytes(images),
                               headers={**AUTH, "Accept": "application/fits"})
     from astropy.io import fits
