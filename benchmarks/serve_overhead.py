@@ -111,9 +111,10 @@ def start_server(bundle: Path, workers: int, work: Path):
                             stdout=log.open("w"))  # noqa: SIM115 (the child's)
     deadline = time.monotonic() + 120
     while True:
-        try:  # every worker ready: each answers readyz only once loaded, so ask as many times as there are workers
-            if all(httpx.get(url + "/readyz", timeout=1).status_code == 200 for _ in range(4 * workers)) and \
-                    len(process_tree(proc.pid)) > workers:
+        try:  # ready, and with workers every one of them has its engine (its own samples in /metrics)
+            every = workers == 1 or httpx.get(url + "/metrics", timeout=5).text.count("photoz_queue_depth{") == workers
+            if every and httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                time.sleep(2 if workers > 1 else 0)  # the last worker's warm-up
                 return proc, url
         except httpx.HTTPError:
             pass

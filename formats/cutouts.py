@@ -116,11 +116,12 @@ def flag_unusable_pixels(images: np.ndarray, bands: tuple[str, ...]) -> list[str
     flux (|f| > :data:`~photoz.model.conventions.MAX_ABS_PIXEL_NMGY`, such as a 1e30 mask sentinel), named by
     band with the most extreme value. Such a cutout is refused on its own, before it can join a batch: the
     network's arithmetic is not defined for it, and it must not fail the other cutouts of its batch."""
-    # two reductions, no temporary array the size of the stack; a NaN anywhere makes its band's max NaN
+    # reductions only, no temporary array the size of the stack; a NaN anywhere makes the max NaN. The whole
+    # stack's first (one pass each, the common case), each band's only when something is out of bounds
+    if images.max(initial=-np.inf) <= MAX_ABS_PIXEL_NMGY and images.min(initial=np.inf) >= -MAX_ABS_PIXEL_NMGY:
+        return [None] * len(images)
     high, low = images.max(axis=(2, 3)), images.min(axis=(2, 3))  # (N, bands)
     bad = ~((high <= MAX_ABS_PIXEL_NMGY) & (low >= -MAX_ABS_PIXEL_NMGY))
-    if not bad.any():
-        return [None] * len(images)
     return [_pixel_problem(hi, lo, row, bands) if row.any() else None
             for hi, lo, row in zip(high, low, bad, strict=True)]
 

@@ -55,8 +55,10 @@ Features, all from the cutout (nanomaggies) and its E(B-V):
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -128,7 +130,8 @@ _RANGE_TESTS: tuple[tuple[str, str, str, str], ...] = (
 
 @dataclass(frozen=True)
 class _Geometry:
-    """Pixel masks of the feature apertures for one cutout size and pixel scale."""
+    """Pixel masks of the feature apertures for one cutout size and pixel scale, computed once (:func:`_geometry`:
+    the flags of every batch reuse them; read-only arrays)."""
 
     size: int
     pixel_scale_arcsec: float
@@ -136,16 +139,39 @@ class _Geometry:
     def radius_pixels(self, arcsec: float) -> float:
         return arcsec / self.pixel_scale_arcsec
 
+    @cached_property
     def centre_distance(self) -> np.ndarray:
         c = (self.size - 1) / 2
         y, x = np.mgrid[: self.size, : self.size]
-        return np.hypot(x - c, y - c)
+        return _read_only(np.hypot(x - c, y - c))
+
+    @cached_property
+    def aperture(self) -> np.ndarray:
+        """The r-band photometry aperture (S, S) bool."""
+        return _read_only(self.centre_distance <= self.radius_pixels(APERTURE_RADIUS_ARCSEC))
+
+    @cached_property
+    def background_pixels(self) -> np.ndarray:
+        """Flat indices of every other pixel beyond :data:`BACKGROUND_RADIUS_ARCSEC` from the centre."""
+        return _read_only(np.flatnonzero(self.centre_distance.ravel() >
+                                         self.radius_pixels(BACKGROUND_RADIUS_ARCSEC))[::2])
 
 
+@functools.lru_cache(maxsize=16)
+def _geometry(size: int, pixel_scale_arcsec: float) -> _Geometry:
+    return _Geometry(size, pixel_scale_arcsec)
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False
+    return array
+
+
+@functools.lru_cache(maxsize=16)
 def _window(radius: int) -> tuple[np.ndarray, np.ndarray]:
-    """Offsets (dy, dx) of the pixels within ``radius`` of a pixel, and their distances."""
+    """Offsets (dy, dx) of the pixels within ``radius`` of a pixel, and their distances (read-only)."""
     dy, dx = np.mgrid[-radius: radius + 1, -radius: radius + 1]
-    return np.stack([dy.ravel(), dx.ravel()]), np.hypot(dy, dx).ravel()
+    return _read_only(np.stack([dy.ravel(), dx.ravel()])), _read_only(np.hypot(dy, dx).ravel())
 
 
 def cutout_features(images: np.ndarray, ebv: np.ndarray, bands: tuple[str, ...],
@@ -162,12 +188,11 @@ def cutout_features(images: np.ndarray, ebv: np.ndarray, bands: tuple[str, ...],
                  for i in range(0, len(images), BLOCK)]
         return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
     n, _, size, _ = images.shape
-    geo = _Geometry(size, pixel_scale_arcsec)
+    geo = _geometry(size, pixel_scale_arcsec)
     r_index, i_index = bands.index("r"), bands.index("i")
-    distance = geo.centre_distance()
-    background, sigma = _background(images.reshape(n, len(bands), -1), _background_pixels(geo))
+    background, sigma = _background(images.reshape(n, len(bands), -1), geo.background_pixels)
 
-    aperture = distance <= geo.radius_pixels(APERTURE_RADIUS_ARCSEC)
+    aperture = geo.aperture
     flux_r = images[:, r_index, aperture].sum(axis=1, dtype=np.float64) - aperture.sum() * background[:, r_index]
     with np.errstate(divide="ignore", invalid="ignore"):
         r_mag = np.where(flux_r > 0, NANOMAGGY_ZEROPOINT_MAG - 2.5 * np.log10(np.maximum(flux_r, 1e-30)), np.inf)
@@ -240,12 +265,7 @@ def sky_background(images: np.ndarray, pixel_scale_arcsec: float) -> tuple[np.nd
     estimate the features use (every other pixel beyond :data:`BACKGROUND_RADIUS_ARCSEC`)."""
     images = np.asarray(images, np.float32)
     n, n_bands, size, _ = images.shape
-    return _background(images.reshape(n, n_bands, -1), _background_pixels(_Geometry(size, pixel_scale_arcsec)))
-
-
-def _background_pixels(geo: _Geometry) -> np.ndarray:
-    """Flat indices of every other pixel beyond :data:`BACKGROUND_RADIUS_ARCSEC` from the centre."""
-    return np.flatnonzero(geo.centre_distance().ravel() > geo.radius_pixels(BACKGROUND_RADIUS_ARCSEC))[::2]
+    return _background(images.reshape(n, n_bands, -1), _geometry(size, pixel_scale_arcsec).background_pixels)
 
 
 def _background(flat: np.ndarray, outer: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
