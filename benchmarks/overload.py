@@ -39,8 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.serve import cpu_seconds
+
 RESULTS = Path(__file__).resolve().parent / "results"
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def server_refusals(url: str, metric: str = 'photoz_requests_total{status="429"}') -> float:
@@ -50,11 +51,6 @@ def server_refusals(url: str, metric: str = 'photoz_requests_total{status="429"}
 
     match = re.search(rf"^{re.escape(metric)} (\S+)$", httpx.get(url + "/metrics", timeout=30).text, re.M)
     return float(match.group(1)) if match else 0.0
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
 
 
 # -- the storm client (runs in its own process) ------------------------------------------------------------------
@@ -161,7 +157,9 @@ def refusal_cost(bundle: Path, work: Path, connections: int, seconds: float, set
 
     from photoz.service.live import LiveServer
 
-    flags = {**flags, "max_queue_objects": "64", "max_batch_size": "128", "max_queue_delay_ms": "60000"}
+    # one process: a refusal's cost is a process's, and one held request fills exactly one worker's queue
+    flags = {**flags, "max_queue_objects": "64", "max_batch_size": "128", "max_queue_delay_ms": "60000",
+             "workers": "1"}
     server = LiveServer(bundle, work / "refusals.log", **flags)
     buffer = io.BytesIO()
     np.save(buffer, np.zeros((64, 5, 64, 64), np.float32))

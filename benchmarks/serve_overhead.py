@@ -72,32 +72,6 @@ def serve_without_model(model: str, port: int, workers: int) -> None:
     Supervisor(worker_settings(settings, workers), workers, cached_worker).run()
 
 
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and its descendants."""
-    found, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        found.append(p)
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
-                todo += [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                continue
-    return found
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time of ``pid`` and its descendants (the worker processes), seconds."""
-    total = 0.0
-    for p in process_tree(pid):
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
-
-
 def start_server(bundle: Path, workers: int, work: Path):
     import httpx
 
@@ -147,7 +121,7 @@ def main(argv=None) -> int:
         serve_without_model(model, int(port), int(workers))
         return 0
 
-    from benchmarks.serve import export_random_bundle, scratch_dir, wrk
+    from benchmarks.serve import cpu_seconds, export_random_bundle, scratch_dir, wrk
 
     work = scratch_dir("photoz-overhead-")
     bundle = args.model or export_random_bundle(work / "bench.onnx")

@@ -1,0 +1,105 @@
+"""Every benchmark still runs: each script in benchmarks/ once with tiny settings, its JSON checked for the rows
+its table promises. Numbers are not judged here (that is what the benchmarks are for); rot is."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+needs_wrk = pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk; "
+                                                                   ".ci/run installs it)")
+
+
+def run_benchmark(name: str, args: list[str], out: Path, timeout_s: float = 300) -> dict:
+    """``python -m benchmarks.<name> args --out out``: its one JSON report."""
+    done = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *args, "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout_s)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    reports = list(out.glob("*.json"))
+    assert len(reports) == 1, reports
+    assert len(done.stdout.splitlines()) >= 3  # it printed its table
+    return json.loads(reports[0].read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_sims(tmp_path_factory):
+    from photoz.training.sim.simulate import simulate
+
+    folder = tmp_path_factory.mktemp("sims")
+    return [simulate(folder / f"{name}.h5", n, seed=seed, workers=1, chunk_size=64, progress=False)
+            for name, n, seed in (("train", 192, 31), ("test", 64, 32))]
+
+
+def test_bundles(tiny_bundle, tmp_path):
+    report = run_benchmark("bundles", [str(tiny_bundle), str(tiny_bundle), "--n", "16", "--rounds", "1",
+                                       "--batch-size", "8"], tmp_path)
+    assert [r["ratio"] for r in report["rows"]][0] == 1.0 and len(report["rows"]) == 2
+    assert all(r["cutouts_per_s"] > 0 for r in report["rows"])
+
+
+def test_catalogue_information(tiny_sims, tmp_path):
+    train, test = tiny_sims
+    report = run_benchmark("catalogue_information", ["--train", str(train), "--test", str(test)], tmp_path)
+    assert report["n_train"] == 192 and report["n_test"] == 64
+    assert "model r + 4 colours" in report["rows"] and len(report["rows"]) == 5
+
+
+def test_flags(tmp_path):
+    report = run_benchmark("flags", ["--n", "64", "--batch", "32", "--threads", "1,2", "--rounds", "1"], tmp_path)
+    assert set(report["flags_cutouts_per_s"]) == {"1", "2"} and report["engine_cutouts_per_s"] > 0
+
+
+def test_model_magnitudes(tmp_path):
+    report = run_benchmark("model_magnitudes", ["--n", "60", "--seeds", "1"], tmp_path)
+    assert set(report["colour_shift_median_mag"]) == {"u-g", "g-r", "r-i", "i-z"}
+    assert report["knn_perfect_fit"]["n"] == report["knn_sdss_style"]["n"] > 0
+
+
+def test_predict(tiny_bundle, tmp_path):
+    report = run_benchmark("predict", ["--n", "256", "--model", str(tiny_bundle), "--batch-size", "16",
+                                       "--chunk-size", "32", "--rounds", "1"], tmp_path)
+    assert any(key.startswith("photoz predict --dask local:2") for key in report["objects_per_s"])
+    assert report["predict_over_engine"] > 0
+
+
+def test_simulate(tmp_path):
+    report = run_benchmark("simulate", ["--n", "64", "--chunk-size", "32", "--workers", "1,2", "--rounds", "1"],
+                           tmp_path)
+    assert set(report["galaxies_per_s"]) == {"1", "2"}
+
+
+def test_train_speed(tmp_path):
+    report = run_benchmark("train_speed", ["--device", "cpu", "--variants", "pasquet2019_tiny", "--batch-sizes", "8",
+                                           "--steps", "1"], tmp_path)
+    assert {r["variant"] for r in report["rows"]} == {"pasquet2019_tiny"} and report["rows"][0]["cutouts_per_s"] > 0
+
+
+@needs_wrk
+def test_serve(tiny_bundle, tmp_path):
+    report = run_benchmark("serve", ["--model", str(tiny_bundle), "--duration", "1", "--connections", "1,4",
+                                     "--offline-seconds", "0.5", "--skip-litserve"], tmp_path)
+    servers = {(r["server"], r["connections"], r["cutouts_per_request"]) for r in report["rows"]}
+    assert {c for _, c, n in servers if n == 1} == {1, 4} and any(n == 256 for _, _, n in servers)
+    assert report["offline_best"] > 0 and all("ratio_to_offline" in r for r in report["rows"])
+
+
+@needs_wrk
+def test_serve_overhead(tiny_bundle, tmp_path):
+    report = run_benchmark("serve_overhead", ["--model", str(tiny_bundle), "--duration", "1", "--connections", "4",
+                                              "--workers", "1,2", "--responses", "full"], tmp_path)
+    assert [(r["workers"], r["connections"]) for r in report["rows"]] == [(1, 4), (2, 4)]
+    assert all(r["errors"] == 0 and r["server_cpu_ms_per_request"] > 0 for r in report["rows"])
+    [scaling] = report["scaling"]
+    assert scaling["workers"] == 2 and scaling["requests_per_s_ratio"] > 0
+
+
+@needs_wrk
+def test_overload(tiny_bundle, tmp_path):
+    report = run_benchmark("overload", ["--model", str(tiny_bundle), "--duration", "2", "--storms", "64",
+                                        "--settle", "0.5"], tmp_path)
+    assert [r["load"] for r in report["rows"]] == ["capacity", "storm", "refusals only"]
+    assert report["rows"][0]["goodput_per_s"] > 0 and report["rows"][1]["goodput_per_s"] > 0
+    assert report["rows"][2]["cpu_ms_per_refusal"] > 0
