@@ -10,8 +10,9 @@ sessions): nothing is shared at run time but the socket and the metrics
 directory, so a worker that dies takes only its own requests with it.
 
 - Limits are divided: each worker's queue holds ``max_queue_objects / workers``
-  cutouts and reads ``max_inflight_body_mb / workers`` of bodies at once, so the
-  server as a whole holds what the settings say; admission (429 with
+  cutouts, reads ``max_inflight_body_mb / workers`` of bodies at once and
+  answers ``max_refusals_per_s / workers`` held 429s a second, so the server as
+  a whole holds what the settings say; admission (429 with
   Retry-After, the queue-wait target, early refusal from the headers) is each
   worker's over its own queue, which is what its latency depends on.
 - ``/metrics`` is one view of every worker (Prometheus' multiprocess mode:
@@ -59,6 +60,7 @@ def worker_settings(settings: Settings, workers: int) -> Settings:
         "workers": 1,
         "max_queue_objects": max(1, settings.max_queue_objects // workers),
         "max_inflight_body_mb": settings.max_inflight_body_mb / workers,
+        "max_refusals_per_s": settings.max_refusals_per_s / workers,
         "intra_op_threads": settings.intra_op_threads or max(1, share // settings.inference_workers),
         "solo_threads": settings.solo_threads or share,
     })
