@@ -43,7 +43,9 @@ class PhotozLitAPI(ls.LitAPI):
     def encode_response(self, probs):
         est = point_estimates(probs[None], self.bins)
         return {"pdf": np.round(probs.astype(np.float64), 7).tolist(),
-                **{k: float(v[0]) for k, v in est.items()}, "bins": self.bins.edges.tolist()}
+                # a single network's z_epistemic_std is NaN: null, as photoz answers it (JSON has no NaN)
+                **{k: float(v[0]) if np.isfinite(v[0]) else None for k, v in est.items()},
+                "bins": self.bins.edges.tolist()}
 
 
 def main() -> None:

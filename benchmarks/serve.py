@@ -282,6 +282,34 @@ def start_litserve(bundle: Path, max_batch_size: int, log: Path, providers: str 
     raise RuntimeError(f"LitServe did not start (pip install -e '.[bench]'):\n{log.read_text()}")
 
 
+def serve_photoz(bundle: Path, work: Path, args: argparse.Namespace, workers: int, conns: list[int], bracketed,
+                 oip_header: str) -> list[dict]:
+    """photoz with ``workers`` processes: single cutouts at each of ``conns``, then requests of 256 cutouts."""
+    rows = []
+    server = LiveServer(bundle, work / f"photoz-{workers}.log", max_batch_size=args.max_batch_size,
+                        max_queue_delay_ms=args.max_queue_delay_ms, max_queue_objects=100000,
+                        providers=args.device, log_level="warning", workers=workers)
+    try:
+        for c in conns:
+            print(f"photoz ({workers} worker(s)), {c} connections ...", flush=True)
+            rows.append(bracketed(lambda c=c: run_load("photoz", server.url + "/v1/predict", work / "single.npy",
+                                                       "application/x-npy", c, args.duration, 1, server.url)))
+        name = httpx.get(server.url + "/v1/models").json()["models"][0]["name"]
+        for round_ in range(args.rounds_256):  # alternating, so drift hits both alike
+            print(f"photoz, requests of 256 cutouts (.npy to /v1/predict), round {round_ + 1} ...", flush=True)
+            # long enough for many 256-cutout requests (each takes about a second)
+            rows.append(bracketed(lambda: run_load("photoz", server.url + "/v1/predict", work / "batch256.npy",
+                                                   "application/x-npy", 2, 3 * args.duration, 256, server.url)))
+            print(f"photoz, Open Inference Protocol, binary requests of 256 cutouts, round {round_ + 1} ...",
+                  flush=True)
+            rows.append(bracketed(lambda: run_load("photoz-oip", f"{server.url}/v2/models/{name}/infer",
+                                                   work / "batch256.oip", "application/octet-stream", 2,
+                                                   3 * args.duration, 256, server.url, oip_header)))
+    finally:
+        server.stop()
+    return [{**row, "workers": workers} for row in rows]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, help="bundle (default: a random-weight pasquet2019_half)")
@@ -298,6 +326,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds-256", type=int, default=1,
                         help="alternating rounds of 256-cutout requests, /v1 .npy then /v2 binary")
     parser.add_argument("--skip-litserve", action="store_true")
+    parser.add_argument("--workers", default="1", help="photoz worker process counts (PHOTOZ_WORKERS) to run, "
+                                                      "comma list, each in turn")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
     gpu = args.device != "cpu"
@@ -338,27 +368,8 @@ def main(argv=None) -> int:
         return row
 
     rows = []
-    server = LiveServer(bundle, work / "photoz.log", max_batch_size=args.max_batch_size,
-                        max_queue_delay_ms=args.max_queue_delay_ms, max_queue_objects=100000,
-                        providers=args.device, log_level="warning")
-    try:
-        for c in conns:
-            print(f"photoz, {c} connections ...", flush=True)
-            rows.append(bracketed(lambda c=c: run_load("photoz", server.url + "/v1/predict", work / "single.npy",
-                                                       "application/x-npy", c, args.duration, 1, server.url)))
-        name = httpx.get(server.url + "/v1/models").json()["models"][0]["name"]
-        for round_ in range(args.rounds_256):  # alternating, so drift hits both alike
-            print(f"photoz, requests of 256 cutouts (.npy to /v1/predict), round {round_ + 1} ...", flush=True)
-            # long enough for many 256-cutout requests (each takes about a second)
-            rows.append(bracketed(lambda: run_load("photoz", server.url + "/v1/predict", work / "batch256.npy",
-                                                   "application/x-npy", 2, 3 * args.duration, 256, server.url)))
-            print(f"photoz, Open Inference Protocol, binary requests of 256 cutouts, round {round_ + 1} ...",
-                  flush=True)
-            rows.append(bracketed(lambda: run_load("photoz-oip", f"{server.url}/v2/models/{name}/infer",
-                                                   work / "batch256.oip", "application/octet-stream", 2,
-                                                   3 * args.duration, 256, server.url, oip_header)))
-    finally:
-        server.stop()
+    for workers in (int(w) for w in args.workers.split(",")):
+        rows += serve_photoz(bundle, work, args, workers, conns, bracketed, oip_header)
     litserve_error = None
     try:
         proc, url = (None, None) if args.skip_litserve else start_litserve(bundle, args.max_batch_size,
@@ -387,12 +398,12 @@ def main(argv=None) -> int:
                            "load_generator": f"wrk -t{WRK_THREADS}"}, "rows": rows}
     report["offline_best_cutouts_per_s"] = report["offline_best"]
     photoz32 = next((r for r in rows if r["server"] == "photoz" and r["connections"] == 32
-                     and r["cutouts_per_request"] == 1), None)
+                     and r["cutouts_per_request"] == 1 and r.get("workers", 1) == 1), None)
     lit32 = next((r for r in rows if r["server"] == "litserve" and r["connections"] == 32), None)
-    if photoz32 and lit32:
+    if photoz32 and lit32 and lit32["cutouts_per_s"] > 0:
         report["photoz_over_litserve_at_32"] = photoz32["cutouts_per_s"] / lit32["cutouts_per_s"]
-    v1_256 = [r for r in rows if r["server"] == "photoz" and r["cutouts_per_request"] == 256]
-    oip_256 = [r for r in rows if r["server"] == "photoz-oip"]
+    v1_256 = [r for r in rows if r["server"] == "photoz" and r["cutouts_per_request"] == 256 and r["workers"] == 1]
+    oip_256 = [r for r in rows if r["server"] == "photoz-oip" and r["workers"] == 1]
     if v1_256 and oip_256:  # each to its own bracketing offline runs, summed over the rounds: drift cancels
         report["oip_binary_over_v1_npy_at_256"] = (sum(r["ratio_to_offline"] for r in oip_256)
                                                    / sum(r["ratio_to_offline"] for r in v1_256))
@@ -415,7 +426,8 @@ def format_table(report: dict) -> str:
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["rows"]:
         batch = f"{r['mean_batch_size']:.1f}" if "mean_batch_size" in r else "-"
-        lines.append(f"| {r['server']} | {r['connections']} | {r['cutouts_per_request']} | {r['cutouts_per_s']:.0f} | "
+        server = r["server"] + (f" ({r['workers']} workers)" if r.get("workers", 1) > 1 else "")
+        lines.append(f"| {server} | {r['connections']} | {r['cutouts_per_request']} | {r['cutouts_per_s']:.0f} | "
                      f"{r['offline_before']:.0f} / {r['offline_after']:.0f} | {r['ratio_to_offline']:.2f} | "
                      f"{r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {batch} | {r['errors']} |")
     if "photoz_over_litserve_at_32" in report:
