@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 from starlette.requests import Request
+from starlette.types import Message
 
 from photoz.formats.cutouts import Cutouts, DecodeBudget, Geometry, concatenate, id_list
 from photoz.formats.errors import InputError
@@ -159,9 +160,11 @@ async def read_cutouts(request: Request, geometry: Geometry, settings: Settings,
 
 async def _read_multipart(request: Request, body: bytes, geometry: Geometry, ebv: Any, ids: Any,
                           budget: DecodeBudget) -> tuple[Cutouts, Any, Any]:
-    request._body = body  # Starlette's form parser then reads the buffered body
+    async def replay() -> Message:  # the form parser reads the body already read (and measured) by read_body
+        return {"type": "http.request", "body": body, "more_body": False}
+
     max_parts = budget.limits.max_parts
-    form = await request.form(max_files=max_parts, max_fields=max_parts + 16)
+    form = await Request(request.scope, replay).form(max_files=max_parts, max_fields=max_parts + 16)
     files = [(k, v) for k, v in form.multi_items() if hasattr(v, "read")]
     if not files:
         raise InputError("files", "one or more file parts in the multipart body", "no file parts")
