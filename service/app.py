@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
@@ -37,6 +37,7 @@ from photoz.service import oip
 from photoz.service.engine import ServingEngine
 from photoz.service.errors import Draining, Unauthorized, problem_for, validation_problem
 from photoz.service.ingest import InflightBodies, read_cutouts
+from photoz.service.routes import V1, bind, prediction_handler, render_error
 from photoz.service.settings import Settings
 from photoz.service.state import (
     CLIENT_CLOSED,
@@ -107,6 +108,9 @@ async def predict_fast(request: Request) -> Response:
     return await predict(request, None)  # type: ignore[arg-type]
 
 
+bind(V1, predict_fast)  # the app answers POST /v1/predict with it ahead of FastAPI (PhotozApp)
+
+
 async def handle_predict(request: Request, params: PredictParams | None) -> Response:
     """The whole of ``POST /v1/predict``: auth and query parsing too when ``params`` is None (fast path)."""
     async def work() -> Response:
@@ -146,16 +150,6 @@ def _check_valid(cutouts: Cutouts, all_or_nothing: bool) -> None:
                          "; ".join(f"object {i}: {p}" for i, p in bad[:5]) + (" ..." if len(bad) > 5 else ""))
 
 
-FastHandler = Callable[[Request], Awaitable[Response]]
-
-
-def fast_route(path: str) -> FastHandler | None:
-    """The handler the fast path runs for a POST to ``path`` (None: FastAPI's routing)."""
-    if path == "/v1/predict":
-        return predict_fast
-    return oip.fast_route(path)
-
-
 class PhotozApp(FastAPI):
     """FastAPI, with the prediction routes (``POST /v1/predict``, ``POST /v2/models/{name}/infer``) answered
     before its middleware stack.
@@ -170,7 +164,8 @@ class PhotozApp(FastAPI):
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        handler = fast_route(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        handler = prediction_handler(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" \
+            else None
         if handler is None:
             await super().__call__(scope, receive, send)
             return
@@ -197,7 +192,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 async def _problem_handler(request: Request, exc: Exception) -> Response:
-    return oip.error_for(exc) if oip.speaks_oip(request.url.path) else problem_for(exc)
+    return render_error(request.url.path, exc)
 
 
 async def _validation_handler(request: Request, exc: Exception) -> Response:
@@ -220,7 +215,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_api_route("/readyz", readyz, methods=["GET"], include_in_schema=False)
     app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
     app.add_api_route("/v1/models", models, methods=["GET"], dependencies=[Depends(require_key)])
-    app.add_api_route("/v1/predict", predict, methods=["POST"], dependencies=[Depends(require_key)],
-                      responses={200: {"content": {t: {} for t in ACCEPTED}}})
+    for path in V1.predict_paths:
+        app.add_api_route(path, predict, methods=["POST"], dependencies=[Depends(require_key)],
+                          responses={200: {"content": {t: {} for t in ACCEPTED}}})
     oip.add_routes(app)
     return app

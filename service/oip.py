@@ -31,10 +31,8 @@ from __future__ import annotations
 
 import asyncio
 import math
-import re
 import struct
 import zlib
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,8 +48,8 @@ from photoz.formats.errors import InputError
 from photoz.formats.results import ResultRows, Results
 from photoz.model.pdf import ESTIMATES
 from photoz.service.engine import ServingEngine
-from photoz.service.errors import problem_parts
 from photoz.service.ingest import INLINE_BYTES, read_body
+from photoz.service.routes import V2, bind, oip_error
 from photoz.service.state import CLIENT_CLOSED, answer, encoded, predict_cutouts, refuse_early, require_key, state_of
 
 JSON = "application/json"
@@ -67,7 +65,6 @@ IMAGES, EBV = "images", "ebv"
 #: Outputs besides ``probabilities`` and the point estimates.
 VALID, FLAGS, PROBLEM, PROBABILITIES = "valid", "flags", "problem", "probabilities"
 
-_INFER = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")
 
 
 # -- the protocol's documents ---------------------------------------------------------------------------
@@ -316,17 +313,6 @@ def encode_infer(results: Results, request: InferRequest, name: str, version: st
     return (head + b"".join(blobs), len(head)) if blobs else (head, None)
 
 
-def error_for(exc: BaseException) -> Response:
-    """The protocol's error document (``{"error": "..."}``) with the status and headers ``/v1`` would give."""
-    problem, headers = problem_parts(exc)
-    return Response(orjson.dumps({"error": problem["detail"]}), status_code=problem["status"], headers=headers,
-                    media_type=JSON)
-
-
-def speaks_oip(path: str) -> bool:
-    return path == "/v2" or path.startswith("/v2/")
-
-
 # -- handlers ---------------------------------------------------------------------------------------------
 
 def _model(request: Request, name: str, version: str | None) -> ServingEngine:
@@ -372,16 +358,19 @@ async def infer(request: Request) -> Response:
     """``POST /v2/models/{name}[/versions/{v}]/infer``, declared and fast path alike (the path is parsed here)."""
     refusal = await refuse_early(request.scope)
     if refusal is not None:
-        return error_for(refusal)
-    return await answer(request, lambda: _infer(request), error_for)
+        return oip_error(refusal)
+    return await answer(request, lambda: _infer(request), oip_error)
+
+
+bind(V2, infer)  # the app answers inference requests with it ahead of FastAPI (photoz.service.app.PhotozApp)
 
 
 async def _infer(request: Request) -> Response:
     await require_key(request)
-    match = _INFER.fullmatch(request.url.path)
-    if match is None:
-        raise _bad("path", "/v2/models/{name}[/versions/{version}]/infer", request.url.path, status=404)
-    engine = _model(request, match["name"], match["version"])
+    match = V2.match_prediction(request.url.path)
+    if match is None:  # a mount or root_path the table's paths do not see
+        raise _bad("path", " or ".join(V2.predict_paths), request.url.path, status=404)
+    engine = _model(request, match["name"], match.groupdict().get("version"))
     s, inflight = engine.settings, state_of(request).inflight
     body = await read_body(request, s.max_body_bytes, s.body_timeout_s, inflight)
     body = inflate(body, request.headers.get("content-encoding"), s.max_body_bytes)
@@ -399,11 +388,6 @@ async def _infer(request: Request) -> Response:
     return Response(content, media_type=BINARY, headers={HEADER_LENGTH: str(json_length)})
 
 
-def fast_route(path: str) -> Callable[[Request], Awaitable[Response]] | None:
-    """:func:`infer` for an inference path (the ASGI fast path's lookup), else None."""
-    return infer if path.startswith("/v2/models/") and path.endswith("/infer") else None
-
-
 def add_routes(app: FastAPI) -> None:
     """Declare the ``/v2`` routes (the OpenAPI document lists them; inference also takes the fast path)."""
     keyed = [Depends(require_key)]
@@ -414,5 +398,6 @@ def add_routes(app: FastAPI) -> None:
         app.add_api_route(model, metadata, methods=["GET"], dependencies=keyed, tags=["v2"])
         app.add_api_route(model + "/ready", model_ready, methods=["GET"], dependencies=keyed, tags=["v2"])
         app.add_api_route(model + "/config", config, methods=["GET"], dependencies=keyed, tags=["v2"])
-        app.add_api_route(model + "/infer", infer, methods=["POST"], tags=["v2"],
+    for path in V2.predict_paths:
+        app.add_api_route(path, infer, methods=["POST"], tags=["v2"],
                           responses={200: {"content": {JSON: {}, BINARY: {}}}})

@@ -15,9 +15,9 @@ from fastapi import FastAPI
 from starlette.responses import Response
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from photoz.service import oip
 from photoz.service.app import create_app
-from photoz.service.errors import QueueFull, problem_for
+from photoz.service.errors import QueueFull
+from photoz.service.routes import render_error
 from photoz.service.settings import Settings
 from photoz.service.state import RESERVATION, ServiceState, release_reservation
 
@@ -63,7 +63,7 @@ class RefusingProtocol(HttpToolsProtocol):
                 self.scope[RESERVATION] = exc  # type: ignore[literal-required]
             super().on_headers_complete()
             return
-        self.refusal = raw_response(oip.error_for(exc) if oip.speaks_oip(path.decode("latin-1")) else problem_for(exc))
+        self.refusal = raw_response(render_error(path.decode("latin-1"), exc))
         self.flow.pause_reading()
         delay = self.state.begin_hold()
         if delay:  # on a tick: refusals due together go out in one pass of the event loop

@@ -32,6 +32,7 @@ from photoz.service.batcher import Reservation
 from photoz.service.engine import ServingEngine
 from photoz.service.errors import Draining, QueueFull, Unauthorized
 from photoz.service.ingest import OBJECTS_HEADER, InflightBodies, admit, submit_unless_disconnected
+from photoz.service.routes import is_prediction_path
 from photoz.service.settings import Settings
 
 log = logging.getLogger("photoz.service")
@@ -150,11 +151,6 @@ async def require_key(request: Request) -> None:  # async: a sync dependency cos
     matches = [hmac.compare_digest(candidate, digest) for digest in digests]
     if scheme.lower() != b"bearer" or not any(matches):
         raise Unauthorized()
-
-
-def is_prediction_path(path: bytes) -> bool:
-    """``/v1/predict`` and the Open Inference Protocol's ``/v2/models/{name}[/versions/{v}]/infer``."""
-    return path == b"/v1/predict" or (path.startswith(b"/v2/models/") and path.endswith(b"/infer"))
 
 
 #: Where a request's :class:`~photoz.service.batcher.Reservation` travels with it (the ASGI scope).

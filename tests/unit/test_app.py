@@ -54,7 +54,7 @@ def with_and_without_fast_path(bundle):
     for fast in (True, False):
         with pytest.MonkeyPatch.context() as patch:
             if not fast:
-                patch.setattr("photoz.service.app.fast_route", lambda path: None)
+                patch.setattr("photoz.service.app.prediction_handler", lambda path: None)
             yield fast, create_app(Settings(model=bundle, providers="cpu", api_keys=["k"], warmup=False))
 
 
@@ -222,8 +222,31 @@ def test_oip_infer_fast_path_and_declared_route_answer_alike(tiny_bundle, rng):
 
 def test_oip_refusals_keep_v1s_status_and_retry_after():
     from photoz.service.errors import QueueFull
-    from photoz.service.oip import error_for
+    from photoz.service.routes import oip_error as error_for
 
     response = error_for(QueueFull(64, 64, 2.4, close=True))
     assert response.status_code == 429 and response.headers["retry-after"] == "2"
     assert response.headers["connection"] == "close" and "queue holds 64 of 64" in json.loads(response.body)["error"]
+
+
+def test_one_route_table_decides_dispatch_admission_declared_routes_and_error_form(tiny_bundle):
+    """Every question about prediction paths is answered by photoz.service.routes: the app's declared POST
+    routes are the table's paths, the fast dispatch and early admission match exactly them, and each protocol's
+    paths get its own error form."""
+    from photoz.service import routes
+    from photoz.service.errors import QueueFull
+
+    app = create_app(Settings(model=tiny_bundle, providers="cpu", warmup=False))
+    declared = {r.path for r in app.routes if "POST" in getattr(r, "methods", set())}
+    assert declared == {p for protocol in routes.PROTOCOLS for p in protocol.predict_paths}
+    examples = {"/v1/predict": "v1", "/v2/models/m/infer": "v2", "/v2/models/m/versions/3/infer": "v2",
+                "/v1/predict/x": None, "/v2/models/m/extra/infer": None, "/v2/models/m/ready": None}
+    for path, protocol in examples.items():
+        found = routes.prediction_protocol(path)
+        assert (found.name if found else None) == protocol, path
+        assert routes.is_prediction_path(path.encode()) == (protocol is not None)
+        assert (routes.prediction_handler(path) is not None) == (protocol is not None)
+    refusal = QueueFull(1, 1, 2.0)
+    assert routes.render_error("/v2/models/m/infer", refusal).body.startswith(b'{"error"')
+    assert routes.render_error("/v1/predict", refusal).media_type == "application/problem+json"
+    assert routes.render_error("/healthz", refusal).media_type == "application/problem+json"
