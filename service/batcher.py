@@ -74,8 +74,10 @@ class Batcher:
                  infer_alone: Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]] | None = None,
                  max_queue_wait_s: float | None = None,
                  finish: Callable[[np.ndarray, np.ndarray, dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
-                 finish_workers: int = 1):
+                 finish_workers: int = 1, clock: Callable[[], float] = time.monotonic):
         self.infer = infer
+        # seconds, monotonic: queue delays, deadlines and the admission's standing-queue timer (tests inject one)
+        self.clock = clock
         # (images, ebv, outputs) -> outputs, after the model call, on its own threads
         self.finish = finish
         # under light load (one batch running, nothing queued) a wider engine uses the idle cores
@@ -134,7 +136,7 @@ class Batcher:
         if refusal is not None:
             raise refusal
         loop = asyncio.get_running_loop()
-        now = time.monotonic()
+        now = self.clock()
         pieces = []
         for start in range(0, n, self.max_batch_size):
             piece = _Piece(images[start:start + self.max_batch_size], ebv[start:start + self.max_batch_size],
@@ -163,7 +165,7 @@ class Batcher:
             await self._slots.acquire()
             # wait for a full batch or for the oldest piece's delay to pass
             while self._queued < self.max_batch_size and self._queue:
-                remaining = self._queue[0].enqueued + self.max_queue_delay_s - time.monotonic()
+                remaining = self._queue[0].enqueued + self.max_queue_delay_s - self.clock()
                 if remaining <= 0:
                     break
                 self._wakeup.clear()
@@ -180,7 +182,7 @@ class Batcher:
             task.add_done_callback(self._running.discard)
 
     def _take(self) -> list[_Piece]:
-        batch, size, now = [], 0, time.monotonic()
+        batch, size, now = [], 0, self.clock()
         while self._queue and size + self._queue[0].n <= self.max_batch_size:
             piece = self._queue.popleft()
             self._queued -= piece.n
@@ -277,7 +279,7 @@ class Batcher:
         if self.max_queue_wait_s is None:
             return None
         target, wait = self.max_queue_wait_s, self.expected_wait_s()
-        now = time.monotonic()
+        now = self.clock()
         if not self._queued and not self.incoming:  # drained: overload, if it was one, is over
             self._above_since, self._dropping = None, False
             return None
@@ -313,8 +315,8 @@ class Batcher:
     async def drain(self, timeout_s: float) -> None:
         """Stop accepting; wait until queued and running work is finished (or the timeout)."""
         self.accepting = False
-        deadline = time.monotonic() + timeout_s
-        while (self._queue or self._running) and time.monotonic() < deadline:
+        deadline = self.clock() + timeout_s
+        while (self._queue or self._running) and self.clock() < deadline:
             await asyncio.sleep(0.01)
 
     async def close(self) -> None:

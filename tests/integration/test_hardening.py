@@ -34,21 +34,30 @@ def rss_bytes(pid: int) -> int:
 
 
 class Watch:
-    """Polls /healthz and the server's RSS while a request runs: the worst latency and the peak memory."""
+    """Polls /healthz and the server's RSS while a request runs: the worst latency and the peak memory. Leaving
+    it fails if its thread failed (a /healthz that was not 200, a poll that raised) or polled too few times for
+    its numbers to mean anything."""
+
+    MIN_POLLS = 3
 
     def __init__(self, server: LiveServer) -> None:
-        self.server, self.latencies, self.peak = server, [0.0, 0.0], 0
+        self.server, self.latencies, self.peak = server, [], 0
+        self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
     def _poll(self) -> None:
-        with httpx.Client(timeout=5) as client:
-            while not self._stop.is_set():
-                start = time.perf_counter()
-                assert client.get(self.server.url + "/healthz").status_code == 200
-                self.latencies.append(time.perf_counter() - start)
-                self.peak = max(self.peak, rss_bytes(self.server.proc.pid))
-                time.sleep(0.02)
+        try:
+            with httpx.Client(timeout=5) as client:
+                while not self._stop.is_set():
+                    start = time.perf_counter()
+                    status = client.get(self.server.url + "/healthz").status_code
+                    assert status == 200, f"/healthz answered {status}"
+                    self.latencies.append(time.perf_counter() - start)
+                    self.peak = max(self.peak, rss_bytes(self.server.proc.pid))
+                    time.sleep(0.02)
+        except BaseException as exc:  # re-raised by __exit__, in the test's thread
+            self.error = exc
 
     @property
     def worst_s(self) -> float:
@@ -63,6 +72,9 @@ class Watch:
         time.sleep(0.1)
         self._stop.set()
         self._thread.join()
+        if self.error is not None:
+            raise AssertionError(f"the watch failed: {self.error!r}") from self.error
+        assert len(self.latencies) >= self.MIN_POLLS, f"the watch polled {len(self.latencies)} times"
 
 
 @pytest.fixture(scope="module")

@@ -406,25 +406,68 @@ def test_sigterm_drains_in_flight_work_then_exits_0(tiny_bundle, tmp_path, rng):
     assert "draining" in srv.log() and "drained and stopped" in srv.log()
 
 
-def test_disconnected_client_work_is_dropped_before_the_model(tiny_bundle, tmp_path, rng):
+def test_disconnected_client_work_is_dropped_before_the_model(tiny_bundle, rng):
+    """A real uvicorn server (in this process) whose engine blocks until released: the client sends 600 cutouts
+    and goes away while the first batch is in the model; once released, the model ran that batch only, the
+    queue is empty and the request is counted as 499. No timing assumption: the engine waits for the test."""
+    import asyncio
     import time
 
-    from photoz.service.live import LiveServer
+    import uvicorn
 
-    srv = LiveServer(tiny_bundle, tmp_path / "gone.log", max_batch_size=2, inference_workers=1)
+    from photoz.service.app import create_app
+    from photoz.service.live import free_port
+    from photoz.service.settings import Settings
+
+    port = free_port()
+    app = create_app(Settings(model=tiny_bundle, providers="cpu", warmup=False, max_batch_size=2,
+                              inference_workers=1, port=port))
+    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    release, entered, ran = threading.Event(), threading.Event(), []
+
+    def blocking(images, ebv):
+        entered.set()
+        assert release.wait(60), "never released"
+        ran.append(len(images))
+        return real(images, ebv)
+
     try:
-        body = npy_bytes(sky_cutouts(rng, 600))
-        with pytest.raises(httpx.TimeoutException):
-            httpx.post(srv.url + "/v1/predict", content=body, headers=NPY, timeout=0.5)
-        time.sleep(3)  # far longer than the remaining work would take if it were still running
-        metrics = httpx.get(srv.url + "/metrics").text
-        done = float(_metric(metrics, "photoz_objects_total"))
-        assert done < 600  # the rest was dropped when the client went away
-        assert float(_metric(metrics, "photoz_queue_depth")) == 0
-        assert "photoz_requests_total{status=\"499\"}" in metrics, \
-            [line for line in metrics.splitlines() if "requests_total" in line]
+        deadline = time.monotonic() + 60
+        while app.state.photoz.engine is None or not server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+        batcher = app.state.photoz.engine.batcher
+        real, batcher.infer, batcher.infer_alone = batcher.infer, blocking, None
+
+        async def send_and_leave():
+            async with httpx.AsyncClient() as client:
+                request = asyncio.ensure_future(client.post(f"http://127.0.0.1:{port}/v1/predict", headers=NPY,
+                                                            content=npy_bytes(sky_cutouts(rng, 600)), timeout=60))
+                while not entered.is_set():  # the first batch is in the model, the rest queued
+                    await asyncio.sleep(0.01)
+                request.cancel()  # the client goes away: its connection closes
+
+        asyncio.run(send_and_leave())
+        text = ""
+        for _ in range(6000):  # the server notices the disconnect and answers 499 (poll, not a fixed wait)
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+            if 'photoz_requests_total{status="499"}' in text:
+                break
+            time.sleep(0.01)
+        assert 'photoz_requests_total{status="499"}' in text
+        release.set()
+        for _ in range(6000):
+            if float(_metric(httpx.get(f"http://127.0.0.1:{port}/metrics").text, "photoz_queue_depth")) == 0:
+                break
+            time.sleep(0.01)
+        assert ran == [2]  # the batch already in the model; the other 598 cutouts were dropped unrun
+        assert float(_metric(httpx.get(f"http://127.0.0.1:{port}/metrics").text, "photoz_queue_depth")) == 0
     finally:
-        srv.stop()
+        release.set()
+        server.should_exit = True
+        thread.join(30)
 
 
 def test_lone_batch_runs_on_the_wide_engine_concurrent_batches_on_the_narrow():

@@ -39,12 +39,21 @@ def images(n):
     return np.zeros((n, 5, 64, 64), np.float32), np.zeros(n, np.float32)
 
 
+async def until(condition, what="the batcher's state"):
+    """Wait for an event in the batcher (polling the loop), not for a time: a slow machine only waits longer."""
+    for _ in range(20_000):
+        if condition():
+            return
+        await asyncio.sleep(0.0005)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def test_capacity_bound_refuses_with_retry_after_and_closes_before_the_body():
     async def test(batcher, release):
         first = asyncio.ensure_future(batcher.submit(*images(4), 10))  # running (blocked in the model)
-        await asyncio.sleep(0.05)
+        await until(lambda: batcher._running and not batcher.queued)
         queued = asyncio.ensure_future(batcher.submit(*images(28), 10))  # fills the queue: 28 of 32
-        await asyncio.sleep(0.05)
+        await until(lambda: batcher.queued == 28)
         assert batcher.admission(4) is None
         refusal = batcher.admission(5, before_body=True)
         assert isinstance(refusal, QueueFull) and refusal.headers()["Connection"] == "close"
@@ -57,17 +66,17 @@ def test_capacity_bound_refuses_with_retry_after_and_closes_before_the_body():
     run_with_batcher(test)
 
 
-def test_delay_target_refuses_behind_a_standing_queue_only(monkeypatch):
+def test_delay_target_refuses_behind_a_standing_queue_only():
+    """The admission's standing-queue timer on an injected clock: no sleeps, no elapsed-time windows."""
+    clock = [1000.0]
+
     async def test(batcher, release):
         batcher.seconds_per_object = 0.05  # measured rate: 20 cutouts/s
         first = asyncio.ensure_future(batcher.submit(*images(4), 10))
-        await asyncio.sleep(0.05)
+        await until(lambda: batcher._running and not batcher.queued, "the first batch in the (blocked) model")
         queued = asyncio.ensure_future(batcher.submit(*images(8), 10))  # 8 queued: 0.4 s of work ahead
-        await asyncio.sleep(0.05)
+        await until(lambda: batcher.queued == 8, "8 cutouts queued")
         assert batcher.expected_wait_s() == pytest.approx(0.4)
-        clock = [1000.0]
-        monkeypatch.setattr("photoz.service.batcher.time.monotonic", lambda: clock[0])
-        batcher._above_since = None
         assert batcher.admission(1) is None  # a burst: above the target only from now on
         clock[0] += 0.3  # still a burst (not yet 2 x 0.2 s)
         assert batcher.admission(1) is None
@@ -75,21 +84,20 @@ def test_delay_target_refuses_behind_a_standing_queue_only(monkeypatch):
         small = batcher.admission(1)
         assert isinstance(small, QueueFull) and "0.40 s to start" in str(small)
         assert batcher.admission(8) is None  # its own compute (0.4 s) x 2 covers the wait
-        monkeypatch.undo()
         release.set()
         await first
         await queued
         assert batcher.admission(1) is None and not batcher._dropping  # drained: the policy resets
 
-    run_with_batcher(test, max_queue_wait_s=0.2)
+    run_with_batcher(test, max_queue_wait_s=0.2, clock=lambda: clock[0])
 
 
 def test_drain_cut_off_fails_queued_work_with_the_given_error():
     async def test(batcher, release):
         running = asyncio.ensure_future(batcher.submit(*images(4), 10))
-        await asyncio.sleep(0.05)
+        await until(lambda: batcher._running and not batcher.queued)
         queued = asyncio.ensure_future(batcher.submit(*images(8), 10))
-        await asyncio.sleep(0.05)
+        await until(lambda: batcher.queued == 8)
         assert batcher.abort_queued(Draining("cut off")) == 8 and batcher.queued == 0
         with pytest.raises(Draining, match="cut off"):
             await queued
@@ -122,7 +130,7 @@ def test_admitted_requests_count_against_the_queue_until_their_cutouts_are_queue
         assert batcher.incoming == 12
         second.release()
         work = asyncio.ensure_future(batcher.submit(*images(4), 10))
-        await asyncio.sleep(0.05)
+        await until(lambda: batcher._running)
         assert batcher.incoming == 0
         release.set()
         assert len((await work)["probs"]) == 4
