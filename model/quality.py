@@ -313,11 +313,11 @@ def _shape_features(ri: np.ndarray, ri_sigma: np.ndarray, geo: _Geometry) -> tup
     asym_mask = dist <= geo.radius_pixels(ASYMMETRY_RADIUS_ARCSEC)
     dy, dx, stamp = dy[asym_mask], dx[asym_mask], stamp[:, asym_mask]
     total = stamp.sum(axis=1, dtype=np.float64)
-    residual = np.full(n, np.inf)
-    for sy in (-1, 0, 1):  # the centre at (py + sy/2, px + sx/2): pixel offset d maps to offset s - d
-        for sx in (-1, 0, 1):
-            rotated = ri[rows, py[:, None] + sy - dy, px[:, None] + sx - dx]
-            residual = np.minimum(residual, np.abs(stamp - rotated).sum(axis=1, dtype=np.float64))
+    # the nine rotations in one gather: the centre at (py + sy/2, px + sx/2) maps pixel offset d to s - d
+    shifts = np.array([(sy, sx) for sy in (-1, 0, 1) for sx in (-1, 0, 1)])  # (9, 2)
+    flat = (py * size + px)[:, None, None] + ((shifts[:, 0, None] - dy) * size + shifts[:, 1, None] - dx)[None]
+    rotated = np.take_along_axis(ri.reshape(n, -1), flat.reshape(n, -1), axis=1).reshape(flat.shape)
+    residual = np.abs(stamp[:, None, :] - rotated).sum(axis=2, dtype=np.float64).min(axis=1)
     # E|X - Y| for independent X, Y ~ N(0, s^2) is 2 s / sqrt(pi)
     noise = asym_mask.sum() * 2 * ri_sigma / np.sqrt(np.pi)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -330,16 +330,25 @@ def _identical_runs(images: np.ndarray) -> np.ndarray:
     """Whether any band of each cutout holds :data:`IDENTICAL_RUN_PIXELS` equal values in a row or a column."""
     n = images.shape[0]
     found = np.zeros(n, bool)
-    for transposed in (False, True):
-        x = np.swapaxes(images, 2, 3) if transposed else images
-        run = x[..., 1:] == x[..., :-1]  # run[k]: pixels k and k+1 are equal
-        length = 1  # run[k] says: the pairs k .. k + length - 1 are all equal
-        while length < IDENTICAL_RUN_PIXELS - 1:  # doubling: runs of 1, 2, 4, ... equal pairs
-            step = min(length, IDENTICAL_RUN_PIXELS - 1 - length)
-            run = run[..., : run.shape[-1] - step] & run[..., step:]
-            length += step
-        found |= run.reshape(n, -1).any(axis=1)
+    for along_columns in (False, True):
+        # run[..., k]: pixels k and k+1 of a row (or a column) are equal; compared in memory order either way
+        run = images[:, :, 1:, :] == images[:, :, :-1, :] if along_columns else images[..., 1:] == images[..., :-1]
+        # real sky noise has (almost) no equal neighbours: only cutouts with enough equal pairs can hold a run
+        candidates = np.flatnonzero(np.count_nonzero(run.reshape(n, -1), axis=1) >= IDENTICAL_RUN_PIXELS - 1)
+        if candidates.size:
+            found[candidates] |= _has_run(np.swapaxes(run[candidates], 2, 3) if along_columns else run[candidates])
     return found
+
+
+def _has_run(run: np.ndarray) -> np.ndarray:
+    """Per cutout, whether ``run`` (equal neighbouring pairs along the last axis) holds IDENTICAL_RUN_PIXELS - 1
+    equal pairs in a row."""
+    length = 1  # run[k] says: the pairs k .. k + length - 1 are all equal
+    while length < IDENTICAL_RUN_PIXELS - 1:  # doubling: runs of 1, 2, 4, ... equal pairs
+        step = min(length, IDENTICAL_RUN_PIXELS - 1 - length)
+        run = run[..., : run.shape[-1] - step] & run[..., step:]
+        length += step
+    return run.reshape(len(run), -1).any(axis=1)
 
 
 def _plateau(images: np.ndarray, background: np.ndarray, sigma: np.ndarray) -> np.ndarray:
