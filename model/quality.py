@@ -348,8 +348,7 @@ def _has_run(run: np.ndarray) -> np.ndarray:
         step = min(length, IDENTICAL_RUN_PIXELS - 1 - length)
         run = run[..., : run.shape[-1] - step] & run[..., step:]
         length += step
-    found: np.ndarray = run.reshape(len(run), -1).any(axis=1)
-    return found
+    return np.asarray(run.reshape(len(run), -1).any(axis=1))
 
 
 def _plateau(images: np.ndarray, background: np.ndarray, sigma: np.ndarray) -> np.ndarray:
