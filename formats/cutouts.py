@@ -8,6 +8,7 @@ decompresses anything, whether the result would exceed the request's limits.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,12 +39,14 @@ class DecodeBudget:
     def __init__(self, limits: DecodeLimits = UNLIMITED) -> None:
         self.limits, self.used = limits, 0
 
-    def take(self, count: int, itemsize: int, field: str, what: str) -> None:
-        """Account for ``count`` values of ``itemsize`` bytes (at least float32's 4: the stack the model gets)."""
+    def take(self, count: int, itemsize: int, field: str, what: str | Callable[[], str]) -> None:
+        """Account for ``count`` values of ``itemsize`` bytes (at least float32's 4: the stack the model gets).
+        ``what`` names the array in the refusal (a callable: formatted only for a refusal)."""
         nbytes = int(count) * max(int(itemsize), 4)
         limit = self.limits.max_decoded_bytes
         self.used += nbytes
         if limit is not None and self.used > limit:
+            what = what() if callable(what) else what
             raise InputError(field, f"at most {limit / MiB:.0f} MiB of decoded arrays per request (the server's "
                              "max_decoded_mb; send large stacks in several requests)",
                              f"{what}: {nbytes / MiB:.1f} MiB decoded ({self.used / MiB:.1f} MiB in this request)",
@@ -193,8 +196,9 @@ def finish(images: Any, geometry: Geometry, ebv: Any, ids: Any, field: str, id_p
     stack = canonical_stack(images, geometry, field)
     n = stack.shape[0]
     ebv_values, ebv_problems = ebv_per_object(ebv, n)
-    problems = [merge_problems(a, b) for a, b in zip(flag_unusable_pixels(stack, geometry.bands), ebv_problems,
-                                                     strict=True)]
+    pixel_problems = flag_unusable_pixels(stack, geometry.bands)
+    problems = pixel_problems if not any(ebv_problems) else \
+        [merge_problems(a, b) for a, b in zip(pixel_problems, ebv_problems, strict=True)]
     return Cutouts(stack, ebv_values, id_list(ids, n, id_prefix), problems)
 
 

@@ -10,7 +10,9 @@ objects are never loaded (``allow_pickle=False`` throughout).
 """
 from __future__ import annotations
 
+import functools
 import io
+import math
 import re
 import zipfile
 from typing import IO, Any
@@ -44,7 +46,7 @@ def _charge(budget: DecodeBudget, shape: tuple[int, ...], dtype: np.dtype[Any], 
     if dtype.hasobject:
         raise InputError(field, "a numeric array (pickled Python objects are not loaded: allow_pickle=False)",
                          f"dtype {dtype}", status=400, title="unreadable file")
-    budget.take(int(np.prod(shape, dtype=np.int64)), dtype.itemsize, field, f"an array of shape {shape}, {dtype}")
+    budget.take(math.prod(shape), dtype.itemsize, field, lambda: f"an array of shape {shape}, {dtype}")
 
 
 def read_npy(body: bytes, field: str, budget: DecodeBudget) -> np.ndarray:
@@ -76,6 +78,11 @@ def decode_npy(body: bytes, geometry: Geometry, ebv: Any = None, ids: Any = None
 _NPY_HEADER = re.compile(rb"\{'descr': '([<>|][fiu][1248])', 'fortran_order': False, 'shape': \(([0-9, ]*)\), \} *\n")
 
 
+@functools.lru_cache(maxsize=32)
+def _dtype(descr: bytes) -> np.dtype[Any]:
+    return np.dtype(descr.decode())
+
+
 def _npy_fast(body: bytes) -> np.ndarray | None:
     """A .npy body as a read-only view without copying, for the header numpy writes; None for anything
     else (np.load then reads it). Parsing numpy's header with ``ast`` costs more than a one-cutout request."""
@@ -86,8 +93,8 @@ def _npy_fast(body: bytes) -> np.ndarray | None:
     if match is None:
         return None
     shape = tuple(int(x) for x in match.group(2).split(b",") if x.strip())
-    dtype = np.dtype(match.group(1).decode())
-    count = int(np.prod(shape, dtype=np.int64))
+    dtype = _dtype(match.group(1))
+    count = math.prod(shape)
     if len(body) - end != count * dtype.itemsize:
         return None  # let np.load give its own error
     return np.frombuffer(body, dtype, count, end).reshape(shape)
