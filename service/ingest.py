@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -100,36 +101,51 @@ def _too_large(limit: int, received: str) -> InputError:
 
 
 async def _chunks(request: Request, timeout_s: float) -> AsyncIterator[bytes]:
-    """The body's chunks; 408 when none arrives for ``timeout_s``."""
+    """The body's chunks, each within ``timeout_s`` of the one before (Python 3.10: no asyncio.timeout)."""
     stream = request.stream().__aiter__()
-    received = 0
     while True:
         try:
-            chunk = await asyncio.wait_for(stream.__anext__(), timeout_s)
+            yield await asyncio.wait_for(stream.__anext__(), timeout_s)
         except StopAsyncIteration:
             return
-        except asyncio.TimeoutError:
-            raise InputError("body", f"a body that keeps arriving (at most {timeout_s:g} s without data)",
-                             f"nothing for {timeout_s:g} s after {received} bytes", status=408,
-                             title="request timeout", headers=CLOSE) from None
-        received += len(chunk)
-        yield chunk
+
+
+def _stalled(timeout_s: float, received: int) -> InputError:
+    return InputError("body", f"a body that keeps arriving (at most {timeout_s:g} s without data)",
+                      f"nothing for {timeout_s:g} s after {received} bytes", status=408, title="request timeout",
+                      headers=CLOSE)
 
 
 async def read_body(request: Request, limit: int, timeout_s: float, inflight: InflightBodies) -> bytes:
-    """The request body within its size limit, progress deadline and the in-flight bound."""
+    """The request body within its size limit, progress deadline (408 when nothing arrives for ``timeout_s``)
+    and the in-flight bound."""
     declared = _declared_length(request.headers)
     if declared is not None and declared > limit:
         raise _too_large(limit, f"{declared} bytes")
     with inflight.hold() as grant:
         grant.grow_to(declared or 0)
-        chunks, size = [], 0
-        async for chunk in _chunks(request, timeout_s):
+        chunks: list[bytes] = []
+        size = 0
+
+        def take(chunk: bytes) -> None:
+            nonlocal size
             size += len(chunk)
             if size > limit:
                 raise _too_large(limit, f"more than {limit} bytes")
             grant.grow_to(size)
             chunks.append(chunk)
+
+        try:
+            if sys.version_info >= (3, 11):  # one deadline pushed back per chunk: no task per chunk (wait_for's)
+                async with asyncio.timeout(timeout_s) as deadline:
+                    async for chunk in request.stream():
+                        take(chunk)
+                        deadline.reschedule(asyncio.get_running_loop().time() + timeout_s)
+            else:
+                async for chunk in _chunks(request, timeout_s):
+                    take(chunk)
+        except asyncio.TimeoutError:  # the builtin TimeoutError on 3.11+
+            raise _stalled(timeout_s, size) from None
         return b"".join(chunks)
 
 
