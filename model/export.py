@@ -34,9 +34,16 @@ def write_metadata(path: str | Path, metadata: dict[str, Any], out: str | Path |
     import onnx
 
     parse_metadata(metadata)
-    path, out = Path(path), Path(out or path)
+    path = Path(path)
     proto = onnx.load(str(path))
     _set_metadata(proto, metadata)
+    return _save(proto, Path(out or path))
+
+
+def _save(proto: Any, out: Path) -> Bundle:
+    """Write a bundle's graph atomically (the file exists only once complete) and load it back."""
+    import onnx
+
     tmp = out.with_name(out.name + ".tmp")
     onnx.save(proto, str(tmp))
     tmp.replace(out)
@@ -114,10 +121,7 @@ def guard_bundle(path: str | Path, out: str | Path | None = None, version: str |
         metadata["training"] = {**metadata["training"],
                                 "revisions": [*metadata["training"].get("revisions", []), revision]}
     _set_metadata(proto, metadata)
-    tmp = out.with_name(out.name + ".tmp")
-    onnx.save(proto, str(tmp))
-    tmp.replace(out)
-    return load_bundle(out), guarded
+    return _save(proto, out), guarded
 
 
 def code_commit() -> str:

@@ -66,6 +66,16 @@ def isolate(call: RowsCall, n: int, healthy: Callable[[], Outputs] | None = None
     return _assemble(n, template, answered, failed, isolation), isolation
 
 
+def isolate_batch(infer: Callable[[np.ndarray, np.ndarray], Outputs], images: np.ndarray,
+                  ebv: np.ndarray) -> tuple[Outputs, Isolation | None]:
+    """:func:`isolate` for a model call ``infer(images, ebv)`` over a batch; the healthy probe is one blank
+    cutout (zero flux, zero E(B-V): what the engines warm up with)."""
+    def probe() -> Outputs:
+        return infer(np.zeros((1, *images.shape[1:]), images.dtype), np.zeros(1, ebv.dtype))
+
+    return isolate(lambda rows: infer(images[rows], ebv[rows]), len(images), probe)
+
+
 def _healthy_outputs(healthy: Callable[[], Outputs] | None) -> Outputs | None:
     try:
         return healthy() if healthy is not None else None

@@ -18,7 +18,7 @@ import numpy as np
 from photoz.formats.cutouts import Geometry
 from photoz.formats.results import ModelInfo
 from photoz.model.bundle import load_bundle
-from photoz.model.isolation import ROW_ERRORS, isolate
+from photoz.model.isolation import ROW_ERRORS, isolate_batch
 from photoz.model.pdf import ESTIMATES, RedshiftBins
 from photoz.model.quality import bits_from_names
 from photoz.model.runtime import OnnxPredictor
@@ -62,12 +62,7 @@ class LocalEngine:
         return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
     def _run_batch(self, images: np.ndarray, ebv: np.ndarray) -> dict[str, np.ndarray]:
-        def probe() -> dict[str, np.ndarray]:
-            return self.predictor.predict_with_estimates(np.zeros((1, *images.shape[1:]), np.float32),
-                                                         np.zeros(1, np.float32))
-
-        outputs, isolation = isolate(lambda rows: self.predictor.predict_with_estimates(images[rows], ebv[rows]),
-                                     len(images), probe)
+        outputs, isolation = isolate_batch(self.predictor.predict_with_estimates, images, ebv)
         if isolation is not None:
             log.warning("the model failed on a batch of %d cutouts (%s); bisected in %d calls: rows %s of the batch "
                         "fail alone and are rejected, the rest answered", len(images), isolation.describe(),

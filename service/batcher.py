@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from photoz.formats.errors import InputError
-from photoz.model.isolation import Isolation, Outputs, isolate
+from photoz.model.isolation import Isolation, Outputs, isolate, isolate_batch
 from photoz.service.errors import DeadlineExceeded, Draining, QueueFull
 
 log = logging.getLogger("photoz.service")
@@ -208,7 +208,7 @@ class Batcher:
             infer = self.infer_alone if alone and self.infer_alone is not None else self.infer
             start = time.perf_counter()
             try:
-                outputs, isolation = await loop.run_in_executor(self._executor, _run_isolated, infer, images, ebv)
+                outputs, isolation = await loop.run_in_executor(self._executor, isolate_batch, infer, images, ebv)
                 self._report(batch, isolation, "model call")
                 seconds = time.perf_counter() - start
                 self.seconds_per_object = 0.8 * self.seconds_per_object + 0.2 * seconds / len(images)
@@ -327,15 +327,6 @@ class Batcher:
         self._executor.shutdown(wait=True)
         if self._finisher is not None:
             self._finisher.shutdown(wait=True)
-
-
-def _run_isolated(infer: Callable[[np.ndarray, np.ndarray], Outputs], images: np.ndarray,
-                  ebv: np.ndarray) -> tuple[Outputs, Isolation | None]:
-    """``infer`` over the batch, bisected if it raises; the probe of a healthy engine is one blank cutout."""
-    def probe() -> Outputs:
-        return infer(np.zeros((1, *images.shape[1:]), images.dtype), np.zeros(1, ebv.dtype))
-
-    return isolate(lambda rows: infer(images[rows], ebv[rows]), len(images), probe)
 
 
 def _finish_isolated(finish: Callable[[np.ndarray, np.ndarray, Outputs], Outputs], images: np.ndarray,
