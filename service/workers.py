@@ -11,8 +11,9 @@ directory, so a worker that dies takes only its own requests with it.
 
 - Limits are divided: each worker's queue holds ``max_queue_objects / workers``
   cutouts, reads ``max_inflight_body_mb / workers`` of bodies at once and
-  answers ``max_refusals_per_s / workers`` held 429s a second, so the server as
-  a whole holds what the settings say; admission (429 with
+  answers ``max_refusals_per_s / workers`` held 429s a second, with
+  ``flag_workers / workers`` flag threads (rounded up), so the server as a whole
+  holds what the settings say; admission (429 with
   Retry-After, the queue-wait target, early refusal from the headers) is each
   worker's over its own queue, which is what its latency depends on.
 - ``/metrics`` is one view of every worker (Prometheus' multiprocess mode:
@@ -61,6 +62,7 @@ def worker_settings(settings: Settings, workers: int) -> Settings:
         "max_queue_objects": max(1, settings.max_queue_objects // workers),
         "max_inflight_body_mb": settings.max_inflight_body_mb / workers,
         "max_refusals_per_s": settings.max_refusals_per_s / workers,
+        "flag_workers": -(-settings.flag_workers // workers),  # the flags' threads shared too (rounded up)
         "intra_op_threads": settings.intra_op_threads or max(1, share // settings.inference_workers),
         "solo_threads": settings.solo_threads or share,
     })
