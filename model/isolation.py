@@ -42,13 +42,14 @@ class Isolation:
         return f"{type(self.error).__name__}: {lines[0][:300] if lines else ''}"
 
 
-def isolate(call: RowsCall, n: int, healthy: Callable[[], Outputs] | None = None) -> tuple[Outputs, Isolation | None]:
+def isolate(call: RowsCall, n: int, healthy: Callable[[], Outputs] | None = None,
+            stage: str = "the model") -> tuple[Outputs, Isolation | None]:
     """``call(slice(0, n))``, or when it raises, each row's outputs from the calls that succeed on parts of it.
 
     Returns the outputs (failed rows NaN, or 0 for integer arrays; their messages under :data:`ROW_ERRORS`) and
     the :class:`Isolation` (None when the first call succeeded). Raises the first call's error when every row
     fails alone and ``healthy`` (a call on an input known to be good, returning its outputs) fails too, or is
-    not given: then the caller, not the data, is broken.
+    not given: then the caller, not the data, is broken. ``stage`` names what failed in the rows' messages.
     """
     try:
         return call(slice(0, n)), None
@@ -63,7 +64,7 @@ def isolate(call: RowsCall, n: int, healthy: Callable[[], Outputs] | None = None
     if not answered and healthy is not None:
         calls += 1
     isolation = Isolation(tuple(failed), calls, first)
-    return _assemble(n, template, answered, failed, isolation), isolation
+    return _assemble(n, template, answered, failed, isolation, stage), isolation
 
 
 def isolate_batch(infer: Callable[[np.ndarray, np.ndarray], Outputs], images: np.ndarray,
@@ -100,7 +101,7 @@ def _bisect(call: RowsCall, lo: int, hi: int, answered: list[tuple[slice, Output
 
 
 def _assemble(n: int, template: Outputs, answered: list[tuple[slice, Outputs]], failed: list[int],
-              isolation: Isolation) -> Outputs:
+              isolation: Isolation, stage: str) -> Outputs:
     blank = {"f": np.nan, "c": np.nan, "O": None}
     outputs = {key: np.full((n, *value.shape[1:]), blank.get(value.dtype.kind, 0), value.dtype)
                for key, value in template.items()}
@@ -110,7 +111,7 @@ def _assemble(n: int, template: Outputs, answered: list[tuple[slice, Outputs]], 
     # errors found by an earlier stage (the model's, passed through the flags' stage) are kept
     errors = outputs.get(ROW_ERRORS, np.full(n, None, object))
     # the client learns the error's kind; its text (engine internals) goes to the log
-    errors[failed] = (f"the model failed on this cutout alone ({type(isolation.error).__name__}; the server or "
+    errors[failed] = (f"{stage} failed on this cutout alone ({type(isolation.error).__name__}; the server or "
                       "run log has the details); the other cutouts of its batch were answered")
     outputs[ROW_ERRORS] = errors
     return outputs

@@ -332,7 +332,7 @@ class Batcher:
 def _finish_isolated(finish: Callable[[np.ndarray, np.ndarray, Outputs], Outputs], images: np.ndarray,
                      ebv: np.ndarray, outputs: Outputs) -> tuple[Outputs, Isolation | None]:
     return isolate(lambda rows: finish(images[rows], ebv[rows], {k: v[rows] for k, v in outputs.items()}),
-                   len(images))
+                   len(images), stage="the quality flags")
 
 
 class Reservation:

@@ -55,6 +55,7 @@ def test_errors_of_an_earlier_stage_pass_through_a_later_bisection():
             raise RuntimeError("flags")
         return {"probs": np.ones((rows.stop - rows.start, 2)), ROW_ERRORS: earlier[rows]}
 
-    out, _ = isolate(finish, 4)
+    out, _ = isolate(finish, 4, stage="the quality flags")
     assert out[ROW_ERRORS][1] == "the model failed on this cutout alone"
     assert out[ROW_ERRORS][0] is None and "RuntimeError" in out[ROW_ERRORS][3]
+    assert out[ROW_ERRORS][3].startswith("the quality flags failed on this cutout alone")
