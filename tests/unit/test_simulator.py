@@ -376,6 +376,25 @@ def test_resume_and_extend_reproduce_a_single_run(small_sim, tmp_path):
         simulate(path, 128, seed=99, workers=1, chunk_size=32, progress=False)
 
 
+def test_worker_processes_start_clean_not_as_forks_of_the_caller(small_sim, tmp_path, monkeypatch):
+    """A fork would inherit the caller's state: here a broken chunk function, in CI a lock held by one of the
+    test runner's threads, on which the forked workers waited for ever. The workers come from a forkserver."""
+    import threading
+
+    import photoz.training.sim.simulate as sim
+
+    def inherited(*args, **kwargs):
+        raise AssertionError("a worker ran the caller's patched code: it was forked from the caller")
+
+    monkeypatch.setattr(sim, "simulate_chunk", inherited)
+    held = threading.Lock()
+    holder = threading.Thread(target=lambda: (held.acquire(), threading.Event().wait(30)), daemon=True)
+    holder.start()  # a thread alive in the caller, as a dask client or a server would be
+    path = sim.simulate(tmp_path / "clean.h5", 64, seed=11, workers=2, chunk_size=32, progress=False)
+    with h5py.File(small_sim) as a, h5py.File(path) as b:
+        assert np.array_equal(a["images"][:64], b["images"][:])
+
+
 def test_file_layout_units_and_attributes(small_sim):
     with h5py.File(small_sim) as h5:
         assert h5["images"].shape == (96, 5, 64, 64) and h5["images"].dtype == np.float32

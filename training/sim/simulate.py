@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -122,12 +125,10 @@ def simulate(out: str | Path, n: int, seed: int = 0, workers: int | None = None,
         todo = [(pop_cfg, inst_cfg, seed, k, chunk_size) for k in range(done, n_chunks)]
         if not todo:
             return out
-        _prepare(pop_cfg, inst_cfg)
         bar = Progress(n, min(done * chunk_size, n), "simulate", "gal", progress)
-        context = mp.get_context("fork")
+        workers = min(workers, len(todo))
         # one BLAS/OpenMP thread per worker: the workers are the parallelism (threads fighting them cost ~20%)
-        with threadpool_limits(limits=1), context.Pool(workers, initializer=_one_thread) as pool:
-            results = pool.imap(_work, todo) if workers > 1 else map(_work, todo)
+        with threadpool_limits(limits=1), _chunk_results(todo, workers, pop_cfg, inst_cfg) as results:
             for chunk, data in results:
                 if "images" not in h5:
                     _create(h5, signature, data)
@@ -140,9 +141,39 @@ def simulate(out: str | Path, n: int, seed: int = 0, workers: int | None = None,
     return out
 
 
+@contextmanager
+def _chunk_results(todo: list, workers: int, pop_cfg: PopulationConfig,
+                   inst_cfg: InstrumentConfig) -> Iterator[Iterator[tuple[int, dict]]]:
+    """Yield an iterator over ``(chunk, data)`` in chunk order, computed here (one worker) or by ``workers``
+    processes.
+
+    The worker processes come from a forkserver, never from a fork of this process: the caller may hold
+    threads (a dask client, a test runner's servers, an OpenMP pool) whose locks a forked child would inherit
+    held and wait on for ever. A worker that dies raises ``BrokenProcessPool`` here instead of leaving the
+    run waiting. Each worker builds the spectral tables once (~5 s, all workers at the same time)."""
+    if workers <= 1:
+        _prepare(pop_cfg, inst_cfg)
+        yield map(_work, todo)
+        return
+    methods = mp.get_all_start_methods()
+    context = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if context.get_start_method() == "forkserver":
+        context.set_forkserver_preload([__name__])
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(pop_cfg, inst_cfg))
+    try:
+        yield pool.map(_work, todo)
+    finally:  # an interrupted run waits for the chunks under way, not for the whole queue
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _start_worker(pop_cfg: PopulationConfig, inst_cfg: InstrumentConfig) -> None:
+    _one_thread()
+    _prepare(pop_cfg, inst_cfg)
+
+
 def _prepare(pop_cfg: PopulationConfig, inst_cfg: InstrumentConfig) -> None:
-    """Build the spectral tables and the sampling grids of targets and neighbours once, in this process, so
-    that the forked workers inherit them instead of each building its own (a few seconds each)."""
+    """Build the spectral tables and the sampling grids of targets and neighbours once per process (a few
+    seconds), before its first chunk."""
     from photoz.training.sim.population import NEIGHBOUR_Z_MAX, draw_candidates
 
     rng = np.random.default_rng(0)
