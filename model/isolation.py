@@ -77,6 +77,19 @@ def isolate_batch(infer: Callable[[np.ndarray, np.ndarray], Outputs], images: np
     return isolate(lambda rows: infer(images[rows], ebv[rows]), len(images), probe)
 
 
+def concatenate_outputs(parts: list[Outputs]) -> Outputs:
+    """Row-aligned outputs of consecutive parts joined; a part without :data:`ROW_ERRORS` (none failed) counts
+    as None for each of its rows when another part has them."""
+    if len(parts) == 1:
+        return parts[0]
+    keys = [key for key in parts[0] if key != ROW_ERRORS]
+    joined = {key: np.concatenate([part[key] for part in parts]) for key in keys}
+    if any(ROW_ERRORS in part for part in parts):
+        joined[ROW_ERRORS] = np.concatenate([part.get(ROW_ERRORS, np.full(len(part[keys[0]]), None, object))
+                                             for part in parts])
+    return joined
+
+
 def _healthy_outputs(healthy: Callable[[], Outputs] | None) -> Outputs | None:
     try:
         return healthy() if healthy is not None else None

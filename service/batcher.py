@@ -10,8 +10,9 @@ light load (a batch runs alone and nothing waits) the optional
 a lone request is not held to its share of the cores. An optional
 ``finish`` stage (the cutouts' quality flags) runs on its own threads after
 the model call, so the next batch's model call does not wait for it (a GPU
-would otherwise idle through CPU work); at most two batches per finishing
-thread wait for it, beyond which the model waits. The
+would otherwise idle through CPU work); the batches waiting for it are
+finished together, in one call (its fixed cost paid once), and at most
+four per finishing thread wait, beyond which the model waits. The
 queue is bounded (in cutouts): a request that does not fit is refused at
 once. Pieces whose caller gave up (deadline passed, client gone) are
 dropped before they reach the model. A model call (or finishing stage) that
@@ -35,10 +36,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from photoz.formats.errors import InputError
-from photoz.model.isolation import Isolation, Outputs, isolate, isolate_batch
+from photoz.model.isolation import Isolation, Outputs, concatenate_outputs, isolate, isolate_batch
 from photoz.service.errors import DeadlineExceeded, Draining, QueueFull
 
 log = logging.getLogger("photoz.service")
+
+#: Batches per finishing thread that may wait for it (the model runs ahead by that much, then waits).
+FINISH_BACKLOG_BATCHES = 4
+#: Cutouts finished in one call at most, when several waiting batches are joined (a GPU's batch may be larger).
+FINISH_COALESCE_OBJECTS = 64
 
 
 @dataclass
@@ -54,6 +60,28 @@ class _Piece:
     @property
     def n(self) -> int:
         return self.images.shape[0]
+
+
+@dataclass
+class _FinishJob:
+    """A batch the model has answered, waiting for the finishing stage."""
+
+    batch: list[_Piece]
+    images: np.ndarray
+    ebv: np.ndarray
+    outputs: dict[str, np.ndarray]
+    future: asyncio.Future[dict[str, np.ndarray]]
+
+    @property
+    def n(self) -> int:
+        return self.images.shape[0]
+
+
+def _joined(jobs: list[_FinishJob]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    if len(jobs) == 1:
+        return jobs[0].images, jobs[0].ebv, jobs[0].outputs
+    return (np.concatenate([j.images for j in jobs]), np.concatenate([j.ebv for j in jobs]),
+            concatenate_outputs([j.outputs for j in jobs]))
 
 
 @dataclass
@@ -101,7 +129,13 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="photoz-infer")
         self._finisher = ThreadPoolExecutor(max_workers=finish_workers, thread_name_prefix="photoz-finish") \
             if finish is not None else None
-        self._finishing = asyncio.Semaphore(2 * finish_workers)  # batches finished or waiting to be, at most
+        self.finish_workers = finish_workers
+        # batches finished or waiting to be, at most (the model waits beyond): those waiting are finished together
+        self._finishing = asyncio.Semaphore(FINISH_BACKLOG_BATCHES * finish_workers)
+        self._finish_jobs: collections.deque[_FinishJob] = collections.deque()
+        self._finish_drains = 0  # finishing loops running (at most finish_workers)
+        # most cutouts finished in one call: several CPU-sized batches, one GPU-sized one
+        self.max_finish_objects = max(max_batch_size, FINISH_COALESCE_OBJECTS)
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
         self.seconds_per_object = 0.01  # running estimate (warm-up seeds it): Retry-After, the wait target
@@ -152,9 +186,7 @@ class Batcher:
             for p in pieces:  # caller gone: its remaining pieces are dropped unrun
                 p.future.cancel()
             raise
-        if len(results) == 1:
-            return results[0]
-        return {key: np.concatenate([r[key] for r in results]) for key in results[0]}
+        return concatenate_outputs(results)
 
     async def _loop(self) -> None:
         while True:
@@ -217,9 +249,14 @@ class Batcher:
                     async with self._finishing:  # acquired before the model is freed: backpressure
                         self._slots.release()
                         slot_held = False
-                        outputs, isolation = await loop.run_in_executor(
-                            self._finisher, _finish_isolated, self.finish, images, ebv, outputs)
-                        self._report(batch, isolation, "finishing stage")
+                        job = _FinishJob(batch, images, ebv, outputs, loop.create_future())
+                        self._finish_jobs.append(job)
+                        if self._finish_drains < self.finish_workers:
+                            self._finish_drains += 1
+                            drain = asyncio.create_task(self._drain_finishing())
+                            self._running.add(drain)
+                            drain.add_done_callback(self._running.discard)
+                        outputs = await job.future
             except Exception as exc:  # the engine failed on every cutout: this batch's callers fail, not the server
                 for p in batch:
                     if not p.future.done():
@@ -233,6 +270,34 @@ class Batcher:
         finally:
             if slot_held:
                 self._slots.release()
+
+    async def _drain_finishing(self) -> None:
+        """Finish the batches waiting for it, several at once: the quality flags' fixed cost per call (~1 ms
+        on a CPU) is then paid once for all of them, so under load the finishing stage batches as the model
+        does. One such loop per finishing thread."""
+        loop = asyncio.get_running_loop()
+        try:
+            while self._finish_jobs:
+                jobs = [self._finish_jobs.popleft()]
+                size = jobs[0].n
+                while self._finish_jobs and size + self._finish_jobs[0].n <= self.max_finish_objects:
+                    jobs.append(self._finish_jobs.popleft())
+                    size += jobs[-1].n
+                images, ebv, outputs = _joined(jobs)
+                try:
+                    outputs, isolation = await loop.run_in_executor(self._finisher, _finish_isolated, self.finish,
+                                                                    images, ebv, outputs)
+                    self._report([p for job in jobs for p in job.batch], isolation, "finishing stage")
+                except Exception as exc:  # every cutout failed alone and so did the stage: these batches fail
+                    for job in jobs:
+                        job.future.set_exception(exc)
+                    continue
+                offset = 0
+                for job in jobs:
+                    job.future.set_result({key: value[offset:offset + job.n] for key, value in outputs.items()})
+                    offset += job.n
+        finally:
+            self._finish_drains -= 1
 
     def _report(self, batch: list[_Piece], isolation: Isolation | None, stage: str) -> None:
         """Once per bisected batch: the log line (which requests' cutouts failed alone) and the metrics."""

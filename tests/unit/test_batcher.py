@@ -183,20 +183,26 @@ def test_the_finish_stage_runs_on_its_own_thread_while_the_model_takes_the_next_
 
 
 def test_a_failing_finish_fails_its_batch_only_and_a_slow_one_holds_the_model_back():
-    """An exception in the finish stage goes to that batch's callers; with one finishing thread, at most two
-    batches wait for it, and the model waits beyond that (no unbounded pile of finished model outputs)."""
+    """An exception in the finish stage goes to that batch's callers; with one finishing thread, at most
+    FINISH_BACKLOG_BATCHES batches wait for it, and the model waits beyond that (no unbounded pile of finished
+    model outputs); the batches that waited are finished together, in one call."""
+    from photoz.service.batcher import FINISH_BACKLOG_BATCHES
+
     release = threading.Event()
-    model_calls = []
+    model_calls, finish_calls = [], []
 
     def infer(images, ebv):
         model_calls.append(len(images))
-        return {"probs": np.zeros((len(images), 3))}
+        return {"probs": np.zeros((len(images), 3)) + ebv[:, None]}
 
     def finish(images, ebv, outputs):
         if ebv[0] < 0:
             raise RuntimeError("flags failed")
+        finish_calls.append(len(images))
         release.wait(10)
         return outputs
+
+    n_jobs = FINISH_BACKLOG_BATCHES + 3
 
     async def main():
         batcher = _finishing_batcher(infer, finish)
@@ -205,14 +211,15 @@ def test_a_failing_finish_fails_its_batch_only_and_a_slow_one_holds_the_model_ba
             bad = asyncio.ensure_future(batcher.submit(images(1)[0], np.full(1, -1.0, np.float32), 10))
             with pytest.raises(RuntimeError, match="flags failed"):
                 await asyncio.wait_for(bad, 10)
-            jobs = [asyncio.ensure_future(batcher.submit(*images(4), 10)) for _ in range(5)]
-            # wait (on a loaded machine, threads start late) until three batches have run the model, then a
-            # while longer: a broken bound would let the fourth and fifth run too
+            jobs = [asyncio.ensure_future(batcher.submit(images(4)[0], np.full(4, k / 100, np.float32), 10))
+                    for k in range(n_jobs)]
+            # wait (on a loaded machine, threads start late) until the bound's batches have run the model, then a
+            # while longer: a broken bound would let the others run too
             deadline = time.monotonic() + 10
-            while len(model_calls) - 1 < 3 and time.monotonic() < deadline:
+            while len(model_calls) - 1 < FINISH_BACKLOG_BATCHES + 1 and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
             await asyncio.sleep(0.3)
-            held = len(model_calls) - 1  # model calls of the five batches while the finish is blocked
+            held = len(model_calls) - 1  # model calls of the batches while the finish is blocked
             release.set()
             done = await asyncio.wait_for(asyncio.gather(*jobs), 10)
         finally:
@@ -221,10 +228,14 @@ def test_a_failing_finish_fails_its_batch_only_and_a_slow_one_holds_the_model_ba
         return held, done
 
     held, done = asyncio.run(main())
-    # two batches within the finishing stage's bound (one finishing, one queued for its thread) and a third that
-    # has run the model and holds it until there is room: the fourth and fifth wait unrun
-    assert held == 3
-    assert [len(d["probs"]) for d in done] == [4] * 5
+    # the bound's batches within the finishing stage (one finishing, the others waiting for its thread) and one
+    # more that has run the model and holds it until there is room: the rest wait unrun
+    assert held == FINISH_BACKLOG_BATCHES + 1
+    assert [len(d["probs"]) for d in done] == [4] * n_jobs
+    # each caller gets its own rows back, whichever call finished them
+    assert [float(d["probs"][0, 0]) for d in done] == pytest.approx([k / 100 for k in range(n_jobs)])
+    # the first batch finished alone; those that waited behind it were finished together
+    assert sum(finish_calls) == 4 * n_jobs and len(finish_calls) < n_jobs and max(finish_calls) > 4
 
 
 def poisoned_infer(calls):

@@ -59,3 +59,16 @@ def test_errors_of_an_earlier_stage_pass_through_a_later_bisection():
     assert out[ROW_ERRORS][1] == "the model failed on this cutout alone"
     assert out[ROW_ERRORS][0] is None and "RuntimeError" in out[ROW_ERRORS][3]
     assert out[ROW_ERRORS][3].startswith("the quality flags failed on this cutout alone")
+
+
+def test_outputs_joined_keep_each_rows_error_where_only_some_parts_had_failures():
+    from photoz.model.isolation import concatenate_outputs
+
+    clean = {"probs": np.ones((2, 3)), "flag_bits": np.array([1, 2], np.uint32)}
+    bisected = {"probs": np.full((2, 3), np.nan), "flag_bits": np.zeros(2, np.uint32),
+                ROW_ERRORS: np.array(["the model failed on this cutout alone", None], object)}
+    joined = concatenate_outputs([clean, bisected])
+    assert joined["probs"].shape == (4, 3) and joined["flag_bits"].tolist() == [1, 2, 0, 0]
+    assert joined[ROW_ERRORS].tolist() == [None, None, "the model failed on this cutout alone", None]
+    assert ROW_ERRORS not in concatenate_outputs([clean, clean])
+    assert concatenate_outputs([clean]) is clean
