@@ -275,7 +275,8 @@ class Batcher:
         """Finish the batches waiting for it, several at once: the quality flags' fixed cost per call (~1 ms
         on a CPU) is then paid once for all of them, so under load the finishing stage batches as the model
         does. One such loop per finishing thread."""
-        loop = asyncio.get_running_loop()
+        loop, finish = asyncio.get_running_loop(), self.finish
+        assert finish is not None
         try:
             while self._finish_jobs:
                 jobs = [self._finish_jobs.popleft()]
@@ -285,8 +286,8 @@ class Batcher:
                     size += jobs[-1].n
                 images, ebv, outputs = _joined(jobs)
                 try:
-                    outputs, isolation = await loop.run_in_executor(self._finisher, _finish_isolated, self.finish,
-                                                                    images, ebv, outputs)
+                    outputs, isolation = await loop.run_in_executor(self._finisher, _finish_isolated, finish, images,
+                                                                    ebv, outputs)
                     self._report([p for job in jobs for p in job.batch], isolation, "finishing stage")
                 except Exception as exc:  # every cutout failed alone and so did the stage: these batches fail
                     for job in jobs:
