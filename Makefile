@@ -18,9 +18,13 @@ $(VENV)/.serve-installed: $(BIN)/python pyproject.toml
 	touch $@
 
 # training + test install; torch pinned first so pip takes the CPU wheel
-$(VENV)/.dev-installed: $(BIN)/python pyproject.toml
+# and, on Python >= 3.11 (RAIL's floor), the RAIL stages (integrations/rail), editable in compat mode so that
+# RAIL's discovery (pkgutil over the rail namespace) finds them
+$(VENV)/.dev-installed: $(BIN)/python pyproject.toml integrations/rail/pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[train,dev]'
+	if $(BIN)/python -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then \
+		$(BIN)/pip install --quiet -e ./integrations/rail --config-settings editable_mode=compat; fi
 	touch $@ $(VENV)/.serve-installed
 
 install: $(VENV)/.serve-installed
