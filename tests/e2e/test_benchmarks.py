@@ -103,3 +103,11 @@ def test_overload(tiny_bundle, tmp_path):
     assert [r["load"] for r in report["rows"]] == ["capacity", "storm", "refusals only"]
     assert report["rows"][0]["goodput_per_s"] > 0 and report["rows"][1]["goodput_per_s"] > 0
     assert report["rows"][2]["cpu_ms_per_refusal"] > 0
+
+
+def test_rail(tmp_path):
+    pytest.importorskip("rail.estimation.algos.photoz_image", reason="the RAIL stages need Python >= 3.11")
+    report = run_benchmark("rail", ["--n", "64", "--chunk-size", "32", "--batch-size", "16", "--rounds", "1"],
+                           tmp_path)
+    assert [r["route"] for r in report["rows"]] == ["photoz predict", "RAIL PhotozImageEstimator"]
+    assert report["rows"][0]["ratio"] == 1.0 and report["rows"][1]["objects_per_s"] > 0

@@ -20,7 +20,6 @@ impossible pixels, E(B-V) outside 0-10 mag, a model failure on it alone) keeps i
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +30,6 @@ from rail.core.common_params import SharedParams
 from rail.core.data import DataHandle, ModelHandle, TableHandle, TableLike
 from rail.estimation.estimator import CatEstimator
 from rail.estimation.informer import CatInformer
-
-log = logging.getLogger("rail.photoz")
 
 #: What the model (RAIL's, the informer's output) records of the bundle.
 MODEL_KEYS = ("bundle", "name", "version", "sha256", "bands", "cutout_size_pixels", "bin_edges")
@@ -95,7 +92,7 @@ class PhotozImageInformer(CatInformer):
     def inform(self, training_data: TableLike | None = None, **kwargs: Any) -> ModelHandle:
         """RAIL's model for ``config.bundle`` (any ``training_data`` is ignored: the bundle is trained)."""
         if training_data is not None:
-            self.log.info("%s: training data ignored (photoz bundles are trained with photoz train)", self.name)
+            self.log.info(f"{self.name}: training data ignored (photoz bundles are trained with photoz train)")
         self.validate()
         self.run()
         self.finalize()
