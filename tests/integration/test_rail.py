@@ -193,3 +193,19 @@ def test_the_ceci_pipeline_runs_end_to_end(simulated, tiny_bundle, tmp_path):
     for name, value in printed.items():
         assert float(value) == pytest.approx(photoz[name], abs=2e-6), name
     assert (tmp_path / "run" / "photoz_image.yml").exists()
+
+
+def test_the_committed_pipeline_yaml_is_the_one_the_script_writes(tmp_path):
+    """integrations/rail/pipeline/photoz_image.yml: the same stages, classes and wiring as write_pipeline's."""
+    import yaml
+    from rail.photoz.pipeline import write_pipeline
+
+    committed = Path(__file__).resolve().parents[2] / "integrations" / "rail" / "pipeline"
+    fresh = write_pipeline(tmp_path / "photoz_image.yml", "sim.hdf5", "truth.hdf5",
+                           "../../../model/bundles/photoz-sdss-sim.onnx", "outputs")
+    ours, theirs = (yaml.safe_load(p.read_text()) for p in (committed / "photoz_image.yml", fresh))
+    assert ours["stages"] == theirs["stages"] and ours["inputs"] == theirs["inputs"]
+    config = yaml.safe_load((committed / "photoz_image_config.yml").read_text())
+    assert config["estimate_photoz"]["images_col"] == "images"
+    assert (committed.parents[2] / "model" / "bundles" / "photoz-sdss-sim.onnx").exists()
+    assert Path(config["inform_photoz"]["bundle"]).name == "photoz-sdss-sim.onnx"
