@@ -209,3 +209,19 @@ def test_the_committed_pipeline_yaml_is_the_one_the_script_writes(tmp_path):
     assert config["estimate_photoz"]["images_col"] == "images"
     assert (committed.parents[2] / "model" / "bundles" / "photoz-sdss-sim.onnx").exists()
     assert Path(config["inform_photoz"]["bundle"]).name == "photoz-sdss-sim.onnx"
+
+
+def test_mpi_ranks_read_disjoint_chunks_that_cover_the_file(poisoned, tiny_bundle, tmp_path):
+    """Under MPI each rank reads its own chunks (RAIL's split); here the ranks are set by hand (no MPI)."""
+    model = _inform(tmp_path, tiny_bundle, "ranks")
+    seen = []
+    for rank in range(3):
+        stage = PhotozImageEstimator.make_stage(name=f"estimate_rank{rank}", model=model, chunk_size=16)
+        stage._rank, stage._size = rank, 3
+        stage.set_data("input", TableHandle("input", path=str(poisoned)), do_read=False)
+        for start, end, data in stage.input_iterator("input"):
+            assert len(data["images"]) == end - start and set(data) == {"images", "ebv", "object_id"}
+            np.testing.assert_array_equal(data["object_id"], np.arange(start, end) + 1000)
+            seen.append((rank, start, end))
+    starts = sorted(s for _, s, _ in seen)
+    assert starts == list(range(0, 96, 16)) and len({r for r, _, _ in seen}) == 3
