@@ -6,7 +6,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 ROOMS = ("model", "formats", "service", "pipeline", "training")
-SOURCES = [p for folder in (*ROOMS, "photoz", "tests", "benchmarks", "integrations") for p in (ROOT / folder).rglob("*.py")]
+SOURCES = [p for folder in (*ROOMS, "photoz", "tests", "benchmarks", "integrations")
+           for p in (ROOT / folder).rglob("*.py")]
 
 
 def _imports(path: Path) -> list[str]:

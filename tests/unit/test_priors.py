@@ -1,0 +1,152 @@
+"""Redshift priors (photoz.model.priors): re-weighting, the EM population n(z), validation."""
+import numpy as np
+import pytest
+
+from photoz.model.pdf import ESTIMATES, RedshiftBins, point_estimates
+from photoz.model.priors import (
+    MIN_OBJECTS_SELF,
+    PriorError,
+    apply,
+    for_population,
+    nz_record,
+    population_nz,
+    rebin,
+    regularised,
+    resolve,
+    reweight,
+    training_nz,
+)
+from photoz.model.quality import FLAG_BITS, GRID_EDGE_FLAG
+
+BINS = RedshiftBins.uniform(0.0, 0.4, 80)
+
+
+def gaussian_rows(centres, sigma, bins=BINS):
+    c = bins.centres
+    rows = np.exp(-0.5 * ((c[None, :] - np.asarray(centres)[:, None]) / sigma) ** 2)
+    return rows / rows.sum(axis=1, keepdims=True)
+
+
+def population(rng, n, train_counts, new_pdf, sigma=0.02):
+    """Objects drawn from ``new_pdf`` (per bin) whose PDFs a network trained on ``train_counts`` would give:
+    a Gaussian likelihood around a noisy observation, times the training prior."""
+    k = rng.choice(BINS.n_bins, size=n, p=new_pdf)
+    z = BINS.centres[k]
+    observed = z + rng.normal(0, sigma, n)
+    likelihood = gaussian_rows(observed, sigma)
+    train = regularised(train_counts)
+    posterior = likelihood * train[None, :]
+    return z, (posterior / posterior.sum(axis=1, keepdims=True)).astype(np.float32), train
+
+
+def broad_and_narrow():
+    c = BINS.centres
+    train_counts = 1000 * np.exp(-0.5 * ((c - 0.12) / 0.06) ** 2)  # a training set centred at z 0.12
+    shell = np.exp(-0.5 * ((c - 0.07) / 0.02) ** 2)  # the user's sample: a shell at z 0.07
+    return train_counts, shell / shell.sum()
+
+
+def test_the_training_prior_leaves_every_output_untouched():
+    probs = gaussian_rows([0.1, 0.2], 0.02).astype(np.float32)
+    outputs = {"probs": probs, **point_estimates(probs, BINS), "flag_bits": np.array([4, 0], np.uint32)}
+    prior = resolve("train", BINS, regularised(np.ones(BINS.n_bins)))
+    out, ok = apply(outputs, prior, None, BINS)
+    assert out is outputs and ok.all()
+    assert prior.describe() == {"name": "train", "recorded": True}
+
+
+def test_a_custom_histogram_is_integrated_over_the_model_bins():
+    mass = rebin(np.array([0.0, 0.2, 0.4]), np.array([3.0, 1.0]), BINS)
+    assert mass.sum() == pytest.approx(1.0)
+    assert mass[BINS.centres < 0.2].sum() == pytest.approx(0.75) and np.allclose(mass[:40], 0.75 / 40)
+    # a histogram bin edge inside a model bin splits its mass by the overlap
+    half = rebin(np.array([0.0, 0.0025, 1.0]), np.array([0.0, 1.0]), RedshiftBins.uniform(0.0, 0.4, 80))
+    assert half[0] == pytest.approx(0.5 * half[1])
+
+
+def test_reweighting_is_bayes_rule_and_refuses_objects_outside_the_prior():
+    train = regularised(np.linspace(1, 100, BINS.n_bins))
+    probs = gaussian_rows([0.1, 0.35], 0.01).astype(np.float32)
+    prior = resolve("custom", BINS, train, edges=[0.0, 0.2], weights=[1.0])
+    new, ok = reweight(probs, prior, train)
+    assert ok.tolist() == [True, False]  # the second object's PDF lies where the prior is zero
+    expected = probs[0] * prior.weights / train
+    np.testing.assert_allclose(new[0], expected / expected.sum(), rtol=1e-5, atol=1e-9)
+    np.testing.assert_array_equal(new[1], probs[1])
+
+
+def test_apply_recomputes_the_estimates_and_the_grid_edge_flag_only():
+    train = regularised(np.ones(BINS.n_bins))
+    probs = gaussian_rows([0.395, 0.2], 0.01).astype(np.float32)
+    star = FLAG_BITS["point_source"]
+    outputs = {"probs": probs, **point_estimates(probs, BINS, np.array([0.01, 0.02])),
+               "flag_bits": np.array([FLAG_BITS[GRID_EDGE_FLAG] | star, star], np.uint32)}
+    prior = resolve(None, BINS, train, edges=[0.0, 0.3], weights=[1.0])  # cuts the grid's upper end
+    out, ok = apply(outputs, prior, train, BINS)
+    assert ok.all()
+    assert out["z_mean"][0] < outputs["z_mean"][0] - 0.05  # moved below 0.3
+    assert out["flag_bits"][0] == star  # no longer at the grid's edge, the cutout's own flag kept
+    np.testing.assert_array_equal(out["z_epistemic_std"], [0.01, 0.02])
+    assert set(ESTIMATES) <= set(out)
+
+
+def test_em_recovers_a_population_unlike_the_training_set(rng):
+    train_counts, shell = broad_and_narrow()
+    z, probs, train = population(rng, 3000, train_counts, shell)
+    nz, iterations = population_nz(probs, train)
+    assert 1 < iterations <= 30
+    assert np.abs(nz - shell).max() < 0.01  # the shape, not only the mean (early stopping keeps it smooth)
+    c = BINS.centres
+    assert float(nz @ c) == pytest.approx(float(z.mean()), abs=0.003)
+    # the training prior pulls every estimate towards z 0.12; the population's own n(z) removes that bias
+    def bias(p):
+        return float(np.mean(point_estimates(p, BINS)["z_mean"] - z))
+    assert bias(probs) > 0.004
+    prior = for_population(resolve("self", BINS, train), probs, train)
+    assert prior.details["n_objects"] == 3000 and len(prior.describe()["n_z"]) == BINS.n_bins
+    assert abs(bias(reweight(probs, prior, train)[0])) < 0.002
+    truth = resolve(None, BINS, train, edges=BINS.edges, weights=shell)
+    assert abs(bias(reweight(probs, truth, train)[0])) < 0.002
+
+
+def test_prior_self_needs_enough_objects():
+    train = regularised(np.ones(BINS.n_bins))
+    probs = gaussian_rows(np.full(MIN_OBJECTS_SELF - 1, 0.1), 0.02)
+    with pytest.raises(PriorError, match=f"at least {MIN_OBJECTS_SELF} valid objects"):
+        for_population(resolve("self", BINS, train), probs, train)
+
+
+@pytest.mark.parametrize("kwargs, field, message", [
+    ({"name": "uniform"}, "prior", "one of train, flat, self, custom"),
+    ({"name": "custom", "edges": [0.0, 0.2]}, "prior_weights", "both prior_edges"),
+    ({"edges": [0.2, 0.1], "weights": [1.0]}, "prior_edges", "strictly increasing"),
+    ({"edges": [0.0, 0.1, 0.2], "weights": [1.0]}, "prior_weights", "2 weights"),
+    ({"edges": [0.0, 0.1], "weights": [-1.0]}, "prior_weights", "non-negative"),
+    ({"edges": [0.0, float("nan")], "weights": [1.0]}, "prior_edges", "finite"),
+    ({"edges": ["a", "b"], "weights": [1.0]}, "prior_edges", "a list of numbers"),
+    ({"edges": [0.5, 0.9], "weights": [1.0]}, "prior_edges", "overlapping the model's range"),
+    ({"name": "train", "edges": [0.0, 0.1], "weights": [1.0]}, "prior", "only with prior=custom"),
+])
+def test_bad_priors_name_the_field(kwargs, field, message):
+    train = regularised(np.ones(BINS.n_bins))
+    name = kwargs.pop("name", None)
+    with pytest.raises(PriorError, match=message) as caught:
+        resolve(name, BINS, train, **kwargs)
+    assert caught.value.field == field
+
+
+def test_a_bundle_without_its_training_nz_takes_only_the_training_prior():
+    document = {"training": {"dataset": {}}}
+    assert training_nz(document, BINS) is None
+    assert resolve("train", BINS, None).describe() == {"name": "train", "recorded": False}
+    with pytest.raises(PriorError, match="does not record its training set's n\\(z\\)"):
+        resolve("flat", BINS, None)
+
+
+def test_the_recorded_training_nz_round_trips(rng):
+    z = rng.uniform(0, 0.45, 1000)
+    record = nz_record(z, BINS, "test")
+    assert record["n_objects"] == 1000 and record["outside_grid"] == int((z >= 0.4).sum())
+    train = training_nz({"training": {"n_z": record}}, BINS)
+    np.testing.assert_allclose(train, regularised(np.histogram(z, BINS.edges)[0]))
+    assert training_nz({"training": {"n_z": {"counts": [1, 2]}}}, BINS) is None  # wrong length: ignored
