@@ -64,6 +64,28 @@ def _guard_graph(args) -> int:
     return 0
 
 
+def _record_prior(args) -> int:
+    from photoz.model.bundle import load_bundle
+    from photoz.model.export import code_commit, write_metadata
+    from photoz.training.export import training_nz_record
+
+    bundle = load_bundle(args.model)
+    document = dict(bundle.metadata.document)
+    record = training_nz_record(args.data, bundle.metadata.bins, args.n, args.source)
+    training = {**document["training"], "n_z": record}
+    if args.version:
+        document["model"] = {**document["model"], "version": args.version}
+        revision = {"version": args.version, "code_commit": code_commit(),
+                    "change": f"training set's n(z) recorded ({record['source']}): requests may ask for another "
+                              "prior; same graph, identical outputs"}
+        training["revisions"] = [*training.get("revisions", []), revision]
+    document["training"] = training
+    written = write_metadata(args.model, document, args.out)
+    print(f"n(z) of {record['n_objects']:,} objects ({record['outside_grid']} outside the grid) recorded")
+    print(f"{written.path}  sha256 {written.sha256}")
+    return 0
+
+
 def _ood_thresholds(args) -> int:
     from photoz.model.bundle import load_bundle
     from photoz.model.export import write_metadata
@@ -170,6 +192,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="where to write it (default: in place)")
     p.add_argument("--version", default=None, help="the revised bundle's model version (recorded as a revision)")
     p.set_defaults(func=_guard_graph)
+
+    p = sub.add_parser("record-prior", help="record a bundle's training-set n(z) in its metadata (what photoz "
+                                            "export now does itself)",
+                       description="The PDFs a network gives carry its training set's redshift distribution as "
+                                   "their prior; a request that asks for another prior divides it out. This "
+                                   "counts the true redshifts of --data on the bundle's bins and stores them (the "
+                                   "graph is unchanged; the checksum changes).")
+    p.add_argument("--model", required=True, help="bundle (.onnx)")
+    p.add_argument("--data", required=True, help="the bundle's training set (labelled HDF5 with z)")
+    p.add_argument("--n", type=int, default=None, help="count only its first N rows (default: all)")
+    p.add_argument("--source", default=None, help="how the record describes the data (default: file name, rows)")
+    p.add_argument("--out", default=None, help="write the bundle here (default: in place)")
+    p.add_argument("--version", default=None, help="the revised bundle's model version (recorded as a revision)")
+    p.set_defaults(func=_record_prior)
 
     p = sub.add_parser("ood-thresholds", help="measure a bundle's out-of-distribution flag thresholds on its "
                                               "training set and write them into its metadata",

@@ -5,6 +5,8 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from photoz.model.export import code_commit, export_bundle, make_metadata
 from photoz.model.pasquet import EnsembleNet, MCDropoutNet
 from photoz.model.pdf import RedshiftBins
@@ -24,10 +26,14 @@ def training_record(state: dict, held_out: dict | None) -> dict:
             metrics["baseline"] = {"name": held_out["baseline"]["name"],
                                    **{k: v for k, v in held_out["baseline"]["metrics"].items()
                                       if not k.startswith("by_")}}
-    return {"dataset": state["dataset"], "seed": cfg["seed"], "epochs": state["epoch"],
-            "variant": cfg["variant"], "batch_size": cfg["batch_size"], "learning_rate": cfg["lr"],
-            "code_commit": code_commit(), "metrics": metrics,
-            **({"initialised_from": state["initialised_from"]} if state.get("initialised_from") else {})}
+    record = {"dataset": state["dataset"], "seed": cfg["seed"], "epochs": state["epoch"],
+              "variant": cfg["variant"], "batch_size": cfg["batch_size"], "learning_rate": cfg["lr"],
+              "code_commit": code_commit(), "metrics": metrics,
+              **({"initialised_from": state["initialised_from"]} if state.get("initialised_from") else {})}
+    data = Path(cfg.get("data", ""))
+    if data.is_file():  # the prior the PDFs carry, which a request's prior divides out (photoz.model.priors)
+        record["n_z"] = training_nz_record(data, RedshiftBins.from_metadata(cfg["z_bins"]))
+    return record
 
 
 def export_checkpoint(checkpoint: str | Path | list, out: str | Path, name: str, version: str,
@@ -93,3 +99,16 @@ def export_checkpoint(checkpoint: str | Path | list, out: str | Path, name: str,
         log.warning("training set %s not found: the bundle gets no out-of-distribution thresholds "
                     "(give --reference-data, or add them later with `photoz ood-thresholds`)", reference)
     return export_bundle(net, out, metadata, fp16=fp16, pit_map=recalibration)
+
+
+def training_nz_record(data: str | Path, bins: RedshiftBins, n: int | None = None, source: str | None = None) -> dict:
+    """The ``training.n_z`` record of a labelled HDF5 data set (its first ``n`` rows, default all): counts of its
+    true redshifts per model bin. Training and validation rows are one population (a random split)."""
+    import h5py
+
+    from photoz.model.priors import nz_record
+
+    with h5py.File(data, "r") as h5:
+        z = np.asarray(h5["z"][: n or None], np.float64)
+    what = f"every row ({len(z):,})" if n is None else f"its first {len(z):,} rows"
+    return nz_record(z, bins, source or f"{Path(data).name}: true redshifts of {what}")

@@ -75,6 +75,9 @@ def test_end_to_end_train_resume_export_predict(tiny_data, tmp_path):
     assert record["dataset"]["name"] == "tiny.h5" and record["dataset"]["n_objects"] == 160
     assert record["seed"] == 0 and record["epochs"] >= 1
     assert "held_out" in record["metrics"] and "baseline" in record["metrics"]
+    with h5py.File(tiny_data) as h5:  # the training set's n(z), the prior its PDFs carry
+        assert record["n_z"]["counts"] == np.histogram(h5["z"][:], bundle.metadata.bins.edges)[0].tolist()
+    assert record["n_z"]["n_objects"] == 160
     net, _ = load_checkpoint(run / "best.pt")
     with h5py.File(tiny_data) as h5:
         images, ebv = h5["images"][:5], h5["ebv"][:5]

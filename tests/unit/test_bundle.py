@@ -211,3 +211,30 @@ def test_guard_graph_revises_an_exported_bundle_keeping_its_outputs(tiny_net, tm
     report = {"data": "x.h5", "n": 4, "model_metrics": {"point_estimate": "z_mean", "sigma_mad": 0.1,
               "outlier_fraction": 0.5, "bias": 0.0, "crps": 0.1, "pit_ks": 0.5, "n": 4, "by_redshift": []}}
     assert "- revision 0.0.2 (code commit `" in render(new.path, report, [])
+
+
+def test_record_prior_stores_the_training_nz_and_keeps_the_graph(tiny_bundle, tmp_path):
+    """photoz record-prior: the training set's true redshifts counted on the bundle's bins, stored under
+    training.n_z with a revision; the graph (and so every PDF) unchanged."""
+    import h5py
+
+    from photoz.cli import main
+    from photoz.model.priors import regularised, training_nz
+
+    z = np.random.default_rng(3).gamma(4.0, 0.03, 500)
+    with h5py.File(tmp_path / "train.h5", "w") as h5:
+        h5["z"] = z
+    old = load_bundle(tiny_bundle)
+    assert training_nz(old.metadata.document, old.metadata.bins) is None
+    assert main(["record-prior", "--model", str(tiny_bundle), "--data", str(tmp_path / "train.h5"), "--n", "400",
+                 "--out", str(tmp_path / "new.onnx"), "--version", "0.0.9"]) == 0
+    new = load_bundle(tmp_path / "new.onnx")
+    record = new.metadata.document["training"]["n_z"]
+    counts = np.histogram(z[:400], new.metadata.bins.edges)[0]
+    assert record["counts"] == counts.tolist() and record["n_objects"] == 400
+    assert record["outside_grid"] == int((z[:400] >= 0.4).sum()) and "first 400 rows" in record["source"]
+    np.testing.assert_allclose(training_nz(new.metadata.document, new.metadata.bins), regularised(counts))
+    assert new.metadata.version == "0.0.9" and "n(z) recorded" in new.metadata.document["training"]["revisions"][-1][
+        "change"]
+    old_graph, new_graph = (onnx.load(str(b.path)).graph for b in (old, new))
+    assert old_graph.SerializeToString() == new_graph.SerializeToString()
