@@ -119,6 +119,7 @@ class Results:
     probs: np.ndarray  # (n_valid, n_bins)
     estimates: dict[str, np.ndarray] = field(default_factory=dict)
     flag_bits: np.ndarray | None = None  # (n_valid,) uint32; None: the PDF's own flag, set here
+    prior: dict[str, Any] = field(default_factory=lambda: dict(TRAINING_PRIOR))  # photoz.model.priors: describe()
 
     def __post_init__(self) -> None:
         self.valid = np.array([p is None for p in self.problems], dtype=bool)
@@ -137,6 +138,10 @@ class Results:
         assert self.flag_bits is not None  # set by __post_init__
         table.fill(np.flatnonzero(self.valid), {"probs": self.probs, **self.estimates, "flag_bits": self.flag_bits})
         return table
+
+
+#: What an answer says when no other prior was asked for: the PDFs as the network gives them.
+TRAINING_PRIOR: dict[str, Any] = {"name": "train"}
 
 
 def choose_media_type(accept: str | None) -> str | None:
@@ -174,6 +179,7 @@ def to_json(results: Results, include_pdf: bool) -> bytes:
     estimates = np.round(np.array(list(results.estimates.values()), np.float64), 6)  # one call, not eight
     doc: dict[str, Any] = {
         "model": results.model_info().as_dict(),
+        "prior": results.prior,
         "n_objects": len(results.ids),
         "pdf_name": "hist",
         "pdf_version": 0,
@@ -205,8 +211,10 @@ def _text_column(name: str, values: list[str]) -> Any:
     return fits.Column(name=name, format=f"{max(1, data.dtype.itemsize)}A", array=data)
 
 
-def fits_hdus(rows: ResultRows, edges: np.ndarray, model: ModelInfo, include_pdf: bool = True) -> Any:
-    """HDUList: primary (model keywords), ``PHOTOZ`` (one row per object), ``BINS`` (``Z_EDGES``)."""
+def fits_hdus(rows: ResultRows, edges: np.ndarray, model: ModelInfo, include_pdf: bool = True,
+              prior: dict[str, Any] | None = None) -> Any:
+    """HDUList: primary (model and prior keywords), ``PHOTOZ`` (one row per object), ``BINS`` (``Z_EDGES``;
+    with ``N_Z``, the prior applied per bin, when it is not the training set's)."""
     from astropy.io import fits
 
     columns = [_text_column("ID", rows.ids), fits.Column(name="VALID", format="L", array=rows.valid)]
@@ -221,15 +229,21 @@ def fits_hdus(rows: ResultRows, edges: np.ndarray, model: ModelInfo, include_pdf
     primary.header["SHA256"] = model.sha256[:68]
     for name, bit in FLAG_BITS.items():  # what FLAG_BITS means, in the file itself
         primary.header[f"FLAGBIT{bit.bit_length() - 1}"] = name
+    prior = prior or TRAINING_PRIOR
+    primary.header["PRIOR"] = (prior["name"], "redshift prior of the PDFs (train: as trained)")
     bins = fits.BinTableHDU.from_columns([fits.Column(name="Z_EDGES", format="D", array=edges)], name="BINS")
-    return fits.HDUList([primary, fits.BinTableHDU.from_columns(columns, name="PHOTOZ"), bins])
+    hdus = [primary, fits.BinTableHDU.from_columns(columns, name="PHOTOZ"), bins]
+    if "n_z" in prior:
+        hdus.append(fits.BinTableHDU.from_columns([fits.Column(name="N_Z", format="D", array=prior["n_z"])],
+                                                  name="PRIOR"))
+    return fits.HDUList(hdus)
 
 
 def to_fits(results: Results, include_pdf: bool) -> bytes:
     """Binary table, one row per input object (invalid rows: VALID false, NaN estimates, ERROR set)."""
     buffer = io.BytesIO()
-    fits_hdus(results.rows(), results.bundle.metadata.bins.edges, results.model_info(), include_pdf) \
-        .writeto(buffer)
+    fits_hdus(results.rows(), results.bundle.metadata.bins.edges, results.model_info(), include_pdf,
+              results.prior).writeto(buffer)
     return buffer.getvalue()
 
 
@@ -240,7 +254,8 @@ class QpHdf5Writer:
     ``rejected_ids`` / ``rejected_errors`` attributes (JSON lists).
     """
 
-    def __init__(self, h5: Any, edges: np.ndarray, model: ModelInfo, include_pdf: bool = True) -> None:
+    def __init__(self, h5: Any, edges: np.ndarray, model: ModelInfo, include_pdf: bool = True,
+                 prior: dict[str, Any] | None = None) -> None:
         self.h5, self.include_pdf = h5, include_pdf
         self.rejected_ids: list[str] = []
         self.rejected_errors: list[str] = []
@@ -249,7 +264,7 @@ class QpHdf5Writer:
         meta.create_dataset("pdf_version", data=np.array([0]))
         meta.create_dataset("bins", data=np.asarray(edges, np.float64)[None, :])
         h5.attrs.update({"model_name": model.name, "model_version": model.version, "model_sha256": model.sha256,
-                         "flag_bits": json.dumps(FLAG_BITS)})
+                         "flag_bits": json.dumps(FLAG_BITS), "prior": json.dumps(prior or TRAINING_PRIOR)})
         self.n_bins = len(edges) - 1 if include_pdf else 0
         self.pdfs = h5.create_group("data").create_dataset("pdfs", shape=(0, self.n_bins), maxshape=(None, self.n_bins),
                                                           dtype=np.float64, chunks=(4096, max(1, self.n_bins)))
@@ -297,13 +312,14 @@ def to_hdf5(results: Results, include_pdf: bool) -> bytes:
 
     buffer = io.BytesIO()
     with h5py.File(buffer, "w") as h5:
-        writer = QpHdf5Writer(h5, results.bundle.metadata.bins.edges, results.model_info(), include_pdf)
+        writer = QpHdf5Writer(h5, results.bundle.metadata.bins.edges, results.model_info(), include_pdf,
+                              results.prior)
         writer.append(results.rows())
         writer.close()
     return buffer.getvalue()
 
 
-def parquet_table(rows: ResultRows, edges: np.ndarray, model: ModelInfo) -> Any:
+def parquet_table(rows: ResultRows, edges: np.ndarray, model: ModelInfo, prior: dict[str, Any] | None = None) -> Any:
     """A pyarrow Table, one row per object; the bin edges and model in the schema metadata."""
     import pyarrow as pa
 
@@ -312,12 +328,14 @@ def parquet_table(rows: ResultRows, edges: np.ndarray, model: ModelInfo) -> Any:
                       "flag_bits": rows.flag_bits,
                       "pdf": pa.FixedSizeListArray.from_arrays(pa.array(rows.probs.ravel()), rows.probs.shape[1])})
     meta = {b"photoz": json.dumps({"z_bin_edges": [float(e) for e in edges], "model": model.as_dict(),
-                                   "flag_bits": FLAG_BITS}).encode()}
+                                   "flag_bits": FLAG_BITS, "prior": prior or TRAINING_PRIOR}).encode()}
     return table.replace_schema_metadata(meta)
 
 
-def write_table(parts: list[ResultRows] | Any, out: Path, fmt: str, edges: np.ndarray, model: ModelInfo) -> int:
+def write_table(parts: list[ResultRows] | Any, out: Path, fmt: str, edges: np.ndarray, model: ModelInfo,
+                prior: dict[str, Any] | None = None) -> int:
     """Write an iterable of row blocks as one table (FITS, Parquet or qp HDF5), atomically; returns the rows.
+    ``prior``: the description of the prior the PDFs were re-weighted to (default: the training set's).
 
     Parquet and HDF5 stream block by block; FITS holds the table in memory.
     """
@@ -328,7 +346,7 @@ def write_table(parts: list[ResultRows] | Any, out: Path, fmt: str, edges: np.nd
 
         writer = None
         for rows in parts:
-            table = parquet_table(rows, edges, model)
+            table = parquet_table(rows, edges, model, prior)
             writer = writer or pq.ParquetWriter(tmp, table.schema)
             writer.write_table(table)
             n += len(rows)
@@ -338,12 +356,12 @@ def write_table(parts: list[ResultRows] | Any, out: Path, fmt: str, edges: np.nd
         import h5py
 
         with h5py.File(tmp, "w") as h5:
-            qp = QpHdf5Writer(h5, edges, model)
+            qp = QpHdf5Writer(h5, edges, model, prior=prior)
             n = sum(qp.append(rows) for rows in parts)
             qp.close()
     elif fmt == "fits":
         rows = ResultRows.concatenate(list(parts))
-        fits_hdus(rows, edges, model).writeto(tmp, overwrite=True)
+        fits_hdus(rows, edges, model, prior=prior).writeto(tmp, overwrite=True)
         n = len(rows)
     else:
         raise ValueError(f"unknown table format {fmt!r}: one of {', '.join(sorted(set(TABLE_SUFFIXES.values())))}")

@@ -73,7 +73,7 @@ class Prior:
     def describe(self) -> dict[str, Any]:
         """What the answer says about the prior applied (JSON-ready)."""
         out: dict[str, Any] = {"name": self.name, **self.details}
-        if self.weights is not None and self.name != "flat":
+        if self.weights is not None:
             out["n_z"] = np.round(self.weights, 8).tolist()
         return out
 

@@ -32,6 +32,7 @@ def _fail(command: str, exc: BaseException) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     from photoz.formats.errors import InputError
+    from photoz.formats.inputs import parse_list_field
     from photoz.model.bundle import BundleError
     from photoz.pipeline.predict import InputFileError, predict_files
 
@@ -39,7 +40,9 @@ def _predict(args: argparse.Namespace) -> int:
     try:
         summary = predict_files(args.inputs, args.out, model=model, url=args.url, api_key=args.api_key,
                                 providers=args.providers, chunk_size=args.chunk_size, batch_size=args.batch_size,
-                                progress=not args.quiet, dask=args.dask, keep_parts=args.keep_parts)
+                                progress=not args.quiet, dask=args.dask, keep_parts=args.keep_parts,
+                                prior=args.prior, prior_edges=parse_list_field(args.prior_edges, "prior_edges"),
+                                prior_weights=parse_list_field(args.prior_weights, "prior_weights"))
     except (InputError, InputFileError, BundleError, FileNotFoundError, ValueError, RuntimeError) as exc:
         return _fail("predict", exc)
     print(f"{summary['out']}: {summary['written']} rows ({summary['objects']} objects) "
@@ -118,6 +121,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--dask", default=None, metavar="SCHEDULER",
                    help="run the chunks on Dask: local:N for N local worker processes, or a scheduler address")
     p.add_argument("--keep-parts", action="store_true", help="keep the per-chunk files and manifest in OUT.parts/")
+    p.add_argument("--prior", default=None, help="redshift prior of the PDFs: train (default: as trained), flat, "
+                                                 "self (the n(z) of all the inputs, by EM) or custom")
+    p.add_argument("--prior-edges", default=None, help="custom prior: histogram bin edges in z (comma list)")
+    p.add_argument("--prior-weights", default=None, help="custom prior: a weight per histogram bin (comma list)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_predict)
 

@@ -20,6 +20,7 @@ from photoz.formats.results import ModelInfo
 from photoz.model.bundle import load_bundle
 from photoz.model.isolation import ROW_ERRORS, isolate_batch
 from photoz.model.pdf import ESTIMATES, RedshiftBins
+from photoz.model.priors import training_nz
 from photoz.model.quality import bits_from_names
 from photoz.model.runtime import OnnxPredictor
 
@@ -32,6 +33,7 @@ class Engine(Protocol):
     geometry: Geometry
     edges: np.ndarray
     model: ModelInfo
+    train_prior: np.ndarray | None  # the training set's n(z) per bin (photoz.model.priors), if recorded
 
     def run(self, images: np.ndarray, ebv: np.ndarray) -> dict[str, np.ndarray]:
         """``probs`` (N, n_bins), every point estimate (N,) and ``flag_bits`` (N,), row-aligned with ``images``."""
@@ -50,6 +52,7 @@ class LocalEngine:
         self.batch_size = batch_size
         md = bundle.metadata
         self.geometry, self.edges, self.model = Geometry(md.bands, md.cutout_size), md.bins.edges, ModelInfo.of(bundle)
+        self.train_prior = training_nz(md.document, md.bins)
 
     def run(self, images: np.ndarray, ebv: np.ndarray) -> dict[str, np.ndarray]:
         """Batch by batch; a batch the model fails on is bisected: its culprits come back NaN with their error
@@ -79,8 +82,9 @@ class RemoteEngine:
         self.client = PhotozClient(url, api_key=api_key)
         info = self.client.models()["models"][0]
         self.geometry = Geometry(tuple(info["bands"]), info["cutout_size_pixels"])
-        self.edges = RedshiftBins.from_metadata(info["metadata"]["redshift_bins"]).edges
-        self.model = ModelInfo(info["name"], info["version"], info["sha256"])
+        bins = RedshiftBins.from_metadata(info["metadata"]["redshift_bins"])
+        self.edges, self.model = bins.edges, ModelInfo(info["name"], info["version"], info["sha256"])
+        self.train_prior = training_nz(info["metadata"], bins)
 
     def run(self, images: np.ndarray, ebv: np.ndarray) -> dict[str, np.ndarray]:
         n = len(images)

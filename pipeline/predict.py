@@ -40,6 +40,10 @@ from photoz.formats.errors import InputError
 from photoz.formats.inputs import decode, kind_for_suffix
 from photoz.formats.results import TABLE_SUFFIXES, ResultRows, write_table
 from photoz.model.isolation import ROW_ERRORS
+from photoz.model.pdf import RedshiftBins
+from photoz.model.priors import ZERO_OVERLAP, Prior, PriorError, for_population
+from photoz.model.priors import apply as apply_prior
+from photoz.model.priors import resolve as resolve_prior
 from photoz.pipeline.engines import Engine, LocalEngine, open_engine
 from photoz.progress import Progress
 
@@ -182,7 +186,8 @@ def _signature(sources: list[Source], chunk_size: int, engine: Engine) -> dict[s
 
 def predict_files(inputs: list[str | Path], out: str | Path, model: str | Path | None = None, url: str | None = None,
                   api_key: str | None = None, providers: str = "auto", chunk_size: int = 4096, batch_size: int = 64,
-                  progress: bool = True, dask: str | None = None, keep_parts: bool = False) -> dict[str, Any]:
+                  progress: bool = True, dask: str | None = None, keep_parts: bool = False,
+                  prior: str | None = None, prior_edges: Any = None, prior_weights: Any = None) -> dict[str, Any]:
     """Run a model over files into one table.
 
     Parameters
@@ -208,6 +213,11 @@ def predict_files(inputs: list[str | Path], out: str | Path, model: str | Path |
         there, each worker loading the bundle once.
     keep_parts : bool
         Keep the per-chunk files and their manifest in ``OUT.parts/``.
+    prior, prior_edges, prior_weights : optional
+        The redshift prior of the PDFs written (:mod:`photoz.model.priors`): ``train`` (default, as the network
+        gives them), ``flat``, ``self`` (the n(z) of all the run's valid objects, by EM) or a custom histogram
+        (``prior_edges``, ``prior_weights``). Applied when the table is written, so the parts stay the
+        network's own PDFs and a re-run with another prior recomputes nothing.
 
     Returns
     -------
@@ -223,6 +233,11 @@ def predict_files(inputs: list[str | Path], out: str | Path, model: str | Path |
     if fmt is None:
         raise ValueError(f"output must end in .fits, .parquet or .hdf5 (qp-readable), got {out.name}")
     engine = open_engine(model, url, api_key, providers, batch_size)
+    bins = RedshiftBins(engine.edges)
+    try:  # checked before any work
+        chosen = resolve_prior(prior, bins, engine.train_prior, prior_edges, prior_weights)
+    except PriorError as exc:
+        raise InputError(exc.field, exc.expected, exc.received) from None
     sources = find_sources(inputs, engine.geometry)
     plan = chunk_plan(sources, chunk_size)
     parts_dir = out.with_name(out.name + ".parts")
@@ -245,12 +260,43 @@ def predict_files(inputs: list[str | Path], out: str | Path, model: str | Path |
         else:
             _run_here(engine, plan, todo, parts_dir, bar)
     parts = sorted(parts_dir.glob("chunk-*.npz"))
-    n_written = write_table((ResultRows.load(p) for p in parts), out, fmt, engine.edges, engine.model)
+    blocks, applied = with_prior((ResultRows.load(p) for p in parts), parts, chosen, engine.train_prior, bins)
+    n_written = write_table(blocks, out, fmt, engine.edges, engine.model, applied)
     if keep_parts:
         manifest_path.write_text(json.dumps({"signature": signature, "parts": [p.name for p in parts]}, indent=1))
     else:
         shutil.rmtree(parts_dir)
     return {"objects": total, "written": n_written, "out": str(out), "format": fmt, "model": engine.model.as_dict()}
+
+
+def with_prior(blocks: Iterator[ResultRows], parts: list[Path], prior: Prior, train: np.ndarray | None,
+               bins: RedshiftBins) -> tuple[Iterator[ResultRows], dict[str, Any]]:
+    """The row blocks under ``prior`` (``self``: the n(z) of every valid row of ``parts``, read once first),
+    and the prior's description for the table."""
+    if prior.is_identity:
+        return blocks, prior.describe()
+    assert train is not None
+    if prior.name == "self":
+        valid = [rows.probs[rows.valid] for rows in (ResultRows.load(p) for p in parts)]
+        try:
+            prior = for_population(prior, np.concatenate(valid) if valid else np.zeros((0, bins.n_bins)), train)
+        except PriorError as exc:
+            raise InputError(exc.field, exc.expected, exc.received) from None
+    return (_rows_with_prior(rows, prior, train, bins) for rows in blocks), prior.describe()
+
+
+def _rows_with_prior(rows: ResultRows, prior: Prior, train: np.ndarray, bins: RedshiftBins) -> ResultRows:
+    valid = np.flatnonzero(rows.valid)
+    outputs, ok = apply_prior({"probs": rows.probs[valid], **{k: v[valid] for k, v in rows.estimates.items()},
+                               "flag_bits": rows.flag_bits[valid]}, prior, train, bins)
+    rows.fill(valid, outputs)
+    for i in valid[~ok]:  # the prior excludes every redshift its PDF allows
+        rows.valid[i], rows.errors[i] = False, ZERO_OVERLAP
+        rows.probs[i] = np.nan
+        rows.flag_bits[i] = 0
+        for key in rows.estimates:
+            rows.estimates[key][i] = np.nan
+    return rows
 
 
 def _part(parts_dir: Path, k: int) -> Path:

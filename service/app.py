@@ -43,12 +43,15 @@ from photoz.service.state import (
     CLIENT_CLOSED,
     ServiceState,
     answer,
+    check_prior_population,
     encoded,
     key_digest,
     predict_cutouts,
     refuse_early,
     require_key,
+    resolve_prior,
     state_of,
+    with_prior,
 )
 
 log = logging.getLogger("photoz.service")
@@ -63,6 +66,10 @@ class PredictParams(BaseModel):
     deadline_ms: float | None = Field(None, gt=0, description="drop the work after this long")
     ebv: str | None = Field(None, description="E(B-V) per cutout (comma list) or one value")
     ids: str | None = Field(None, description="object ids (comma list)")
+    prior: str | None = Field(None, description="redshift prior of the PDFs: train (default: as trained), flat, "
+                                                "self (the request's own n(z); >= 200 objects) or custom")
+    prior_edges: str | None = Field(None, description="custom prior: histogram bin edges in z (comma list)")
+    prior_weights: str | None = Field(None, description="custom prior: one weight per histogram bin (comma list)")
 
 
 async def healthz() -> dict[str, str]:
@@ -128,13 +135,17 @@ async def _predict(request: Request, params: PredictParams) -> Response:
     if media_type is None:
         raise InputError("Accept", " or ".join(ACCEPTED), request.headers.get("accept", ""), status=406,
                          title="not acceptable")
+    prior = resolve_prior(engine, params.prior, parse_list_field(params.prior_edges, "prior_edges"),
+                          parse_list_field(params.prior_weights, "prior_weights"))
     cutouts = await read_cutouts(request, engine.geometry, engine.settings, state_of(request).inflight,
                                  parse_list_field(params.ebv, "ebv"), parse_list_field(params.ids, "ids"))
     _check_valid(cutouts, params.all_or_nothing)
+    check_prior_population(prior, cutouts)
     timeout = params.deadline_ms / 1000 if params.deadline_ms else engine.settings.request_timeout_s
     results = await predict_cutouts(request, engine, cutouts, timeout)
     if results is None:
         return Response(status_code=CLIENT_CLOSED)
+    results = await with_prior(results, prior, engine.train_prior)
     body = await encoded(results, ENCODERS[media_type], params.pdf == "full")
     return Response(body, media_type=media_type)
 

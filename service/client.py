@@ -49,6 +49,7 @@ class PhotozResults:
     flags: list[list[str]] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     model: dict[str, Any] = field(default_factory=dict)
+    prior: dict[str, Any] = field(default_factory=lambda: {"name": "train"})  # the prior the PDFs are under
 
     @classmethod
     def from_json(cls, doc: dict[str, Any], id_prefix: str = "") -> PhotozResults:
@@ -57,7 +58,7 @@ class PhotozResults:
         pdfs = np.asarray(doc["data"]["pdfs"], dtype=np.float64) if "data" in doc else None
         rejected = [{**r, "id": id_prefix + r["id"]} for r in doc.get("rejected", [])]
         return cls(np.asarray(doc["meta"]["bins"]), [id_prefix + i for i in ancil["ids"]], estimates, pdfs,
-                   ancil["flags"], rejected, doc["model"])
+                   ancil["flags"], rejected, doc["model"], doc.get("prior", {"name": "train"}))
 
     @classmethod
     def concatenate(cls, parts: list[PhotozResults]) -> PhotozResults:
@@ -65,7 +66,8 @@ class PhotozResults:
         pdfs = None if first.pdfs is None else np.concatenate([p.pdfs for p in parts])
         return cls(first.bins, [i for p in parts for i in p.ids],
                    {k: np.concatenate([p.estimates[k] for p in parts]) for k in first.estimates}, pdfs,
-                   [f for p in parts for f in p.flags], [r for p in parts for r in p.rejected], first.model)
+                   [f for p in parts for f in p.flags], [r for p in parts for r in p.rejected], first.model,
+                   first.prior)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -133,7 +135,8 @@ class PhotozClient:
         self._raise_for(response)
         return response.json()
 
-    def predict(self, inputs: Any, ebv: Any = None, ids: Any = None, pdf: bool = True) -> PhotozResults:
+    def predict(self, inputs: Any, ebv: Any = None, ids: Any = None, pdf: bool = True, prior: str | None = None,
+                prior_edges: Any = None, prior_weights: Any = None) -> PhotozResults:
         """PDFs and point estimates of cutouts.
 
         Parameters
@@ -147,24 +150,58 @@ class PhotozClient:
             Object ids (arrays only; default: the index).
         pdf : bool
             Return the PDFs as well as the point estimates.
+        prior, prior_edges, prior_weights : optional
+            The redshift prior of the PDFs (README, "Priors"): ``train`` (default), ``flat``, a custom histogram
+            (``prior_edges``, ``prior_weights``), applied by the service; or ``self``, the n(z) of all the
+            objects given here (by EM over every chunk's PDFs together, here: needs ``pdf=True``).
 
         Returns
         -------
         PhotozResults
             ids, point estimates, PDFs on ``bins``, flags, and the objects the service rejected.
         """
+        if prior == "self" and not pdf:
+            raise ValueError("prior='self' needs the PDFs (pdf=True): their n(z) is estimated from them")
+        query = {"pdf": "full" if pdf else "none"}
+        if prior not in (None, "self"):
+            query["prior"] = prior
+        for key, values in (("prior_edges", prior_edges), ("prior_weights", prior_weights)):
+            if values is not None:
+                query[key] = ",".join(repr(float(v)) for v in np.ravel(values))
         if isinstance(inputs, (str, Path)):
             inputs = [inputs]
         if isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], (str, Path)):
-            jobs = [self._file_job(Path(p), len(inputs) > 1, pdf) for p in inputs]
+            jobs = [self._file_job(Path(p), len(inputs) > 1, query) for p in inputs]
         else:
-            jobs = self._array_jobs(np.asarray(inputs), ebv, ids, pdf)
+            jobs = self._array_jobs(np.asarray(inputs), ebv, ids, query)
         with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
             parts = list(pool.map(lambda job: job(), jobs))
-        return PhotozResults.concatenate(parts)
+        results = PhotozResults.concatenate(parts)
+        return self._population_prior(results) if prior == "self" else results
+
+    def _population_prior(self, results: PhotozResults) -> PhotozResults:
+        """``prior='self'`` over every object at once (the service would estimate it per request)."""
+        from photoz.model import priors
+        from photoz.model.pdf import GRID_EDGE_FLAG, RedshiftBins, at_grid_edge, point_estimates
+
+        bins = RedshiftBins(results.bins)
+        train = priors.training_nz(self.models()["models"][0]["metadata"], bins)
+        try:
+            chosen = priors.resolve("self", bins, train)
+            assert results.pdfs is not None and train is not None  # pdf=True; resolve needs the n(z)
+            chosen = priors.for_population(chosen, results.pdfs, train)
+        except priors.PriorError as exc:
+            raise ValueError(str(exc)) from None
+        pdfs = priors.reweight(results.pdfs, chosen, train)[0].astype(np.float64)  # the EM's n(z) is never 0
+        estimates = point_estimates(pdfs, bins, results.estimates.get("z_epistemic_std"))
+        edge = at_grid_edge(pdfs)
+        flags = [[f for f in names if f != GRID_EDGE_FLAG] + ([GRID_EDGE_FLAG] if e else [])
+                 for names, e in zip(results.flags, edge, strict=True)]
+        return PhotozResults(results.bins, results.ids, estimates, pdfs, flags, results.rejected, results.model,
+                             chosen.describe())
 
     def _array_jobs(self, images: np.ndarray, ebv: Any, ids: Any,
-                    pdf: bool) -> list[Callable[[], PhotozResults]]:
+                    query: dict[str, str]) -> list[Callable[[], PhotozResults]]:
         if images.ndim == 3:
             images = images[None]
         n = images.shape[0]
@@ -175,15 +212,14 @@ class PhotozClient:
             sl = slice(start, start + self.chunk_size)
             buffer = io.BytesIO()
             np.savez(buffer, images=images[sl], ebv=ebv[sl], ids=ids[sl])
-            jobs.append(functools.partial(self._post, buffer.getvalue(), "application/x-npz", pdf))
+            jobs.append(functools.partial(self._post, buffer.getvalue(), "application/x-npz", query))
         return jobs
 
-    def _file_job(self, path: Path, prefix: bool, pdf: bool) -> Callable[[], PhotozResults]:
+    def _file_job(self, path: Path, prefix: bool, query: dict[str, str]) -> Callable[[], PhotozResults]:
         content_type = KIND_MEDIA_TYPES.get(kind_for_suffix(path.name) or "", "application/octet-stream")
-        return lambda: self._post(path.read_bytes(), content_type, pdf, f"{path.name}:" if prefix else "")
+        return lambda: self._post(path.read_bytes(), content_type, query, f"{path.name}:" if prefix else "")
 
-    def _post(self, body: bytes, content_type: str, pdf: bool, id_prefix: str = "") -> PhotozResults:
-        params = {"pdf": "full" if pdf else "none"}
+    def _post(self, body: bytes, content_type: str, params: dict[str, str], id_prefix: str = "") -> PhotozResults:
         for attempt in range(self.retries + 1):
             try:
                 response = self._http.post(f"{self.url}/v1/predict", content=body, params=params,

@@ -18,6 +18,7 @@ import numpy as np
 
 from photoz.formats.cutouts import Geometry
 from photoz.model.bundle import Bundle, load_bundle
+from photoz.model.priors import training_nz
 from photoz.model.runtime import OnnxPredictor, bucket_sizes
 from photoz.service.batcher import Batcher
 from photoz.service.metrics import Metrics
@@ -65,6 +66,8 @@ class ServingEngine:
         self.bundle: Bundle = load_bundle(settings.model)
         md = self.bundle.metadata
         self.geometry = Geometry(md.bands, md.cutout_size)
+        # the training set's n(z) (regularised), which a request's prior divides out; None if not recorded
+        self.train_prior = training_nz(md.document, md.bins)
         self.predictor = OnnxPredictor(self.bundle, settings.providers, settings.threads_per_batch,
                                        settings.inter_op_threads, allow_spinning=False)
         if settings.shape_buckets == "on" or (settings.shape_buckets == "auto" and self.provider != CPU):

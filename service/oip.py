@@ -50,7 +50,18 @@ from photoz.model.pdf import ESTIMATES
 from photoz.service.engine import ServingEngine
 from photoz.service.ingest import INLINE_BYTES, read_body
 from photoz.service.routes import V2, bind, oip_error
-from photoz.service.state import CLIENT_CLOSED, answer, encoded, predict_cutouts, refuse_early, require_key, state_of
+from photoz.service.state import (
+    CLIENT_CLOSED,
+    answer,
+    check_prior_population,
+    encoded,
+    predict_cutouts,
+    refuse_early,
+    require_key,
+    resolve_prior,
+    state_of,
+    with_prior,
+)
 
 JSON = "application/json"
 BINARY = "application/octet-stream"
@@ -117,6 +128,18 @@ class InferRequest:
     outputs: dict[str, bool]
     id: str | None = None
     timeout_s: float | None = None
+    prior: dict[str, Any] | None = None  # parameters prior, prior_edges, prior_weights as sent
+
+
+def _prior_parameters(doc: dict[str, Any]) -> dict[str, Any]:
+    """The request's ``parameters.prior`` (a name), ``prior_edges`` and ``prior_weights`` (number lists)."""
+    parameters = doc.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        return {}
+    name = parameters.get("prior")
+    if name is not None and not isinstance(name, str):
+        raise _bad("parameters.prior", "a prior's name (train, flat, self, custom)", name)
+    return {"name": name, "edges": parameters.get("prior_edges"), "weights": parameters.get("prior_weights")}
 
 
 def _bad(field: str, expected: str, received: Any, status: int = 400) -> InputError:
@@ -246,7 +269,7 @@ def parse_infer(body: bytes, header_length: str | None, geometry: Geometry, budg
     cutouts = finish(tensors[IMAGES], geometry, ebv, None, f"inputs.{IMAGES}")
     request_id = doc.get("id")
     return InferRequest(cutouts, _wanted_outputs(doc, outputs),
-                        request_id if isinstance(request_id, str) else None, _timeout_s(doc))
+                        request_id if isinstance(request_id, str) else None, _timeout_s(doc), _prior_parameters(doc))
 
 
 def inflate(body: bytes, encoding: str | None, limit: int) -> bytes:
@@ -306,7 +329,8 @@ def encode_infer(results: Results, request: InferRequest, name: str, version: st
         else:
             entry["data"] = values if isinstance(values, list) else np.ascontiguousarray(values).ravel()
         outputs.append(entry)
-    doc: dict[str, Any] = {"model_name": name, "model_version": version, "outputs": outputs}
+    doc: dict[str, Any] = {"model_name": name, "model_version": version, "outputs": outputs,
+                           "parameters": {"prior": results.prior["name"]}}
     if request.id is not None:
         doc["id"] = request.id
     head = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
@@ -377,10 +401,14 @@ async def _infer(request: Request) -> Response:
     args = (body, request.headers.get(HEADER_LENGTH), engine.geometry, DecodeBudget(s.decode_limits),
             tuple(output_types(engine)))
     parsed = parse_infer(*args) if len(body) <= INLINE_BYTES else await asyncio.to_thread(parse_infer, *args)
+    asked = parsed.prior or {}
+    prior = resolve_prior(engine, asked.get("name"), asked.get("edges"), asked.get("weights"))
+    check_prior_population(prior, parsed.cutouts)
     results = await predict_cutouts(request, engine, parsed.cutouts, parsed.timeout_s or s.request_timeout_s,
                                     parsed.id)
     if results is None:
         return Response(status_code=CLIENT_CLOSED)
+    results = await with_prior(results, prior, engine.train_prior)
     md = engine.bundle.metadata
     content, json_length = await encoded(results, encode_infer, parsed, md.name, md.version)
     if json_length is None:

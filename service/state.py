@@ -26,8 +26,11 @@ from starlette.responses import Response
 from starlette.types import Scope
 
 from photoz.formats.cutouts import Cutouts
+from photoz.formats.errors import InputError
 from photoz.formats.results import Results
+from photoz.model import priors
 from photoz.model.isolation import ROW_ERRORS
+from photoz.model.priors import Prior
 from photoz.service.batcher import Reservation
 from photoz.service.engine import ServingEngine
 from photoz.service.errors import Draining, QueueFull, Unauthorized
@@ -239,11 +242,58 @@ def _request_id(request: Request, given: str | None) -> str:
     return f"{os.getpid()}-{next(_request_numbers)}"
 
 
+async def with_prior(results: Results, prior: Prior, train: np.ndarray | None) -> Results:
+    """:func:`apply_prior`, on the event loop for a few objects, in a worker thread for more."""
+    if prior.is_identity or len(results.ids) <= INLINE_OBJECTS:
+        return apply_prior(results, prior, train)
+    return await asyncio.to_thread(apply_prior, results, prior, train)
+
+
 async def encoded(results: Results, encode: Callable[..., T], *args: Any) -> T:
     """``encode(results, *args)``: on the event loop for a few objects, in a worker thread for more."""
     if len(results.ids) <= INLINE_OBJECTS:
         return encode(results, *args)
     return await asyncio.to_thread(encode, results, *args)
+
+
+def resolve_prior(engine: ServingEngine, name: str | None, edges: Any = None, weights: Any = None) -> Prior:
+    """The prior a request asked for (``prior``, ``prior_edges``, ``prior_weights``), or a 422 naming the field."""
+    try:
+        return priors.resolve(name, engine.bundle.metadata.bins, engine.train_prior, edges, weights)
+    except priors.PriorError as exc:
+        raise InputError(exc.field, exc.expected, exc.received) from None
+
+
+def check_prior_population(prior: Prior, cutouts: Cutouts) -> None:
+    """``prior=self`` on too few valid objects: the 422 before any inference."""
+    valid = sum(p is None for p in cutouts.problems)
+    if prior.name == "self" and valid < priors.MIN_OBJECTS_SELF:
+        raise InputError("prior", f"prior=self on at least {priors.MIN_OBJECTS_SELF} valid objects (their n(z) "
+                                  "is estimated from their PDFs); send more, or a named or custom prior",
+                         f"{valid} valid objects")
+
+
+def apply_prior(results: Results, prior: Prior, train: np.ndarray | None) -> Results:
+    """The results under ``prior`` (photoz.model.priors): PDFs re-weighted, estimates and the PDF's flag
+    recomputed; an object the prior excludes becomes that object's error. The answer names the prior."""
+    if prior.is_identity:
+        results.prior = prior.describe()
+        return results
+    assert train is not None  # resolve() gives only the training prior to a bundle without its n(z)
+    try:
+        concrete = priors.for_population(prior, results.probs, train)
+    except priors.PriorError as exc:  # fewer valid objects than the check before inference saw (model failures)
+        raise InputError(exc.field, exc.expected, exc.received) from None
+    assert results.flag_bits is not None
+    outputs, ok = priors.apply({"probs": results.probs, **results.estimates, "flag_bits": results.flag_bits},
+                               concrete, train, results.bundle.metadata.bins)
+    problems = list(results.problems)
+    for k, i in enumerate(np.flatnonzero(results.valid)):
+        if not ok[k]:
+            problems[i] = priors.ZERO_OVERLAP
+    probs, flag_bits = outputs.pop("probs")[ok], outputs.pop("flag_bits")[ok]
+    return Results(results.bundle, results.ids, problems, probs, {k: v[ok] for k, v in outputs.items()}, flag_bits,
+                   concrete.describe())
 
 
 def _refuse_unanswered(cutouts: Cutouts, valid: np.ndarray, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -1,0 +1,165 @@
+"""Priors at request time through the real parts: a live photoz serve (/v1 and /v2), its FITS answer, the Python
+client, and photoz predict over files, all against photoz.model.priors computed here on the same PDFs."""
+import io
+
+import httpx
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from photoz.model.bundle import load_bundle
+from photoz.model.pdf import point_estimates
+from photoz.model.priors import MIN_OBJECTS_SELF, ZERO_OVERLAP, for_population, resolve, reweight, training_nz
+from tests.helpers import npy_bytes, sky_cutouts
+
+NPY = {"Content-Type": "application/x-npy"}
+
+
+@pytest.fixture(scope="module")
+def prior_bundle(tiny_bundle, tmp_path_factory):
+    """The tiny bundle with a training n(z) recorded (a gamma distribution peaking near z 0.1)."""
+    import h5py
+
+    from photoz.cli import main
+
+    folder = tmp_path_factory.mktemp("prior")
+    with h5py.File(folder / "train.h5", "w") as h5:
+        h5["z"] = np.random.default_rng(7).gamma(3.0, 0.04, 5000)
+    assert main(["record-prior", "--model", str(tiny_bundle), "--data", str(folder / "train.h5"),
+                 "--out", str(folder / "prior.onnx")]) == 0
+    return folder / "prior.onnx"
+
+
+@pytest.fixture(scope="module")
+def prior_server(prior_bundle, tmp_path_factory):
+    from photoz.service.live import LiveServer
+
+    srv = LiveServer(prior_bundle, tmp_path_factory.mktemp("logs") / "server.log", max_batch_size=32,
+                     max_queue_wait_ms=30_000)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def cutouts():
+    return sky_cutouts(np.random.default_rng(11), MIN_OBJECTS_SELF + 40)
+
+
+def _post(url, images, **params):
+    return httpx.post(url + "/v1/predict", content=npy_bytes(images), headers=NPY, params=params, timeout=120)
+
+
+def _expected(bundle_path, pdfs, name, **kwargs):
+    md = load_bundle(bundle_path).metadata
+    train = training_nz(md.document, md.bins)
+    prior = resolve(name, md.bins, train, kwargs.get("edges"), kwargs.get("weights"))
+    prior = for_population(prior, pdfs, train)
+    return reweight(pdfs, prior, train), md.bins
+
+
+def test_a_request_names_its_prior_and_flat_is_bayes_rule(prior_server, prior_bundle, cutouts):
+    images = cutouts[:5]
+    plain = _post(prior_server.url, images).json()
+    assert plain["prior"] == {"name": "train", "recorded": True}
+    flat = _post(prior_server.url, images, prior="flat").json()
+    assert flat["prior"]["name"] == "flat" and np.allclose(flat["prior"]["n_z"], 1 / len(flat["prior"]["n_z"]))
+    (want, ok), bins = _expected(prior_bundle, np.asarray(plain["data"]["pdfs"], np.float32), "flat")
+    assert ok.all()
+    np.testing.assert_allclose(flat["data"]["pdfs"], want, atol=2e-6)
+    np.testing.assert_allclose(flat["ancil"]["z_mean"], point_estimates(want, bins)["z_mean"], atol=2e-6)
+    assert not np.allclose(flat["ancil"]["z_mean"], plain["ancil"]["z_mean"], atol=1e-4)  # it did something
+
+
+def test_a_custom_histogram_rejects_the_objects_it_excludes(prior_server, prior_bundle, cutouts):
+    images = cutouts[:8]
+    plain = _post(prior_server.url, images).json()
+    edges, weights = [0.0, 0.1, 0.2], [1.0, 3.0]
+    got = _post(prior_server.url, images, prior_edges="0,0.1,0.2", prior_weights="1,3").json()
+    assert got["prior"]["name"] == "custom" and got["prior"]["edges"] == edges
+    (want, ok), _ = _expected(prior_bundle, np.asarray(plain["data"]["pdfs"], np.float32), "custom", edges=edges,
+                              weights=weights)
+    ids = [str(i) for i in range(8)]
+    kept = [i for i, good in zip(ids, ok, strict=True) if good]
+    assert got["ancil"]["ids"] == kept
+    np.testing.assert_allclose(got["data"]["pdfs"], want[ok], atol=2e-6)
+    assert all(r["error"] == ZERO_OVERLAP for r in got["rejected"]) and len(got["rejected"]) == (~ok).sum()
+    assert np.max(got["ancil"]["z_hi95"]) <= 0.2 + 1e-9
+
+
+def test_prior_self_estimates_the_requests_own_population(prior_server, prior_bundle, cutouts):
+    few = _post(prior_server.url, cutouts[:3], prior="self")
+    assert few.status_code == 422
+    assert few.json()["field"] == "prior" and f"at least {MIN_OBJECTS_SELF}" in few.json()["detail"]
+    plain = _post(prior_server.url, cutouts).json()
+    got = _post(prior_server.url, cutouts, prior="self").json()
+    assert got["prior"]["name"] == "self" and got["prior"]["n_objects"] == len(cutouts)
+    (want, _), _ = _expected(prior_bundle, np.asarray(plain["data"]["pdfs"], np.float32), "self")
+    np.testing.assert_allclose(got["data"]["pdfs"], want, atol=2e-6)
+    np.testing.assert_allclose(np.sum(got["prior"]["n_z"]), 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("params, field", [({"prior": "uniform"}, "prior"),
+                                           ({"prior_edges": "0,0.2"}, "prior_weights"),
+                                           ({"prior_edges": "0.3,0.2", "prior_weights": "1"}, "prior_edges")])
+def test_a_bad_prior_is_a_422_naming_its_field(prior_server, cutouts, params, field):
+    response = _post(prior_server.url, cutouts[:2], **params)
+    assert response.status_code == 422 and response.json()["field"] == field
+
+
+def test_a_bundle_without_its_training_nz_refuses_other_priors(server, cutouts):
+    response = _post(server.url, cutouts[:2], prior="flat")
+    assert response.status_code == 422 and "does not record its training set's n(z)" in response.json()["detail"]
+    assert _post(server.url, cutouts[:2]).json()["prior"] == {"name": "train", "recorded": False}
+
+
+def test_fits_answers_and_the_open_inference_protocol_carry_the_prior(prior_server, prior_bundle, cutouts):
+    images = cutouts[:4]
+    flat = _post(prior_server.url, images, prior="flat").json()
+    answer = httpx.post(prior_server.url + "/v1/predict", content=npy_bytes(images), timeout=60,
+                        headers={**NPY, "Accept": "application/fits"}, params={"prior": "flat"})
+    with fits.open(io.BytesIO(answer.content)) as hdul:
+        assert hdul[0].header["PRIOR"] == "flat"
+        np.testing.assert_allclose(hdul["PHOTOZ"].data["PDF"], flat["data"]["pdfs"], atol=2e-6)
+        assert len(hdul["PRIOR"].data["N_Z"]) == load_bundle(prior_bundle).metadata.bins.n_bins
+    name = load_bundle(prior_bundle).metadata.name
+    doc = {"inputs": [{"name": "images", "datatype": "FP32", "shape": list(images.shape),
+                       "data": images.ravel().tolist()}], "parameters": {"prior": "flat"}}
+    v2 = httpx.post(f"{prior_server.url}/v2/models/{name}/infer", json=doc, timeout=60).json()
+    assert v2["parameters"]["prior"] == "flat"
+    probs = next(o for o in v2["outputs"] if o["name"] == "probabilities")
+    np.testing.assert_allclose(np.reshape(probs["data"], probs["shape"]), flat["data"]["pdfs"], atol=2e-6)
+
+
+def test_the_client_estimates_self_over_every_chunk_together(prior_server, cutouts):
+    from photoz.service.client import PhotozClient
+
+    client = PhotozClient(prior_server.url, chunk_size=64)  # four requests, the last of 48 objects
+    plain = client.predict(cutouts)
+    together = client.predict(cutouts, prior="self")
+    assert together.prior["n_objects"] == len(cutouts) and plain.prior["name"] == "train"
+    served = _post(prior_server.url, cutouts, prior="self").json()  # one request with all of them
+    np.testing.assert_allclose(together.pdfs, served["data"]["pdfs"], atol=2e-6)
+    flat = client.predict(cutouts[:10], prior="flat")
+    np.testing.assert_allclose(flat.pdfs, _post(prior_server.url, cutouts[:10], prior="flat").json()["data"]["pdfs"],
+                               atol=2e-6)
+
+
+def test_photoz_predict_applies_the_prior_when_writing_the_table(prior_bundle, cutouts, prior_server, tmp_path):
+    from photoz.pipeline.predict import predict_files
+
+    np.save(tmp_path / "a.npy", cutouts[:120])
+    np.save(tmp_path / "b.npy", cutouts[120:])
+    tables = {}
+    for prior in ("train", "flat", "self"):
+        out = tmp_path / f"{prior}.fits"
+        predict_files([tmp_path / "a.npy", tmp_path / "b.npy"], out, model=prior_bundle, chunk_size=50,
+                      progress=False, prior=prior)
+        with fits.open(out) as hdul:
+            assert hdul[0].header["PRIOR"] == prior
+            tables[prior] = np.array(hdul["PHOTOZ"].data["PDF"])
+    (want, _), _ = _expected(prior_bundle, tables["train"], "flat")
+    np.testing.assert_allclose(tables["flat"], want, atol=1e-6)
+    (want, _), _ = _expected(prior_bundle, tables["train"], "self")  # the whole run's n(z), over five chunks
+    np.testing.assert_allclose(tables["self"], want, atol=1e-6)
+    served = _post(prior_server.url, cutouts, prior="self").json()
+    np.testing.assert_allclose(tables["self"], served["data"]["pdfs"], atol=2e-6)
