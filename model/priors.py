@@ -41,10 +41,12 @@ PSEUDO_COUNT = 0.5
 #: shape differences that the benchmark's subsamples show (python -m benchmarks.priors).
 MIN_OBJECTS_SELF = 200
 #: EM iterations at most, and the change in n(z) (largest per bin, probability) that ends them sooner. Early
-#: stopping is the EM's regularisation: the population's mean redshift converges within ~10 iterations, while
-#: later ones fit the noise of the individual PDFs (the n(z) grows spiky: on 3,000 simulated objects its
-#: largest per-bin error goes from 0.005 at 20 iterations to 0.025 at 2,000, the mean unchanged).
-EM_MAX_ITERATIONS, EM_TOLERANCE = 30, 1e-5
+#: stopping is the EM's regularisation: the population's mean redshift converges within a few iterations, while
+#: later ones fit the noise of the individual PDFs (the n(z) grows spiky). Measured with the shipped bundle on
+#: 8,192 held-out simulated galaxies (python -m benchmarks.priors): the whole set, whose n(z) is the training
+#: set's, keeps PIT KS 0.006 under the training prior and gets 0.008 / 0.013 / 0.031 under prior=self after
+#: 5 / 10 / 30 iterations, while a redshift shell's bias is within 0.0003 of its converged value from 5 on.
+EM_MAX_ITERATIONS, EM_TOLERANCE = 8, 1e-5
 #: Why an object could not be re-weighted.
 ZERO_OVERLAP = "the requested prior gives zero probability wherever this object's PDF is non-zero"
 

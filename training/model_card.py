@@ -130,6 +130,11 @@ def flags_section(document: dict, ood_report: dict | None = None) -> list[str]:
     return lines
 
 
+def _prior_line(record: dict) -> str:
+    return (f"- training n(z), the prior its PDFs carry (a request may ask for another: README, \"Priors\"): "
+            f"{record['n_objects']:,} objects, {record['source']}")
+
+
 def render(bundle_path: Path, report: dict, figures: list[str], ood_report: dict | None = None) -> str:
     bundle = load_bundle(bundle_path)
     doc = bundle.metadata.document
@@ -168,6 +173,7 @@ def render(bundle_path: Path, report: dict, figures: list[str], ood_report: dict
           if isinstance(training.get("temperature"), float) else []),
         *([_recalibration_line(doc["recalibration"], training.get("pit_recalibration", {}).get("fitted_on", {}))]
           if doc.get("recalibration") else []),
+        *([_prior_line(training["n_z"])] if isinstance(training.get("n_z"), dict) else []),
         f"- code commit: `{training['code_commit']}`",
         *[f"- revision {r['version']} (code commit `{r['code_commit']}`): {r['change']}"
           for r in training.get("revisions", [])]]

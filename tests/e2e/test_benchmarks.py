@@ -111,3 +111,13 @@ def test_rail(tmp_path):
                            tmp_path)
     assert [r["route"] for r in report["rows"]] == ["photoz predict", "RAIL PhotozImageEstimator"]
     assert report["rows"][0]["ratio"] == 1.0 and report["rows"][1]["objects_per_s"] > 0
+
+
+def test_priors(tmp_path):
+    from photoz.training.sim.simulate import simulate
+
+    data = simulate(tmp_path / "data" / "held_out.h5", 256, seed=41, workers=1, chunk_size=128, progress=False)
+    report = run_benchmark("priors", ["--data", str(data), "--n", "256"], tmp_path / "out")
+    assert report["train_prior_unchanged_max_abs"] == 0.0
+    assert {r["prior"] for r in report["rows"]} == {"train", "self", "true n(z)"}
+    assert report["rows"][0]["sample"].startswith("all") and report["rows"][0]["n"] == 256
