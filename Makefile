@@ -31,7 +31,7 @@ install: $(VENV)/.serve-installed
 install-dev: $(VENV)/.dev-installed
 
 serve: $(VENV)/.serve-installed
-	@test -f $(MODEL) || { echo "No model bundle at $(MODEL): train and export one (see README, 'Train on your own data') or set MODEL=path.onnx"; exit 1; }
+	@test -f $(MODEL) || { echo "No model bundle at $(MODEL): train and export one (see docs/training.md) or set MODEL=path.onnx"; exit 1; }
 	$(BIN)/photoz serve --model $(MODEL) --host $(HOST) --port $(PORT)
 
 test: lint

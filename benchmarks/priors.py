@@ -84,8 +84,8 @@ def main(argv=None) -> int:
             print(f"{name}: {len(z)} objects, fewer than prior=self takes; skipped")
             continue
         true_nz = resolve("custom", bins, train, bins.edges, np.histogram(z, bins.edges)[0] + 0.5)
-        priors = {"train": resolve("train", bins, train), "self": for_population(resolve("self", bins, train), p, train),
-                  "true n(z)": true_nz}
+        priors = {"train": resolve("train", bins, train),
+                  "self": for_population(resolve("self", bins, train), p, train), "true n(z)": true_nz}
         for label, prior in priors.items():
             under, ok = reweight(p, prior, train)
             if label == "train":
@@ -104,7 +104,8 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"priors-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(report, indent=2))
-    print("\n| sample | n | median z | prior | bias | sigma_MAD | PIT KS |\n| --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| sample | n | median z | prior | bias | sigma_MAD | PIT KS |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['sample']} | {r['n']} | {r['median_z']:.3f} | {r['prior']} | {r['bias']:+.4f} | "
               f"{r['sigma_mad']:.4f} | {r['pit_ks']:.3f} |")

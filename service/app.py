@@ -2,7 +2,7 @@
 
 Endpoints: ``POST /v1/predict``, ``GET /v1/models``, ``/healthz``, ``/readyz``,
 ``/metrics``, and the Open Inference Protocol (KServe v2 / Triton) under ``/v2``
-(:mod:`photoz.service.oip`). See README.md for the request and response
+(:mod:`photoz.service.oip`). See docs/api.md for the request and response
 formats. The handlers are module-level functions that read the per-app
 :class:`~photoz.service.state.ServiceState` (``request.app.state.photoz``); what
 both protocols share (auth, early refusal, running cutouts) is in

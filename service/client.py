@@ -151,7 +151,7 @@ class PhotozClient:
         pdf : bool
             Return the PDFs as well as the point estimates.
         prior, prior_edges, prior_weights : optional
-            The redshift prior of the PDFs (README, "Priors"): ``train`` (default), ``flat``, a custom histogram
+            The redshift prior of the PDFs (docs/priors.md): ``train`` (default), ``flat``, a custom histogram
             (``prior_edges``, ``prior_weights``), applied by the service; or ``self``, the n(z) of all the
             objects given here (by EM over every chunk's PDFs together, here: needs ``pdf=True``).
 

@@ -131,7 +131,7 @@ def flags_section(document: dict, ood_report: dict | None = None) -> list[str]:
 
 
 def _prior_line(record: dict) -> str:
-    return (f"- training n(z), the prior its PDFs carry (a request may ask for another: README, \"Priors\"): "
+    return (f"- training n(z), the prior its PDFs carry (a request may ask for another: docs/priors.md): "
             f"{record['n_objects']:,} objects, {record['source']}")
 
 
