@@ -113,15 +113,20 @@ def guard_bundle(path: str | Path, out: str | Path | None = None, version: str |
     guarded = guard_index_casts(proto)
     metadata = json.loads(next(p.value for p in proto.metadata_props if p.key == METADATA_KEY))
     if version:
-        revision = {"version": version, "code_commit": code_commit(),
-                    "change": f"graph made safe on non-finite values ({guarded} float-to-integer index cast(s) "
-                              "guarded: a NaN PDF no longer fails its batch); same weights, identical outputs "
-                              "for finite inputs"}
-        metadata["model"] = {**metadata["model"], "version": version}
-        metadata["training"] = {**metadata["training"],
-                                "revisions": [*metadata["training"].get("revisions", []), revision]}
+        metadata = revised(metadata, version, f"graph made safe on non-finite values ({guarded} float-to-integer "
+                                              "index cast(s) guarded: a NaN PDF no longer fails its batch); same "
+                                              "weights, identical outputs for finite inputs")
     _set_metadata(proto, metadata)
     return _save(proto, out), guarded
+
+
+def revised(metadata: dict[str, Any], version: str, change: str) -> dict[str, Any]:
+    """A bundle's metadata as model ``version``, its training record listing the revision (``change``, this
+    code's commit)."""
+    revision = {"version": version, "code_commit": code_commit(), "change": change}
+    training = metadata["training"]
+    return {**metadata, "model": {**metadata["model"], "version": version},
+            "training": {**training, "revisions": [*training.get("revisions", []), revision]}}
 
 
 def code_commit() -> str:

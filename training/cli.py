@@ -66,20 +66,16 @@ def _guard_graph(args) -> int:
 
 def _record_prior(args) -> int:
     from photoz.model.bundle import load_bundle
-    from photoz.model.export import code_commit, write_metadata
+    from photoz.model.export import revised, write_metadata
     from photoz.training.export import training_nz_record
 
     bundle = load_bundle(args.model)
-    document = dict(bundle.metadata.document)
     record = training_nz_record(args.data, bundle.metadata.bins, args.n, args.source)
-    training = {**document["training"], "n_z": record}
+    document = dict(bundle.metadata.document)
+    document["training"] = {**document["training"], "n_z": record}
     if args.version:
-        document["model"] = {**document["model"], "version": args.version}
-        revision = {"version": args.version, "code_commit": code_commit(),
-                    "change": f"training set's n(z) recorded ({record['source']}): requests may ask for another "
-                              "prior; same graph, identical outputs"}
-        training["revisions"] = [*training.get("revisions", []), revision]
-    document["training"] = training
+        document = revised(document, args.version, f"training set's n(z) recorded ({record['source']}): requests "
+                                                   "may ask for another prior; same graph, identical outputs")
     written = write_metadata(args.model, document, args.out)
     print(f"n(z) of {record['n_objects']:,} objects ({record['outside_grid']} outside the grid) recorded")
     print(f"{written.path}  sha256 {written.sha256}")
