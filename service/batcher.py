@@ -137,7 +137,8 @@ class Batcher:
         # most cutouts finished in one call: several CPU-sized batches, one GPU-sized one
         self.max_finish_objects = max(max_batch_size, FINISH_COALESCE_OBJECTS)
         self._task: asyncio.Task[None] | None = None
-        self._running: set[asyncio.Task[None]] = set()
+        self._running: set[asyncio.Task[None]] = set()  # batches being run (each waits for its finishing)
+        self._drains: set[asyncio.Task[None]] = set()
         self.seconds_per_object = 0.01  # running estimate (warm-up seeds it): Retry-After, the wait target
         self.accepting = True
 
@@ -254,8 +255,8 @@ class Batcher:
                         if self._finish_drains < self.finish_workers:
                             self._finish_drains += 1
                             drain = asyncio.create_task(self._drain_finishing())
-                            self._running.add(drain)
-                            drain.add_done_callback(self._running.discard)
+                            self._drains.add(drain)  # a reference, as for the batches' tasks
+                            drain.add_done_callback(self._drains.discard)
                         outputs = await job.future
             except Exception as exc:  # the engine failed on every cutout: this batch's callers fail, not the server
                 for p in batch:
@@ -284,18 +285,20 @@ class Batcher:
                 while self._finish_jobs and size + self._finish_jobs[0].n <= self.max_finish_objects:
                     jobs.append(self._finish_jobs.popleft())
                     size += jobs[-1].n
-                images, ebv, outputs = _joined(jobs)
                 try:
+                    images, ebv, outputs = _joined(jobs)
                     outputs, isolation = await loop.run_in_executor(self._finisher, _finish_isolated, finish, images,
                                                                     ebv, outputs)
                     self._report([p for job in jobs for p in job.batch], isolation, "finishing stage")
                 except Exception as exc:  # every cutout failed alone and so did the stage: these batches fail
                     for job in jobs:
-                        job.future.set_exception(exc)
+                        if not job.future.done():
+                            job.future.set_exception(exc)
                     continue
                 offset = 0
                 for job in jobs:
-                    job.future.set_result({key: value[offset:offset + job.n] for key, value in outputs.items()})
+                    if not job.future.done():  # a batch whose task was cancelled (shutdown) is skipped
+                        job.future.set_result({key: value[offset:offset + job.n] for key, value in outputs.items()})
                     offset += job.n
         finally:
             self._finish_drains -= 1
