@@ -77,6 +77,22 @@ class _FinishJob:
         return self.images.shape[0]
 
 
+def _hand_out(waiters: list[_Piece] | list[_FinishJob], outputs: dict[str, np.ndarray]) -> None:
+    """Each waiter (a queued piece, a batch waiting to be finished) its own rows of ``outputs``, in order; one
+    that is done already (its caller gone, its task cancelled) is skipped."""
+    offset = 0
+    for waiter in waiters:
+        if not waiter.future.done():
+            waiter.future.set_result({key: value[offset:offset + waiter.n] for key, value in outputs.items()})
+        offset += waiter.n
+
+
+def _fail(waiters: list[_Piece] | list[_FinishJob], exc: BaseException) -> None:
+    for waiter in waiters:
+        if not waiter.future.done():
+            waiter.future.set_exception(exc)
+
+
 def _joined(jobs: list[_FinishJob]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     if len(jobs) == 1:
         return jobs[0].images, jobs[0].ebv, jobs[0].outputs
@@ -259,15 +275,9 @@ class Batcher:
                             drain.add_done_callback(self._drains.discard)
                         outputs = await job.future
             except Exception as exc:  # the engine failed on every cutout: this batch's callers fail, not the server
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
+                _fail(batch, exc)
                 return
-            offset = 0
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_result({key: value[offset:offset + p.n] for key, value in outputs.items()})
-                offset += p.n
+            _hand_out(batch, outputs)
         finally:
             if slot_held:
                 self._slots.release()
@@ -291,15 +301,9 @@ class Batcher:
                                                                     ebv, outputs)
                     self._report([p for job in jobs for p in job.batch], isolation, "finishing stage")
                 except Exception as exc:  # every cutout failed alone and so did the stage: these batches fail
-                    for job in jobs:
-                        if not job.future.done():
-                            job.future.set_exception(exc)
+                    _fail(jobs, exc)
                     continue
-                offset = 0
-                for job in jobs:
-                    if not job.future.done():  # a batch whose task was cancelled (shutdown) is skipped
-                        job.future.set_result({key: value[offset:offset + job.n] for key, value in outputs.items()})
-                    offset += job.n
+                _hand_out(jobs, outputs)
         finally:
             self._finish_drains -= 1
 

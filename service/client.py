@@ -182,7 +182,8 @@ class PhotozClient:
     def _population_prior(self, results: PhotozResults) -> PhotozResults:
         """``prior='self'`` over every object at once (the service would estimate it per request)."""
         from photoz.model import priors
-        from photoz.model.pdf import GRID_EDGE_FLAG, RedshiftBins, at_grid_edge, point_estimates
+        from photoz.model.pdf import RedshiftBins
+        from photoz.model.quality import bits_from_names, flag_names
 
         bins = RedshiftBins(results.bins)
         train = priors.training_nz(self.models()["models"][0]["metadata"], bins)
@@ -192,12 +193,12 @@ class PhotozClient:
             chosen = priors.for_population(chosen, results.pdfs, train)
         except priors.PriorError as exc:
             raise ValueError(str(exc)) from None
-        pdfs = priors.reweight(results.pdfs, chosen, train)[0].astype(np.float64)  # the EM's n(z) is never 0
-        estimates = point_estimates(pdfs, bins, results.estimates.get("z_epistemic_std"))
-        edge = at_grid_edge(pdfs)
-        flags = [[f for f in names if f != GRID_EDGE_FLAG] + ([GRID_EDGE_FLAG] if e else [])
-                 for names, e in zip(results.flags, edge, strict=True)]
-        return PhotozResults(results.bins, results.ids, estimates, pdfs, flags, results.rejected, results.model,
+        # what the service does per request (photoz.model.priors.apply), on the objects' bits; the EM's n(z) is
+        # never 0, so every object is re-weighted
+        outputs, _ = priors.apply({"probs": results.pdfs, **results.estimates,
+                                   "flag_bits": bits_from_names(results.flags)}, chosen, train, bins)
+        pdfs, flags = outputs.pop("probs").astype(np.float64), flag_names(outputs.pop("flag_bits"))
+        return PhotozResults(results.bins, results.ids, outputs, pdfs, flags, results.rejected, results.model,
                              chosen.describe())
 
     def _array_jobs(self, images: np.ndarray, ebv: Any, ids: Any,
