@@ -306,7 +306,14 @@ def _part(parts_dir: Path, k: int) -> Path:
 def process_chunk(engine: Engine, plan_k: list[tuple[Source, int, int]], parts_dir: Path, k: int,
                   data: Cutouts | None = None) -> int:
     """Predict one chunk and save it as ``chunk-K.npz`` (atomically); returns its number of objects."""
-    cutouts = data if data is not None else _read_chunk(plan_k, engine.geometry)
+    rows = predict_rows(engine, data if data is not None else _read_chunk(plan_k, engine.geometry))
+    rows.save(_part(parts_dir, k))
+    return len(rows)
+
+
+def predict_rows(engine: Engine, cutouts: Cutouts) -> ResultRows:
+    """One row per cutout: the valid ones through ``engine``; a cutout refused before (its problem), failed by
+    the model alone or refused by a service is an invalid row with its error."""
     rows = ResultRows.empty(cutouts.ids, cutouts.problems, len(engine.edges) - 1)
     if rows.valid.any():
         valid = np.flatnonzero(rows.valid)
@@ -317,8 +324,7 @@ def process_chunk(engine: Engine, plan_k: list[tuple[Source, int, int]], parts_d
         rows.valid[valid[unanswered]] = False
         for i, error in zip(valid[unanswered], errors[unanswered], strict=True):
             rows.errors[i] = error or "no PDF: refused by the service, or non-finite model output"
-    rows.save(_part(parts_dir, k))
-    return len(rows)
+    return rows
 
 
 def _run_here(engine: Engine, plan: Plan, todo: list[int], parts_dir: Path, bar: Progress) -> None:

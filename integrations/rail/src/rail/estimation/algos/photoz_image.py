@@ -213,8 +213,8 @@ class PhotozImageEstimator(CatEstimator):
     def _process_chunk(self, start: int, end: int, data: TableLike, first: bool) -> None:
         from photoz.formats.cutouts import finish
         from photoz.formats.errors import InputError
-        from photoz.model.isolation import ROW_ERRORS
         from photoz.model.pdf import ESTIMATES
+        from photoz.pipeline.predict import predict_rows
 
         column, group = self.config.images_col, self.config.hdf5_groupname or "/"
         if column not in data:
@@ -225,27 +225,13 @@ class PhotozImageEstimator(CatEstimator):
             cutouts = finish(data[column], self.engine.geometry, data.get(self.config.ebv_col), None, field)
         except InputError as exc:
             raise StageInputError(str(exc)) from exc
-        n, n_bins = len(cutouts), len(self.engine.edges) - 1
-        probs = np.full((n, n_bins), 1.0 / n_bins)  # refused rows: flat, marked invalid
-        ancil = {key: np.full(n, np.nan) for key in ESTIMATES}
-        ancil["flags"] = np.zeros(n, np.int64)
-        valid = np.array([p is None for p in cutouts.problems])
-        problems = list(cutouts.problems)
-        if valid.any():
-            rows = np.flatnonzero(valid)
-            outputs = self.engine.run(cutouts.images[rows], cutouts.ebv[rows])
-            errors = outputs.pop(ROW_ERRORS, np.full(len(rows), None, object))
-            answered = np.isfinite(outputs["probs"]).all(axis=1)
-            for i, error in zip(rows[~answered], errors[~answered], strict=True):
-                problems[i] = error or "no PDF: refused by the service"
-            valid[rows[~answered]] = False
-            done = rows[answered]
-            probs[done] = outputs["probs"][answered]
-            for key in ESTIMATES:
-                ancil[key][done] = outputs[key][answered]
-            ancil["flags"][done] = outputs["flag_bits"][answered]
-        ancil[VALID_ANCIL] = valid.astype(np.int8)
-        self._report_refused(start, problems)
+        rows = predict_rows(self.engine, cutouts)  # photoz predict's rows: same engine, same refusals
+        probs = np.asarray(rows.probs, np.float64)
+        probs[~rows.valid] = 1.0 / probs.shape[1]  # refused rows: flat, marked invalid
+        ancil = {**{key: rows.estimates[key] for key in ESTIMATES}, "flags": rows.flag_bits.astype(np.int64),
+                 VALID_ANCIL: rows.valid.astype(np.int8)}
+        self._report_refused(start, [None if ok else error for ok, error in zip(rows.valid, rows.errors,
+                                                                                  strict=True)])
         edges = np.asarray(self.engine.edges, np.float64)
         ensemble = qp.Ensemble(qp.hist, data={"bins": edges, "pdfs": probs / np.diff(edges)[None, :]})
         ensemble.set_ancil(ancil)
