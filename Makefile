@@ -71,6 +71,6 @@ ship: $(VENV)/.dev-installed
 	$(BIN)/photoz evaluate --model $(RUN)/candidate.onnx --data $(TEST_H5) --baseline-train $(TRAIN_H5) \
 		--out $(RUN)/eval
 	$(SHIP_EXPORT) --out $(MODEL) --held-out-report $(RUN)/eval/metrics.json --reference-data $(TRAIN_H5)
-	-$(BIN)/python -m photoz.training.ood --model $(MODEL) --data $(TEST_H5) --out $(RUN)/eval
-	$(BIN)/python -m photoz.training.model_card --bundle $(MODEL) --report $(RUN)/eval/metrics.json \
+	-$(BIN)/python -m photoz.training.evaluation.ood --model $(MODEL) --data $(TEST_H5) --out $(RUN)/eval
+	$(BIN)/python -m photoz.training.release.model_card --bundle $(MODEL) --report $(RUN)/eval/metrics.json \
 		--ood-report $(RUN)/eval/ood_flags.json --out $(basename $(MODEL)).md

@@ -20,8 +20,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 
+from photoz.model.conventions import dereddened  # noqa: E402
 from photoz.model.pdf import photoz_metrics  # noqa: E402
-from photoz.training.baseline import KNNPhotoZ, dereddened  # noqa: E402
+from photoz.training.evaluation.baseline import KNNPhotoZ  # noqa: E402
 
 K_NEIGHBOURS = 16
 FEATURE_SETS = {

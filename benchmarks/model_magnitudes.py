@@ -24,11 +24,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from photoz.model.conventions import BANDS  # noqa: E402
+from photoz.model.conventions import BANDS, dereddened  # noqa: E402
 from photoz.model.pdf import photoz_metrics  # noqa: E402
-from photoz.training.baseline import KNNPhotoZ, dereddened  # noqa: E402
-from photoz.training.sim import render  # noqa: E402
-from photoz.training.sim.population import NEIGHBOUR_Z_MAX, PopulationConfig, draw_candidates  # noqa: E402
+from photoz.training.evaluation.baseline import KNNPhotoZ  # noqa: E402
+from photoz.training.simulation import render  # noqa: E402
+from photoz.training.simulation.population import NEIGHBOUR_Z_MAX, PopulationConfig, draw_candidates  # noqa: E402
 
 R = BANDS.index("r")
 

@@ -113,8 +113,8 @@ def cpu_seconds(pid: int) -> float:
 def export_random_bundle(path: Path) -> Path:
     import torch
 
-    from photoz.model.export import export_bundle, make_metadata, untrained_record
-    from photoz.model.pasquet import build
+    from photoz.model.network.export import export_bundle, make_metadata, untrained_record
+    from photoz.model.network.pasquet import build
 
     torch.manual_seed(0)
     net = build("pasquet2019_half").eval()

@@ -17,9 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from photoz.training.sim.population import PopulationConfig
-from photoz.training.sim.render import InstrumentConfig, simulate_chunk
-from photoz.training.sim.simulate import DEFAULT_CHUNK_SIZE, SIMULATOR_VERSION, simulate
+from photoz.training.simulation.instrument import InstrumentConfig
+from photoz.training.simulation.population import PopulationConfig
+from photoz.training.simulation.render import simulate_chunk
+from photoz.training.simulation.simulate import DEFAULT_CHUNK_SIZE, SIMULATOR_VERSION, simulate
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from photoz.model.pasquet import build, variant_config  # noqa: E402
-from photoz.training.train import augment_batch, cpu_has_bfloat16  # noqa: E402
+from photoz.model.network.pasquet import build, variant_config  # noqa: E402
+from photoz.training.fit.train import augment_batch, cpu_has_bfloat16  # noqa: E402
 
 
 def _sync(device):

@@ -1,6 +1,5 @@
-"""What a trained photoz network *is*: conventions, PDF maths, bundle format.
+"""What a trained photoz network *is*: conventions, PDF maths, bundle format, flags, priors (numpy only).
 
-Only the modules ``pasquet``, ``normalisation``, ``summary`` and ``export``
-import torch; everything else here is numpy-only and safe to use from the
-service.
+The torch network and its export live in the `photoz.model.network` sub-package, the only part that imports torch
+(import-linter contracts in `make test`).
 """

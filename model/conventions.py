@@ -144,3 +144,18 @@ def asinh_mag(flux_nmgy: Any, band: str) -> Any:
 
     b = ASINH_SOFTENING_MAGGIES[band]
     return -2.5 / np.log(10) * (np.arcsinh(np.asarray(flux_nmgy) * 1e-9 / (2 * b)) + np.log(b))
+
+
+def dereddened(mags: Any, extinction: Any = None, ebv: Any = None) -> Any:
+    """(N, 5) magnitudes in BANDS order corrected for Galactic extinction (float64, mag): ``extinction`` per band
+    (N, 5) in mag as a catalogue gives it (SDSS's ``extinction_*``), else ``ebv`` (N,) times
+    :data:`EXTINCTION_A_OVER_EBV`."""
+    import numpy as np
+
+    mags = np.asarray(mags, dtype=np.float64)
+    if extinction is None:
+        if ebv is None:
+            raise ValueError("dereddening needs the extinction per band or E(B-V)")
+        coefficients = np.array([EXTINCTION_A_OVER_EBV[b] for b in BANDS])
+        extinction = np.asarray(ebv, dtype=np.float64)[:, None] * coefficients[None, :]
+    return mags - np.asarray(extinction, dtype=np.float64)

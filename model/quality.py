@@ -48,7 +48,7 @@ Features, all from the cutout (nanomaggies) and its E(B-V):
   :data:`BLEND_CROP_PIXELS` pixels of the r+i image, each cutout scaled by its own central flux
   (:func:`blend_input`), trained when the thresholds are measured to tell the training set's galaxies from
   the same galaxies with another training galaxy 1.5-3" away at 0.5-1 times their flux
-  (``photoz.training.blend``): the asymmetry misses most such pairs, which are symmetric about their midpoint;
+  (``photoz.training.release.blend``): the asymmetry misses most such pairs, which are symmetric about their midpoint;
 - ``plateau``: the largest number of pixels, over bands whose peak is above
   :data:`PLATEAU_MIN_PEAK_SIGMA` sky sigma, within :data:`PLATEAU_FRACTION` or :data:`PLATEAU_NOISE_SIGMA`
   sky sigma of that band's peak.
@@ -414,7 +414,7 @@ def quality_metadata(features: Mapping[str, np.ndarray], reference: dict[str, An
                      tail_fraction: float = TAIL_FRACTION,
                      blend_net: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The bundle metadata section ``quality``: thresholds, what they were measured on, and how; with
-    ``blend_net`` (``onnx_base64`` and how it was trained: ``photoz.training.blend``) the blend detector whose
+    ``blend_net`` (``onnx_base64`` and how it was trained: ``photoz.training.release.blend``) the blend detector whose
     ``blend_score`` the features carry."""
     return {"features_version": FEATURES_VERSION, "tail_fraction": tail_fraction,
             **({"blend_net": dict(blend_net)} if blend_net is not None else {}),

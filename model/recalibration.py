@@ -1,5 +1,5 @@
 """Conditional PIT recalibration of redshift PDFs (numpy only; the graph's copy is
-:class:`photoz.model.pasquet.PITRecalibrated`).
+:class:`photoz.model.network.pasquet.PITRecalibrated`).
 
 A temperature on the softmax (``photoz recalibrate``) fixes one global width. What it cannot fix is a PDF whose
 miscalibration changes along the redshift axis: on simulator 1.6.0 the shipped network's PDFs are a little

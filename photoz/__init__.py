@@ -5,8 +5,8 @@ __version__ = "0.1.0"
 
 # In a checkout this folder is the package and its rooms (model/, service/, training/, ...) are its siblings,
 # which pyproject.toml's package-dir installs as photoz.model, photoz.service, ... . Python run in a checkout's
-# root (`python -m photoz.training.ood` there, as the recipes and the Makefile do) imports this folder ahead of
-# any installed photoz, so the rooms are looked up beside it too; an editable install finds the same folders.
+# root (`python -m photoz.training.evaluation.ood` there, as the recipes and the Makefile do) imports this folder
+# ahead of any installed photoz, so the rooms are looked up beside it too; an editable install finds the same folders.
 _checkout = _Path(__file__).resolve().parent.parent
 if (_checkout / "pyproject.toml").is_file() and (_checkout / "model" / "conventions.py").is_file():
     __path__.append(str(_checkout))

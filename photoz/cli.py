@@ -7,8 +7,8 @@ import sys
 
 
 def _summary(args) -> int:
-    from photoz.model.pasquet import VARIANTS, build
-    from photoz.model.summary import format_summary
+    from photoz.model.network.pasquet import VARIANTS, build
+    from photoz.model.network.summary import format_summary
 
     if args.variant not in VARIANTS:
         print(f"unknown variant {args.variant!r}; known: {', '.join(VARIANTS)}", file=sys.stderr)

@@ -29,7 +29,7 @@
 4. **Splits** by sky position: every HEALPix pixel (``nside`` 32 by default,
    3.4 deg^2) goes wholly to train, validation or test, so neighbours (and
    the large-scale structure they share) do not leak across splits.
-5. **The training file** (:mod:`photoz.training.data`'s contract): ``images``
+5. **The training file** (:mod:`photoz.training.fit.data`'s contract): ``images``
    (N, 5, 64, 64) float32 nanomaggies, ``z``, ``ebv`` (= extinction_r / 2.285,
    SDSS's SFD98-based value), ``split`` (0 train, 1 validation, 2 test; ``photoz
    train`` and ``photoz evaluate`` honour it), ``catalogue/*`` and provenance

@@ -6,7 +6,7 @@ import pytest
 def tiny_net():
     import torch
 
-    from photoz.model.pasquet import build
+    from photoz.model.network.pasquet import build
 
     torch.manual_seed(0)
     net = build("pasquet2019_tiny").eval()
@@ -18,7 +18,7 @@ def tiny_net():
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory, tiny_net):
     """A random-weight tiny bundle, exported once per test session."""
-    from photoz.model.export import export_bundle, make_metadata, untrained_record
+    from photoz.model.network.export import export_bundle, make_metadata, untrained_record
 
     path = tmp_path_factory.mktemp("bundle") / "tiny.onnx"
     metadata = make_metadata(tiny_net, "pasquet2019_tiny", "photoz-test-tiny", "0.0.1", untrained_record())

@@ -38,7 +38,7 @@ def build_archive(root: Path, n: int = 16, seed: int = 5) -> dict:
 
     from photoz.model.conventions import BANDS, EXTINCTION_A_OVER_EBV
     from photoz.pipeline.cutouts import read_band_image
-    from photoz.training.sim.field import render_field
+    from photoz.training.simulation.field import render_field
 
     field_dir = root / "field"
     render_field(field_dir, n=n, seed=seed, n_edge=2, noise=False)

@@ -9,7 +9,7 @@ import argparse
 
 
 def _simulate(args) -> int:
-    from photoz.training.sim.simulate import simulate
+    from photoz.training.simulation.simulate import simulate
 
     path = simulate(args.out, args.n, seed=args.seed, workers=args.workers, chunk_size=args.chunk_size,
                     progress=not args.quiet)
@@ -18,7 +18,7 @@ def _simulate(args) -> int:
 
 
 def _simulate_field(args) -> int:
-    from photoz.training.sim.field import render_field
+    from photoz.training.simulation.field import render_field
 
     summary = render_field(args.out, n=args.n, seed=args.seed, n_edge=args.n_edge)
     print(f"{summary['out']}: {summary['n']} galaxies on a {summary['shape'][1]} x {summary['shape'][0]} pixel field, "
@@ -28,8 +28,8 @@ def _simulate_field(args) -> int:
 
 
 def _train(args) -> int:
-    from photoz.training.config import from_arguments
-    from photoz.training.train import train
+    from photoz.training.fit.config import from_arguments
+    from photoz.training.fit.train import train
 
     out = train(from_arguments(args), resume=args.resume, progress=not args.quiet)
     print(f"checkpoints and metrics in {out}")
@@ -37,7 +37,7 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from photoz.training.evaluate import evaluate, format_report
+    from photoz.training.evaluation.evaluate import evaluate, format_report
 
     report = evaluate(args.model, args.data, args.out, baseline_train=args.baseline_train,
                       figures=not args.no_figures, split=args.split)
@@ -47,7 +47,7 @@ def _evaluate(args) -> int:
 
 
 def _export(args) -> int:
-    from photoz.training.export import export_checkpoint
+    from photoz.training.release.export import export_checkpoint
 
     bundle = export_checkpoint(args.checkpoint, args.out, args.name, args.version, args.held_out_report,
                                fp16=args.fp16, reference_data=args.reference_data, mc_passes=args.mc_passes,
@@ -57,7 +57,7 @@ def _export(args) -> int:
 
 
 def _guard_graph(args) -> int:
-    from photoz.model.export import guard_bundle
+    from photoz.model.network.export import guard_bundle
 
     bundle, guarded = guard_bundle(args.model, args.out, args.version)
     print(f"{guarded} index cast(s) guarded; {bundle.path}  sha256 {bundle.sha256}")
@@ -66,8 +66,8 @@ def _guard_graph(args) -> int:
 
 def _record_prior(args) -> int:
     from photoz.model.bundle import load_bundle
-    from photoz.model.export import revised, write_metadata
-    from photoz.training.export import training_nz_record
+    from photoz.model.network.export import revised, write_metadata
+    from photoz.training.release.export import training_nz_record
 
     bundle = load_bundle(args.model)
     record = training_nz_record(args.data, bundle.metadata.bins, args.n, args.source)
@@ -84,8 +84,8 @@ def _record_prior(args) -> int:
 
 def _ood_thresholds(args) -> int:
     from photoz.model.bundle import load_bundle
-    from photoz.model.export import write_metadata
-    from photoz.training.ood import reference_quality
+    from photoz.model.network.export import write_metadata
+    from photoz.training.evaluation.ood import reference_quality
 
     bundle = load_bundle(args.model)
     document = {**bundle.metadata.document, "quality": reference_quality(args.data, args.n)}
@@ -99,19 +99,19 @@ def _ood_thresholds(args) -> int:
 
 
 def _calibrate_pit(args) -> int:
-    from photoz.training.pit_calibration import run
+    from photoz.training.release.pit_calibration import run
 
     return run(args)
 
 
 def _recalibrate(args) -> int:
-    from photoz.training.temperature import main
+    from photoz.training.release.temperature import main
 
     return main(["--checkpoint", args.checkpoint, "--out", args.out] + (["--data", args.data] if args.data else []))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from photoz.training.config import add_arguments as add_train_arguments
+    from photoz.training.fit.config import add_arguments as add_train_arguments
 
     p = sub.add_parser("simulate", help="simulate SDSS-like galaxy cutouts to an HDF5 data set",
                        description="Simulate SDSS Main Galaxy Sample cutouts with GalSim. Deterministic for a "
@@ -230,7 +230,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "histograms per photometric-redshift bin not flat), a map of each PDF's CDF, "
                                    "fitted on rows the model was not trained on, makes them flat; photoz export "
                                    "--pit-map applies it in the graph.")
-    from photoz.training.pit_calibration import add_arguments as add_pit_arguments
+    from photoz.training.release.pit_calibration import add_arguments as add_pit_arguments
 
     add_pit_arguments(p)
     p.set_defaults(func=_calibrate_pit)

@@ -26,7 +26,7 @@ def run_benchmark(name: str, args: list[str], out: Path, timeout_s: float = 300)
 
 @pytest.fixture(scope="module")
 def tiny_sims(tmp_path_factory):
-    from photoz.training.sim.simulate import simulate
+    from photoz.training.simulation.simulate import simulate
 
     folder = tmp_path_factory.mktemp("sims")
     return [simulate(folder / f"{name}.h5", n, seed=seed, workers=1, chunk_size=64, progress=False)
@@ -114,7 +114,7 @@ def test_rail(tmp_path):
 
 
 def test_priors(tmp_path):
-    from photoz.training.sim.simulate import simulate
+    from photoz.training.simulation.simulate import simulate
 
     data = simulate(tmp_path / "data" / "held_out.h5", 256, seed=41, workers=1, chunk_size=128, progress=False)
     report = run_benchmark("priors", ["--data", str(data), "--n", "256"], tmp_path / "out")

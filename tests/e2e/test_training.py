@@ -11,15 +11,15 @@ import torch
 
 from photoz.model.bundle import load_bundle
 from photoz.model.runtime import OnnxPredictor
-from photoz.training.data import CutoutDataset, DataFormatError, inspect, split_indices
-from photoz.training.train import InMemoryData, TrainConfig, augment_batch, epoch_batches, load_checkpoint, train
+from photoz.training.fit.data import CutoutDataset, DataFormatError, inspect, split_indices
+from photoz.training.fit.train import InMemoryData, TrainConfig, augment_batch, epoch_batches, load_checkpoint, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    from photoz.training.sim.simulate import simulate
+    from photoz.training.simulation.simulate import simulate
 
     return simulate(tmp_path_factory.mktemp("data") / "tiny.h5", 160, seed=21, workers=2, chunk_size=32,
                     progress=False)
@@ -55,8 +55,8 @@ def test_end_to_end_train_resume_export_predict(tiny_data, tmp_path):
     assert best["best"]["val_crps"] == pytest.approx(float(lowest["val_crps"]))
 
     # export with the training record, load without torch's help, predict
-    from photoz.training.evaluate import evaluate
-    from photoz.training.export import export_checkpoint
+    from photoz.training.evaluation.evaluate import evaluate
+    from photoz.training.release.export import export_checkpoint
 
     report = evaluate(run / "best.pt", tiny_data, tmp_path / "eval", baseline_train=tiny_data, figures=True)
     assert (tmp_path / "eval" / "photoz_diagnostics.png").stat().st_size > 10_000
@@ -90,9 +90,9 @@ def test_end_to_end_train_resume_export_predict(tiny_data, tmp_path):
 def test_mc_dropout_trains_and_exports_as_one_deterministic_graph(tiny_data, tmp_path):
     """photoz train --dropout, then photoz export --mc-passes: ONNX Runtime gives torch's MC-dropout PDF (the
     mean of the passes), the same twice, unlike the plain network; the record and the card say so."""
-    from photoz.model.pasquet import MCDropoutNet
-    from photoz.training.export import export_checkpoint
-    from photoz.training.model_card import render
+    from photoz.model.network.pasquet import MCDropoutNet
+    from photoz.training.release.export import export_checkpoint
+    from photoz.training.release.model_card import render
 
     run = train(tiny_config(tiny_data, tmp_path / "drop", dropout=0.25, epochs=1), progress=False)
     net, state = load_checkpoint(run / "best.pt")
@@ -129,8 +129,8 @@ def test_mc_dropout_trains_and_exports_as_one_deterministic_graph(tiny_data, tmp
 def test_deep_ensemble_exports_as_one_graph_averaging_its_members(tiny_data, tmp_path):
     """Two networks from different seeds exported as one bundle: ONNX Runtime gives the mean of the members'
     torch PDFs, the training record names the members, and members of another architecture are refused."""
-    from photoz.training.export import export_checkpoint
-    from photoz.training.model_card import render
+    from photoz.training.release.export import export_checkpoint
+    from photoz.training.release.model_card import render
 
     runs = [train(tiny_config(tiny_data, tmp_path / f"m{seed}", seed=seed, epochs=1), progress=False)
             for seed in (0, 1)]
@@ -187,8 +187,8 @@ def test_deep_ensemble_exports_as_one_graph_averaging_its_members(tiny_data, tmp
 
 
 def test_recalibrated_temperature_is_fitted_on_validation_rows_and_exported_in_the_graph(tiny_data, tmp_path):
-    from photoz.training.export import export_checkpoint
-    from photoz.training.temperature import main as recalibrate_main
+    from photoz.training.release.export import export_checkpoint
+    from photoz.training.release.temperature import main as recalibrate_main
 
     run = train(tiny_config(tiny_data, tmp_path / "t", epochs=1), progress=False)
     assert recalibrate_main(["--checkpoint", str(run / "best.pt"), "--out", str(run / "calibrated.pt")]) == 0
@@ -212,7 +212,7 @@ def test_sigterm_checkpoint_and_exact_batch_resume(tiny_data, tmp_path):
     out = tmp_path / "sig"
     code = (
         "import os, signal, sys\n"
-        "import photoz.training.train as t\n"
+        "import photoz.training.fit.train as t\n"
         "orig = t._Logits.forward\n"
         "calls = {'n': 0}\n"
         "def forward(self, images, ebv):\n"
@@ -238,7 +238,7 @@ def test_preload_trains_in_memory_and_matches_streamed_validation(tiny_data, tmp
     net, state = load_checkpoint(run / "last.pt")
     assert state["train_config"]["preload"] is True and state["epoch"] == 1
     from photoz.model.pdf import RedshiftBins
-    from photoz.training.train import validate
+    from photoz.training.fit.train import validate
 
     _, val_idx = split_indices(160, 0.2, 0)
     bins = RedshiftBins.uniform()
@@ -257,7 +257,7 @@ def test_preload_trains_in_memory_and_matches_streamed_validation(tiny_data, tmp
 
 
 def test_best_checkpoint_is_chosen_by_crps_not_sigma_mad():
-    from photoz.training.train import is_better
+    from photoz.training.fit.train import is_better
 
     sharp_but_miscalibrated = {"val_sigma_mad": 0.017, "val_crps": 0.0131}
     calibrated = {"val_sigma_mad": 0.018, "val_crps": 0.0125}
@@ -336,8 +336,8 @@ def test_fine_tuning_starts_from_a_bundles_weights(tiny_data, tmp_path):
     """--init-from a bundle: the network starts with the weights ONNX Runtime runs (PReLU slopes included, found
     through the graph), with or without dropout modules in its head; the checkpoint and the next bundle's training
     record name what it started from; another architecture is refused, saying which weights differ."""
-    from photoz.training.export import export_checkpoint
-    from photoz.training.train import load_initial_weights
+    from photoz.training.fit.train import load_initial_weights
+    from photoz.training.release.export import export_checkpoint
 
     first = train(tiny_config(tiny_data, tmp_path / "first", epochs=1), progress=False)
     bundle = export_checkpoint(first / "best.pt", tmp_path / "first.onnx", "tiny-first", "0.1.0")
@@ -358,7 +358,7 @@ def test_fine_tuning_starts_from_a_bundles_weights(tiny_data, tmp_path):
     document = load_bundle(tuned.path).metadata.document
     assert document["training"]["initialised_from"]["model"] == "tiny-first"
     assert "quality" in load_bundle(bundle.path).metadata.document and "quality" not in document  # --no-thresholds
-    from photoz.training.model_card import render
+    from photoz.training.release.model_card import render
 
     metrics = {"point_estimate": "z_mean", "sigma_mad": 0.02, "outlier_fraction": 0.01, "bias": 0.0, "crps": 0.01,
                "pit_ks": 0.03, "n": 10, "by_redshift": []}
@@ -369,7 +369,7 @@ def test_fine_tuning_starts_from_a_bundles_weights(tiny_data, tmp_path):
                 progress=False)
     assert torch.equal(torch.load(run / "last.pt", weights_only=False)["model"]["classifier.4.weight"],
                        torch.load(first / "best.pt", weights_only=False)["model"]["classifier.4.weight"])
-    from photoz.model.pasquet import build, variant_config
+    from photoz.model.network.pasquet import build, variant_config
 
     wider = build(variant_config("pasquet2019_half", n_bins=180))
     with pytest.raises(ValueError, match="weight shapes differ"):
@@ -381,9 +381,9 @@ def test_ensemble_members_share_a_split_seed_and_a_pit_map_is_fitted_and_applied
     is fitted on); photoz calibrate-pit fits the map on those rows and photoz export --pit-map puts it in the
     graph: ONNX Runtime gives the map applied (in numpy) to the torch PDFs, and the bundle records it."""
     from photoz.model.recalibration import PITMap
-    from photoz.training.export import export_checkpoint
-    from photoz.training.pit_calibration import main as calibrate_main
-    from photoz.training.train import split_seed, training_split
+    from photoz.training.fit.train import split_seed, training_split
+    from photoz.training.release.export import export_checkpoint
+    from photoz.training.release.pit_calibration import main as calibrate_main
 
     runs = [train(tiny_config(tiny_data, tmp_path / f"m{seed}", seed=seed, split_seed=0, epochs=1), progress=False)
             for seed in (0, 1)]
@@ -418,7 +418,7 @@ def test_ensemble_members_share_a_split_seed_and_a_pit_map_is_fitted_and_applied
     np.testing.assert_allclose(OnnxPredictor(bundle, providers="cpu").predict(images, ebv), expected, atol=1e-5)
     with pytest.raises(ValueError, match="already applies a PIT map"):
         calibrate_main(["--model", str(bundle.path), "--data", str(tiny_data), "--out", str(tmp_path / "x.json")])
-    from photoz.training.model_card import render
+    from photoz.training.release.model_card import render
 
     report = {"data": "tiny.h5", "n": 6, "model_metrics": {"point_estimate": "z_mean", "sigma_mad": 0.1,
               "outlier_fraction": 0.5, "bias": 0.0, "crps": 0.1, "pit_ks": 0.5, "n": 6, "by_redshift": []}}

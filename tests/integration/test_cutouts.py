@@ -10,7 +10,7 @@ from photoz.model.bundle import default_bundle_path, load_bundle
 from photoz.model.pdf import point_estimates
 from photoz.model.runtime import OnnxPredictor
 from photoz.pipeline.cutouts import CutoutError, cut, make_cutouts, nanomaggies_per_unit, read_catalogue
-from photoz.training.sim.field import render_field
+from photoz.training.simulation.field import render_field
 
 FRAMES = [f"frame-{b}.fits" for b in "ugriz"]
 

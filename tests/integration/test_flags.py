@@ -20,7 +20,7 @@ from tests.helpers import disk_galaxies, npy_bytes, star
 def flagged_bundle(tiny_bundle, tmp_path_factory):
     """The tiny bundle with thresholds measured on synthetic disks."""
     from photoz.model.bundle import load_bundle
-    from photoz.model.export import write_metadata
+    from photoz.model.network.export import write_metadata
 
     images, ebv = disk_galaxies(np.random.default_rng(7), 2000)
     quality = quality_metadata(cutout_features(images, ebv, BANDS, PIXEL_SCALE_ARCSEC), {"dataset": "disks"})
@@ -110,11 +110,11 @@ def test_a_bundle_with_a_blend_detector_flags_pairs_the_same_served_and_offline(
     """The blend detector travels in the bundle's metadata: a server loading the bundle runs it (on its
     finishing threads) and answers the flags ONNX Runtime gives here, pairs flagged as blends."""
     from photoz.model.bundle import load_bundle
-    from photoz.model.export import write_metadata
+    from photoz.model.network.export import write_metadata
     from photoz.model.quality import QualityFlagger, sky_background
     from photoz.service.live import LiveServer
-    from photoz.training.blend import add_companions
-    from photoz.training.ood import reference_quality
+    from photoz.training.evaluation.ood import reference_quality
+    from photoz.training.release.blend import add_companions
 
     images, ebv = disk_galaxies(np.random.default_rng(41), 800, r_mag=(15.0, 17.0))
     with h5py.File(tmp_path / "train.h5", "w") as h5:
@@ -166,8 +166,8 @@ def test_the_saturation_floor_ignores_cutouts_the_simulator_saturated(tmp_path):
     """A simulated training set holds bright stars and neighbours the simulator saturated (its catalogue's
     flags say so): their flat tops must not become the saturation flag's floor, or injected saturation of that
     size goes unflagged (6% caught, was the measured regression on simulator 1.6.0 data)."""
-    from photoz.training.ood import reference_quality
-    from photoz.training.sim.render import FLAG_SATURATED
+    from photoz.training.evaluation.ood import reference_quality
+    from photoz.training.simulation.instrument import FLAG_SATURATED
 
     images, ebv = disk_galaxies(np.random.default_rng(51), 300, r_mag=(15.0, 17.0))
     images[:3, 2, 26:32, 26:33] = images[:3, 2].max() * 2  # a 42-pixel flat top in r

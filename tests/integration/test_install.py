@@ -48,7 +48,7 @@ def test_wheel_installs_one_photoz_package_that_predicts_and_serves(tmp_path, ti
     assert Path(module).is_relative_to(site) and bundle_found == "True"
     # in a checkout's root, python finds the checkout's photoz first (the recipes' `python -m photoz.training...`):
     # its rooms are the folders beside it, not the installed package's
-    in_checkout = subprocess.run([env / "bin" / "python", "-m", "photoz.training.ood", "--help"],
+    in_checkout = subprocess.run([env / "bin" / "python", "-m", "photoz.training.evaluation.ood", "--help"],
                                  **{**run, "cwd": ROOT})
     assert in_checkout.returncode == 0 and "--model" in in_checkout.stdout, in_checkout.stderr
 

@@ -31,7 +31,7 @@ POISONED_ROW, BAD_EBV_ROW = 3, 50
 def simulated(tmp_path_factory):
     """A small simulated data set as photoz simulate writes it (images, ebv, z and truth/, catalogue/ groups),
     under the .hdf5 suffix RAIL's readers expect."""
-    from photoz.training.sim.simulate import simulate
+    from photoz.training.simulation.simulate import simulate
 
     return simulate(tmp_path_factory.mktemp("rail") / "sim.hdf5", 96, seed=5, workers=1, chunk_size=48,
                     progress=False)
@@ -137,7 +137,7 @@ def test_rails_evaluation_agrees_with_photoz_evaluate(simulated, tiny_bundle, tm
     from rail.evaluation.point_to_point_evaluator import PointToPointEvaluator
     from rail.photoz.pipeline import POINT_METRICS, write_truth
 
-    from photoz.training.evaluate import predict_file, score
+    from photoz.training.evaluation.evaluate import predict_file, score
 
     handle = PhotozImageEstimator.make_stage(name="estimate_eval", model=_inform(tmp_path, tiny_bundle, "eval"),
                                              chunk_size=40, output=str(tmp_path / "eval.hdf5"))
@@ -179,7 +179,7 @@ def test_bad_input_names_the_stage_and_the_field(simulated, tiny_bundle, tmp_pat
 
 def test_the_ceci_pipeline_runs_end_to_end(simulated, tiny_bundle, tmp_path):
     """inform -> estimate -> RAIL's evaluators under ceci, each stage its own process, as DESC runs them."""
-    from photoz.training.evaluate import predict_file, score
+    from photoz.training.evaluation.evaluate import predict_file, score
 
     run = subprocess.run([sys.executable, "-m", "rail.photoz.pipeline", "--cutouts", str(simulated),
                           "--bundle", str(tiny_bundle), "--out-dir", str(tmp_path / "run"), "--chunk-size", "40",

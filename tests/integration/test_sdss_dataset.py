@@ -147,7 +147,7 @@ def test_train_and_evaluate_use_the_sky_split(built_file, tmp_path, tiny_bundle)
     meta = torch.load(run / "last.pt", weights_only=False)["dataset"]
     assert meta["n_train"] == int((split == 0).sum()) and meta["n_validation"] == int((split == 1).sum())
     assert meta["split"] == "the file's split dataset"
-    from photoz.training.evaluate import evaluate
+    from photoz.training.evaluation.evaluate import evaluate
 
     report = evaluate(tiny_bundle, out, tmp_path / "eval", baseline_train=out, figures=False, split="test")
     assert report["n"] == int((split == 2).sum()) and report["split"] == "test"

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from photoz.model.conventions import BANDS, EXTINCTION_A_OVER_EBV
-from photoz.training.baseline import KNNPhotoZ, LocalLinearPhotoZ, catalogue_features, dereddened
+from photoz.model.conventions import BANDS, EXTINCTION_A_OVER_EBV, dereddened
+from photoz.training.evaluation.baseline import KNNPhotoZ, LocalLinearPhotoZ, catalogue_features
 
 
 def linear_sky(n, seed):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from photoz.model.bundle import METADATA_KEY, BundleError, load_bundle, parse_metadata
-from photoz.model.export import check_parity, export_bundle, make_metadata, untrained_record
+from photoz.model.network.export import check_parity, export_bundle, make_metadata, untrained_record
 
 
 def test_metadata_round_trip(tiny_bundle, tiny_net):
@@ -110,7 +110,7 @@ def test_parse_metadata_rejects_wrong_format_version(tiny_bundle):
 
 
 def test_custom_bins_are_exported(tmp_path):
-    from photoz.model.pasquet import build
+    from photoz.model.network.pasquet import build
     from photoz.model.pdf import RedshiftBins
 
     net = build("pasquet2019_tiny", n_bins=4).eval()
@@ -166,7 +166,7 @@ def _pit_bundle(tiny_net, path):
 def test_an_exported_pit_graph_does_not_fail_a_batch_on_a_non_finite_pdf(tiny_net, tmp_path, monkeypatch, value):
     """The PIT map's index cast is guarded: a cutout whose PDF is not finite comes out NaN and its batch's other
     rows are what they are alone; without the guard, ONNX Runtime fails the whole batch."""
-    from photoz.model.export import GUARD_PREFIX, guard_index_casts
+    from photoz.model.network.export import GUARD_PREFIX, guard_index_casts
 
     bundle = _pit_bundle(tiny_net, tmp_path / "pit.onnx")
     proto = onnx.load(str(bundle.path))
@@ -181,7 +181,7 @@ def test_an_exported_pit_graph_does_not_fail_a_batch_on_a_non_finite_pdf(tiny_ne
     alone = session.run(["probabilities"], {"images": images[[0, 2]], "ebv": ebv[[0, 2]]})[0]
     np.testing.assert_allclose(probs[[0, 2]], alone, atol=1e-7)
 
-    monkeypatch.setattr("photoz.model.export.guard_index_casts", lambda proto: 0)
+    monkeypatch.setattr("photoz.model.network.export.guard_index_casts", lambda proto: 0)
     unguarded = _pit_bundle(tiny_net, tmp_path / "unguarded.onnx")
     with pytest.raises(Exception, match="GatherElements"):
         ort.InferenceSession(str(unguarded.path), providers=["CPUExecutionProvider"]).run(
@@ -192,9 +192,9 @@ def test_guard_graph_revises_an_exported_bundle_keeping_its_outputs(tiny_net, tm
     """photoz guard-graph on a bundle exported before the guard: same PDFs, a new version, the revision recorded
     in its training record and on its model card."""
     from photoz.cli import main
-    from photoz.training.model_card import render
+    from photoz.training.release.model_card import render
 
-    monkeypatch.setattr("photoz.model.export.guard_index_casts", lambda proto: 0)
+    monkeypatch.setattr("photoz.model.network.export.guard_index_casts", lambda proto: 0)
     old = _pit_bundle(tiny_net, tmp_path / "old.onnx")
     monkeypatch.undo()
     assert main(["guard-graph", "--model", str(old.path), "--out", str(tmp_path / "new.onnx"),

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from photoz.model.pdf import RedshiftBins
-from photoz.training.evaluate import score
+from photoz.training.evaluation.evaluate import score
 
 
 def exact_posteriors(n: int, sigma: float, seed: int = 1):

@@ -1,6 +1,6 @@
 import json
 
-from photoz.training.model_card import render
+from photoz.training.release.model_card import render
 
 
 def test_card_states_data_metrics_targets_and_limits(tiny_bundle, tmp_path):
@@ -37,7 +37,7 @@ def test_card_checks_issue_targets_against_the_strong_baseline_and_compares_cand
     """The sigma_MAD target is against the kNN on dereddened model magnitudes when the report has it; PIT KS is
     checked in every photometric-redshift bin with >= 500 objects and the intervals' coverage against 0.66-0.70 /
     0.93-0.97; other candidates' metrics (--compare) get a table."""
-    from photoz.training.model_card import main
+    from photoz.training.release.model_card import main
 
     def binned(sigma, c68, c95, bins):
         return [{"lo": 0.05 * i, "hi": 0.05 * (i + 1), "sigma_mad": sigma, "outlier_fraction": 0.0, "bias": 0.0,
@@ -93,7 +93,7 @@ def test_card_checks_issue_targets_against_the_strong_baseline_and_compares_cand
 
 
 def test_flags_section_lists_thresholds_and_injections():
-    from photoz.training.model_card import flags_section
+    from photoz.training.release.model_card import flags_section
 
     quality = {"tail_fraction": 0.001, "tail_fraction_by_feature": {"asymmetry": 0.005},
                "reference": {"dataset": "train.h5", "rows": "first 10 of 10"},
@@ -115,7 +115,7 @@ def test_flags_section_lists_thresholds_and_injections():
 
 
 def test_evaluate_prints_the_reference_row_and_the_bins_of_both_redshifts():
-    from photoz.training.evaluate import format_report
+    from photoz.training.evaluation.evaluate import format_report
 
     def m(sigma, ks):
         return {"sigma_mad": sigma, "outlier_fraction": 0.01, "bias": 0.001, "crps": 0.01, "pit_ks": ks, "n": 900}

@@ -4,7 +4,7 @@ import sys
 import pytest
 import torch
 
-from photoz.model.pasquet import INCEPTION_SPECS, POOL_AFTER, STEM_CHANNELS, VARIANTS, build, variant_config
+from photoz.model.network.pasquet import INCEPTION_SPECS, POOL_AFTER, STEM_CHANNELS, VARIANTS, build, variant_config
 
 
 def expected_parameter_count(cfg) -> int:
@@ -45,7 +45,7 @@ def test_every_variant_matches_its_layer_list(variant):
 
 
 def test_cpu_variant_is_about_a_quarter_of_the_flops():
-    from photoz.model.summary import layer_table
+    from photoz.model.network.summary import layer_table
 
     full = sum(r.flops for r in layer_table(build("pasquet2019")))
     half = sum(r.flops for r in layer_table(build("pasquet2019_half")))
@@ -101,7 +101,7 @@ def test_dropout_adds_no_parameters_and_keeps_the_layer_names():
 
 
 def test_mc_dropout_averages_fixed_thinned_heads_over_one_pass_of_the_convolutions():
-    from photoz.model.pasquet import MCDropoutNet
+    from photoz.model.network.pasquet import MCDropoutNet
 
     torch.manual_seed(0)
     net = build("pasquet2019_tiny", dropout=0.3).eval()

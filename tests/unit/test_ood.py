@@ -1,5 +1,5 @@
-"""The injection report of photoz.training.ood: each kind of out-of-range object made from in-range cutouts and
-counted by the flags (synthetic disks as the "training set", as in test_quality)."""
+"""The injection report of photoz.training.evaluation.ood: each kind of out-of-range object made from in-range
+cutouts and counted by the flags (synthetic disks as the "training set", as in test_quality)."""
 import numpy as np
 import pytest
 
@@ -15,7 +15,7 @@ def thresholds():
 
 
 def test_injected_objects_are_flagged_and_reported(thresholds):
-    from photoz.training.ood import INJECTIONS, format_report, measure
+    from photoz.training.evaluation.ood import INJECTIONS, format_report, measure
 
     images, ebv = disk_galaxies(np.random.default_rng(22), 120)
     report = measure(thresholds, images, ebv, seed=3)
@@ -34,7 +34,7 @@ def test_injected_objects_are_flagged_and_reported(thresholds):
 def test_objects_without_a_positive_flux_are_not_scaled(thresholds):
     """A cutout whose r aperture flux is not positive has no magnitude to scale from: the brighter and fainter
     injections leave it out rather than make infinite pixels."""
-    from photoz.training.ood import measure
+    from photoz.training.evaluation.ood import measure
 
     images, ebv = disk_galaxies(np.random.default_rng(23), 30)
     images[0] = -np.abs(images[0]) - 1.0  # no positive flux anywhere

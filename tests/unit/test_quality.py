@@ -177,13 +177,13 @@ def test_flag_names_and_bits_round_trip():
 
 
 def test_the_blend_detector_learns_companions_from_the_training_set_and_flags_them():
-    """photoz.training.blend: a small network trained on the reference galaxies alone and with another of them
+    """photoz.training.release.blend: a small network trained on the reference galaxies alone and with another of them
     added 1.5-3" away sees new pairs the asymmetry misses; its score's threshold is the galaxies' tail, it
     travels in the metadata (ONNX, base64) and the flagger runs it from there."""
     import base64
 
     from photoz.model.quality import BlendNet, blend_input, sky_background
-    from photoz.training.blend import add_companions, train_blend_net
+    from photoz.training.release.blend import add_companions, train_blend_net
 
     rng = np.random.default_rng(31)
     images, ebv = disk_galaxies(rng, 1200, r_mag=(15.0, 17.0))

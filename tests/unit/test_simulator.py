@@ -8,35 +8,37 @@ from photoz.model.conventions import (
     DEPTH_5SIGMA_MAG,
     EXTINCTION_A_OVER_EBV,
     PIXEL_SCALE_ARCSEC,
+    dereddened,
     mag_to_nanomaggies,
     sky_sigma_nmgy_per_pixel,
 )
-from photoz.training.baseline import dereddened
-from photoz.training.sim import sed
-from photoz.training.sim.population import (
+from photoz.training.simulation import sed
+from photoz.training.simulation.cosmology import distance_modulus
+from photoz.training.simulation.drawing import (
+    PSFShape,
+    draw,
+    draw_bands,
+    galaxy_components,
+    gsparams,
+    resample_onto_reference,
+)
+from photoz.training.simulation.instrument import (
+    FLAG_CLOSE_NEIGHBOUR,
+    FLAG_COSMIC_RAY_BAND_BIT,
+    InstrumentConfig,
+    add_cosmic_rays,
+    add_noise,
+    neighbour_radius_arcsec,
+    noise_sigma,
+)
+from photoz.training.simulation.photometry import measure_catalogue
+from photoz.training.simulation.population import (
     PETROSIAN_DEFICIT_MAG,
     Z_MAX,
     Z_MIN,
     PopulationConfig,
-    distance_modulus,
     draw_candidates,
     draw_selected,
-)
-from photoz.training.sim.render import (
-    FLAG_CLOSE_NEIGHBOUR,
-    FLAG_COSMIC_RAY_BAND_BIT,
-    InstrumentConfig,
-    PSFShape,
-    _galaxy_components,
-    _gsparams,
-    add_cosmic_rays,
-    add_noise,
-    draw,
-    draw_bands,
-    measure_catalogue,
-    neighbour_radius_arcsec,
-    noise_sigma,
-    resample_onto_reference,
 )
 
 R = BANDS.index("r")
@@ -161,7 +163,7 @@ def test_resampling_is_the_bicubic_spline_of_photoz_cutouts():
 def test_a_band_shift_is_the_same_as_drawing_the_shifted_scene():
     import galsim
 
-    disk = galsim.Exponential(half_light_radius=1.2, gsparams=_gsparams()).shear(q=0.5, beta=30 * galsim.degrees)
+    disk = galsim.Exponential(half_light_radius=1.2, gsparams=gsparams()).shear(q=0.5, beta=30 * galsim.degrees)
     fluxes, shape = np.full((5, 1), 80.0), PSFShape(0.1, 2.5, 0.03, -0.02)
     shifts = np.array([[0.3, -0.2], [0.1, 0.4], [0.0, 0.0], [-0.4, 0.1], [0.25, 0.45]])
     moved = draw_bands([disk], fluxes, [1.5, 1.4, 1.3, 1.3, 1.3], shape, shifts)
@@ -185,8 +187,8 @@ def test_psf_wing_and_ellipticity():
 
 
 def _rendered(n=24, **inst):
-    from photoz.training.sim.population import NEIGHBOUR_Z_MAX
-    from photoz.training.sim.render import render_galaxies
+    from photoz.training.simulation.population import NEIGHBOUR_Z_MAX
+    from photoz.training.simulation.render import render_galaxies
 
     rng = np.random.default_rng(6)
     pop = draw_selected(PopulationConfig(), n, rng)
@@ -236,7 +238,7 @@ def test_cosmic_rays_are_interpolated_over_and_flagged():
 
 
 def test_bad_columns_are_interpolated_over_and_flagged():
-    from photoz.training.sim.render import FLAG_BAD_COLUMN, add_bad_columns
+    from photoz.training.simulation.instrument import FLAG_BAD_COLUMN, add_bad_columns
 
     rng = np.random.default_rng(8)
     images = (rng.normal(size=(60, 5, 64, 64)) * 0.02).astype(np.float32)
@@ -320,8 +322,8 @@ def test_all_bands_at_once_equal_galsim_drawing_each_band():
     pop = draw_selected(PopulationConfig(), 12, rng)
     for k in range(12):
         row = {key: value[k] for key, value in pop.items()}
-        components, fluxes = _galaxy_components(galsim, row, *rng.normal(0, 0.3, 2))
-        components.append(galsim.DeltaFunction(gsparams=_gsparams()).shift(9.0, -6.0))
+        components, fluxes = galaxy_components(galsim, row, *rng.normal(0, 0.3, 2))
+        components.append(galsim.DeltaFunction(gsparams=gsparams()).shift(9.0, -6.0))
         fluxes = np.concatenate([fluxes, rng.uniform(20, 200, (5, 1))], axis=1)
         fwhm = np.array([1.5, 1.4, 1.3, 1.25, 1.3]) * np.exp(rng.normal(0, 0.1, 5))
         together = draw_bands(components, fluxes, fwhm)
@@ -341,7 +343,7 @@ def test_source_poisson_noise_adds_to_sky():
 
 @pytest.fixture(scope="module")
 def small_sim(tmp_path_factory):
-    from photoz.training.sim.simulate import simulate
+    from photoz.training.simulation.simulate import simulate
 
     path = tmp_path_factory.mktemp("sim") / "a.h5"
     simulate(path, 96, seed=11, workers=2, chunk_size=32, progress=False)
@@ -349,7 +351,7 @@ def small_sim(tmp_path_factory):
 
 
 def test_same_seed_gives_identical_files_whatever_the_workers(small_sim, tmp_path):
-    from photoz.training.sim.simulate import simulate
+    from photoz.training.simulation.simulate import simulate
 
     other = simulate(tmp_path / "b.h5", 96, seed=11, workers=1, chunk_size=32, progress=False)
     with h5py.File(small_sim) as a, h5py.File(other) as b:
@@ -363,7 +365,7 @@ def test_same_seed_gives_identical_files_whatever_the_workers(small_sim, tmp_pat
 
 
 def test_resume_and_extend_reproduce_a_single_run(small_sim, tmp_path):
-    from photoz.training.sim.simulate import SimulationMismatch, simulate
+    from photoz.training.simulation.simulate import SimulationMismatch, simulate
 
     path = tmp_path / "grow.h5"
     simulate(path, 40, seed=11, workers=1, chunk_size=32, progress=False)  # 1 full + 1 partial chunk
@@ -381,7 +383,7 @@ def test_worker_processes_start_clean_not_as_forks_of_the_caller(small_sim, tmp_
     test runner's threads, on which the forked workers waited for ever. The workers come from a forkserver."""
     import threading
 
-    import photoz.training.sim.simulate as sim
+    import photoz.training.simulation.simulate as sim
 
     def inherited(*args, **kwargs):
         raise AssertionError("a worker ran the caller's patched code: it was forked from the caller")
@@ -420,7 +422,7 @@ def test_file_layout_units_and_attributes(small_sim):
 def test_calibration_transfer_matrix_and_error_comparison_on_real_galaxies_standing_in_for_simulated():
     """With real galaxies in place of simulated ones the report must say 'the same': error ratios of exactly 1,
     and transfer ratios near 1 for both magnitude kinds and both catalogue methods."""
-    from photoz.training.sim.calibrate import error_comparison, load_real, transfer_matrix
+    from photoz.training.simulation.calibrate import error_comparison, load_real, transfer_matrix
 
     real = load_real("train")
     errors = error_comparison({"model_mags": real["mags"], "model_errs": real["errs"]})
@@ -438,8 +440,8 @@ def test_simulated_magnitude_errors_follow_the_real_catalogues(tmp_path):
     """The noise calibration: model-magnitude errors of a fresh simulated sample against the real file's at the
     same magnitude, per band (issue 15's target is 20% on the calibration's 20,000 galaxies; a small sample's
     medians scatter a little more)."""
-    from photoz.training.sim.calibrate import error_comparison, sim_catalogue
-    from photoz.training.sim.simulate import simulate
+    from photoz.training.simulation.calibrate import error_comparison, sim_catalogue
+    from photoz.training.simulation.simulate import simulate
 
     path = simulate(tmp_path / "noise.h5", 768, seed=21, workers=2, chunk_size=256, progress=False)
     rows = error_comparison(sim_catalogue(path))
@@ -450,7 +452,7 @@ def test_simulated_magnitude_errors_follow_the_real_catalogues(tmp_path):
 
 
 def test_size_comparison_of_real_galaxies_with_themselves():
-    from photoz.training.sim.calibrate import load_real_sizes, size_comparison
+    from photoz.training.simulation.calibrate import load_real_sizes, size_comparison
 
     real = load_real_sizes()
     mags = np.zeros((real["z"].size, 5))
@@ -467,7 +469,7 @@ def test_size_comparison_of_real_galaxies_with_themselves():
 def test_a_bright_star_saturates_and_bleeds_along_its_column():
     import galsim
 
-    from photoz.training.sim.render import FLAG_SATURATED, saturate
+    from photoz.training.simulation.instrument import FLAG_SATURATED, saturate
 
     star = draw([galsim.DeltaFunction(flux=20000.0)], 1.35)  # r ~ 11.7: far above saturation at its peak
     faint = draw([galsim.DeltaFunction(flux=500.0)], 1.35)
@@ -487,7 +489,7 @@ def test_the_numpy_psf_transform_is_galsims(shape):
     accuracy of GalSim's own tables (float32 here), with the shear's sign and axes right."""
     import galsim
 
-    from photoz.training.sim.render import psf_k_images, psf_profile
+    from photoz.training.simulation.drawing import psf_k_images, psf_profile
 
     fwhms = (2.5, 3.4, 4.6)  # pixels
     kimage = galsim.ImageCD(galsim.BoundsI(0, 64, -64, 64), scale=2 * np.pi / 128)
@@ -510,14 +512,14 @@ def test_the_psf_transform_for_other_moffat_betas_is_galsims(beta, monkeypatch):
     transform, which must match GalSim's k-image of the same profile too."""
     import galsim
 
-    from photoz.training.sim import render
+    from photoz.training.simulation import drawing
 
-    monkeypatch.setattr(render, "PSF_MOFFAT_BETA", beta)
+    monkeypatch.setattr(drawing, "PSF_MOFFAT_BETA", beta)
     shape = PSFShape(0.1, 2.5, 0.03, -0.02)
     kimage = galsim.ImageCD(galsim.BoundsI(0, 64, -64, 64), scale=2 * np.pi / 128)
     b = kimage.bounds
     kx, ky = np.arange(b.xmin, b.xmax + 1) * kimage.scale, np.arange(b.ymin, b.ymax + 1) * kimage.scale
-    mine = render.psf_k_images(kx, ky, [3.4], shape)[0]
-    render.psf_profile(3.4, shape)._drawKImage(kimage)
+    mine = drawing.psf_k_images(kx, ky, [3.4], shape)[0]
+    drawing.psf_profile(3.4, shape)._drawKImage(kimage)
     np.testing.assert_allclose(mine, kimage.array.real, atol=3e-6)
     assert mine[64, 0] == pytest.approx(1.0)  # unit flux at k = 0

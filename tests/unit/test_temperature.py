@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from photoz.training.temperature import fit_temperature, nll
+from photoz.training.release.temperature import fit_temperature, nll
 
 
 def _sample(rng, n=6000, n_bins=60):

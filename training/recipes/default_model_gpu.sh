@@ -106,6 +106,6 @@ fi
 $PHOTOZ evaluate --model "$model" --data "$DATA/sim-test.h5" --baseline-train "$DATA/sim-train.h5" \
     --out "$RUN/eval"
 if [[ $model == *.onnx ]]; then  # the out-of-distribution flags (thresholds measured at export): what they catch
-    $PYTHON -m photoz.training.ood --model "$model" --data "$DATA/sim-test.h5" --out "$RUN/eval" || true
+    $PYTHON -m photoz.training.evaluation.ood --model "$model" --data "$DATA/sim-test.h5" --out "$RUN/eval" || true
 fi
 echo "done in $(elapsed) s"

@@ -29,8 +29,9 @@ from threadpoolctl import threadpool_limits
 
 from photoz.model.conventions import BANDS, CUTOUT_SIZE_PIXELS, FLUX_UNIT, PIXEL_SCALE_ARCSEC
 from photoz.progress import Progress
-from photoz.training.sim.population import PopulationConfig
-from photoz.training.sim.render import InstrumentConfig, simulate_chunk
+from photoz.training.simulation.instrument import InstrumentConfig
+from photoz.training.simulation.population import PopulationConfig
+from photoz.training.simulation.render import simulate_chunk
 
 SIMULATOR_VERSION = "1.6.0"
 DEFAULT_CHUNK_SIZE = 256
@@ -174,7 +175,7 @@ def _start_worker(pop_cfg: PopulationConfig, inst_cfg: InstrumentConfig) -> None
 def _prepare(pop_cfg: PopulationConfig, inst_cfg: InstrumentConfig) -> None:
     """Build the spectral tables and the sampling grids of targets and neighbours once per process (a few
     seconds), before its first chunk."""
-    from photoz.training.sim.population import NEIGHBOUR_Z_MAX, draw_candidates
+    from photoz.training.simulation.population import NEIGHBOUR_Z_MAX, draw_candidates
 
     rng = np.random.default_rng(0)
     draw_candidates(pop_cfg, 1, rng)

@@ -23,11 +23,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from photoz.model.pasquet import PasquetNet, build, variant_config
+from photoz.model.network.pasquet import PasquetNet, build, variant_config
 from photoz.model.pdf import RedshiftBins, photoz_metrics, point_estimates
 from photoz.progress import Progress
-from photoz.training.config import TrainConfig
-from photoz.training.data import CutoutDataset, inspect, split_indices, split_rows
+from photoz.training.fit.config import TrainConfig
+from photoz.training.fit.data import CutoutDataset, inspect, split_indices, split_rows
 
 #: The validation metric ``best.pt`` is chosen by: the CRPS, a proper score of the whole PDF, so the pick rewards
 #: calibrated PDFs as well as accurate means (sigma_MAD alone moved by 1e-4 between epochs whose bias moved by
@@ -417,7 +417,7 @@ def _tensorboard(out: Path):
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[PasquetNet, dict]:
     """Network (eval mode) and the checkpoint's record."""
-    from photoz.model.pasquet import PasquetConfig
+    from photoz.model.network.pasquet import PasquetConfig
 
     state = torch.load(path, map_location=device, weights_only=False)
     net = build(PasquetConfig.from_dict(state["network_config"]))

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from photoz.model.conventions import BANDS, CUTOUT_SIZE_PIXELS, DEFAULT_N_BINS, sky_sigma_nmgy_per_pixel
-from photoz.model.normalisation import AsinhNormalisation
+from photoz.model.network.normalisation import AsinhNormalisation
 
 #: (squeeze channels s1, branch channels s2, has 5x5 branch) of I0..I4.
 INCEPTION_SPECS = ((48, 64, True), (64, 92, True), (92, 128, True), (92, 128, True), (92, 128, False))

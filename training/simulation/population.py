@@ -30,9 +30,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from photoz.model.conventions import BANDS, EXTINCTION_A_OVER_EBV
-from photoz.training.baseline import dereddened
-from photoz.training.sim.sed import (
+from photoz.model.conventions import BANDS, EXTINCTION_A_OVER_EBV, dereddened
+from photoz.training.simulation.cosmology import distance_grid, distance_modulus, kpc_per_arcsec
+from photoz.training.simulation.sed import (
     N_TEMPLATES,
     REFERENCE,
     TABLE_DUST_EBV,
@@ -57,7 +57,7 @@ TYPE_REST_G_MINUS_R = (0.75, 0.55, 0.45, 0.30)
 class PopulationConfig:
     """Population parameters."""
 
-    sed_library: str = "sed_library.ecsv"  # in training/sim/sdss_reference/
+    sed_library: str = "sed_library.ecsv"  # in training/simulation/sdss_reference/
     r_limit_mag: float = 17.77  # MGS: measured Petrosian r, dereddened (applied by render.simulate_chunk)
     # candidates: expected Petrosian r (noise-free, dereddened) to r_limit + margin; the measured cut decides
     candidate_margin_mag: float = 0.12
@@ -87,32 +87,9 @@ class PopulationConfig:
         return load_library(REFERENCE / self.sed_library)
 
 
-@functools.lru_cache(maxsize=4)
-def _distance_grid():
-    from astropy.cosmology import Planck18
-
-    z = np.linspace(0.0, 0.5, 2001)
-    dm = np.full(z.size, -np.inf)
-    dm[1:] = Planck18.distmod(z[1:]).value
-    da_kpc_per_arcsec = np.zeros(z.size)
-    da_kpc_per_arcsec[1:] = Planck18.angular_diameter_distance(z[1:]).to("kpc").value / 206264.806
-    dvdz = Planck18.differential_comoving_volume(np.maximum(z, 1e-6)).value  # Mpc^3 / sr
-    return z, dm, da_kpc_per_arcsec, dvdz, Planck18.h
-
-
-def distance_modulus(z):
-    grid, dm, *_ = _distance_grid()
-    return np.interp(z, grid, dm)
-
-
-def kpc_per_arcsec(z):
-    grid, _, da, *_ = _distance_grid()
-    return np.interp(z, grid, da)
-
-
 def shen2003_r50_kpc(abs_mag_r, early: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Half-light radius (kpc, h = 0.7) from Shen et al. (2003) Table 1, r band, with scatter."""
-    m = np.asarray(abs_mag_r) + 5 * np.log10(0.7 / _distance_grid()[4])  # to h = 0.7 magnitudes
+    m = np.asarray(abs_mag_r) + 5 * np.log10(0.7 / distance_grid()[4])  # to h = 0.7 magnitudes
     m0 = -20.52
     early_log_r = -0.4 * 0.65 * m - 5.06
     late_log_r = -0.4 * 0.21 * m + (0.53 - 0.21) * np.log10(1 + 10 ** (-0.4 * (m - m0))) - 1.31
@@ -175,7 +152,7 @@ def _clone_grid(library_name: str, q: float, r_limit: float, z_max: float, sampl
     flux_r = lib.coeffs @ table  # (N, Z)
     m_r = (lib.abs_mag_r[:, None] - q * (zg[None, :] - lib.z[:, None]) + distance_modulus(np.maximum(zg, 1e-4))
            - 2.5 * np.log10(np.maximum(flux_r, 1e-30)))
-    z_all, _, _, dvdz, _ = _distance_grid()
+    z_all, _, _, dvdz, _ = distance_grid()
     dv = np.interp(zg, z_all, dvdz) * np.gradient(zg)
     candidate = (m_r < r_limit - (deficit if petrosian else 0.0)) & (zg >= Z_MIN) & (zg <= z_max)
     sample = (m_r < sample_limit - deficit) & (zg >= Z_MIN) & (zg <= Z_MAX)

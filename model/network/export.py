@@ -11,7 +11,7 @@ import torch
 
 from photoz.model.bundle import FORMAT_VERSION, METADATA_KEY, Bundle, load_bundle, parse_metadata
 from photoz.model.conventions import BANDS, FLUX_UNIT, PIXEL_SCALE_ARCSEC
-from photoz.model.pasquet import EnsembleNet, MCDropoutNet, PasquetNet, PITRecalibrated, WithEpistemicSpread
+from photoz.model.network.pasquet import EnsembleNet, MCDropoutNet, PasquetNet, PITRecalibrated, WithEpistemicSpread
 from photoz.model.pdf import RedshiftBins
 from photoz.model.recalibration import PITMap
 

@@ -24,14 +24,14 @@ def fitting_rows(data: str | Path, validation_of: str | Path | None) -> tuple[np
     """All rows (None) of a calibration file, or a checkpoint's validation rows of its training file."""
     if validation_of is None:
         return None, "every row"
-    from photoz.training.train import load_checkpoint, validation_rows
+    from photoz.training.fit.train import load_checkpoint, validation_rows
 
     rows, kind = validation_rows(load_checkpoint(validation_of)[1]["train_config"], data)
     return np.sort(rows), f"validation rows of {Path(validation_of).name} ({kind})"
 
 
 def _ks_by_photometric_z(pdfs, bins, z) -> list[dict]:
-    from photoz.training.evaluate import score
+    from photoz.training.evaluation.evaluate import score
 
     return [{"lo": b["lo"], "hi": b["hi"], "n": b["n"], "pit_ks": round(b["pit_ks"], 4)}
             for b in score(pdfs, bins, z)["by_photometric_redshift"]]
@@ -41,8 +41,8 @@ def calibrate_pit(model: str | Path, data: str | Path, out: str | Path, validati
                   knot_spacing: float = KNOT_SPACING_Z, prior_count: float = PRIOR_COUNT) -> dict:
     """Fit the map on ``model``'s PDFs for ``data`` (see the module docstring), write the JSON report to
     ``out`` and return it."""
-    from photoz.training.data import read_labels
-    from photoz.training.evaluate import predict_file
+    from photoz.training.evaluation.evaluate import predict_file
+    from photoz.training.fit.data import read_labels
 
     if Path(model).suffix == ".onnx":
         from photoz.model.bundle import load_bundle

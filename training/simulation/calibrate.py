@@ -1,10 +1,10 @@
 """Realism and calibration report of the simulator against real SDSS: figures + JSON + tables.
 
-    python -m photoz.training.sim.calibrate --sim-train data/sim-train.h5 --sim-test data/sim-test.h5 --out docs
+    python -m photoz.training.simulation.calibrate --sim-train data/sim-train.h5 --sim-test data/sim-test.h5 --out docs
 
 Compares the simulated catalogue (noisy Petrosian magnitudes measured on the
 rendered cutouts) with real SDSS spectroscopic galaxies in
-``training/sim/sdss_reference``: median colours against redshift, Petrosian
+``training/simulation/sdss_reference``: median colours against redshift, Petrosian
 half-light radius against redshift, and the transfer test (a kNN trained on
 simulated catalogues, tested on real galaxies, against a kNN trained and
 tested on real ones). Also draws the realism figures of docs/simulation.md.
@@ -21,9 +21,9 @@ import numpy as np
 
 from photoz.model.conventions import BANDS
 from photoz.model.pdf import photoz_metrics, point_estimates
-from photoz.training.baseline import KNNPhotoZ
-from photoz.training.data import read_labels
-from photoz.training.sim.sed import REFERENCE_MW_EBV
+from photoz.training.evaluation.baseline import KNNPhotoZ
+from photoz.training.fit.data import read_labels
+from photoz.training.simulation.sed import REFERENCE_MW_EBV
 
 REFERENCE = Path(__file__).resolve().parent / "sdss_reference"
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,7 +102,7 @@ KINDS = ("model-dereddened", "petro", "model")
 
 
 def _dereddened(mags: np.ndarray, ebv) -> np.ndarray:
-    from photoz.training.baseline import dereddened
+    from photoz.model.conventions import dereddened
 
     return dereddened(mags, ebv=np.broadcast_to(np.asarray(ebv, dtype=np.float64), mags.shape[:1]))
 
@@ -113,7 +113,7 @@ def transfer_matrix(sim: dict) -> dict:
     same method trained on real ones. Kinds: ``model-dereddened`` (the simulated model magnitudes less each
     galaxy's Galactic extinction; the real ones less that of sed.REFERENCE_MW_EBV, as the real files carry no
     E(B-V)), ``petro`` and ``model`` (both sides as measured/published, neither dereddened)."""
-    from photoz.training.baseline import LocalLinearPhotoZ
+    from photoz.training.evaluation.baseline import LocalLinearPhotoZ
 
     real_train, real_test = load_real("train"), load_real("test")
     sim_mags = {"petro": sim["petro_mags"], "model": sim["model_mags"],
@@ -266,7 +266,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     if not args.sim_train or not args.sim_test:
-        from photoz.training.sim.simulate import SimulationMismatch, simulate
+        from photoz.training.simulation.simulate import SimulationMismatch, simulate
 
         def fresh(path: Path, n: int, seed: int) -> str:
             """Reuse (or resume) the last run's sample; one of another simulator version or settings is replaced."""
@@ -289,7 +289,7 @@ def main(argv=None) -> int:
     transfer = {key: matrix["model-dereddened/KNN"][key] for key in
                 ("real_to_real", "sim_to_real", "sigma_mad_ratio", "outlier_ratio", "bias", "meets_targets")}
     baseline = scored(KNNPhotoZ, sim_train["mags"], sim_train["z"], sim_test["mags"], sim_test["z"])
-    from photoz.training.sim.simulate import SIMULATOR_VERSION
+    from photoz.training.simulation.simulate import SIMULATOR_VERSION
 
     report = {"simulator_version": SIMULATOR_VERSION, "targets": TARGETS,
               "sim_train": _shown(args.sim_train), "sim_test": _shown(args.sim_test),

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from photoz.model.export import code_commit, export_bundle, make_metadata
-from photoz.model.pasquet import EnsembleNet, MCDropoutNet
+from photoz.model.network.export import code_commit, export_bundle, make_metadata
+from photoz.model.network.pasquet import EnsembleNet, MCDropoutNet
 from photoz.model.pdf import RedshiftBins
-from photoz.training.train import load_checkpoint
+from photoz.training.fit.train import load_checkpoint
 
 log = logging.getLogger("photoz.export")
 
@@ -80,7 +80,7 @@ def export_checkpoint(checkpoint: str | Path | list, out: str | Path, name: str,
         record["temperature"] = temperatures[0] if len(temperatures) == 1 else temperatures
     recalibration = None
     if pit_map is not None:
-        from photoz.training.pit_calibration import load_pit_map
+        from photoz.training.release.pit_calibration import load_pit_map
 
         recalibration, fitted_on = load_pit_map(pit_map)
         record["pit_recalibration"] = {"fitted_on": fitted_on}
@@ -92,7 +92,7 @@ def export_checkpoint(checkpoint: str | Path | list, out: str | Path, name: str,
     if not thresholds:
         log.info("no out-of-distribution thresholds measured (--no-thresholds)")
     elif reference.is_file():
-        from photoz.training.ood import reference_quality
+        from photoz.training.evaluation.ood import reference_quality
 
         metadata["quality"] = reference_quality(reference)
     else:

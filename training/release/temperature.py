@@ -46,7 +46,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 @torch.no_grad()
 def validation_logits(net, data, rows: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """Logits (N, n_bins) and true redshifts of ``rows`` of the data set."""
-    from photoz.training.data import CutoutDataset
+    from photoz.training.fit.data import CutoutDataset
 
     loader = torch.utils.data.DataLoader(CutoutDataset(data, rows), batch_size=batch_size)
     logits, zs = [], []
@@ -60,7 +60,7 @@ def recalibrate(checkpoint: str | Path, out: str | Path, data: str | Path | None
     """Fit the temperature on the checkpoint's validation rows, write the checkpoint with it to ``out``, and
     return the validation metrics before and after."""
     from photoz.model.pdf import RedshiftBins, photoz_metrics, point_estimates
-    from photoz.training.train import load_checkpoint, validation_rows
+    from photoz.training.fit.train import load_checkpoint, validation_rows
 
     net, state = load_checkpoint(checkpoint)
     cfg = state["train_config"]

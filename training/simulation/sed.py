@@ -9,7 +9,7 @@ redshift of each real galaxy in ``sdss_reference/`` (the training and
 validation files only: the test file stays held out for the transfer test).
 The fit gives each galaxy's spectrum as five coefficients and its rest-frame
 r absolute magnitude; the library of these (``sdss_reference/sed_library.ecsv``,
-written by ``python -m photoz.training.sim.sed``) is what the population
+written by ``python -m photoz.training.simulation.sed``) is what the population
 samples from, so the simulated colour distribution at every redshift is the
 real one, emission-line strengths and their scatter included.
 
@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from photoz.model.conventions import BANDS
+from photoz.training.simulation.cosmology import distance_modulus
 
 KCORRECT_TEMPLATES = "kcorrect-default-v4.fits"
 N_TEMPLATES = 5
@@ -191,8 +192,6 @@ def fit_coefficients(mags: np.ndarray, mag_errs: np.ndarray, z: np.ndarray, repa
     minus the data's magnitudes (N, 5)."""
     from scipy.optimize import nnls
 
-    from photoz.training.sim.population import distance_modulus
-
     maggies = 10 ** (-0.4 * mags)
     sigma = np.hypot(mag_errs, FIT_ERROR_FLOOR_MAG) * maggies * np.log(10) / 2.5
     weights = np.eye(N_TEMPLATES, 2 * N_TEMPLATES)
@@ -212,7 +211,7 @@ def fit_library(mags: np.ndarray, mag_errs: np.ndarray, z: np.ndarray, iteration
     """Fit the templates to real galaxies (magnitudes as published, with Galactic dust REFERENCE_MW_EBV), and
     repair them until the median residual of every band vanishes (see the module's docstring). Returns the
     library and the final fit's residuals (model minus data, mag; N, 5)."""
-    from photoz.training.baseline import dereddened
+    from photoz.model.conventions import dereddened
 
     mags = dereddened(mags, ebv=np.full(len(mags), REFERENCE_MW_EBV))
     knots = np.log(REPAIR_KNOTS_AA)
@@ -247,7 +246,7 @@ def write_library(library: SEDLibrary, path: Path = LIBRARY) -> Path:
     table.meta.update({
         "description": "kcorrect NMF template coefficients (summing to 1: unit rest-frame r flux) of real SDSS "
                        "galaxies; abs_mag_r: rest-frame r absolute magnitude (AB, Planck18, dereddened by "
-                       f"E(B-V) = {REFERENCE_MW_EBV}); written by python -m photoz.training.sim.sed",
+                       f"E(B-V) = {REFERENCE_MW_EBV}); written by python -m photoz.training.simulation.sed",
         "templates": KCORRECT_TEMPLATES, "filters": "speclite sdss2010-ugriz",
         "repair_knots_aa": list(REPAIR_KNOTS_AA), "repair_mag": list(library.repair_mag),
         "source": library.source})

@@ -77,20 +77,6 @@ class KNNPhotoZ(_NeighbourModel):
         return pdf / pdf.sum(axis=1, keepdims=True)
 
 
-def dereddened(mags: np.ndarray, extinction: np.ndarray | None = None, ebv: np.ndarray | None = None) -> np.ndarray:
-    """(N, 5) magnitudes corrected for Galactic extinction: ``extinction`` per band (N, 5) in mag as a catalogue
-    gives it (SDSS's ``extinction_*``), else ``ebv`` (N,) times A_band / E(B-V)."""
-    from photoz.model.conventions import EXTINCTION_A_OVER_EBV
-
-    mags = np.asarray(mags, dtype=np.float64)
-    if extinction is None:
-        if ebv is None:
-            raise ValueError("dereddening needs the extinction per band or E(B-V)")
-        coefficients = np.array([EXTINCTION_A_OVER_EBV[b] for b in BANDS])
-        extinction = np.asarray(ebv, dtype=np.float64)[:, None] * coefficients[None, :]
-    return mags - np.asarray(extinction, dtype=np.float64)
-
-
 @dataclass
 class LocalLinearPhotoZ(_NeighbourModel):
     """Local linear regression photo-z (Beck et al. 2016, the SDSS DR12 catalogue photo-z): for each object,

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from photoz.model.pasquet import PasquetNet
+from photoz.model.network.pasquet import PasquetNet
 
 
 @dataclass

@@ -83,8 +83,9 @@ def render_field(out_dir: str | Path, n: int = 36, seed: int = 3, spacing_pixels
     from astropy.io import fits
     from astropy.table import Table
 
-    from photoz.training.sim.population import PopulationConfig, draw_selected
-    from photoz.training.sim.render import _galaxy_profile, _gsparams, add_noise
+    from photoz.training.simulation.drawing import galaxy_profile, gsparams
+    from photoz.training.simulation.instrument import add_noise
+    from photoz.training.simulation.population import PopulationConfig, draw_selected
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -101,7 +102,7 @@ def render_field(out_dir: str | Path, n: int = 36, seed: int = 3, spacing_pixels
     xy = centres + rng.uniform(-8, 8, centres.shape)
     edge = np.stack([rng.uniform(3, 20, n_edge), rng.uniform(spacing_pixels, size - spacing_pixels, n_edge)], 1)
     xy = np.concatenate([xy, edge])
-    gsparams = _gsparams()  # the simulator's, shared by every profile
+    gsparams = gsparams()  # the simulator's, shared by every profile
     psfs = [galsim.Moffat(beta=PSF_MOFFAT_BETA, fwhm=MEDIAN_SEEING_FWHM_ARCSEC[b], gsparams=gsparams) for b in BANDS]
 
     clean = np.zeros((len(BANDS),) + shape, np.float32)
@@ -112,7 +113,7 @@ def render_field(out_dir: str | Path, n: int = 36, seed: int = 3, spacing_pixels
         # where the galaxy falls in a cutout of the r grid: the cutter centres it to within half a pixel
         own_offset = tuple(v - np.round(v - half) - half for v in xy[k])
         for b, band in enumerate(BANDS):
-            galaxy = galsim.Convolve(_galaxy_profile(galsim, row, b, 0.0, 0.0), psfs[b], gsparams=gsparams)
+            galaxy = galsim.Convolve(galaxy_profile(galsim, row, b, 0.0, 0.0), psfs[b], gsparams=gsparams)
             own_image = galsim.ImageF(CUTOUT_SIZE_PIXELS, CUTOUT_SIZE_PIXELS, scale=PIXEL_SCALE_ARCSEC)
             own_clean[k, b] = galaxy.drawImage(image=own_image, offset=own_offset).array
             x, y = xy[k] + np.array(BAND_SHIFT_PIXELS[band])

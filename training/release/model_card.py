@@ -1,6 +1,6 @@
 """Model card of a bundle: what it was trained on, its held-out metrics beside the baseline's, its limits.
 
-    python -m photoz.training.model_card --bundle model/bundles/photoz-sdss-sim.onnx \
+    python -m photoz.training.release.model_card --bundle model/bundles/photoz-sdss-sim.onnx \
         --report runs/default/eval/metrics.json --out model/bundles/photoz-sdss-sim.md
 
 ``make ship`` runs evaluate, export and this in one go.
@@ -92,8 +92,8 @@ def _row(name: str, m: dict) -> str:
 
 
 def flags_section(document: dict, ood_report: dict | None = None) -> list[str]:
-    """Markdown: the per-object flags, the bundle's thresholds and (from ``python -m photoz.training.ood``) how
-    many injected out-of-range objects they catch."""
+    """Markdown: the per-object flags, the bundle's thresholds and (from
+    ``python -m photoz.training.evaluation.ood``) how many injected out-of-range objects they catch."""
     from photoz.model.quality import FLAG_BITS
 
     quality = document.get("quality")
@@ -113,10 +113,10 @@ def flags_section(document: dict, ood_report: dict | None = None) -> list[str]:
     lines += ["", "The point-source and blend thresholds also vary with the r magnitude (`by_r_mag` in the metadata)."]
     if "blend_net" in quality:
         lines += ["", "Blend detector (`blend_score`, a small convolutional network stored in the metadata, "
-                  f"photoz.training.blend): trained on {quality['blend_net'].get('trained_on', '?')}."]
+                  f"photoz.training.release.blend): trained on {quality['blend_net'].get('trained_on', '?')}."]
     if ood_report:
         lines += ["", f"Injected out-of-range objects made from {ood_report['n']:,} held-out cutouts "
-                  f"(`python -m photoz.training.ood`, {ood_report['data']}):", "",
+                  f"(`python -m photoz.training.evaluation.ood`, {ood_report['data']}):", "",
                   "| objects | n | intended flag | flagged by it | any out-of-range flag |",
                   "| --- | --- | --- | --- | --- |",
                   f"| in range | {ood_report['n']} | - | - | {ood_report['in_range']['any_ood_flag']:.1%} |"]
@@ -201,9 +201,9 @@ def render(bundle_path: Path, report: dict, figures: list[str], ood_report: dict
                   + (" The reference row is what the same kNN does with the simulation's noise-free magnitudes: "
                      "how much of the error is photometric noise rather than the colour-redshift relation itself. "
                      "The simulator fits its model magnitudes with each galaxy's own noise-free profile as the "
-                     "template (`photoz.training.sim.render.measure_catalogue`), the least-noisy linear flux "
-                     "estimate the pixels allow; fitting one r-band profile to every band, as SDSS does, moves "
-                     "the simulated colours by about a tenth of their noise (`python -m "
+                     "template (`photoz.training.simulation.photometry.measure_catalogue`), the least-noisy "
+                     "linear flux estimate the pixels allow; fitting one r-band profile to every band, as SDSS "
+                     "does, moves the simulated colours by about a tenth of their noise (`python -m "
                      "benchmarks.model_magnitudes`): on this simulation the catalogue baselines see as much of "
                      "the colours as the pixels hold, and the images' smooth bulge + disk galaxies carry little "
                      "redshift information beyond them (docs/simulation.md)."
@@ -269,7 +269,8 @@ def main(argv=None) -> int:
     parser.add_argument("--report", type=Path, required=True, help="metrics.json from photoz evaluate")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--ood-report", type=Path, default=None,
-                        help="ood_flags.json from python -m photoz.training.ood (injected out-of-range objects)")
+                        help="ood_flags.json from python -m photoz.training.evaluation.ood "
+                             "(injected out-of-range objects)")
     parser.add_argument("--compare", action="append", default=[], metavar="NAME=METRICS_JSON",
                         help="another candidate's metrics.json on the same held-out data (repeatable): the card "
                              "compares them (e.g. the plain network, MC dropout, an ensemble)")

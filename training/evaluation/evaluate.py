@@ -35,7 +35,7 @@ def predict_file(model_path: str | Path, data_path: str | Path, batch_size: int 
     else:
         import torch
 
-        from photoz.training.train import load_checkpoint
+        from photoz.training.fit.train import load_checkpoint
 
         net, state = load_checkpoint(model_path)
         bins = RedshiftBins.from_metadata(state["train_config"]["z_bins"])
@@ -85,7 +85,7 @@ def evaluate(model_path, data_path, out_dir, baseline_train=None, figures: bool 
     ``split`` (train, validation, test) scores only those rows of a file with a ``split`` dataset; the
     baseline is then fitted on the train rows of ``baseline_train`` (never on the rows scored).
     """
-    from photoz.training.data import read_labels, split_rows
+    from photoz.training.fit.data import read_labels, split_rows
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -103,7 +103,8 @@ def evaluate(model_path, data_path, out_dir, baseline_train=None, figures: bool 
               "model_metrics": score(pdfs, bins, z, r_mag)}
     results = {"CNN": pdfs}
     if baseline_train is not None and mags is not None:
-        from photoz.training.baseline import KNNPhotoZ, LocalLinearPhotoZ, dereddened
+        from photoz.model.conventions import dereddened
+        from photoz.training.evaluation.baseline import KNNPhotoZ, LocalLinearPhotoZ
 
         train = read_labels(baseline_train, split_rows(baseline_train, "train") if split is not None else None)
         knn = KNNPhotoZ(bins=bins).fit(train["catalogue/petro_mag"], train["z"])
@@ -142,7 +143,7 @@ def evaluate(model_path, data_path, out_dir, baseline_train=None, figures: bool 
 def strong_baseline_magnitudes(labels: dict[str, np.ndarray]) -> tuple[str, np.ndarray]:
     """The magnitudes of the strong baseline, and what they are: dereddened model magnitudes when the
     catalogue has them (with its own extinction per band, else E(B-V) x A/E(B-V)), else dereddened Petrosian."""
-    from photoz.training.baseline import dereddened
+    from photoz.model.conventions import dereddened
 
     key = "catalogue/model_mag" if "catalogue/model_mag" in labels else "catalogue/petro_mag"
     extinction = labels.get("catalogue/extinction_mag")

@@ -1,6 +1,6 @@
 """Measure a bundle's out-of-distribution flags: thresholds from its training set, injected objects to catch.
 
-``python -m photoz.training.ood --model B.onnx --data held-out.h5 --out DIR`` takes held-out cutouts of
+``python -m photoz.training.evaluation.ood --model B.onnx --data held-out.h5 --out DIR`` takes held-out cutouts of
 the training distribution and makes, from each, an object outside it of every kind the flags are for
 (:data:`INJECTIONS`): E(B-V) beyond the training range, the galaxy made brighter or fainter than the
 training range, a star in its place, a second galaxy blended with it, masked (zero-filled) pixels,
@@ -72,7 +72,7 @@ def simulated_saturation(path: str | Path, n: int) -> np.ndarray | None:
     ``FLAG_SATURATED``), or None when the file has no catalogue flags."""
     import h5py
 
-    from photoz.training.sim.render import FLAG_SATURATED
+    from photoz.training.simulation.instrument import FLAG_SATURATED
 
     with h5py.File(path, "r") as h5:
         if "catalogue/flags" not in h5:
@@ -82,11 +82,16 @@ def simulated_saturation(path: str | Path, n: int) -> np.ndarray | None:
 
 def reference_quality(data: str | Path, n: int = REFERENCE_OBJECTS, seed: int = 0) -> dict[str, Any]:
     """The ``quality`` metadata section measured on the first ``n`` cutouts of a training set, with the blend
-    detector trained on them (:mod:`photoz.training.blend`) and its score's threshold."""
+    detector trained on them (:mod:`photoz.training.release.blend`) and its score's threshold."""
     import base64
 
-    from photoz.training.blend import COMPANION_DISTANCE_ARCSEC, COMPANION_FLUX_RATIO, add_companions, train_blend_net
-    from photoz.training.data import inspect
+    from photoz.training.fit.data import inspect
+    from photoz.training.release.blend import (
+        COMPANION_DISTANCE_ARCSEC,
+        COMPANION_FLUX_RATIO,
+        add_companions,
+        train_blend_net,
+    )
 
     info = inspect(data)
     n = min(n, info["n"])
@@ -159,7 +164,8 @@ def inject_star(images, ebv, t, rng, features):
     on the object's sky noise, in the training set's flux range, in place of the galaxy."""
     import galsim
 
-    from photoz.training.sim.render import InstrumentConfig, PSFShape, draw
+    from photoz.training.simulation.drawing import PSFShape, draw
+    from photoz.training.simulation.instrument import InstrumentConfig
 
     inst = InstrumentConfig()
     n = len(ebv)
@@ -198,8 +204,8 @@ def inject_blend(images, ebv, t, rng, features):
 
 def inject_blend_other(images, ebv, t, rng, features):
     """A blend with another galaxy of the set (not a copy: its own shape and colours), as the blend detector is
-    trained on (:func:`photoz.training.blend.add_companions`), with other draws."""
-    from photoz.training.blend import add_companions
+    trained on (:func:`photoz.training.release.blend.add_companions`), with other draws."""
+    from photoz.training.release.blend import add_companions
 
     blended, distance = add_companions(images, features["r_mag"], sky_background(images, PIXEL_SCALE_ARCSEC)[0],
                                        rng)
@@ -229,9 +235,9 @@ def bright_peaks(images: np.ndarray) -> np.ndarray:
 
 def inject_saturated(images, ebv, t, rng, features):
     """A saturated object: made 1.5-4 times brighter than the saturation level at its peak, clipped there with
-    the excess bled along the columns as the simulator does (:func:`~photoz.training.sim.render.saturate`),
+    the excess bled along the columns as the simulator does (:func:`~photoz.training.simulation.instrument.saturate`),
     sky noise on top (made from the objects bright enough to saturate, :func:`bright_peaks`)."""
-    from photoz.training.sim.render import InstrumentConfig, saturate
+    from photoz.training.simulation.instrument import InstrumentConfig, saturate
 
     level = InstrumentConfig().saturation_nmgy_per_pixel
     sigma = _sky_sigma(images)
@@ -328,7 +334,7 @@ def format_report(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     from photoz.model.bundle import load_bundle
 
-    p = argparse.ArgumentParser(prog="python -m photoz.training.ood", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m photoz.training.evaluation.ood", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="bundle (.onnx) with quality thresholds")
     p.add_argument("--data", required=True, help="held-out labelled HDF5 of the training distribution")
     p.add_argument("--n", type=int, default=2000, help="objects to use (default 2000)")
