@@ -37,15 +37,18 @@ serve: $(VENV)/.serve-installed
 test: lint
 	$(BIN)/python -m pytest -q
 
-# ruff (lint + import order) over the repository; mypy --strict over photoz.model and photoz.service. mypy cannot
-# follow setuptools' editable import hook, so it reads the photoz namespace from a tree of links to the folders.
+# ruff (lint + import order) over the repository; mypy over every room (--strict for photoz.model, formats and
+# service: pyproject.toml); import-linter's contracts on which room imports which (pyproject.toml). mypy and
+# import-linter cannot follow setuptools' editable import hook, so they read the photoz namespace from a tree of
+# hard links to the folders' files, run from inside it.
 TYPECHECK := build/typecheck
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check .
 	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/photoz
-	ln -s $(CURDIR)/photoz/*.py $(TYPECHECK)/photoz/
-	for room in model formats service pipeline training; do ln -s $(CURDIR)/$$room $(TYPECHECK)/photoz/$$room; done
-	MYPYPATH=$(TYPECHECK) $(BIN)/mypy -p photoz.model -p photoz.service
+	cp -al $(CURDIR)/photoz/*.py $(TYPECHECK)/photoz/
+	for room in model formats service pipeline training; do cp -al $(CURDIR)/$$room $(TYPECHECK)/photoz/$$room; done
+	cd $(TYPECHECK) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p photoz
+	cd $(TYPECHECK) && PYTHONPATH=. $(CURDIR)/$(BIN)/lint-imports $(CURDIR)/pyproject.toml --no-cache
 
 # Build the CPU image with buildah from a debootstrap base (no Docker engine needed) and smoke-test it;
 # DOCKER_GPU=1 also builds and checks the CUDA image.

@@ -57,7 +57,7 @@ class BandImage:
     band: str
     path: Path
     data: np.ndarray  # nanomaggies per pixel, float32
-    wcs: object  # astropy.wcs.WCS (celestial)
+    wcs: Any  # astropy.wcs.WCS (celestial)
     unit_note: str  # how the unit was read, for the log
 
 
@@ -288,7 +288,7 @@ def read_catalogue(path: str | Path, ra_col: str | None = None, dec_col: str | N
     dec = pick(dec_col, ("dec", "dec_deg", "dej2000", "decj2000", "delta_j2000"), "declination in degrees")
     ident = pick(id_col, ("id", "objid", "object_id", "source_id", "specobjid", "name"), "object id", False)
     ebv = pick(ebv_col, ("ebv", "e_bv", "e(b-v)", "ebv_sfd"), "E(B-V)", False)
-    out = {"ra": np.asarray(table[ra], np.float64), "dec": np.asarray(table[dec], np.float64),
+    out: dict[str, Any] = {"ra": np.asarray(table[ra], np.float64), "dec": np.asarray(table[dec], np.float64),
            "ids": np.asarray([str(v) for v in (table[ident] if ident else range(len(table)))]),
            "ebv": np.asarray(table[ebv], np.float32) if ebv else None}
     bad = ~(np.isfinite(out["ra"]) & np.isfinite(out["dec"]) & (np.abs(out["dec"]) <= 90))
@@ -376,10 +376,11 @@ def make_cutouts(image_args: list[str], catalogue: str | Path, out: str | Path, 
     units, zero_points = units or {}, zero_points or {}
     images: dict[str, BandImage] = {}
     for arg in image_args:
-        band, sep, path = arg.partition("=")
-        if not sep or band not in bands:  # a plain path (which may itself contain '=')
+        named, sep, path = arg.partition("=")
+        band: str | None = named
+        if not sep or named not in bands:  # a plain path (which may itself contain '=')
             band, path = None, arg
-        image = read_band_image(path, band, units.get(band), zero_points.get(band), bands)
+        image = read_band_image(path, band, units.get(band or ""), zero_points.get(band or ""), bands)
         if image.band in images:
             raise CutoutError(f"two images for band {image.band}: {images[image.band].path} and {path}")
         images[image.band] = image

@@ -65,7 +65,7 @@ class _NeighbourModel:
 class KNNPhotoZ(_NeighbourModel):
     k: int = 16  # tuned on the real SDSS train/test split (sigma_MAD flat for k = 8..24)
     bandwidth: float = 0.005  # kernel width in redshift; best PIT flatness on real SDSS
-    bins: RedshiftBins = None
+    bins: RedshiftBins = None  # type: ignore[assignment]  # fit(): the uniform grid
 
     def predict_pdfs(self, mags: np.ndarray) -> np.ndarray:
         from scipy.special import ndtr
@@ -85,7 +85,7 @@ class LocalLinearPhotoZ(_NeighbourModel):
 
     k: int = 100
     min_sigma: float = 0.005  # floor of the PDF width (redshift)
-    bins: RedshiftBins = None
+    bins: RedshiftBins = None  # type: ignore[assignment]  # _NeighbourModel.__post_init__: uniform
 
     def predict(self, mags: np.ndarray, batch: int = 2048) -> tuple[np.ndarray, np.ndarray]:
         """Point estimates and their scatter (N,) each."""

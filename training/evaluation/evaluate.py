@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -116,11 +117,12 @@ def evaluate(model_path, data_path, out_dir, baseline_train=None, figures: bool 
         # catalogue has them; kNN and local linear regression
         kind, train_mags = strong_baseline_magnitudes(train)
         _, test_mags = strong_baseline_magnitudes(labels)
-        report["strong_baselines"] = []
+        strong: list[dict[str, Any]] = []
+        report["strong_baselines"] = strong
         for method in (KNNPhotoZ(bins=bins), LocalLinearPhotoZ(bins=bins)):
             method_pdfs = method.fit(train_mags, train["z"]).predict_pdfs(test_mags)
             name = f"{type(method).__name__.removesuffix('PhotoZ')} (k={method.k}) on {kind}"
-            report["strong_baselines"].append({"name": name, "method": type(method).__name__,
+            strong.append({"name": name, "method": type(method).__name__,
                                                "trained_on": str(baseline_train),
                                                "metrics": score(method_pdfs, bins, z, r_mag)})
             results[name] = method_pdfs
@@ -184,7 +186,7 @@ def make_figures(results: dict, bins: RedshiftBins, z_spec, out_dir: Path) -> li
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.hist(z_spec, bins=bins.edges, density=True, histtype="step", color="k", lw=1.5, label="true n(z)")
+    ax.hist(z_spec, bins=list(bins.edges), density=True, histtype="step", color="k", lw=1.5, label="true n(z)")
     for name in names:
         stacked = results[name].sum(axis=0) / (results[name].sum() * bins.widths)
         ax.step(bins.edges[:-1], stacked, where="post", label=f"stacked PDFs: {name}")

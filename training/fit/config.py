@@ -69,8 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, **common)
             continue
         scalar = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
-        parser.add_argument(flag, type=scalar, required=required, choices=f.metadata.get("choices"),
-                            **({} if required else {"default": f.default}), **common)
+        default: dict[str, Any] = {} if required else {"default": f.default}
+        parser.add_argument(flag, type=scalar, required=required, choices=f.metadata.get("choices"), **default,
+                            **common)
 
 
 def from_arguments(args: argparse.Namespace) -> TrainConfig:

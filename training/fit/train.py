@@ -290,11 +290,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     # on a CPU, oneDNN's convolutions are faster on channels-last tensors (x1.5 in float32, x2.9 with bfloat16
     # on AMX: python -m benchmarks.train_speed --device cpu)
     memory_format = torch.preserve_format if use_cuda else torch.channels_last
-    net.to(memory_format=memory_format)
+    net.to(memory_format=memory_format)  # type: ignore[call-overload]  # Module.to takes it; the stubs do not
     for buffer in net.buffers():  # DDP broadcasts buffers in place, which a channels-last view refuses
         buffer.data = buffer.data.clone(memory_format=torch.contiguous_format)
     # DDP synchronises gradients only through its own forward: wrap the logits
-    model = _Logits(net)
+    model: torch.nn.Module = _Logits(net)
     if distributed:
         model = torch.nn.parallel.DistributedDataParallel(model)
     amp_dtype = torch.bfloat16 if not use_cuda or torch.cuda.is_bf16_supported() else torch.float16
@@ -327,7 +327,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                 loader = preloaded.batches(batches[skip:], seed=(cfg.seed, epoch, rank, skip))
             else:
                 loader = torch.utils.data.DataLoader(
-                    CutoutDataset(cfg.data, None, augment=True), batch_sampler=batches[skip:],
+                    CutoutDataset(cfg.data, None, augment=True),  # type: ignore[arg-type]  # a map-style data set
+                    batch_sampler=batches[skip:],
                     num_workers=cfg.workers, persistent_workers=False, pin_memory=use_cuda)
             model.train()
             bar = Progress(len(batches), skip, f"epoch {epoch + 1}/{cfg.epochs}", "batch", progress and rank == 0)

@@ -97,6 +97,7 @@ def train_blend_net(singles: np.ndarray, blends: np.ndarray, seed: int = 0, epoc
         log.info("blend detector epoch %d/%d: loss %.4f", epoch + 1, epochs, total / len(x))
     net.eval()
     buffer = io.BytesIO()
-    torch.onnx.export(net, (torch.zeros(2, *x.shape[1:]),), buffer, dynamo=False, opset_version=17,
+    torch.onnx.export(net, (torch.zeros(2, *x.shape[1:]),), buffer,  # type: ignore[arg-type]
+                      dynamo=False, opset_version=17,
                       input_names=["x"], output_names=["logit"], dynamic_axes={"x": {0: "n"}, "logit": {0: "n"}})
     return buffer.getvalue()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -55,6 +56,7 @@ def export_checkpoint(checkpoint: str | Path | list, out: str | Path, name: str,
     states = [state for _, state in loaded]
     state = states[0]
     record = training_record(state, held_out)
+    net: Any
     if len(loaded) == 1:
         net = loaded[0][0]
     else:

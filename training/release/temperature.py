@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,7 +49,8 @@ def validation_logits(net, data, rows: np.ndarray, batch_size: int = 256) -> tup
     """Logits (N, n_bins) and true redshifts of ``rows`` of the data set."""
     from photoz.training.fit.data import CutoutDataset
 
-    loader = torch.utils.data.DataLoader(CutoutDataset(data, rows), batch_size=batch_size)
+    loader: Any = torch.utils.data.DataLoader(CutoutDataset(data, rows),  # type: ignore[arg-type]
+                                              batch_size=batch_size)
     logits, zs = [], []
     for images, ebv, z in loader:
         logits.append(net.logits(images, ebv.reshape(-1, 1)).double().numpy())

@@ -175,7 +175,7 @@ def draw_bands(components: list, fluxes_nmgy: np.ndarray, psf_fwhm_arcsec, psf_s
         kimage.array[...] = scene * psf_k
         total.drawFFT_finish(image, kimage, wrap, add_to_image=False)
         out[band] = image.array
-        if first is not None and first_components >= len(shapes):
+        if first is not None and first_components is not None and first_components >= len(shapes):
             first[band] = out[band]
     return out if first is None else (out, first)
 

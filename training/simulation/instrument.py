@@ -3,6 +3,7 @@ a real frame carries (saturation and bleed trails, cosmic rays, bad columns, fie
 that record them."""
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -119,8 +120,10 @@ def add_cosmic_rays(images: np.ndarray, sky_sigma: np.ndarray, rate: float, rng:
         image[mask] += rng.uniform(20, 200, int(mask.sum())) * sky_sigma[k, b]
         good = ~mask
         padded, weight = np.pad(np.where(good, image, 0.0), 1), np.pad(good.astype(np.float64), 1)
-        total = sum(padded[1 + oy:1 + oy + size, 1 + ox:1 + ox + size] for oy in (-1, 0, 1) for ox in (-1, 0, 1))
-        count = sum(weight[1 + oy:1 + oy + size, 1 + ox:1 + ox + size] for oy in (-1, 0, 1) for ox in (-1, 0, 1))
+        total = functools.reduce(np.add, (padded[1 + oy:1 + oy + size, 1 + ox:1 + ox + size]
+                                          for oy in (-1, 0, 1) for ox in (-1, 0, 1)))
+        count = functools.reduce(np.add, (weight[1 + oy:1 + oy + size, 1 + ox:1 + ox + size]
+                                          for oy in (-1, 0, 1) for ox in (-1, 0, 1)))
         image[mask] = np.where(count[mask] > 0, total[mask] / np.maximum(count[mask], 1), 0.0)
     return hits > 0
 
