@@ -58,22 +58,14 @@ docker-test: $(VENV)/.dev-installed
 clean:
 	rm -rf $(VENV) .pytest_cache build
 
-# Export CHECKPOINT of RUN (several: a deep ensemble; PIT_MAP: a `photoz calibrate-pit` report applied in the
-# graph), score that very graph on the held-out set, export it as the shipped bundle with the score (its flags'
-# thresholds measured on TRAIN_H5, the training set), write its card.
+# Release CHECKPOINT of RUN as MODEL with its card: `photoz ship` (see `photoz ship --help`; several checkpoints: a
+# deep ensemble; PIT_MAP: a `photoz calibrate-pit` report applied in the graph).
 RUN      ?= runs/default
 TRAIN_H5 ?= data/sim-train.h5
 TEST_H5  ?= data/sim-test.h5
 VERSION  ?= 0.1.0
 CHECKPOINT ?= $(RUN)/best.pt
 PIT_MAP  ?=
-SHIP_EXPORT = $(BIN)/photoz export --checkpoint $(CHECKPOINT) --name photoz-sdss-sim --version $(VERSION) \
-	$(if $(PIT_MAP),--pit-map $(PIT_MAP),)
 ship: $(VENV)/.dev-installed
-	$(SHIP_EXPORT) --out $(RUN)/candidate.onnx --no-thresholds
-	$(BIN)/photoz evaluate --model $(RUN)/candidate.onnx --data $(TEST_H5) --baseline-train $(TRAIN_H5) \
-		--out $(RUN)/eval
-	$(SHIP_EXPORT) --out $(MODEL) --held-out-report $(RUN)/eval/metrics.json --reference-data $(TRAIN_H5)
-	-$(BIN)/python -m photoz.training.evaluation.ood --model $(MODEL) --data $(TEST_H5) --out $(RUN)/eval
-	$(BIN)/python -m photoz.training.release.model_card --bundle $(MODEL) --report $(RUN)/eval/metrics.json \
-		--ood-report $(RUN)/eval/ood_flags.json --out $(basename $(MODEL)).md
+	$(BIN)/photoz ship --run $(RUN) --checkpoint $(CHECKPOINT) --train-data $(TRAIN_H5) --test-data $(TEST_H5) \
+		--version $(VERSION) --out $(MODEL) $(if $(PIT_MAP),--pit-map $(PIT_MAP),)

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 from benchmarks.serve import export_random_bundle, scratch_dir  # noqa: E402
 from photoz.model.bundle import load_bundle  # noqa: E402
 from photoz.model.runtime import OnnxPredictor  # noqa: E402
+from photoz.pipeline.jobs import PredictJob  # noqa: E402
 from photoz.pipeline.predict import predict_files  # noqa: E402
 
 
@@ -61,8 +62,8 @@ def main(argv=None) -> int:
 
     def predict_rate(dask=None, tag="local") -> float:
         start = time.perf_counter()
-        predict_files([work / "stack.npy"], work / f"out-{tag}.parquet", model=bundle, providers="cpu",
-                      chunk_size=args.chunk_size, batch_size=args.batch_size, progress=False, dask=dask)
+        predict_files(PredictJob([work / "stack.npy"], work / f"out-{tag}.parquet", model=bundle, providers="cpu",
+                                 chunk_size=args.chunk_size, batch_size=args.batch_size, quiet=True, dask=dask))
         return args.n / (time.perf_counter() - start)
 
     # ... then engine and predict alternately, so that the machine's drift hits both alike

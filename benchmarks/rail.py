@@ -23,6 +23,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 
 from benchmarks.serve import export_random_bundle, scratch_dir  # noqa: E402
+from photoz.pipeline.jobs import PredictJob  # noqa: E402
 from photoz.pipeline.predict import predict_files  # noqa: E402
 
 
@@ -49,8 +50,8 @@ def main(argv=None) -> int:
 
     def predict_rate(k: int) -> float:
         start = time.perf_counter()
-        predict_files([data], work / f"predict-{k}.fits", model=bundle, chunk_size=args.chunk_size,
-                      batch_size=args.batch_size, progress=False)
+        predict_files(PredictJob([data], work / f"predict-{k}.fits", model=bundle, chunk_size=args.chunk_size,
+                                 batch_size=args.batch_size, quiet=True))
         return args.n / (time.perf_counter() - start)
 
     def rail_rate(k: int) -> float:

@@ -40,6 +40,7 @@ from photoz.model.conventions import (
     NANOMAGGY_ZEROPOINT_MAG,
     PIXEL_SCALE_ARCSEC,
 )
+from photoz.pipeline.jobs import CutoutsJob
 
 REFERENCE_BAND = "r"
 ZERO_POINT_KEYWORDS = ("MAGZP", "MAGZERO", "ZEROPT", "PHOTZP", "ZP")
@@ -317,65 +318,50 @@ def cut(stack: np.ndarray, wcs, ra: np.ndarray, dec: np.ndarray, size: int = CUT
     return images, x, y, near_edge
 
 
-def parse_band_options(values: list[str] | None, what: str) -> dict[str, str]:
-    out = {}
-    for value in values or []:
-        band, sep, rest = value.partition("=")
-        if not sep or not band or not rest:
-            raise CutoutError(f"--{what} takes BAND=VALUE, got {value!r}")
-        out[band.strip()] = rest.strip()
-    return out
+def make_cutouts(job: CutoutsJob, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Cutouts on the bundle's pixel grid from calibrated field images and a catalogue (:class:`CutoutsJob`:
+    ``images`` one calibrated FITS image per band, as ``BAND=PATH`` or a path whose ``FILTER``/``BAND`` header
+    names the band; ``out`` the ``.npz`` to write, ``.npz`` appended when missing, written atomically; ``model``
+    the bundle whose bands, cutout size and pixel scale to use, default the SDSS conventions). ``log``: where
+    to report how each band's unit was read and resampled.
 
-
-def make_cutouts(image_args: list[str], catalogue: str | Path, out: str | Path, model: str | Path | None = None,
-                 ra_col: str | None = None, dec_col: str | None = None, id_col: str | None = None,
-                 ebv_col: str | None = None, units: dict[str, str] | None = None,
-                 zero_points: dict[str, float] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Cutouts on the bundle's pixel grid from calibrated field images and a catalogue.
-
-    Parameters
-    ----------
-    image_args : list of str
-        One calibrated FITS image per band, as ``BAND=PATH`` or a path whose ``FILTER``/``BAND``
-        header names the band.
-    catalogue : str or Path
-        FITS, CSV or Parquet table with RA/Dec in degrees (optional ids and E(B-V)).
-    out : str or Path
-        The ``.npz`` to write (``.npz`` is appended when missing); written atomically.
-    model : str or Path, optional
-        Bundle whose bands, cutout size and pixel scale to use (default: the SDSS conventions).
-    ra_col, dec_col, id_col, ebv_col : str, optional
-        Catalogue column names, when they are not among the usual ones.
-    units : dict, optional
-        Pixel unit per band (``{"z": "uJy"}``), overriding ``BUNIT``.
-    zero_points : dict, optional
-        AB magnitude of one pixel unit per band, for images in counts.
-    log : callable
-        Where to report how each band's unit was read and resampled.
-
-    Returns
-    -------
-    dict
-        ``out`` (the path written), ``objects``, ``near_edge`` (how many stamps run off an image),
-        ``grid_pixel_scale_arcsec`` and ``notes`` per band.
-
-    Raises
-    ------
-    CutoutError
-        Naming the file and what is wrong with it.
+    Returns ``out`` (the path written), ``objects``, ``near_edge`` (how many stamps run off an image),
+    ``grid_pixel_scale_arcsec`` and ``notes`` per band; raises :class:`CutoutError` naming the file and what
+    is wrong with it.
     """
     bands, size, scale = BANDS, CUTOUT_SIZE_PIXELS, PIXEL_SCALE_ARCSEC
-    if model is not None:
+    if job.model is not None:
         from photoz.model.bundle import load_bundle
 
-        doc = load_bundle(model).metadata.document
+        doc = load_bundle(job.model).metadata.document
         bands, size = tuple(doc["bands"]), int(doc["cutout_size_pixels"])
         scale = float(doc.get("pixel_scale_arcsec", scale))
         if bands != BANDS:
             raise CutoutError(f"bundle bands {bands}: photoz cutouts handles {BANDS}")
-    units, zero_points = units or {}, zero_points or {}
+    images = _band_images(job, bands)
+    stack, wcs, notes = align(images, scale)
+    for band in bands:
+        log(f"  {band}: {images[band].path} ({notes[band]})")
+    cat = read_catalogue(job.catalogue, job.ra_col, job.dec_col, job.id_col, job.ebv_col)
+    if cat["ebv"] is None:
+        log("  no E(B-V) column in the catalogue: using 0 (give --ebv-col; e.g. SFD values from the survey)")
+        cat["ebv"] = np.zeros(len(cat["ra"]), np.float32)
+    cutouts, x, y, near_edge = cut(stack, wcs, cat["ra"], cat["dec"], size)
+    out = Path(job.out) if str(job.out).lower().endswith(".npz") else Path(f"{job.out}.npz")  # as np.savez writes
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp.npz")
+    np.savez(tmp, images=cutouts, ebv=cat["ebv"], ids=cat["ids"], ra=cat["ra"], dec=cat["dec"], x=x, y=y,
+             near_edge=near_edge, bands=np.asarray(bands))
+    tmp.replace(out)  # the cutouts file exists only once complete
+    return {"out": str(out), "objects": len(cutouts), "near_edge": int(near_edge.sum()),
+            "grid_pixel_scale_arcsec": pixel_scale_arcsec(wcs), "notes": notes}
+
+
+def _band_images(job: CutoutsJob, bands: tuple[str, ...]) -> dict[str, BandImage]:
+    """The job's images by band, one per band of ``bands`` (CutoutError for a missing or a repeated band)."""
+    units, zero_points = job.units or {}, job.zero_points or {}
     images: dict[str, BandImage] = {}
-    for arg in image_args:
+    for arg in job.images:
         named, sep, path = arg.partition("=")
         band: str | None = named
         if not sep or named not in bands:  # a plain path (which may itself contain '=')
@@ -388,19 +374,4 @@ def make_cutouts(image_args: list[str], catalogue: str | Path, out: str | Path, 
     if missing:
         raise CutoutError(f"no image for band(s) {', '.join(missing)}: give one calibrated image per band "
                           f"({', '.join(bands)}) as BAND=PATH or with a FILTER header")
-    stack, wcs, notes = align(images, scale)
-    for band in bands:
-        log(f"  {band}: {images[band].path} ({notes[band]})")
-    cat = read_catalogue(catalogue, ra_col, dec_col, id_col, ebv_col)
-    if cat["ebv"] is None:
-        log("  no E(B-V) column in the catalogue: using 0 (give --ebv-col; e.g. SFD values from the survey)")
-        cat["ebv"] = np.zeros(len(cat["ra"]), np.float32)
-    cutouts, x, y, near_edge = cut(stack, wcs, cat["ra"], cat["dec"], size)
-    out = Path(out) if str(out).lower().endswith(".npz") else Path(f"{out}.npz")  # what np.savez would write
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.npz")
-    np.savez(tmp, images=cutouts, ebv=cat["ebv"], ids=cat["ids"], ra=cat["ra"], dec=cat["dec"], x=x, y=y,
-             near_edge=near_edge, bands=np.asarray(bands))
-    tmp.replace(out)  # the cutouts file exists only once complete
-    return {"out": str(out), "objects": len(cutouts), "near_edge": int(near_edge.sum()),
-            "grid_pixel_scale_arcsec": pixel_scale_arcsec(wcs), "notes": notes}
+    return images

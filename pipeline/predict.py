@@ -37,7 +37,7 @@ from photoz.formats.cutouts import (
     merge_problems,
 )
 from photoz.formats.errors import InputError
-from photoz.formats.inputs import decode, kind_for_suffix
+from photoz.formats.inputs import decode, kind_for_suffix, parse_list_field
 from photoz.formats.results import TABLE_SUFFIXES, ResultRows, write_table
 from photoz.model.isolation import ROW_ERRORS
 from photoz.model.pdf import RedshiftBins
@@ -45,6 +45,7 @@ from photoz.model.priors import ZERO_OVERLAP, Prior, PriorError, for_population
 from photoz.model.priors import apply as apply_prior
 from photoz.model.priors import resolve as resolve_prior
 from photoz.pipeline.engines import Engine, LocalEngine, open_engine
+from photoz.pipeline.jobs import PredictJob
 from photoz.progress import Progress
 
 
@@ -184,65 +185,24 @@ def _signature(sources: list[Source], chunk_size: int, engine: Engine) -> dict[s
     return {"inputs": files, "chunk_size": chunk_size, "model": engine.model.as_dict()}
 
 
-def predict_files(inputs: list[str | Path], out: str | Path, model: str | Path | None = None, url: str | None = None,
-                  api_key: str | None = None, providers: str = "auto", chunk_size: int = 4096, batch_size: int = 64,
-                  progress: bool = True, dask: str | None = None, keep_parts: bool = False,
-                  prior: str | None = None, prior_edges: Any = None, prior_weights: Any = None) -> dict[str, Any]:
-    """Run a model over files into one table.
+def predict_files(job: PredictJob) -> dict[str, Any]:
+    """Run a model over files into one table (:class:`PredictJob`); resumes from ``OUT.parts/``.
 
-    Parameters
-    ----------
-    inputs : list of path
-        FITS, .npy, .npz or HDF5 files, or directories of them (searched recursively).
-    out : path
-        The table to write: ``.fits``, ``.parquet`` or ``.hdf5`` (qp-readable).
-    model : path, optional
-        The bundle to run here (or on the Dask workers).
-    url, api_key : str, optional
-        Send the work to a running photoz service instead.
-    providers : str
-        ONNX Runtime providers for a local model: auto, tensorrt, cuda or cpu.
-    chunk_size : int
-        Objects per resumable chunk (>= 1).
-    batch_size : int
-        Cutouts per model call (>= 1).
-    progress : bool
-        Report progress on stderr.
-    dask : str, optional
-        ``"local:N"`` (N single-threaded local worker processes) or a scheduler address: chunks run
-        there, each worker loading the bundle once.
-    keep_parts : bool
-        Keep the per-chunk files and their manifest in ``OUT.parts/``.
-    prior, prior_edges, prior_weights : optional
-        The redshift prior of the PDFs written (:mod:`photoz.model.priors`): ``train`` (default, as the network
-        gives them), ``flat``, ``self`` (the n(z) of all the run's valid objects, by EM) or a custom histogram
-        (``prior_edges``, ``prior_weights``). Applied when the table is written, so the parts stay the
-        network's own PDFs and a re-run with another prior recomputes nothing.
-
-    Returns
-    -------
-    dict
-        ``objects`` (inputs), ``written`` (table rows), ``out``, ``format`` and ``model``.
+    Returns ``objects`` (inputs), ``written`` (table rows), ``out``, ``format`` and ``model``.
     """
-    if dask and url:
-        raise ValueError("--dask and --url are two different routes: choose one")
-    if chunk_size < 1 or batch_size < 1:
-        raise ValueError(f"chunk size and batch size must be at least 1, got {chunk_size} and {batch_size}")
-    out = Path(out)
-    fmt = TABLE_SUFFIXES.get(out.suffix.lower())
-    if fmt is None:
-        raise ValueError(f"output must end in .fits, .parquet or .hdf5 (qp-readable), got {out.name}")
-    engine = open_engine(model, url, api_key, providers, batch_size)
+    out, fmt = _checked(job)
+    engine = open_engine(job.model, job.url, job.api_key, job.providers, job.batch_size)
     bins = RedshiftBins(engine.edges)
     try:  # checked before any work
-        chosen = resolve_prior(prior, bins, engine.train_prior, prior_edges, prior_weights)
+        chosen = resolve_prior(job.prior, bins, engine.train_prior, _list_field(job.prior_edges, "prior_edges"),
+                               _list_field(job.prior_weights, "prior_weights"))
     except PriorError as exc:
         raise InputError(exc.field, exc.expected, exc.received) from None
-    sources = find_sources(inputs, engine.geometry)
-    plan = chunk_plan(sources, chunk_size)
+    sources = find_sources(job.inputs, engine.geometry)
+    plan = chunk_plan(sources, job.chunk_size)
     parts_dir = out.with_name(out.name + ".parts")
     manifest_path = parts_dir / "manifest.json"
-    signature = _signature(sources, chunk_size, engine)
+    signature = _signature(sources, job.chunk_size, engine)
     if manifest_path.exists() and json.loads(manifest_path.read_text())["signature"] != signature:
         raise RuntimeError(f"{parts_dir} holds a run over other inputs (or changed files) or another model: "
                            "remove it to start afresh")
@@ -251,22 +211,40 @@ def predict_files(inputs: list[str | Path], out: str | Path, model: str | Path |
     todo = [k for k in range(len(plan)) if not _part(parts_dir, k).exists()]
     total = sum(s.n for s in sources)
     done = total - sum(b - a for k in todo for _, a, b in plan[k])
-    with Progress(total, done, "predict", "objects", progress) as bar:
-        if dask:
-            if model is None:
-                raise ValueError("--dask needs a model bundle")
-            _run_on_dask(dask, Path(model).resolve(), providers, batch_size, plan, todo, engine, parts_dir.resolve(),
-                         bar)
+    with Progress(total, done, "predict", "objects", not job.quiet) as bar:
+        if job.dask:
+            _run_on_dask(job.dask, Path(str(job.model)).resolve(), job.providers, job.batch_size, plan, todo, engine,
+                         parts_dir.resolve(), bar)
         else:
             _run_here(engine, plan, todo, parts_dir, bar)
     parts = sorted(parts_dir.glob("chunk-*.npz"))
     blocks, applied = with_prior((ResultRows.load(p) for p in parts), parts, chosen, engine.train_prior, bins)
     n_written = write_table(blocks, out, fmt, engine.edges, engine.model, applied)
-    if keep_parts:
+    if job.keep_parts:
         manifest_path.write_text(json.dumps({"signature": signature, "parts": [p.name for p in parts]}, indent=1))
     else:
         shutil.rmtree(parts_dir)
     return {"objects": total, "written": n_written, "out": str(out), "format": fmt, "model": engine.model.as_dict()}
+
+
+def _checked(job: PredictJob) -> tuple[Path, str]:
+    """The output path and table format, once the job's options are known to fit together."""
+    if job.dask and job.url:
+        raise ValueError("--dask and --url are two different routes: choose one")
+    if job.dask and job.model is None:
+        raise ValueError("--dask needs a model bundle")
+    if job.chunk_size < 1 or job.batch_size < 1:
+        raise ValueError(f"chunk size and batch size must be at least 1, got {job.chunk_size} and {job.batch_size}")
+    out = Path(job.out)
+    fmt = TABLE_SUFFIXES.get(out.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"output must end in .fits, .parquet or .hdf5 (qp-readable), got {out.name}")
+    return out, fmt
+
+
+def _list_field(value: Any, name: str) -> Any:
+    """A prior's edges or weights as given: a list, or the command line's comma or JSON list."""
+    return parse_list_field(value, name) if isinstance(value, str) else value
 
 
 def with_prior(blocks: Iterator[ResultRows], parts: list[Path], prior: Prior, train: np.ndarray | None,

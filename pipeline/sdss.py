@@ -57,6 +57,7 @@ from typing import Any
 import numpy as np
 
 from photoz.model.conventions import BANDS, CUTOUT_SIZE_PIXELS, EXTINCTION_A_OVER_EBV
+from photoz.pipeline.jobs import SdssJob
 from photoz.pipeline.sdss_archive import (
     DATA_RELEASE,
     RERUN,
@@ -249,52 +250,58 @@ def chunk_ranges(n: int, chunk_size: int) -> Iterator[tuple[int, int, int]]:
         yield k, start, min(start + chunk_size, n)
 
 
-def build(out: str | Path, n: int | None = None, region: Region | None = None, skyserver: str = SKYSERVER_URL,
-          sas: str = SAS_URL, cache: str | Path | None = None, page_size: int = 5000, chunk_size: int = 2000,
-          concurrency: int = 4, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), nside: int = 32,
-          seed: int = 0, retries: int = 5, backoff_s: float = 1.0, log: Callable[[str], None] = print) -> dict:
-    """Select, download, cut and write (see the module docstring); resumes from ``OUT.parts/``."""
-    out = Path(out)
-    if n is None and region is None:
+def build(job: SdssJob, log: Callable[[str], None] = print) -> dict:
+    """Select, download, cut and write (see the module docstring and :class:`SdssJob`); resumes from
+    ``OUT.parts/``."""
+    out = Path(job.out)
+    region = Region.parse(job.region) if isinstance(job.region, str) else job.region
+    skyserver, sas = job.skyserver or SKYSERVER_URL, job.sas or SAS_URL
+    if job.n is None and region is None:
         raise ValueError("give --n (the first N galaxies of the selection) or --region (a box on the sky), or both")
     parts = out.with_name(out.name + ".parts")
     parts.mkdir(parents=True, exist_ok=True)
-    settings = {"n": n, "region": None if region is None else list(vars(region).values()), "skyserver": skyserver,
-                "page_size": page_size, "chunk_size": chunk_size}
+    settings = {"n": job.n, "region": None if region is None else list(vars(region).values()),
+                "skyserver": skyserver, "page_size": job.page_size, "chunk_size": job.chunk_size}
     stamp = parts / "settings.json"
     if stamp.exists() and json.loads(stamp.read_text()) != settings:
         raise ValueError(f"{parts} holds a run with other settings ({stamp.read_text().strip()}); remove it, "
                          "or run with those settings to resume it")
     write_atomic(stamp, json.dumps(settings).encode())
-    fetcher = Fetcher(retries=retries, backoff_s=backoff_s)
+    fetcher = Fetcher(retries=job.retries, backoff_s=job.backoff_s)
     try:
         log(f"selecting Main Galaxy Sample galaxies from {skyserver} ...")
-        cat = ordered(select(fetcher, skyserver, parts, n, region, page_size, log))
+        cat = ordered(select(fetcher, skyserver, parts, job.n, region, job.page_size, log))
         n_selected, fields = len(cat["z"]), fields_of(cat)
         log(f"{n_selected} galaxies on {len(fields)} fields; frames from {sas}")
-        frames = FrameCache(Path(cache) if cache else parts / "frames", sas, fetcher, concurrency)
-        cutter = Cutter(frames)
-        chunk_paths = []
-        for k, start, stop in chunk_ranges(n_selected, chunk_size):
-            path = parts / f"chunk-{k:05d}.npz"
-            chunk_paths.append(path)
-            if path.exists():
-                continue
-            chunk = cut_chunk(cutter, cat, start, stop)
-            save_chunk(path, chunk, cutter.size)
-            if cache is None:  # no cache asked for: frames go as soon as no later object needs them
-                frames.prune(fields_of(cat, stop, neighbours=True))
-            log(f"  objects {start}-{stop - 1}: {len(chunk.kept)} cut, {len(chunk.skipped)} skipped "
-                f"({frames.downloaded_bytes / 2**20:.0f} MiB downloaded so far)")
+        frames = FrameCache(Path(job.cache) if job.cache else parts / "frames", sas, fetcher, job.concurrency)
+        chunk_paths = _cut_chunks(Cutter(frames), cat, parts, job, log)
         provenance = {"data_release": DATA_RELEASE, "skyserver": skyserver, "sas": sas, "rerun": RERUN,
-                      "query": selection_sql(page_size, 0, region), "paging": "keyset on specObjID",
-                      "n_requested": -1 if n is None else n,
+                      "query": selection_sql(job.page_size, 0, region), "paging": "keyset on specObjID",
+                      "n_requested": -1 if job.n is None else job.n,
                       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                       "photoz_command": "photoz sdss-dataset", "object_order": "run, camcol, field, specObjID"}
-        summary = write_training_file(out, cat, chunk_paths, provenance, fractions, nside, seed)
+        summary = write_training_file(out, cat, chunk_paths, provenance, job.fractions, job.nside, job.seed)
     finally:
         fetcher.close()
     # the file is complete: the work folder goes (a cache given with --cache stays)
     shutil.rmtree(parts)
     return {**summary, "selected": n_selected, "fields": len(fields)}
+
+
+def _cut_chunks(cutter: Cutter, cat: dict, parts: Path, job: SdssJob, log: Callable[[str], None]) -> list[Path]:
+    """Every chunk of the selection cut and saved under ``parts`` (those already there kept): their paths."""
+    frames = cutter.frames
+    chunk_paths = []
+    for k, start, stop in chunk_ranges(len(cat["z"]), job.chunk_size):
+        path = parts / f"chunk-{k:05d}.npz"
+        chunk_paths.append(path)
+        if path.exists():
+            continue
+        chunk = cut_chunk(cutter, cat, start, stop)
+        save_chunk(path, chunk, cutter.size)
+        if job.cache is None:  # no cache asked for: frames go as soon as no later object needs them
+            frames.prune(fields_of(cat, stop, neighbours=True))
+        log(f"  objects {start}-{stop - 1}: {len(chunk.kept)} cut, {len(chunk.skipped)} skipped "
+            f"({frames.downloaded_bytes / 2**20:.0f} MiB downloaded so far)")
+    return chunk_paths
 

@@ -1,4 +1,4 @@
-"""Training-room subcommands: simulate, train, evaluate, export.
+"""Training-room subcommands: simulate, train, evaluate, export, ship and the release's tools.
 
 Only argparse is imported here; each handler imports what it needs, so the
 ``photoz`` command starts fast and serving-only installs never touch torch.
@@ -6,6 +6,9 @@ Only argparse is imported here; each handler imports what it needs, so the
 from __future__ import annotations
 
 import argparse
+import logging
+
+from photoz import jobs
 
 
 def _simulate(args) -> int:
@@ -46,13 +49,23 @@ def _evaluate(args) -> int:
     return 0
 
 
-def _export(args) -> int:
+def _export(args: argparse.Namespace) -> int:
     from photoz.training.release.export import export_checkpoint
+    from photoz.training.release.jobs import ExportJob
 
-    bundle = export_checkpoint(args.checkpoint, args.out, args.name, args.version, args.held_out_report,
-                               fp16=args.fp16, reference_data=args.reference_data, mc_passes=args.mc_passes,
-                               mc_seed=args.mc_seed, thresholds=not args.no_thresholds, pit_map=args.pit_map)
+    bundle = export_checkpoint(jobs.from_arguments(args, ExportJob))
     print(f"{bundle.path}  sha256 {bundle.sha256}  (ONNX/torch parity checked)")
+    return 0
+
+
+def _ship(args: argparse.Namespace) -> int:
+    from photoz.training.release.jobs import ShipJob
+    from photoz.training.release.ship import ship
+
+    logging.basicConfig(level="INFO", format="%(message)s")
+    result = ship(jobs.from_arguments(args, ShipJob))
+    print(f"{result['bundle'].path}  sha256 {result['bundle'].sha256}; card {result['card']}; flags' injection "
+          f"targets {'met' if result['ood_targets_met'] else 'NOT met (see the card)'}")
     return 0
 
 
@@ -85,7 +98,7 @@ def _record_prior(args) -> int:
 def _ood_thresholds(args) -> int:
     from photoz.model.bundle import load_bundle
     from photoz.model.network.export import write_metadata
-    from photoz.training.evaluation.ood import reference_quality
+    from photoz.training.release.flags import reference_quality
 
     bundle = load_bundle(args.model)
     document = {**bundle.metadata.document, "quality": reference_quality(args.data, args.n)}
@@ -111,8 +124,16 @@ def _recalibrate(args) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from photoz.training.fit.config import add_arguments as add_train_arguments
+    """The training room's subcommands, by stage: simulation, fitting, evaluation, release."""
+    _register_simulation(sub)
+    _register_fit(sub)
+    _register_evaluation(sub)
+    _register_release(sub)
+    _register_bundle_revisions(sub)
+    _register_calibration(sub)
 
+
+def _register_simulation(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("simulate", help="simulate SDSS-like galaxy cutouts to an HDF5 data set",
                        description="Simulate SDSS Main Galaxy Sample cutouts with GalSim. Deterministic for a "
                                    "seed; re-running with a larger --n extends the file, an interrupted run "
@@ -135,6 +156,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-edge", type=int, default=2, help="how many of them sit too near an edge")
     p.set_defaults(func=_simulate_field)
 
+
+def _register_fit(sub: argparse._SubParsersAction) -> None:
+    from photoz.training.fit.config import add_arguments as add_train_arguments
+
     p = sub.add_parser("train", help="train a network variant on a labelled HDF5 data set",
                        description="Train with cross-entropy over redshift bins. Use torchrun for DDP.")
     add_train_arguments(p)
@@ -142,6 +167,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_train)
 
+
+def _register_evaluation(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="score a bundle or checkpoint on a labelled data set")
     p.add_argument("--model", required=True, help="bundle (.onnx) or checkpoint (.pt)")
     p.add_argument("--data", required=True, help="labelled HDF5 data set")
@@ -154,30 +181,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-figures", action="store_true")
     p.set_defaults(func=_evaluate)
 
+
+def _register_release(sub: argparse._SubParsersAction) -> None:
+    from photoz.training.release.jobs import ExportJob, ShipJob
+
     p = sub.add_parser("export", help="export a training checkpoint (or a deep ensemble of them) to an ONNX bundle")
-    p.add_argument("--checkpoint", required=True, nargs="+",
-                   help="checkpoint(s); several (one architecture and data set, different --seed) are exported as "
-                        "one deep ensemble that averages their PDFs (serving costs one network per member)")
-    p.add_argument("--out", required=True, help="bundle path (.onnx)")
-    p.add_argument("--name", default="photoz-sdss-sim")
-    p.add_argument("--version", default="0.1.0")
-    p.add_argument("--held-out-report", default=None, help="metrics.json of `photoz evaluate` on held-out data")
-    p.add_argument("--fp16", action="store_true",
-                   help="float16 weights and compute (GPU serving); inputs and outputs stay float32")
-    p.add_argument("--reference-data", default=None,
-                   help="labelled HDF5 whose first 20,000 cutouts set the out-of-distribution flags' thresholds "
-                        "(default: the checkpoint's training set)")
-    p.add_argument("--no-thresholds", action="store_true",
-                   help="do not measure the flags' thresholds (minutes on a CPU): a bundle to score, not to ship "
-                        "(its flags are the fixed-definition ones)")
-    p.add_argument("--mc-passes", type=int, default=0,
-                   help="MC dropout: average this many passes through the dense head with dropout kept on (a "
-                        "network trained with --dropout; masks drawn once from --mc-seed and fixed in the graph)")
-    p.add_argument("--mc-seed", type=int, default=0)
-    p.add_argument("--pit-map", default=None,
-                   help="a `photoz calibrate-pit` report: its conditional PIT map is applied to the PDF in the graph")
+    jobs.add_arguments(p, ExportJob)
     p.set_defaults(func=_export)
 
+    p = sub.add_parser("ship", help="release a trained run as the shipped bundle: export, score, thresholds, card",
+                       description="What `make ship` runs: export a candidate without thresholds, score that very "
+                                   "graph on the held-out set with the catalogue baselines, export the bundle with "
+                                   "the score and its flags' thresholds (measured on the training set), run the "
+                                   "flags' injection report, write the model card beside the bundle.")
+    jobs.add_arguments(p, ShipJob)
+    p.set_defaults(func=_ship)
+
+
+def _register_bundle_revisions(sub: argparse._SubParsersAction) -> None:
+    """Commands that revise an exported bundle's metadata or graph in place (older bundles)."""
     p = sub.add_parser("guard-graph", help="make an exported bundle's graph safe on non-finite values (what "
                                            "photoz export now does itself), keeping its weights",
                        description="Every float-to-integer cast in the graph (an index, such as the PIT map's) "
@@ -216,6 +238,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--version", default=None, help="new model version for the re-stamped bundle")
     p.set_defaults(func=_ood_thresholds)
 
+
+def _register_calibration(sub: argparse._SubParsersAction) -> None:
+    from photoz.training.release.pit_calibration import add_arguments as add_pit_arguments
+
     p = sub.add_parser("recalibrate", help="fit a softmax temperature on a checkpoint's validation rows",
                        description="Post-hoc calibration of the PDFs (temperature scaling): the temperature that "
                                    "minimises the validation NLL, written into a new checkpoint; photoz export "
@@ -230,7 +256,5 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "histograms per photometric-redshift bin not flat), a map of each PDF's CDF, "
                                    "fitted on rows the model was not trained on, makes them flat; photoz export "
                                    "--pit-map applies it in the graph.")
-    from photoz.training.release.pit_calibration import add_arguments as add_pit_arguments
-
     add_pit_arguments(p)
     p.set_defaults(func=_calibrate_pit)

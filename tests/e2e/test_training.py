@@ -11,8 +11,11 @@ import torch
 
 from photoz.model.bundle import load_bundle
 from photoz.model.runtime import OnnxPredictor
+from photoz.pipeline.jobs import PredictJob
+from photoz.training.fit.checkpoints import load_checkpoint
 from photoz.training.fit.data import CutoutDataset, DataFormatError, inspect, split_indices
-from photoz.training.fit.train import InMemoryData, TrainConfig, augment_batch, epoch_batches, load_checkpoint, train
+from photoz.training.fit.train import InMemoryData, TrainConfig, augment_batch, epoch_batches, train
+from photoz.training.release.jobs import ExportJob
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -69,8 +72,8 @@ def test_end_to_end_train_resume_export_predict(tiny_data, tmp_path):
     ceiling = report["noise_free_ceiling"]
     assert ceiling["name"].startswith("kNN (k=16) on noise-free dereddened") and ceiling["metrics"]["n"] == 160
     assert ceiling["metrics"]["sigma_mad"] != report["strong_baselines"][0]["metrics"]["sigma_mad"]
-    bundle = export_checkpoint(run / "best.pt", tmp_path / "b.onnx", "tiny-e2e", "0.0.1",
-                               tmp_path / "eval" / "metrics.json")
+    bundle = export_checkpoint(ExportJob(run / "best.pt", tmp_path / "b.onnx", "tiny-e2e", "0.0.1",
+                                         tmp_path / "eval" / "metrics.json"))
     record = load_bundle(bundle.path).metadata.document["training"]
     assert record["dataset"]["name"] == "tiny.h5" and record["dataset"]["n_objects"] == 160
     assert record["seed"] == 0 and record["epochs"] >= 1
@@ -97,7 +100,8 @@ def test_mc_dropout_trains_and_exports_as_one_deterministic_graph(tiny_data, tmp
     run = train(tiny_config(tiny_data, tmp_path / "drop", dropout=0.25, epochs=1), progress=False)
     net, state = load_checkpoint(run / "best.pt")
     assert state["network_config"]["dropout"] == 0.25 and not net.training
-    bundle = export_checkpoint(run / "best.pt", tmp_path / "mc.onnx", "tiny-mc", "0.0.1", mc_passes=6, mc_seed=3)
+    bundle = export_checkpoint(ExportJob(run / "best.pt", tmp_path / "mc.onnx", "tiny-mc", "0.0.1", mc_passes=6,
+                                         mc_seed=3))
     record = load_bundle(bundle.path).metadata.document["training"]
     assert record["mc_dropout"] == {"passes": 6, "rate": 0.25, "seed": 3,
                                     "combination": "mean of the passes' PDFs; masks fixed at export (deterministic)"}
@@ -115,7 +119,7 @@ def test_mc_dropout_trains_and_exports_as_one_deterministic_graph(tiny_data, tmp
         bins = load_bundle(bundle.path).metadata.bins
         spread = (MCDropoutNet(net, 6, seed=3).member_probs(x, e).numpy() @ bins.centres).std(axis=0)
     np.testing.assert_allclose(predictor.predict_with_estimates(images, ebv)["z_epistemic_std"], spread, atol=1e-5)
-    single = OnnxPredictor(export_checkpoint(run / "best.pt", tmp_path / "one.onnx", "tiny", "0.0.1"),
+    single = OnnxPredictor(export_checkpoint(ExportJob(run / "best.pt", tmp_path / "one.onnx", "tiny", "0.0.1")),
                            providers="cpu").predict_with_estimates(images, ebv)
     assert np.isnan(single["z_epistemic_std"]).all() and np.isfinite(single["z_mean"]).all()
     report = {"data": "tiny.h5", "n": 6, "model_metrics": {"point_estimate": "z_mean", "sigma_mad": 0.1,
@@ -123,7 +127,7 @@ def test_mc_dropout_trains_and_exports_as_one_deterministic_graph(tiny_data, tmp
     assert "MC dropout: 6 passes through the dense head at dropout rate 0.25" in render(bundle.path, report, [])
     with pytest.raises(ValueError, match="trained with dropout"):
         plain = train(tiny_config(tiny_data, tmp_path / "plain", epochs=1, max_steps_per_epoch=1), progress=False)
-        export_checkpoint(plain / "best.pt", tmp_path / "x.onnx", "x", "0.0.1", mc_passes=4)
+        export_checkpoint(ExportJob(plain / "best.pt", tmp_path / "x.onnx", "x", "0.0.1", mc_passes=4))
 
 
 def test_deep_ensemble_exports_as_one_graph_averaging_its_members(tiny_data, tmp_path):
@@ -134,7 +138,8 @@ def test_deep_ensemble_exports_as_one_graph_averaging_its_members(tiny_data, tmp
 
     runs = [train(tiny_config(tiny_data, tmp_path / f"m{seed}", seed=seed, epochs=1), progress=False)
             for seed in (0, 1)]
-    bundle = export_checkpoint([r / "best.pt" for r in runs], tmp_path / "ens.onnx", "tiny-ensemble", "0.0.1")
+    bundle = export_checkpoint(ExportJob([r / "best.pt" for r in runs], tmp_path / "ens.onnx", "tiny-ensemble",
+                                         "0.0.1"))
     record = load_bundle(bundle.path).metadata.document["training"]
     assert record["ensemble"]["members"] == 2 and record["seed"] == [0, 1]
     assert len(record["metrics"]["validation"]["members"]) == 2
@@ -159,7 +164,7 @@ def test_deep_ensemble_exports_as_one_graph_averaging_its_members(tiny_data, tmp
     from photoz.pipeline.predict import predict_files  # offline, into a FITS table: a column like the others
 
     np.save(tmp_path / "cutouts.npy", images)
-    predict_files([tmp_path / "cutouts.npy"], tmp_path / "ens.fits", model=bundle.path, progress=False)
+    predict_files(PredictJob([tmp_path / "cutouts.npy"], tmp_path / "ens.fits", model=bundle.path, quiet=True))
     np.testing.assert_allclose(Table.read(tmp_path / "ens.fits")["Z_EPISTEMIC_STD"],
                                OnnxPredictor(bundle, providers="cpu").predict_with_estimates(
                                    images, np.zeros(len(images)))["z_epistemic_std"], atol=1e-6)
@@ -174,8 +179,8 @@ def test_deep_ensemble_exports_as_one_graph_averaging_its_members(tiny_data, tmp
     u = np.linspace(0, 1, 11)
     pit_map = PITMap(np.array([0.05, 0.15, 0.3]), np.stack([u ** 0.7, u, u ** 1.4]))
     (tmp_path / "map.json").write_text(json.dumps({"map": pit_map.to_metadata()}))
-    mapped = export_checkpoint([r / "best.pt" for r in runs], tmp_path / "ens-pit.onnx", "tiny-ensemble", "0.0.1",
-                               thresholds=False, pit_map=tmp_path / "map.json")
+    mapped = export_checkpoint(ExportJob([r / "best.pt" for r in runs], tmp_path / "ens-pit.onnx", "tiny-ensemble",
+                                         "0.0.1", thresholds=False, pit_map=tmp_path / "map.json"))
     got = OnnxPredictor(mapped, providers="cpu").predict_with_estimates(images, ebv)
     np.testing.assert_allclose(got["probs"], pit_map.apply((members[0] + members[1]) / 2, bins), atol=1e-5)
     np.testing.assert_allclose(got["z_epistemic_std"], np.abs(means[0] - means[1]) / 2, atol=1e-5)
@@ -183,7 +188,7 @@ def test_deep_ensemble_exports_as_one_graph_averaging_its_members(tiny_data, tmp
     other = train(tiny_config(tiny_data, tmp_path / "wide", variant="pasquet2019_half", epochs=1,
                               max_steps_per_epoch=1), progress=False)
     with pytest.raises(ValueError, match="architecture"):
-        export_checkpoint([runs[0] / "best.pt", other / "best.pt"], tmp_path / "bad.onnx", "x", "0.0.1")
+        export_checkpoint(ExportJob([runs[0] / "best.pt", other / "best.pt"], tmp_path / "bad.onnx", "x", "0.0.1"))
 
 
 def test_recalibrated_temperature_is_fitted_on_validation_rows_and_exported_in_the_graph(tiny_data, tmp_path):
@@ -197,7 +202,7 @@ def test_recalibrated_temperature_is_fitted_on_validation_rows_and_exported_in_t
     assert net.temperature == state["temperature"] != 1.0
     assert report["validation_rows"] == state["dataset"]["n_validation"]
     assert report["after"]["nll"] <= report["before"]["nll"]
-    bundle = export_checkpoint(run / "calibrated.pt", tmp_path / "t.onnx", "tiny-t", "0.0.1")
+    bundle = export_checkpoint(ExportJob(run / "calibrated.pt", tmp_path / "t.onnx", "tiny-t", "0.0.1"))
     assert load_bundle(bundle.path).metadata.document["training"]["temperature"] == net.temperature
     with h5py.File(tiny_data) as h5:
         images, ebv = h5["images"][:5], h5["ebv"][:5]
@@ -257,7 +262,7 @@ def test_preload_trains_in_memory_and_matches_streamed_validation(tiny_data, tmp
 
 
 def test_best_checkpoint_is_chosen_by_crps_not_sigma_mad():
-    from photoz.training.fit.train import is_better
+    from photoz.training.fit.checkpoints import is_better
 
     sharp_but_miscalibrated = {"val_sigma_mad": 0.017, "val_crps": 0.0131}
     calibrated = {"val_sigma_mad": 0.018, "val_crps": 0.0125}
@@ -336,11 +341,11 @@ def test_fine_tuning_starts_from_a_bundles_weights(tiny_data, tmp_path):
     """--init-from a bundle: the network starts with the weights ONNX Runtime runs (PReLU slopes included, found
     through the graph), with or without dropout modules in its head; the checkpoint and the next bundle's training
     record name what it started from; another architecture is refused, saying which weights differ."""
-    from photoz.training.fit.train import load_initial_weights
+    from photoz.training.fit.checkpoints import load_initial_weights
     from photoz.training.release.export import export_checkpoint
 
     first = train(tiny_config(tiny_data, tmp_path / "first", epochs=1), progress=False)
-    bundle = export_checkpoint(first / "best.pt", tmp_path / "first.onnx", "tiny-first", "0.1.0")
+    bundle = export_checkpoint(ExportJob(first / "best.pt", tmp_path / "first.onnx", "tiny-first", "0.1.0"))
     with h5py.File(tiny_data) as h5:
         images, ebv = h5["images"][:6], h5["ebv"][:6]
     expected = OnnxPredictor(bundle, providers="cpu").predict(images, ebv)
@@ -354,7 +359,8 @@ def test_fine_tuning_starts_from_a_bundles_weights(tiny_data, tmp_path):
         np.testing.assert_allclose(got, expected, atol=1e-5)
         assert state["initialised_from"]["sha256"] == load_bundle(bundle.path).sha256
         assert state["initialised_from"]["version"] == "0.1.0"
-    tuned = export_checkpoint(run / "last.pt", tmp_path / "tuned.onnx", "tiny-tuned", "0.2.0", thresholds=False)
+    tuned = export_checkpoint(ExportJob(run / "last.pt", tmp_path / "tuned.onnx", "tiny-tuned", "0.2.0",
+                                        thresholds=False))
     document = load_bundle(tuned.path).metadata.document
     assert document["training"]["initialised_from"]["model"] == "tiny-first"
     assert "quality" in load_bundle(bundle.path).metadata.document and "quality" not in document  # --no-thresholds
@@ -402,8 +408,8 @@ def test_ensemble_members_share_a_split_seed_and_a_pit_map_is_fitted_and_applied
     report = json.loads(report_path.read_text())
     assert report["fitted_on"]["n"] == len(shared[0])
     pit_map = PITMap.from_metadata(report["map"])
-    bundle = export_checkpoint(runs[0] / "best.pt", tmp_path / "pit.onnx", "tiny-pit", "0.0.1", thresholds=False,
-                               pit_map=report_path)
+    bundle = export_checkpoint(ExportJob(runs[0] / "best.pt", tmp_path / "pit.onnx", "tiny-pit", "0.0.1",
+                                         thresholds=False, pit_map=report_path))
     document = load_bundle(bundle.path).metadata.document
     np.testing.assert_allclose(document["recalibration"]["table"], pit_map.table, atol=1e-6)
     assert document["training"]["pit_recalibration"]["fitted_on"]["n"] == len(shared[0])

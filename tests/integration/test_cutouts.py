@@ -10,6 +10,7 @@ from photoz.model.bundle import default_bundle_path, load_bundle
 from photoz.model.pdf import point_estimates
 from photoz.model.runtime import OnnxPredictor
 from photoz.pipeline.cutouts import CutoutError, cut, make_cutouts, nanomaggies_per_unit, read_catalogue
+from photoz.pipeline.jobs import CutoutsJob
 from photoz.training.simulation.field import render_field
 
 FRAMES = [f"frame-{b}.fits" for b in "ugriz"]
@@ -47,8 +48,8 @@ def test_units_from_headers():
 def test_noise_free_field_cutouts_equal_own_cutouts(tmp_path, shipped):
     """Without noise the r band is cut as is, the other bands resampled: cutouts match each galaxy's own."""
     render_field(tmp_path, n=14, seed=11, noise=False, n_edge=2)
-    out = make_cutouts([str(tmp_path / f) for f in FRAMES], tmp_path / "catalogue.csv", tmp_path / "c.npz",
-                       log=lambda *_: None)
+    out = make_cutouts(CutoutsJob([str(tmp_path / f) for f in FRAMES], tmp_path / "catalogue.csv",
+                                  tmp_path / "c.npz"), log=lambda *_: None)
     assert out["objects"] == 14 and out["near_edge"] == 2
     truth, cuts = np.load(tmp_path / "truth.npz"), np.load(tmp_path / "c.npz")
     assert np.array_equal(cuts["near_edge"], truth["near_edge"])
@@ -107,8 +108,8 @@ def test_other_pixel_scale_and_rotation_are_resampled_onto_the_bundle_grid(tmp_p
         header["BUNIT"], header["FILTER"] = "nanomaggy", band
         fits.PrimaryHDU(image.astype(np.float32), header=header).writeto(tmp_path / f"{band}.fits")
     Table({"objid": [42], "RA": [source.ra.deg], "DEC": [source.dec.deg]}).write(tmp_path / "cat.fits")
-    out = make_cutouts([str(tmp_path / f"{b}.fits") for b in "ugriz"], tmp_path / "cat.fits", tmp_path / "c.npz",
-                       log=lambda *_: None)
+    out = make_cutouts(CutoutsJob([str(tmp_path / f"{b}.fits") for b in "ugriz"], tmp_path / "cat.fits",
+                                  tmp_path / "c.npz"), log=lambda *_: None)
     assert out["grid_pixel_scale_arcsec"] == pytest.approx(0.396, rel=1e-3)
     cuts = np.load(tmp_path / "c.npz")
     assert list(cuts["ids"]) == ["42"] and not cuts["near_edge"][0]
@@ -156,7 +157,8 @@ def test_catalogue_formats_and_errors(tmp_path):
 def test_missing_band_and_cli_errors(tmp_path, capsys):
     render_field(tmp_path, n=4, seed=2, n_edge=0)
     with pytest.raises(CutoutError, match=r"no image for band\(s\) z"):
-        make_cutouts([str(tmp_path / f) for f in FRAMES[:4]], tmp_path / "catalogue.csv", tmp_path / "c.npz")
+        make_cutouts(CutoutsJob([str(tmp_path / f) for f in FRAMES[:4]], tmp_path / "catalogue.csv",
+                                tmp_path / "c.npz"))
     code = photoz(["cutouts", *[f"--image={tmp_path / f}" for f in FRAMES], f"--image=r={tmp_path / FRAMES[2]}",
                    "--catalogue", str(tmp_path / "catalogue.csv"), "--out", str(tmp_path / "c.npz")])
     assert code == 2 and "two images for band r" in capsys.readouterr().err

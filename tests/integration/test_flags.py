@@ -13,6 +13,7 @@ from astropy.io import fits
 
 from photoz.model.conventions import BANDS, PIXEL_SCALE_ARCSEC
 from photoz.model.quality import FLAG_BITS, cutout_features, quality_metadata
+from photoz.pipeline.jobs import PredictJob
 from tests.helpers import disk_galaxies, npy_bytes, star
 
 
@@ -77,10 +78,10 @@ def test_offline_tables_carry_the_same_flags_here_and_through_the_service(flagge
     with h5py.File(tmp_path / "in.h5", "w") as h5:
         h5["images"], h5["ebv"] = images, ebv
     bits = [sum(FLAG_BITS[f] for f in w) for w in want]
-    predict_files([tmp_path / "in.h5"], tmp_path / "here.parquet", model=flagged_bundle, progress=False)
+    predict_files(PredictJob([tmp_path / "in.h5"], tmp_path / "here.parquet", model=flagged_bundle, quiet=True))
     here = pq.read_table(tmp_path / "here.parquet").to_pydict()
     assert here["flag_bits"] == bits and here["flags"] == [",".join(w) for w in want]
-    predict_files([tmp_path / "in.h5"], tmp_path / "there.parquet", url=flag_server.url, progress=False)
+    predict_files(PredictJob([tmp_path / "in.h5"], tmp_path / "there.parquet", url=flag_server.url, quiet=True))
     assert pq.read_table(tmp_path / "there.parquet").to_pydict()["flag_bits"] == bits
 
 
@@ -113,8 +114,8 @@ def test_a_bundle_with_a_blend_detector_flags_pairs_the_same_served_and_offline(
     from photoz.model.network.export import write_metadata
     from photoz.model.quality import QualityFlagger, sky_background
     from photoz.service.live import LiveServer
-    from photoz.training.evaluation.ood import reference_quality
     from photoz.training.release.blend import add_companions
+    from photoz.training.release.flags import reference_quality
 
     images, ebv = disk_galaxies(np.random.default_rng(41), 800, r_mag=(15.0, 17.0))
     with h5py.File(tmp_path / "train.h5", "w") as h5:
@@ -166,7 +167,7 @@ def test_the_saturation_floor_ignores_cutouts_the_simulator_saturated(tmp_path):
     """A simulated training set holds bright stars and neighbours the simulator saturated (its catalogue's
     flags say so): their flat tops must not become the saturation flag's floor, or injected saturation of that
     size goes unflagged (6% caught, was the measured regression on simulator 1.6.0 data)."""
-    from photoz.training.evaluation.ood import reference_quality
+    from photoz.training.release.flags import reference_quality
     from photoz.training.simulation.instrument import FLAG_SATURATED
 
     images, ebv = disk_galaxies(np.random.default_rng(51), 300, r_mag=(15.0, 17.0))

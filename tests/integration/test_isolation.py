@@ -14,6 +14,7 @@ from astropy.table import Table
 
 from photoz.model.bundle import default_bundle_path
 from photoz.model.conventions import MAX_ABS_PIXEL_NMGY
+from photoz.pipeline.jobs import PredictJob
 from photoz.service.live import LiveServer
 from tests.helpers import disk_galaxies, npy_bytes, sky_cutouts
 
@@ -155,8 +156,8 @@ def test_offline_predict_rejects_the_culprit_row_and_goes_on(poisoned_bundle, ti
     ebv[6] = POISON_EBV
     with h5py.File(tmp_path / "in.h5", "w") as h5:
         h5["images"], h5["ebv"] = images, ebv
-    summary = predict_files([tmp_path / "in.h5"], tmp_path / "out.fits", model=poisoned_bundle, chunk_size=5,
-                            batch_size=4, progress=False, dask=dask)
+    summary = predict_files(PredictJob([tmp_path / "in.h5"], tmp_path / "out.fits", model=poisoned_bundle,
+                                       chunk_size=5, batch_size=4, quiet=True, dask=dask))
     table = Table.read(tmp_path / "out.fits", hdu="PHOTOZ")
     assert summary["objects"] == 10 and np.flatnonzero(~np.asarray(table["VALID"])).tolist() == [6]
     assert "the model failed on this cutout alone" in table["ERROR"][6]

@@ -11,6 +11,7 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
+from photoz.pipeline.jobs import PredictJob
 from photoz.pipeline.predict import chunk_plan, predict_files
 from tests.helpers import sky_cutouts
 
@@ -30,7 +31,7 @@ def inputs(tmp_path, rng):
 
 def test_directory_to_fits_table_matches_the_engine(inputs, tiny_bundle, tiny_predictor, tmp_path):
     d, images, ebv = inputs
-    summary = predict_files([d], tmp_path / "out.fits", model=tiny_bundle, chunk_size=4, progress=False)
+    summary = predict_files(PredictJob([d], tmp_path / "out.fits", model=tiny_bundle, chunk_size=4, quiet=True))
     assert summary["objects"] == 10
     with fits.open(tmp_path / "out.fits") as hdul:
         t = hdul["PHOTOZ"].data
@@ -52,11 +53,11 @@ def test_parquet_and_qp_hdf5_outputs(inputs, tiny_bundle, tmp_path):
     import qp
 
     d, _, _ = inputs
-    predict_files([d], tmp_path / "o.parquet", model=tiny_bundle, progress=False)
+    predict_files(PredictJob([d], tmp_path / "o.parquet", model=tiny_bundle, quiet=True))
     table = pq.read_table(tmp_path / "o.parquet")
     assert table.num_rows == 10 and "pdf" in table.column_names
     assert b"photoz" in table.schema.metadata
-    predict_files([d], tmp_path / "o.hdf5", model=tiny_bundle, chunk_size=3, progress=False)
+    predict_files(PredictJob([d], tmp_path / "o.hdf5", model=tiny_bundle, chunk_size=3, quiet=True))
     ens = qp.read(str(tmp_path / "o.hdf5"))
     assert ens.npdf == 9  # the invalid cutout is listed in the file's attributes, not in the ensemble
     with h5py.File(tmp_path / "o.hdf5") as h5:
@@ -88,10 +89,10 @@ def test_hdf5_dataset_input_and_resume_skips_finished_chunks(tiny_bundle, tmp_pa
         h5["images"], h5["ebv"] = images, np.full(12, 0.02, np.float32)
     calls = interrupt_engine(monkeypatch, at_call=3)
     with pytest.raises(KeyboardInterrupt):
-        predict_files([data], tmp_path / "r.fits", model=tiny_bundle, chunk_size=4, progress=False)
+        predict_files(PredictJob([data], tmp_path / "r.fits", model=tiny_bundle, chunk_size=4, quiet=True))
     assert len(list((tmp_path / "r.fits.parts").glob("chunk-*.npz"))) == 2
     calls.clear()
-    predict_files([data], tmp_path / "r.fits", model=tiny_bundle, chunk_size=4, progress=False)
+    predict_files(PredictJob([data], tmp_path / "r.fits", model=tiny_bundle, chunk_size=4, quiet=True))
     assert calls == [4]  # only the unfinished chunk ran
     t = Table.read(tmp_path / "r.fits", hdu="PHOTOZ")
     assert len(t) == 12 and list(t["ID"][:2]) == ["set.h5:0", "set.h5:1"]
@@ -121,17 +122,17 @@ def test_cli_against_a_running_service(inputs, server, tiny_predictor, tmp_path)
 
 def test_missing_input_is_a_clear_error(tmp_path, tiny_bundle):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        predict_files([tmp_path / "nope"], tmp_path / "o.fits", model=tiny_bundle, progress=False)
+        predict_files(PredictJob([tmp_path / "nope"], tmp_path / "o.fits", model=tiny_bundle, quiet=True))
     with pytest.raises(ValueError, match=r"\.fits, \.parquet or \.hdf5"):
-        predict_files([tmp_path], tmp_path / "o.csv", model=tiny_bundle, progress=False)
+        predict_files(PredictJob([tmp_path], tmp_path / "o.csv", model=tiny_bundle, quiet=True))
 
 
 @pytest.mark.slow
 def test_dask_local_cluster_of_two_workers_gives_the_single_process_table(inputs, tiny_bundle, tmp_path):
     d, _, _ = inputs
-    predict_files([d], tmp_path / "single.fits", model=tiny_bundle, chunk_size=3, progress=False)
-    predict_files([d], tmp_path / "dask.fits", model=tiny_bundle, chunk_size=3, progress=False, dask="local:2",
-                  keep_parts=True)
+    predict_files(PredictJob([d], tmp_path / "single.fits", model=tiny_bundle, chunk_size=3, quiet=True))
+    predict_files(PredictJob([d], tmp_path / "dask.fits", model=tiny_bundle, chunk_size=3, quiet=True,
+                             dask="local:2", keep_parts=True))
     a, b = Table.read(tmp_path / "single.fits", hdu="PHOTOZ"), Table.read(tmp_path / "dask.fits", hdu="PHOTOZ")
     assert a.colnames == b.colnames and len(a) == len(b) == 10
     for name in a.colnames:
@@ -149,11 +150,11 @@ def test_a_changed_input_is_not_resumed_into_old_rows(tiny_bundle, tmp_path, rng
     np.save(data, sky_cutouts(rng, 6))
     interrupt_engine(monkeypatch, at_call=2)
     with pytest.raises(KeyboardInterrupt):
-        predict_files([data], tmp_path / "o.fits", model=tiny_bundle, chunk_size=3, progress=False)
+        predict_files(PredictJob([data], tmp_path / "o.fits", model=tiny_bundle, chunk_size=3, quiet=True))
     np.save(data, sky_cutouts(rng, 6))  # regenerated: same path, same count, other pixels
     os.utime(data, ns=(1, 1))  # and an mtime that differs whatever the clock's resolution
     with pytest.raises(RuntimeError, match="changed files"):
-        predict_files([data], tmp_path / "o.fits", model=tiny_bundle, chunk_size=3, progress=False)
+        predict_files(PredictJob([data], tmp_path / "o.fits", model=tiny_bundle, chunk_size=3, quiet=True))
 
 
 def test_gzipped_fits_in_a_directory_and_utf8_ids_everywhere(tiny_bundle, tiny_predictor, tmp_path, rng):
@@ -170,7 +171,7 @@ def test_gzipped_fits_in_a_directory_and_utf8_ids_everywhere(tiny_bundle, tiny_p
     (d / "pair.fits.gz").write_bytes(gzip.compress(buffer.getvalue()))
     (d / "notes.txt").write_text("not an input")
     for suffix in (".fits", ".parquet", ".hdf5"):
-        summary = predict_files([d], tmp_path / f"o{suffix}", model=tiny_bundle, progress=False)
+        summary = predict_files(PredictJob([d], tmp_path / f"o{suffix}", model=tiny_bundle, quiet=True))
         assert summary["objects"] == 2
     table = Table.read(tmp_path / "o.fits", hdu="PHOTOZ")
     assert list(table["ID"]) == ["étoile-α", "星系"]
@@ -182,7 +183,7 @@ def test_gzipped_fits_in_a_directory_and_utf8_ids_everywhere(tiny_bundle, tiny_p
 
 def test_a_bad_ebv_fails_its_object_not_the_run(tiny_bundle, tmp_path, rng):
     np.savez(tmp_path / "c.npz", images=sky_cutouts(rng, 3), ebv=np.array([0.02, np.nan, 0.03], np.float32))
-    predict_files([tmp_path / "c.npz"], tmp_path / "o.fits", model=tiny_bundle, progress=False)
+    predict_files(PredictJob([tmp_path / "c.npz"], tmp_path / "o.fits", model=tiny_bundle, quiet=True))
     table = Table.read(tmp_path / "o.fits", hdu="PHOTOZ")
     assert list(table["VALID"]) == [True, False, True]
     assert "E(B-V) nan" in table["ERROR"][1] and np.isfinite(table["Z_MEAN"][[0, 2]]).all()
@@ -200,4 +201,4 @@ def test_cli_errors_name_the_file_and_the_argument_without_a_traceback(tiny_bund
         result = subprocess.run([*cli, "--out", str(tmp_path / "o.fits"), flag, "0"], capture_output=True, text=True)
         assert result.returncode == 2 and "must be at least 1" in result.stderr
     with pytest.raises(ValueError, match="at least 1"):
-        predict_files([good], tmp_path / "o.fits", model=tiny_bundle, chunk_size=0, progress=False)
+        predict_files(PredictJob([good], tmp_path / "o.fits", model=tiny_bundle, chunk_size=0, quiet=True))

@@ -10,6 +10,7 @@ from astropy.io import fits
 from photoz.model.bundle import load_bundle
 from photoz.model.pdf import point_estimates
 from photoz.model.priors import MIN_OBJECTS_SELF, ZERO_OVERLAP, for_population, resolve, reweight, training_nz
+from photoz.pipeline.jobs import PredictJob
 from tests.helpers import npy_bytes, sky_cutouts
 
 NPY = {"Content-Type": "application/x-npy"}
@@ -152,8 +153,8 @@ def test_photoz_predict_applies_the_prior_when_writing_the_table(prior_bundle, c
     tables = {}
     for prior in ("train", "flat", "self"):
         out = tmp_path / f"{prior}.fits"
-        predict_files([tmp_path / "a.npy", tmp_path / "b.npy"], out, model=prior_bundle, chunk_size=50,
-                      progress=False, prior=prior)
+        predict_files(PredictJob([tmp_path / "a.npy", tmp_path / "b.npy"], out, model=prior_bundle, chunk_size=50,
+                                 quiet=True, prior=prior))
         with fits.open(out) as hdul:
             assert hdul[0].header["PRIOR"] == prior
             tables[prior] = np.array(hdul["PHOTOZ"].data["PDF"])

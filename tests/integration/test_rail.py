@@ -20,6 +20,7 @@ from rail.core.data import TableHandle  # noqa: E402
 
 from photoz.model.bundle import load_bundle  # noqa: E402
 from photoz.model.pdf import ESTIMATES  # noqa: E402
+from photoz.pipeline.jobs import PredictJob  # noqa: E402
 from photoz.pipeline.predict import predict_files  # noqa: E402
 
 PhotozImageEstimator, PhotozImageInformer = photoz_image.PhotozImageEstimator, photoz_image.PhotozImageInformer
@@ -65,7 +66,7 @@ def _estimate(tmp_path, model, data, name, **config):
 
 def _predicted(data, bundle, tmp_path):
     """photoz predict's table of the same file."""
-    predict_files([data], tmp_path / "predict.fits", model=bundle, chunk_size=32, progress=False)
+    predict_files(PredictJob([data], tmp_path / "predict.fits", model=bundle, chunk_size=32, quiet=True))
     with fits.open(tmp_path / "predict.fits") as hdul:
         return {name: np.array(hdul["PHOTOZ"].data[name]) for name in hdul["PHOTOZ"].columns.names}
 

@@ -36,7 +36,7 @@ def predict_file(model_path: str | Path, data_path: str | Path, batch_size: int 
     else:
         import torch
 
-        from photoz.training.fit.train import load_checkpoint
+        from photoz.training.fit.checkpoints import load_checkpoint
 
         net, state = load_checkpoint(model_path)
         bins = RedshiftBins.from_metadata(state["train_config"]["z_bins"])

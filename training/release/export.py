@@ -8,10 +8,12 @@ from typing import Any
 
 import numpy as np
 
+from photoz.model.bundle import Bundle
 from photoz.model.network.export import code_commit, export_bundle, make_metadata
 from photoz.model.network.pasquet import EnsembleNet, MCDropoutNet
 from photoz.model.pdf import RedshiftBins
-from photoz.training.fit.train import load_checkpoint
+from photoz.training.fit.checkpoints import load_checkpoint
+from photoz.training.release.jobs import ExportJob
 
 log = logging.getLogger("photoz.export")
 
@@ -37,10 +39,7 @@ def training_record(state: dict, held_out: dict | None) -> dict:
     return record
 
 
-def export_checkpoint(checkpoint: str | Path | list, out: str | Path, name: str, version: str,
-                      held_out_report: str | Path | None = None, fp16: bool = False,
-                      reference_data: str | Path | None = None, mc_passes: int = 0, mc_seed: int = 0,
-                      thresholds: bool = True, pit_map: str | Path | None = None):
+def export_checkpoint(job: ExportJob) -> Bundle:
     """A checkpoint, or several (a deep ensemble: one architecture and data set, different seeds; their PDFs
     are averaged in the exported graph), to a bundle with its training record and the thresholds of its
     out-of-distribution flags, measured on ``reference_data`` (default: the training set named in the
@@ -50,12 +49,43 @@ def export_checkpoint(checkpoint: str | Path | list, out: str | Path, name: str,
     passes through its dense head with masks drawn from ``mc_seed``, fixed in the graph). ``thresholds=False``
     skips the thresholds (a bundle to score, not to ship). ``pit_map``: a ``photoz calibrate-pit`` report whose
     conditional PIT map the graph applies after the softmax (fitted on this very model's PDFs)."""
-    paths = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
+    paths = [job.checkpoint] if isinstance(job.checkpoint, (str, Path)) else list(job.checkpoint)
     loaded = [load_checkpoint(p) for p in paths]
-    held_out = json.loads(Path(held_out_report).read_text()) if held_out_report else None
+    held_out = json.loads(Path(job.held_out_report).read_text()) if job.held_out_report else None
     states = [state for _, state in loaded]
     state = states[0]
     record = training_record(state, held_out)
+    net = _network(loaded, paths, record, job.mc_passes, job.mc_seed)
+    temperatures = [float(s.get("temperature", 1.0)) for s in states]
+    if any(t != 1.0 for t in temperatures):  # post-hoc calibration (photoz recalibrate), applied in the graph
+        record["temperature"] = temperatures[0] if len(temperatures) == 1 else temperatures
+    recalibration = None
+    if job.pit_map is not None:
+        from photoz.training.release.pit_calibration import load_pit_map
+
+        recalibration, fitted_on = load_pit_map(job.pit_map)
+        record["pit_recalibration"] = {"fitted_on": fitted_on}
+    bins = RedshiftBins.from_metadata(state["train_config"]["z_bins"])
+    metadata = make_metadata(net, state["train_config"]["variant"], job.name, job.version, record, bins=bins)
+    reference = Path(job.reference_data or state["train_config"].get("data", ""))
+    if job.reference_data is not None and not reference.is_file():
+        raise FileNotFoundError(f"reference data set {reference} does not exist")
+    if not job.thresholds:
+        log.info("no out-of-distribution thresholds measured (--no-thresholds)")
+    elif reference.is_file():
+        from photoz.training.release.flags import reference_quality
+
+        metadata["quality"] = reference_quality(reference)
+    else:
+        log.warning("training set %s not found: the bundle gets no out-of-distribution thresholds "
+                    "(give --reference-data, or add them later with `photoz ood-thresholds`)", reference)
+    return export_bundle(net, job.out, metadata, fp16=job.fp16, pit_map=recalibration)
+
+
+def _network(loaded: list, paths: list, record: dict[str, Any], mc_passes: int, mc_seed: int) -> Any:
+    """The network to export: one checkpoint's, their ensemble, or MC dropout over one (recorded in
+    ``record``)."""
+    states = [state for _, state in loaded]
     net: Any
     if len(loaded) == 1:
         net = loaded[0][0]
@@ -77,30 +107,7 @@ def export_checkpoint(checkpoint: str | Path | list, out: str | Path, name: str,
         net = MCDropoutNet(net, mc_passes, mc_seed)
         record["mc_dropout"] = {"passes": mc_passes, "rate": net.config.dropout, "seed": mc_seed,
                                 "combination": "mean of the passes' PDFs; masks fixed at export (deterministic)"}
-    temperatures = [float(s.get("temperature", 1.0)) for s in states]
-    if any(t != 1.0 for t in temperatures):  # post-hoc calibration (photoz recalibrate), applied in the graph
-        record["temperature"] = temperatures[0] if len(temperatures) == 1 else temperatures
-    recalibration = None
-    if pit_map is not None:
-        from photoz.training.release.pit_calibration import load_pit_map
-
-        recalibration, fitted_on = load_pit_map(pit_map)
-        record["pit_recalibration"] = {"fitted_on": fitted_on}
-    bins = RedshiftBins.from_metadata(state["train_config"]["z_bins"])
-    metadata = make_metadata(net, state["train_config"]["variant"], name, version, record, bins=bins)
-    reference = Path(reference_data or state["train_config"].get("data", ""))
-    if reference_data is not None and not reference.is_file():
-        raise FileNotFoundError(f"reference data set {reference} does not exist")
-    if not thresholds:
-        log.info("no out-of-distribution thresholds measured (--no-thresholds)")
-    elif reference.is_file():
-        from photoz.training.evaluation.ood import reference_quality
-
-        metadata["quality"] = reference_quality(reference)
-    else:
-        log.warning("training set %s not found: the bundle gets no out-of-distribution thresholds "
-                    "(give --reference-data, or add them later with `photoz ood-thresholds`)", reference)
-    return export_bundle(net, out, metadata, fp16=fp16, pit_map=recalibration)
+    return net
 
 
 def training_nz_record(data: str | Path, bins: RedshiftBins, n: int | None = None, source: str | None = None) -> dict:

@@ -137,12 +137,22 @@ def _prior_line(record: dict) -> str:
 
 
 def render(bundle_path: Path, report: dict, figures: list[str], ood_report: dict | None = None) -> str:
+    """The model card (Markdown) of a bundle from its held-out report (``photoz evaluate``), figures and the
+    flags' injection report."""
     bundle = load_bundle(bundle_path)
     doc = bundle.metadata.document
-    training = doc["training"]
     cnn = report["model_metrics"]
-    knn = report.get("baseline", {}).get("metrics")
-    lines = [
+    lines = _what_it_is(bundle_path, bundle) + _training_lines(doc, report) + _metrics_lines(report)
+    lines += _comparison_lines(report) + _binned_lines(cnn)
+    lines += [""] + [f"![{Path(f).stem}]({Path(f).name})" for f in figures]
+    lines += [""] + flags_section(doc, ood_report)
+    lines += _limits(doc)
+    return "\n".join(lines) + "\n"
+
+
+def _what_it_is(bundle_path: Path, bundle: Any) -> list[str]:
+    doc = bundle.metadata.document
+    return [
         f"# Model card: {doc['model']['name']} {doc['model']['version']}", "",
         f"Bundle `{bundle_path.name}`, sha256 `{bundle.sha256}`.", "",
         "## What it is", "",
@@ -152,7 +162,12 @@ def render(bundle_path: Path, report: dict, figures: list[str], ood_report: dict
         f"{doc['cutout_size_pixels']} cutouts at {doc['pixel_scale_arcsec']}\"/pixel "
         f"(pixel unit: {doc['flux_unit']}) plus "
         f"Galactic E(B-V), and returning a PDF on {bundle.metadata.bins.n_bins} redshift bins over "
-        f"{bundle.metadata.bins.edges[0]:g} <= z < {bundle.metadata.bins.edges[-1]:g}.", "",
+        f"{bundle.metadata.bins.edges[0]:g} <= z < {bundle.metadata.bins.edges[-1]:g}.", ""]
+
+
+def _training_lines(doc: dict, report: dict) -> list[str]:
+    training = doc["training"]
+    lines = [
         "## Training data", "",
         f"- data set: `{training['dataset']['name']}`: {training['dataset']['provenance']}, "
         f"{_n(training['dataset']['n_objects'])} objects ({_n(training['dataset'].get('n_train'))} train, "
@@ -180,6 +195,13 @@ def render(bundle_path: Path, report: dict, figures: list[str], ood_report: dict
           for r in training.get("revisions", [])]]
     if report.get("hardware"):
         lines.append(f"- how: {report['hardware']}")
+    return lines
+
+
+def _metrics_lines(report: dict) -> list[str]:
+    cnn = report["model_metrics"]
+    knn = report.get("baseline", {}).get("metrics")
+    lines: list[str] = []
     lines += ["",
         "## Held-out metrics", "",
         f"On `{report['data']}` ({report['n']:,} simulated galaxies, a separate simulation seed), point estimate "
@@ -220,6 +242,11 @@ def render(bundle_path: Path, report: dict, figures: list[str], ood_report: dict
                   "true-redshift bin and 0.16-0.22 in the highest (`tests/unit/test_calibration.py`)"
                   + (f"; this network's worst true-redshift bin: {by_truth['pit_ks']:.3f} (z {by_truth['lo']:.2f}-"
                      f"{by_truth['hi']:.2f})." if by_truth else ".")]
+    return lines
+
+
+def _comparison_lines(report: dict) -> list[str]:
+    lines: list[str] = []
     if report.get("comparison"):
         lines += ["", "## Uncertainty: the candidates compared", "",
                   "The same held-out galaxies, scored for each way of making the PDF (CRPS: lower is better; PIT "
@@ -230,6 +257,11 @@ def render(bundle_path: Path, report: dict, figures: list[str], ood_report: dict
         lines += [_row(name, metrics) for name, metrics in report["comparison"].items()]
         if report.get("comparison_note"):
             lines += ["", report["comparison_note"]]
+    return lines
+
+
+def _binned_lines(cnn: dict) -> list[str]:
+    lines: list[str] = []
     for binning, title, column in (("by_redshift", "By redshift:", "z"),
                                    ("by_photometric_redshift", "By photometric redshift (what a user selecting on "
                                                                "the estimate gets):", "z_phot"),
@@ -240,9 +272,12 @@ def render(bundle_path: Path, report: dict, figures: list[str], ood_report: dict
             lines += [f"| {b['lo']:.2f}-{b['hi']:.2f} | {b['sigma_mad']:.4f} | {b['outlier_fraction']:.2%} | "
                       f"{b['bias']:+.4f} | {_maybe(b, 'pit_ks', '.3f')} | {_maybe(b, 'coverage_68', '.3f')} / "
                       f"{_maybe(b, 'coverage_95', '.3f')} | {b['n']} |" for b in cnn[binning]]
-    lines += [""] + [f"![{Path(f).stem}]({Path(f).name})" for f in figures]
-    lines += [""] + flags_section(doc, ood_report)
-    lines += ["", "## Limits", "",
+    return lines
+
+
+def _limits(doc: dict) -> list[str]:
+    training = doc["training"]
+    lines = ["", "## Limits", "",
               "- Trained on **simulated** SDSS-like cutouts (GalSim bulge + disk galaxies; the simulator version "
               "and its calibration against real SDSS are above and in docs/simulation.md), not on real images. "
               "Real galaxies have structure (spiral arms, "
@@ -261,7 +296,7 @@ def render(bundle_path: Path, report: dict, figures: list[str], ood_report: dict
                      "set's: it holds where they do. On other data, refit it on labelled galaxies of that data "
                      "(`photoz recalibrate`, `photoz calibrate-pit --data yours.h5`) and check the coverage with "
                      "`photoz evaluate`.")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main(argv=None) -> int:

@@ -24,7 +24,8 @@ def fitting_rows(data: str | Path, validation_of: str | Path | None) -> tuple[np
     """All rows (None) of a calibration file, or a checkpoint's validation rows of its training file."""
     if validation_of is None:
         return None, "every row"
-    from photoz.training.fit.train import load_checkpoint, validation_rows
+    from photoz.training.fit.checkpoints import load_checkpoint
+    from photoz.training.fit.train import validation_rows
 
     rows, kind = validation_rows(load_checkpoint(validation_of)[1]["train_config"], data)
     return np.sort(rows), f"validation rows of {Path(validation_of).name} ({kind})"

@@ -62,7 +62,8 @@ def recalibrate(checkpoint: str | Path, out: str | Path, data: str | Path | None
     """Fit the temperature on the checkpoint's validation rows, write the checkpoint with it to ``out``, and
     return the validation metrics before and after."""
     from photoz.model.pdf import RedshiftBins, photoz_metrics, point_estimates
-    from photoz.training.fit.train import load_checkpoint, validation_rows
+    from photoz.training.fit.checkpoints import load_checkpoint
+    from photoz.training.fit.train import validation_rows
 
     net, state = load_checkpoint(checkpoint)
     cfg = state["train_config"]

@@ -130,13 +130,45 @@ def draw_bands(components: list, fluxes_nmgy: np.ndarray, psf_fwhm_arcsec, psf_s
     GalSim's own split of ``drawFFT`` into ``drawFFT_makeKImage``, the profiles' k-images and
     ``drawFFT_finish``, which its documentation suggests for reusing k-images.
     """
+    widths = np.asarray(psf_fwhm_arcsec, dtype=float) * (1.0 / PIXEL_SCALE_ARCSEC)  # pixels
+    image, total, kimage, wrap, component_k, pixel_k = _k_images(components, widths, psf_shape)
+    bounds = kimage.bounds
+    kx = np.arange(bounds.xmin, bounds.xmax + 1) * kimage.scale
+    ky = np.arange(bounds.ymin, bounds.ymax + 1) * kimage.scale
+    out = np.empty((len(widths), CUTOUT_SIZE_PIXELS, CUTOUT_SIZE_PIXELS), np.float32)
+    first = out.copy() if first_components is not None else None
+    fluxes = np.asarray(fluxes_nmgy, dtype=np.float32)
+    psf_ks = psf_k_images(kx, ky, widths, psf_shape)  # every band's PSF at once, in numpy
+    for band in range(len(widths)):
+        psf_k = psf_ks[band] * pixel_k
+        if band_shifts_pixels is not None and np.any(band_shifts_pixels[band]):
+            dx, dy = band_shifts_pixels[band]
+            psf_k *= np.exp(-1j * ky * dy)[:, None] * np.exp(-1j * kx * dx)[None, :]
+        scene = fluxes[band, 0] * component_k[0]  # a few multiply-adds: no BLAS call (its threads fight workers)
+        for c in range(1, len(components)):
+            if c == first_components and first is not None:
+                kimage.array[...] = scene * psf_k
+                total.drawFFT_finish(image, kimage, wrap, add_to_image=False)
+                first[band] = image.array
+            scene += fluxes[band, c] * component_k[c]
+        kimage.array[...] = scene * psf_k
+        total.drawFFT_finish(image, kimage, wrap, add_to_image=False)
+        out[band] = image.array
+        if first is not None and first_components is not None and first_components >= len(components):
+            first[band] = out[band]
+    return out if first is None else (out, first)
+
+
+def _k_images(components: list, widths: np.ndarray, psf_shape: PSFShape | None) -> tuple:
+    """What :func:`draw_bands` draws every band from: the output image (pixel coordinates, origin on the true
+    centre), the scene's GalSim sum, the k-image grid the most demanding band needs and its wrap size, each
+    component's k-image and the pixel response's."""
     import galsim
 
     params = gsparams()
     inverse_scale = 1.0 / PIXEL_SCALE_ARCSEC
     # image coordinates (pixels); origin on the cutout's true centre, half a pixel off the integer centre
     shapes = [c.dilate(inverse_scale).shift(-0.5, -0.5) for c in components]
-    widths = np.asarray(psf_fwhm_arcsec, dtype=float) * inverse_scale  # pixels
     pixel = galsim.Pixel(1.0, gsparams=params)
     image = galsim.ImageF(CUTOUT_SIZE_PIXELS, CUTOUT_SIZE_PIXELS, scale=1.0)
     image.setCenter(0, 0)
@@ -152,32 +184,7 @@ def draw_bands(components: list, fluxes_nmgy: np.ndarray, psf_fwhm_arcsec, psf_s
         return kimage.array.copy()
 
     component_k = np.stack([k_array(s) for s in shapes])  # (n_components, ky, kx)
-    pixel_k = k_array(pixel)
-    bounds = kimage.bounds
-    kx = np.arange(bounds.xmin, bounds.xmax + 1) * kimage.scale
-    ky = np.arange(bounds.ymin, bounds.ymax + 1) * kimage.scale
-    out = np.empty((len(widths), CUTOUT_SIZE_PIXELS, CUTOUT_SIZE_PIXELS), np.float32)
-    first = out.copy() if first_components is not None else None
-    fluxes = np.asarray(fluxes_nmgy, dtype=np.float32)
-    psf_ks = psf_k_images(kx, ky, widths, psf_shape)  # every band's PSF at once, in numpy
-    for band in range(len(widths)):
-        psf_k = psf_ks[band] * pixel_k
-        if band_shifts_pixels is not None and np.any(band_shifts_pixels[band]):
-            dx, dy = band_shifts_pixels[band]
-            psf_k *= np.exp(-1j * ky * dy)[:, None] * np.exp(-1j * kx * dx)[None, :]
-        scene = fluxes[band, 0] * component_k[0]  # a few multiply-adds: no BLAS call (its threads fight workers)
-        for c in range(1, len(shapes)):
-            if c == first_components and first is not None:
-                kimage.array[...] = scene * psf_k
-                total.drawFFT_finish(image, kimage, wrap, add_to_image=False)
-                first[band] = image.array
-            scene += fluxes[band, c] * component_k[c]
-        kimage.array[...] = scene * psf_k
-        total.drawFFT_finish(image, kimage, wrap, add_to_image=False)
-        out[band] = image.array
-        if first is not None and first_components is not None and first_components >= len(shapes):
-            first[band] = out[band]
-    return out if first is None else (out, first)
+    return image, total, kimage, wrap, component_k, k_array(pixel)
 
 
 def resample_onto_reference(images: np.ndarray, shifts_pixels: np.ndarray) -> np.ndarray:

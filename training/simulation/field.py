@@ -79,11 +79,8 @@ def render_field(out_dir: str | Path, n: int = 36, seed: int = 3, spacing_pixels
     so that without noise (``noise=False``) the r band of a cutout cut from the
     field equals the own cutout, and the other bands differ only by resampling.
     """
-    import galsim
-    from astropy.io import fits
     from astropy.table import Table
 
-    from photoz.training.simulation.drawing import galaxy_profile, gsparams
     from photoz.training.simulation.instrument import add_noise
     from photoz.training.simulation.population import PopulationConfig, draw_selected
 
@@ -91,20 +88,48 @@ def render_field(out_dir: str | Path, n: int = 36, seed: int = 3, spacing_pixels
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     pop = draw_selected(PopulationConfig(), n, rng)
+    xy, shape = _positions(rng, n, n_edge, spacing_pixels)
+    clean, own_clean = _draw_galaxies(pop, xy, shape)
+    noisy = add_noise(clean[None], np.random.default_rng([seed, 1]))[0] if noise else clean
+    own = add_noise(own_clean, np.random.default_rng([seed, 2])) if noise else own_clean
+    paths = {band: _write_frame(out, band, noisy[b], shape) for b, band in enumerate(BANDS)}
+    sky = band_wcs("r", shape).pixel_to_world(xy[:, 0], xy[:, 1])
+    ids = np.array([f"field{seed}-{k:04d}" for k in range(n)])
+    Table({"id": ids, "ra": sky.ra.deg, "dec": sky.dec.deg, "ebv": pop["ebv"].astype(np.float32)}).write(
+        out / "catalogue.csv", format="ascii.csv", overwrite=True)
+    near_edge = np.zeros(n, bool)
+    near_edge[n - n_edge:] = True
+    np.savez(out / "truth.npz", ids=ids, z=pop["z"], x_r=xy[:, 0], y_r=xy[:, 1], near_edge=near_edge,
+             images=own, ebv=pop["ebv"].astype(np.float32))
+    summary = {"out": str(out), "n": n, "n_near_edge": n_edge, "shape": list(shape),
+               "images": {b: str(p) for b, p in paths.items()}, "units": UNIT_OF_BAND, "seed": seed, "noise": noise}
+    (out / "field.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _positions(rng: np.random.Generator, n: int, n_edge: int, spacing_pixels: int) -> tuple[np.ndarray, tuple]:
+    """True r-band pixel positions (0-based pixel centres) of the galaxies, (n, 2): a jittered grid, then the
+    ``n_edge`` objects too near the left edge; and the field's shape."""
     n_inner = n - n_edge
     side = int(np.ceil(np.sqrt(n_inner)))
     margin = spacing_pixels // 2  # a strip on the left for the objects too near the edge
     size = side * spacing_pixels + spacing_pixels + margin
-    shape = (size, size)
-    # true r-band pixel positions (0-based pixel centres): a jittered grid, then the edge objects
     gx, gy = np.meshgrid(np.arange(side), np.arange(side))
     centres = (np.stack([gx.ravel(), gy.ravel()], 1)[:n_inner] + 1) * spacing_pixels + np.array([margin, 0])
     xy = centres + rng.uniform(-8, 8, centres.shape)
     edge = np.stack([rng.uniform(3, 20, n_edge), rng.uniform(spacing_pixels, size - spacing_pixels, n_edge)], 1)
-    xy = np.concatenate([xy, edge])
-    gsparams = gsparams()  # the simulator's, shared by every profile
-    psfs = [galsim.Moffat(beta=PSF_MOFFAT_BETA, fwhm=MEDIAN_SEEING_FWHM_ARCSEC[b], gsparams=gsparams) for b in BANDS]
+    return np.concatenate([xy, edge]), (size, size)
 
+
+def _draw_galaxies(pop: dict, xy: np.ndarray, shape: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """The noise-free field (5, H, W) and each galaxy's own noise-free cutout (n, 5, S, S)."""
+    import galsim
+
+    from photoz.training.simulation.drawing import galaxy_profile, gsparams
+
+    params = gsparams()  # the simulator's, shared by every profile
+    psfs = [galsim.Moffat(beta=PSF_MOFFAT_BETA, fwhm=MEDIAN_SEEING_FWHM_ARCSEC[b], gsparams=params) for b in BANDS]
+    n = len(xy)
     clean = np.zeros((len(BANDS),) + shape, np.float32)
     own_clean = np.zeros((n, len(BANDS), CUTOUT_SIZE_PIXELS, CUTOUT_SIZE_PIXELS), np.float32)
     half = CUTOUT_SIZE_PIXELS / 2 - 0.5
@@ -113,7 +138,7 @@ def render_field(out_dir: str | Path, n: int = 36, seed: int = 3, spacing_pixels
         # where the galaxy falls in a cutout of the r grid: the cutter centres it to within half a pixel
         own_offset = tuple(v - np.round(v - half) - half for v in xy[k])
         for b, band in enumerate(BANDS):
-            galaxy = galsim.Convolve(galaxy_profile(galsim, row, b, 0.0, 0.0), psfs[b], gsparams=gsparams)
+            galaxy = galsim.Convolve(galaxy_profile(galsim, row, b, 0.0, 0.0), psfs[b], gsparams=params)
             own_image = galsim.ImageF(CUTOUT_SIZE_PIXELS, CUTOUT_SIZE_PIXELS, scale=PIXEL_SCALE_ARCSEC)
             own_clean[k, b] = galaxy.drawImage(image=own_image, offset=own_offset).array
             x, y = xy[k] + np.array(BAND_SHIFT_PIXELS[band])
@@ -123,40 +148,29 @@ def render_field(out_dir: str | Path, n: int = 36, seed: int = 3, spacing_pixels
             stamp = galsim.ImageF(STAMP_PIXELS, STAMP_PIXELS, scale=PIXEL_SCALE_ARCSEC)
             galaxy.drawImage(image=stamp, offset=offset)
             _place(clean[b], stamp.array, x0, y0)
-    noisy = add_noise(clean[None], np.random.default_rng([seed, 1]))[0] if noise else clean
-    own = add_noise(own_clean, np.random.default_rng([seed, 2])) if noise else own_clean
+    return clean, own_clean
 
-    paths = {}
-    for b, band in enumerate(BANDS):
-        header = band_wcs(band, shape).to_header()
-        header["FILTER"] = (band, "SDSS filter")
-        data = noisy[b]
-        if UNIT_OF_BAND[band] == "nanomaggy":
-            header["BUNIT"] = "nanomaggy"
-            header["NMGY"] = (0.005, "nMgy per count (data are already in nMgy)")
-        elif UNIT_OF_BAND[band] == "count+NMGY":
-            header["BUNIT"] = "count"
-            header["NMGY"] = (U_NMGY_PER_COUNT, "nanomaggies per count")
-            data = data / U_NMGY_PER_COUNT
-        elif UNIT_OF_BAND[band] == "adu+MAGZP":
-            header["BUNIT"] = "adu"
-            header["MAGZP"] = (I_MAGZP, "AB magnitude of 1 adu")
-            data = data * 10 ** (0.4 * (I_MAGZP - NANOMAGGY_ZEROPOINT_MAG))
-        else:
-            header["BUNIT"] = "uJy"
-            data = data * NANOMAGGY_JANSKY * 1e6  # microjansky
-        paths[band] = out / f"frame-{band}.fits"
-        fits.PrimaryHDU(data.astype(np.float32), header=header).writeto(paths[band], overwrite=True)
 
-    sky = band_wcs("r", shape).pixel_to_world(xy[:, 0], xy[:, 1])
-    ids = np.array([f"field{seed}-{k:04d}" for k in range(n)])
-    Table({"id": ids, "ra": sky.ra.deg, "dec": sky.dec.deg, "ebv": pop["ebv"].astype(np.float32)}).write(
-        out / "catalogue.csv", format="ascii.csv", overwrite=True)
-    near_edge = np.zeros(n, bool)
-    near_edge[n_inner:] = True
-    np.savez(out / "truth.npz", ids=ids, z=pop["z"], x_r=xy[:, 0], y_r=xy[:, 1], near_edge=near_edge,
-             images=own, ebv=pop["ebv"].astype(np.float32))
-    summary = {"out": str(out), "n": n, "n_near_edge": n_edge, "shape": list(shape),
-               "images": {b: str(p) for b, p in paths.items()}, "units": UNIT_OF_BAND, "seed": seed, "noise": noise}
-    (out / "field.json").write_text(json.dumps(summary, indent=1))
-    return summary
+def _write_frame(out: Path, band: str, data: np.ndarray, shape: tuple) -> Path:
+    """One band's frame in that band's unit convention (:data:`UNIT_OF_BAND`), with its WCS: its path."""
+    from astropy.io import fits
+
+    header = band_wcs(band, shape).to_header()
+    header["FILTER"] = (band, "SDSS filter")
+    if UNIT_OF_BAND[band] == "nanomaggy":
+        header["BUNIT"] = "nanomaggy"
+        header["NMGY"] = (0.005, "nMgy per count (data are already in nMgy)")
+    elif UNIT_OF_BAND[band] == "count+NMGY":
+        header["BUNIT"] = "count"
+        header["NMGY"] = (U_NMGY_PER_COUNT, "nanomaggies per count")
+        data = data / U_NMGY_PER_COUNT
+    elif UNIT_OF_BAND[band] == "adu+MAGZP":
+        header["BUNIT"] = "adu"
+        header["MAGZP"] = (I_MAGZP, "AB magnitude of 1 adu")
+        data = data * 10 ** (0.4 * (I_MAGZP - NANOMAGGY_ZEROPOINT_MAG))
+    else:
+        header["BUNIT"] = "uJy"
+        data = data * NANOMAGGY_JANSKY * 1e6  # microjansky
+    path = out / f"frame-{band}.fits"
+    fits.PrimaryHDU(data.astype(np.float32), header=header).writeto(path, overwrite=True)
+    return path
