@@ -172,58 +172,24 @@ def make_metadata(net: PasquetNet | EnsembleNet | MCDropoutNet, variant: str, mo
 
 def export_bundle(net: PasquetNet | EnsembleNet | MCDropoutNet, path: str | Path, metadata: dict[str, Any],
                   parity_samples: int = 4, seed: int = 0, fp16: bool = False, pit_map: PITMap | None = None) -> Bundle:
-    """Write ``net`` to ``path`` as an ONNX bundle with ``metadata``; check ORT/torch parity.
+    """Write ``net`` (a network, a deep ensemble of them whose PDFs the graph averages, or a network with MC
+    dropout whose passes it averages; put in eval mode here) to ``path`` as an ONNX bundle with ``metadata``
+    (:func:`make_metadata`; validated before writing), check ONNX Runtime against torch on ``parity_samples``
+    random cutouts drawn from ``seed``, and return it loaded back (:func:`~photoz.model.bundle.load_bundle`).
 
-    The graph has a dynamic batch axis, inputs ``images`` (N, bands, S, S)
-    float32 nanomaggies and ``ebv`` (N, 1) float32 mag, and output
-    ``probabilities`` (N, n_bins).
-
-    Parameters
-    ----------
-    net : PasquetNet, EnsembleNet or MCDropoutNet
-        The network, a deep ensemble of them (PDFs averaged in the graph), or a network with MC dropout
-        (its passes averaged in the graph); put in eval mode here.
-    path : str or Path
-        Where to write the ``.onnx`` file.
-    metadata : dict
-        The ``photoz`` metadata document (:func:`make_metadata`); validated before writing.
-    parity_samples : int
-        Random cutouts on which ONNX Runtime and torch must agree.
-    seed : int
-        Seed of those cutouts.
-    fp16 : bool
-        Store weights and compute in float16 (for GPUs); inputs and outputs stay float32, so
-        callers see no difference. Checked against :data:`PARITY_TOLERANCE_FP16`.
-    pit_map : PITMap, optional
-        A conditional PIT recalibration (``photoz calibrate-pit``) applied to the PDF in the graph, after the
-        softmax; recorded in the metadata as ``recalibration``.
-
-    Returns
-    -------
-    Bundle
-        The written bundle, loaded back with :func:`~photoz.model.bundle.load_bundle`.
-
-    Raises
-    ------
-    ParityError
-        If ONNX Runtime and torch disagree by more than :data:`PARITY_TOLERANCE` (probability).
+    The graph has a dynamic batch axis, inputs ``images`` (N, bands, S, S) float32 nanomaggies and ``ebv``
+    (N, 1) float32 mag, and output ``probabilities`` (N, n_bins). ``fp16``: weights and compute in float16
+    (GPUs), inputs and outputs float32, checked against :data:`PARITY_TOLERANCE_FP16`. ``pit_map``: a
+    conditional PIT recalibration (``photoz calibrate-pit``) applied after the softmax, recorded as
+    ``recalibration``. Raises :class:`ParityError` when the runtimes disagree by more than
+    :data:`PARITY_TOLERANCE` (probability).
     """
     import onnx
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     cfg = net.config
-    net = net.eval().to("cpu")
-    core: PasquetNet | EnsembleNet | MCDropoutNet | WithEpistemicSpread = net
-    outputs = [OUTPUT_PROBABILITIES]
-    if isinstance(net, (EnsembleNet, MCDropoutNet)):  # several networks: their disagreement as a second output
-        core = WithEpistemicSpread(net, RedshiftBins.from_metadata(metadata["redshift_bins"]).centres).eval()
-        outputs.append(OUTPUT_EPISTEMIC)
-        metadata = {**metadata, "outputs": {**metadata["outputs"], "epistemic_std": OUTPUT_EPISTEMIC}}
-    graph: PasquetNet | EnsembleNet | MCDropoutNet | WithEpistemicSpread | PITRecalibrated = core
-    if pit_map is not None:
-        graph = PITRecalibrated(core, pit_map, RedshiftBins.from_metadata(metadata["redshift_bins"]).centres).eval()
-        metadata = {**metadata, "recalibration": pit_map.to_metadata()}
+    graph, outputs, metadata = _export_graph(net.eval().to("cpu"), metadata, pit_map)
     example = (torch.zeros(2, cfg.n_bands, cfg.cutout_size, cfg.cutout_size), torch.zeros(2, 1))
     torch.onnx.export(
         graph, example, str(path), dynamo=False, opset_version=17,
@@ -243,6 +209,25 @@ def export_bundle(net: PasquetNet | EnsembleNet | MCDropoutNet, path: str | Path
     check_parity(graph, path, n=parity_samples, seed=seed,
                  tolerance=PARITY_TOLERANCE_FP16 if fp16 else PARITY_TOLERANCE)
     return bundle
+
+
+def _export_graph(net: PasquetNet | EnsembleNet | MCDropoutNet, metadata: dict[str, Any], pit_map: PITMap | None,
+                  ) -> tuple[PasquetNet | EnsembleNet | MCDropoutNet | WithEpistemicSpread | PITRecalibrated, list[str],
+                             dict[str, Any]]:
+    """The module to export (with the members' spread as a second output for an ensemble or MC dropout, and the
+    PIT map after the softmax), its output names, and the metadata saying so."""
+    core: PasquetNet | EnsembleNet | MCDropoutNet | WithEpistemicSpread = net
+    outputs = [OUTPUT_PROBABILITIES]
+    centres = RedshiftBins.from_metadata(metadata["redshift_bins"]).centres
+    if isinstance(net, (EnsembleNet, MCDropoutNet)):  # several networks: their disagreement as a second output
+        core = WithEpistemicSpread(net, centres).eval()
+        outputs.append(OUTPUT_EPISTEMIC)
+        metadata = {**metadata, "outputs": {**metadata["outputs"], "epistemic_std": OUTPUT_EPISTEMIC}}
+    graph: PasquetNet | EnsembleNet | MCDropoutNet | WithEpistemicSpread | PITRecalibrated = core
+    if pit_map is not None:
+        graph = PITRecalibrated(core, pit_map, centres).eval()
+        metadata = {**metadata, "recalibration": pit_map.to_metadata()}
+    return graph, outputs, metadata
 
 
 def check_parity(net: PasquetNet | EnsembleNet | MCDropoutNet | WithEpistemicSpread | PITRecalibrated,

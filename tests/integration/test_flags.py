@@ -12,7 +12,8 @@ import pytest
 from astropy.io import fits
 
 from photoz.model.conventions import BANDS, PIXEL_SCALE_ARCSEC
-from photoz.model.quality import FLAG_BITS, cutout_features, quality_metadata
+from photoz.model.features import cutout_features
+from photoz.model.quality import FLAG_BITS, quality_metadata
 from photoz.pipeline.jobs import PredictJob
 from tests.helpers import disk_galaxies, npy_bytes, star
 
@@ -111,8 +112,9 @@ def test_a_bundle_with_a_blend_detector_flags_pairs_the_same_served_and_offline(
     """The blend detector travels in the bundle's metadata: a server loading the bundle runs it (on its
     finishing threads) and answers the flags ONNX Runtime gives here, pairs flagged as blends."""
     from photoz.model.bundle import load_bundle
+    from photoz.model.features import sky_background
     from photoz.model.network.export import write_metadata
-    from photoz.model.quality import QualityFlagger, sky_background
+    from photoz.model.quality import QualityFlagger
     from photoz.service.live import LiveServer
     from photoz.training.release.blend import add_companions
     from photoz.training.release.flags import reference_quality

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from photoz.model.conventions import BANDS, PIXEL_SCALE_ARCSEC
-from photoz.model.quality import cutout_features, reference_thresholds
+from photoz.model.features import cutout_features
+from photoz.model.quality import reference_thresholds
 from tests.helpers import disk_galaxies
 
 

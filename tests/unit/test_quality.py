@@ -7,15 +7,13 @@ import numpy as np
 import pytest
 
 from photoz.model.conventions import BANDS, PIXEL_SCALE_ARCSEC
+from photoz.model.features import FEATURES_VERSION, IDENTICAL_RUN_PIXELS, cutout_features
 from photoz.model.quality import (
-    FEATURES_VERSION,
     FLAG_BITS,
     FLAG_NAMES,
-    IDENTICAL_RUN_PIXELS,
     OOD_FLAGS,
     QualityFlagger,
     bits_from_names,
-    cutout_features,
     flag_bits_from_features,
     flag_names,
     quality_metadata,
@@ -63,7 +61,7 @@ def test_r_magnitude_and_snr_measure_what_was_put_in():
 def test_background_sigma_is_the_sky_sigma():
     rng = np.random.default_rng(2)
     images, ebv = disk_galaxies(rng, 100)
-    from photoz.model.quality import sky_background
+    from photoz.model.features import sky_background
 
     level, sigma = sky_background(images, PIXEL_SCALE_ARCSEC)
     np.testing.assert_allclose(np.median(sigma, axis=0), SIGMA, rtol=0.05)
@@ -182,7 +180,7 @@ def test_the_blend_detector_learns_companions_from_the_training_set_and_flags_th
     travels in the metadata (ONNX, base64) and the flagger runs it from there."""
     import base64
 
-    from photoz.model.quality import BlendNet, blend_input, sky_background
+    from photoz.model.features import BlendNet, blend_input, sky_background
     from photoz.training.release.blend import add_companions, train_blend_net
 
     rng = np.random.default_rng(31)

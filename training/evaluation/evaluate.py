@@ -104,42 +104,50 @@ def evaluate(model_path, data_path, out_dir, baseline_train=None, figures: bool 
               "model_metrics": score(pdfs, bins, z, r_mag)}
     results = {"CNN": pdfs}
     if baseline_train is not None and mags is not None:
-        from photoz.model.conventions import dereddened
-        from photoz.training.evaluation.baseline import KNNPhotoZ, LocalLinearPhotoZ
-
-        train = read_labels(baseline_train, split_rows(baseline_train, "train") if split is not None else None)
-        knn = KNNPhotoZ(bins=bins).fit(train["catalogue/petro_mag"], train["z"])
-        knn_pdfs = knn.predict_pdfs(mags)
-        report["baseline"] = {"name": f"kNN (k={knn.k}) on Petrosian r + 4 colours",
-                              "trained_on": str(baseline_train), "metrics": score(knn_pdfs, bins, z, r_mag)}
-        results["kNN baseline"] = knn_pdfs
-        # the literature's catalogue baseline (Beck et al. 2016): dereddened magnitudes, model ones when the
-        # catalogue has them; kNN and local linear regression
-        kind, train_mags = strong_baseline_magnitudes(train)
-        _, test_mags = strong_baseline_magnitudes(labels)
-        strong: list[dict[str, Any]] = []
-        report["strong_baselines"] = strong
-        for method in (KNNPhotoZ(bins=bins), LocalLinearPhotoZ(bins=bins)):
-            method_pdfs = method.fit(train_mags, train["z"]).predict_pdfs(test_mags)
-            name = f"{type(method).__name__.removesuffix('PhotoZ')} (k={method.k}) on {kind}"
-            strong.append({"name": name, "method": type(method).__name__,
-                                               "trained_on": str(baseline_train),
-                                               "metrics": score(method_pdfs, bins, z, r_mag)})
-            results[name] = method_pdfs
-        if "truth/mag_true" in labels and "truth/mag_true" in train:
-            # simulations only: the same kNN on the noise-free magnitudes, what the colours could give without
-            # photometric noise; no method on these pixels can be expected below it through colours alone
-            ceiling = KNNPhotoZ(bins=bins).fit(dereddened(train["truth/mag_true"], ebv=train["ebv"]), train["z"])
-            report["noise_free_ceiling"] = {
-                "name": f"kNN (k={ceiling.k}) on noise-free dereddened r + 4 colours (simulation truth)",
-                "trained_on": str(baseline_train),
-                "metrics": score(ceiling.predict_pdfs(dereddened(labels["truth/mag_true"], ebv=labels["ebv"])), bins,
-                                 z, r_mag)}
+        results.update(_baselines(report, labels, baseline_train, bins, split))
     (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
     if figures:
         report["figures"] = make_figures(results, bins, z, out_dir)
         (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _baselines(report: dict[str, Any], labels: dict, baseline_train, bins, split: str | None) -> dict[str, Any]:
+    """The catalogue baselines fitted on ``baseline_train`` and scored on ``labels`` (into ``report``): the kNN on
+    Petrosian magnitudes, the literature's strong ones, and on simulations the noise-free reference. Their PDFs."""
+    from photoz.model.conventions import dereddened
+    from photoz.training.evaluation.baseline import KNNPhotoZ, LocalLinearPhotoZ
+    from photoz.training.fit.data import read_labels, split_rows
+
+    z, mags = labels["z"], labels["catalogue/petro_mag"]
+    r_mag = mags[:, BANDS.index("r")]
+    train = read_labels(baseline_train, split_rows(baseline_train, "train") if split is not None else None)
+    knn = KNNPhotoZ(bins=bins).fit(train["catalogue/petro_mag"], train["z"])
+    results = {"kNN baseline": knn.predict_pdfs(mags)}
+    report["baseline"] = {"name": f"kNN (k={knn.k}) on Petrosian r + 4 colours",
+                          "trained_on": str(baseline_train), "metrics": score(results["kNN baseline"], bins, z, r_mag)}
+    # the literature's catalogue baseline (Beck et al. 2016): dereddened magnitudes, model ones when the
+    # catalogue has them; kNN and local linear regression
+    kind, train_mags = strong_baseline_magnitudes(train)
+    _, test_mags = strong_baseline_magnitudes(labels)
+    strong: list[dict[str, Any]] = []
+    report["strong_baselines"] = strong
+    for method in (KNNPhotoZ(bins=bins), LocalLinearPhotoZ(bins=bins)):
+        method_pdfs = method.fit(train_mags, train["z"]).predict_pdfs(test_mags)
+        name = f"{type(method).__name__.removesuffix('PhotoZ')} (k={method.k}) on {kind}"
+        strong.append({"name": name, "method": type(method).__name__, "trained_on": str(baseline_train),
+                       "metrics": score(method_pdfs, bins, z, r_mag)})
+        results[name] = method_pdfs
+    if "truth/mag_true" in labels and "truth/mag_true" in train:
+        # simulations only: the same kNN on the noise-free magnitudes, what the colours could give without
+        # photometric noise; no method on these pixels can be expected below it through colours alone
+        ceiling = KNNPhotoZ(bins=bins).fit(dereddened(train["truth/mag_true"], ebv=train["ebv"]), train["z"])
+        report["noise_free_ceiling"] = {
+            "name": f"kNN (k={ceiling.k}) on noise-free dereddened r + 4 colours (simulation truth)",
+            "trained_on": str(baseline_train),
+            "metrics": score(ceiling.predict_pdfs(dereddened(labels["truth/mag_true"], ebv=labels["ebv"])), bins,
+                             z, r_mag)}
+    return results
 
 
 def strong_baseline_magnitudes(labels: dict[str, np.ndarray]) -> tuple[str, np.ndarray]:

@@ -27,15 +27,8 @@ from photoz.model.conventions import (
     NANOMAGGY_ZEROPOINT_MAG,
     PIXEL_SCALE_ARCSEC,
 )
-from photoz.model.quality import (
-    FLAG_BITS,
-    OOD_FLAGS,
-    BlendNet,
-    cutout_features,
-    flag_bits_from_features,
-    sky_background,
-    usable_thresholds,
-)
+from photoz.model.features import BlendNet, cutout_features, sky_background
+from photoz.model.quality import FLAG_BITS, OOD_FLAGS, flag_bits_from_features, usable_thresholds
 from photoz.training.release.flags import read_cutouts
 
 #: r-band apparent magnitude range of injected stars (inside the training flux range, so that only their

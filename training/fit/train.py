@@ -255,7 +255,7 @@ class _Run:
         skip = self.start_batch if epoch == self.start_epoch else 0
         if self.preloaded is not None:
             return self.preloaded.batches(batches[skip:], seed=(cfg.seed, epoch, self.rank, skip)), len(batches), skip
-        loader = torch.utils.data.DataLoader(
+        loader: Any = torch.utils.data.DataLoader(
             CutoutDataset(cfg.data, None, augment=True),  # type: ignore[arg-type]  # a map-style data set
             batch_sampler=batches[skip:], num_workers=cfg.workers, persistent_workers=False, pin_memory=self.use_cuda)
         return loader, len(batches), skip

@@ -6,7 +6,7 @@ at 1.5-3" two galaxies of half-light radius ~2.5" make one blob), so ``photoz ex
 ood-thresholds`` train this detector on the first cutouts of the training set when they measure the other
 thresholds: each galaxy once as it is and once with a companion, another galaxy of the set
 :data:`COMPANION_DISTANCE_ARCSEC` away at :data:`COMPANION_FLUX_RATIO` times its r flux. The network sees
-:func:`photoz.model.quality.blend_input` (the central r+i pixels, scaled by their own flux), is stored in the
+:func:`photoz.model.features.blend_input` (the central r+i pixels, scaled by their own flux), is stored in the
 bundle's metadata as ONNX, and its score's threshold is the training galaxies' upper tail, like the other
 features'. Deterministic for a seed on one machine.
 """
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from photoz.model.conventions import NANOMAGGY_ZEROPOINT_MAG, PIXEL_SCALE_ARCSEC
-from photoz.model.quality import BLEND_CROP_PIXELS
+from photoz.model.features import BLEND_CROP_PIXELS
 
 log = logging.getLogger("photoz.blend")
 

@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 
 from photoz.model.conventions import BANDS, PIXEL_SCALE_ARCSEC
-from photoz.model.quality import BlendNet, blend_input, cutout_features, quality_metadata, sky_background
+from photoz.model.features import BlendNet, blend_input, cutout_features, sky_background
+from photoz.model.quality import quality_metadata
 
 #: Objects whose features set the thresholds (the first rows of the training set: enough for 0.2% tails).
 REFERENCE_OBJECTS = 20_000

@@ -180,7 +180,8 @@ def sim_catalogue(path) -> dict:
 
 
 def figures(sim: dict, sim_test_path, out: Path, baseline: dict) -> list[str]:
-    import h5py
+    """The calibration report's figures: the simulated sample against the real one (n(z), r magnitudes, colours,
+    sizes) with the kNN baseline's scores, and a page of simulated cutouts. Their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -201,23 +202,7 @@ def figures(sim: dict, sim_test_path, out: Path, baseline: dict) -> list[str]:
     ax.hist(real["mags"][:, 2], bins=40, range=(13, 18), density=True, histtype="step", lw=1.5, label="real")
     ax.set(xlabel="model r (mag)", ylabel="density", title="r magnitudes (MGS cut: Petrosian r 17.77)")
     ax.legend()
-    panels = [("g-r", COLOURS["g-r"]), ("u-g", COLOURS["u-g"])]
-    for ax, (name, (a, b, _)) in zip((axes[0, 2], axes[1, 0]), panels, strict=True):
-        for label, sel, colour in (("sim red", sim["red"].astype(bool), "tab:red"),
-                                   ("sim blue", ~sim["red"].astype(bool), "tab:blue")):
-            ax.scatter(sim["z"][sel][:3000], (sim["mags"][sel, a] - sim["mags"][sel, b])[:3000], s=1, alpha=0.3,
-                       color=colour, label=label)
-        ax.scatter(real["z"], real["mags"][:, a] - real["mags"][:, b], s=1, alpha=0.3, color="k", label="real SDSS")
-        centres = 0.5 * (np.array(Z_EDGES[:-1]) + np.array(Z_EDGES[1:]))
-        for data, style, lab in ((sim, "-", "sim median"), (real, "--", "real median")):
-            med = [np.median(data["mags"][(data["z"] >= lo) & (data["z"] < hi), a]
-                             - data["mags"][(data["z"] >= lo) & (data["z"] < hi), b])
-                   if np.sum((data["z"] >= lo) & (data["z"] < hi)) else np.nan
-                   for lo, hi in zip(Z_EDGES[:-1], Z_EDGES[1:], strict=True)]
-            ax.plot(centres, med, style, color="orange", lw=2, label=lab)
-        ax.set(xlabel="z", ylabel=name, title=f"{name} against redshift", xlim=(0, 0.35),
-               ylim=(0, 2.2 if name == "g-r" else 3.2))
-        ax.legend(markerscale=6, fontsize=7)
+    _colour_panels((axes[0, 2], axes[1, 0]), sim, real)
     ax = axes[1, 1]
     ax.scatter(sim["z"][:4000], sim["r50"][:4000], s=1, alpha=0.3, label="simulated (measured)")
     ax.scatter(sizes["z"], sizes["r50"], s=2, alpha=0.5, color="k", label="real DR18 petroR50_r")
@@ -235,6 +220,35 @@ def figures(sim: dict, sim_test_path, out: Path, baseline: dict) -> list[str]:
     paths.append(out / "simulation_realism.png")
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
+    paths.append(_cutouts_figure(sim_test_path, out / "simulation_cutouts.png"))
+    return [str(p) for p in paths]
+
+
+def _colour_panels(axes, sim: dict, real: dict) -> None:
+    """g - r and u - g against redshift, simulated (red and blue) and real, with their medians per bin."""
+    panels = [("g-r", COLOURS["g-r"]), ("u-g", COLOURS["u-g"])]
+    for ax, (name, (a, b, _)) in zip(axes, panels, strict=True):
+        for label, sel, colour in (("sim red", sim["red"].astype(bool), "tab:red"),
+                                   ("sim blue", ~sim["red"].astype(bool), "tab:blue")):
+            ax.scatter(sim["z"][sel][:3000], (sim["mags"][sel, a] - sim["mags"][sel, b])[:3000], s=1, alpha=0.3,
+                       color=colour, label=label)
+        ax.scatter(real["z"], real["mags"][:, a] - real["mags"][:, b], s=1, alpha=0.3, color="k", label="real SDSS")
+        centres = 0.5 * (np.array(Z_EDGES[:-1]) + np.array(Z_EDGES[1:]))
+        for data, style, lab in ((sim, "-", "sim median"), (real, "--", "real median")):
+            med = [np.median(data["mags"][(data["z"] >= lo) & (data["z"] < hi), a]
+                             - data["mags"][(data["z"] >= lo) & (data["z"] < hi), b])
+                   if np.sum((data["z"] >= lo) & (data["z"] < hi)) else np.nan
+                   for lo, hi in zip(Z_EDGES[:-1], Z_EDGES[1:], strict=True)]
+            ax.plot(centres, med, style, color="orange", lw=2, label=lab)
+        ax.set(xlabel="z", ylabel=name, title=f"{name} against redshift", xlim=(0, 0.35),
+               ylim=(0, 2.2 if name == "g-r" else 3.2))
+        ax.legend(markerscale=6, fontsize=7)
+
+
+def _cutouts_figure(sim_test_path, path: Path) -> Path:
+    """24 simulated cutouts as i, r, g colour images."""
+    import h5py
+    import matplotlib.pyplot as plt
 
     with h5py.File(sim_test_path) as h5:
         images, z = h5["images"][:24], h5["z"][:24]
@@ -247,10 +261,9 @@ def figures(sim: dict, sim_test_path, out: Path, baseline: dict) -> list[str]:
         ax.axis("off")
     fig.suptitle("simulated cutouts (i, r, g as RGB, asinh stretch; 64 x 64 pixels of 0.396\")")
     fig.tight_layout()
-    paths.append(out / "simulation_cutouts.png")
-    fig.savefig(paths[-1], dpi=90)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
-    return [str(p) for p in paths]
+    return path
 
 
 def _shown(path: str) -> str:
