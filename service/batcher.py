@@ -1,3 +1,4 @@
+# over 400 lines: one Batcher, whose queue, model threads and finishing stage share invariants best read together
 """Dynamic batching: many requests' cutouts, few model calls.
 
 Requests are cut into pieces of at most ``max_batch_size`` cutouts and

@@ -45,3 +45,25 @@ def test_the_numpy_only_contract_lists_every_module_of_photoz_model_but_its_netw
     modules = {f"photoz.model.{p.stem}" for p in (ROOT / "model").glob("*.py") if p.stem != "__init__"}
     assert set(numpy_only["source_modules"]) == modules
     assert {"torch", "photoz.model.network"} <= set(numpy_only["forbidden_modules"])
+
+
+LONG_MODULE_REASON = "# over 400 lines: "
+
+
+def _code_files():
+    for folder in (*ROOMS, "photoz", "integrations"):
+        yield from sorted((ROOT / folder).rglob("*.py"))
+
+
+def test_functions_are_at_most_60_lines():
+    long = [f"{p.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for p in _code_files() for node in ast.walk(ast.parse(p.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60]
+    assert not long, "split these functions: " + "; ".join(long)
+
+
+def test_modules_are_at_most_400_lines_or_say_why():
+    """A longer module starts with a one-line reason (``# over 400 lines: ...``)."""
+    long = [f"{p.relative_to(ROOT)} ({n} lines)" for p in _code_files()
+            if (n := len(p.read_text().splitlines())) > 400 and not p.read_text().startswith(LONG_MODULE_REASON)]
+    assert not long, "split these modules or give the reason on their first line: " + "; ".join(long)
