@@ -19,7 +19,7 @@ log = logging.getLogger("photoz.export")
 
 
 def training_record(state: dict, held_out: dict | None) -> dict:
-    """What the bundle says about how it was made (DESIGN.md: the training record)."""
+    """What the bundle says about how it was made (docs/architecture.md: the bundle)."""
     cfg = state["train_config"]
     metrics = {"validation": {k: v for k, v in (state.get("best") or {}).items()}}
     if held_out is not None:
