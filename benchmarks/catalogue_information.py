@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 from photoz.model.conventions import dereddened  # noqa: E402
 from photoz.model.pdf import photoz_metrics  # noqa: E402
-from photoz.training.evaluation.baseline import KNNPhotoZ  # noqa: E402
+from photoz.training.baselines import KNNPhotoZ  # noqa: E402
 
 K_NEIGHBOURS = 16
 FEATURE_SETS = {

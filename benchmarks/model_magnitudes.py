@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 from photoz.model.conventions import BANDS, dereddened  # noqa: E402
 from photoz.model.pdf import photoz_metrics  # noqa: E402
-from photoz.training.evaluation.baseline import KNNPhotoZ  # noqa: E402
+from photoz.training.baselines import KNNPhotoZ  # noqa: E402
 from photoz.training.simulation import render  # noqa: E402
 from photoz.training.simulation.population import NEIGHBOUR_Z_MAX, PopulationConfig, draw_candidates  # noqa: E402
 

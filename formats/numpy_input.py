@@ -54,7 +54,7 @@ def read_npy(body: bytes, field: str, budget: DecodeBudget) -> np.ndarray:
     if not body.startswith(NPY_MAGIC):
         raise InputError(field, "a .npy file (starting with the \\x93NUMPY magic)", f"bytes {body[:8]!r}",
                          status=400, title="unreadable file")
-    view = _npy_fast(body)  # the header numpy writes: a view of the body, nothing allocated
+    view = npy_view(body)  # the header numpy writes: a view of the body, nothing allocated
     if view is not None:
         _charge(budget, view.shape, view.dtype, field)
         return view
@@ -83,7 +83,7 @@ def _dtype(descr: bytes) -> np.dtype[Any]:
     return np.dtype(descr.decode())
 
 
-def _npy_fast(body: bytes) -> np.ndarray | None:
+def npy_view(body: bytes) -> np.ndarray | None:
     """A .npy body as a read-only view without copying, for the header numpy writes; None for anything
     else (np.load then reads it). Parsing numpy's header with ``ast`` costs more than a one-cutout request."""
     if body[6:8] != b"\x01\x00" or len(body) < 10:

@@ -10,9 +10,9 @@ Features, all from the cutout (nanomaggies) and its E(B-V):
 - ``concentration``: r+i flux within :data:`CORE_RADIUS_ARCSEC` of the brightest central pixel over
   the flux within :data:`INNER_RADIUS_ARCSEC` of it: how little light lies in the wings. A point source
   has nearly all its light inside 2.4" (its PSF's value, ~0.85-0.95 in SDSS seeing); a galaxy's profile
-  is extended, so even a compact galaxy in good seeing has more of it outside. (Features version 1 used a
-  0.8" core, which cannot tell a star in poor seeing from a compact galaxy in good seeing: 89% of injected
-  stars were caught, against 96% with the wings at the same share of galaxies flagged.)
+  is extended, so even a compact galaxy in good seeing has more of it outside. (A 0.8" core cannot tell a
+  star in poor seeing from a compact galaxy in good seeing: it catches 89% of injected stars, the wings 96%,
+  at the same share of galaxies flagged.)
 - ``asymmetry``: r+i sum of |I - I rotated 180 degrees about that pixel, or a point half a pixel from it,
   whichever gives least| within
   :data:`ASYMMETRY_RADIUS_ARCSEC`, less its expectation from sky noise alone, over the summed flux

@@ -2,8 +2,10 @@
 
 - `simulation`: the SDSS-like cutout simulator, its calibration against the real catalogues, and field images;
 - `fit`: data sets, the run's configuration, the training loop;
-- `evaluation`: held-out metrics, catalogue baselines, the out-of-distribution report;
+- `evaluation`: held-out metrics, the out-of-distribution report;
 - `release`: export to a bundle, the flags' thresholds and blend detector, calibrations, the model card, `ship`.
 
-`cli` registers the `photoz` subcommands of all four.
+`baselines` holds the catalogue photo-z estimators (kNN, local linear regression) that the simulator's calibration
+and the evaluation compare with; `cli` registers the `photoz` subcommands of all four. The stages import only
+stages before them (no cycles: an import-linter contract).
 """

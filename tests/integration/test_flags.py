@@ -116,8 +116,8 @@ def test_a_bundle_with_a_blend_detector_flags_pairs_the_same_served_and_offline(
     from photoz.model.network.export import write_metadata
     from photoz.model.quality import QualityFlagger
     from photoz.service.live import LiveServer
-    from photoz.training.release.blend import add_companions
     from photoz.training.release.flags import reference_quality
+    from photoz.training.simulation.companions import add_companions
 
     images, ebv = disk_galaxies(np.random.default_rng(41), 800, r_mag=(15.0, 17.0))
     with h5py.File(tmp_path / "train.h5", "w") as h5:

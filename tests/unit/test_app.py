@@ -34,15 +34,15 @@ AUTH = {**NPY, "Authorization": "Bearer k"}
                                    np.asfortranarray(np.ones((5, 64, 64), np.float32))])
 def test_npy_reader_matches_numpy_for_every_layout_numpy_writes(array):
     from photoz.formats.cutouts import Geometry
-    from photoz.formats.numpy_input import _npy_fast, decode_npy
+    from photoz.formats.numpy_input import decode_npy, npy_view
 
     body = npy_bytes(array)
-    fast = _npy_fast(body)
+    fast = npy_view(body)
     if array.flags.f_contiguous and not array.flags.c_contiguous:
         assert fast is None  # Fortran order: left to np.load
     else:
         assert fast.dtype == array.dtype and fast.shape == array.shape and np.array_equal(fast, array)
-    assert _npy_fast(body[:-4]) is None  # truncated: np.load gives the error
+    assert npy_view(body[:-4]) is None  # truncated: np.load gives the error
     if array.size:
         np.testing.assert_array_equal(decode_npy(body, Geometry(tuple("ugriz"), 64)).images,
                                       np.load(io.BytesIO(body)).astype(np.float32).reshape(-1, 5, 64, 64)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from photoz.model.conventions import BANDS, EXTINCTION_A_OVER_EBV, dereddened
-from photoz.training.evaluation.baseline import KNNPhotoZ, LocalLinearPhotoZ, catalogue_features
+from photoz.training.baselines import KNNPhotoZ, LocalLinearPhotoZ, catalogue_features
 
 
 def linear_sky(n, seed):

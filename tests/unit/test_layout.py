@@ -67,3 +67,14 @@ def test_modules_are_at_most_400_lines_or_say_why():
     long = [f"{p.relative_to(ROOT)} ({n} lines)" for p in _code_files()
             if (n := len(p.read_text().splitlines())) > 400 and not p.read_text().startswith(LONG_MODULE_REASON)]
     assert not long, "split these modules or give the reason on their first line: " + "; ".join(long)
+
+
+def test_no_module_imports_another_modules_private_names():
+    """``from photoz.x import _name`` couples to what its module may change freely: make it public or keep it."""
+    private = [f"{p.relative_to(ROOT)}:{node.lineno} {node.module}.{alias.name}"
+               for p in [*_code_files(), *(ROOT / "tests").rglob("*.py"), *(ROOT / "benchmarks").rglob("*.py")]
+               for node in ast.walk(ast.parse(p.read_text()))
+               if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+               and node.module.split(".")[0] in ("photoz", "tests", "benchmarks", "rail")
+               for alias in node.names if alias.name.startswith("_") and not alias.name.startswith("__")]
+    assert not private, f"private names imported: {private}"

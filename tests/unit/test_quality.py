@@ -181,7 +181,8 @@ def test_the_blend_detector_learns_companions_from_the_training_set_and_flags_th
     import base64
 
     from photoz.model.features import BlendNet, blend_input, sky_background
-    from photoz.training.release.blend import add_companions, train_blend_net
+    from photoz.training.release.blend import train_blend_net
+    from photoz.training.simulation.companions import add_companions
 
     rng = np.random.default_rng(31)
     images, ebv = disk_galaxies(rng, 1200, r_mag=(15.0, 17.0))

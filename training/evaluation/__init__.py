@@ -1,2 +1,3 @@
-"""How good a network or a bundle is: the held-out metrics (`evaluate`), the catalogue baselines it is compared
-with (`baseline`), and the out-of-distribution flags' report on injected anomalies (`ood`)."""
+"""How good a network or a bundle is: the held-out metrics beside the catalogue baselines
+(`evaluate`; the baselines are :mod:`photoz.training.baselines`) and the out-of-distribution flags' report on
+injected anomalies (`ood`)."""

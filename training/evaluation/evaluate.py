@@ -116,7 +116,7 @@ def _baselines(report: dict[str, Any], labels: dict, baseline_train, bins, split
     """The catalogue baselines fitted on ``baseline_train`` and scored on ``labels`` (into ``report``): the kNN on
     Petrosian magnitudes, the literature's strong ones, and on simulations the noise-free reference. Their PDFs."""
     from photoz.model.conventions import dereddened
-    from photoz.training.evaluation.baseline import KNNPhotoZ, LocalLinearPhotoZ
+    from photoz.training.baselines import KNNPhotoZ, LocalLinearPhotoZ
     from photoz.training.fit.data import read_labels, split_rows
 
     z, mags = labels["z"], labels["catalogue/petro_mag"]

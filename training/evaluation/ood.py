@@ -9,7 +9,7 @@ it and by any out-of-distribution flag, and the share of the untouched (in-range
 a table on stdout and ``ood_flags.json``. ``photoz ood-thresholds`` measures a bundle's thresholds on its
 training set and writes them into its metadata (:mod:`photoz.training.release.flags`).
 
-Targets (issue 16): >= 90% of injected objects flagged, <= 2% of in-range objects flagged.
+Targets: >= 90% of injected objects flagged, <= 2% of in-range objects flagged.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from photoz.model.conventions import (
 )
 from photoz.model.features import BlendNet, cutout_features, sky_background
 from photoz.model.quality import FLAG_BITS, OOD_FLAGS, flag_bits_from_features, usable_thresholds
-from photoz.training.release.flags import read_cutouts
+from photoz.training.fit.data import read_cutouts
 
 #: r-band apparent magnitude range of injected stars (inside the training flux range, so that only their
 #: profile can give them away) and their g - r colour range (the stellar locus, F to early M stars).
@@ -114,8 +114,8 @@ def inject_blend(images, ebv, t, rng, features):
 
 def inject_blend_other(images, ebv, t, rng, features):
     """A blend with another galaxy of the set (not a copy: its own shape and colours), as the blend detector is
-    trained on (:func:`photoz.training.release.blend.add_companions`), with other draws."""
-    from photoz.training.release.blend import add_companions
+    trained on (:func:`photoz.training.simulation.companions.add_companions`), with other draws."""
+    from photoz.training.simulation.companions import add_companions
 
     blended, distance = add_companions(images, features["r_mag"], sky_background(images, PIXEL_SCALE_ARCSEC)[0],
                                        rng)

@@ -142,3 +142,16 @@ def read_labels(path: str | Path, indices: np.ndarray | None = None) -> dict[str
             for name, ds in h5["truth"].items():
                 out[f"truth/{name}"] = np.asarray(ds[sel])
         return out
+
+
+def read_cutouts(path: str | Path, n: int | None = None, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``images`` (N, 5, S, S) and ``ebv`` (N,) of rows ``start .. start + n`` of a labelled HDF5 data set."""
+    import h5py
+
+    with h5py.File(path, "r") as h5:
+        stop = h5["images"].shape[0] if n is None else min(start + n, h5["images"].shape[0])
+        images = np.asarray(h5["images"][start:stop], np.float32)
+        ebv = np.asarray(h5["ebv"][start:stop], np.float64) if "ebv" in h5 else np.zeros(stop - start)
+    if images.shape[-1] == len(BANDS) and images.shape[1] != len(BANDS):
+        images = np.ascontiguousarray(np.moveaxis(images, -1, 1))
+    return images, ebv

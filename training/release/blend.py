@@ -5,7 +5,8 @@ The hand-made features miss most close pairs of similar galaxies (a pair is symm
 at 1.5-3" two galaxies of half-light radius ~2.5" make one blob), so ``photoz export`` and ``photoz
 ood-thresholds`` train this detector on the first cutouts of the training set when they measure the other
 thresholds: each galaxy once as it is and once with a companion, another galaxy of the set
-:data:`COMPANION_DISTANCE_ARCSEC` away at :data:`COMPANION_FLUX_RATIO` times its r flux. The network sees
+:data:`~photoz.training.simulation.companions.COMPANION_DISTANCE_ARCSEC` away at
+:data:`~photoz.training.simulation.companions.COMPANION_FLUX_RATIO` times its r flux. The network sees
 :func:`photoz.model.features.blend_input` (the central r+i pixels, scaled by their own flux), is stored in the
 bundle's metadata as ONNX, and its score's threshold is the training galaxies' upper tail, like the other
 features'. Deterministic for a seed on one machine.
@@ -19,40 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from photoz.model.conventions import NANOMAGGY_ZEROPOINT_MAG, PIXEL_SCALE_ARCSEC
 from photoz.model.features import BLEND_CROP_PIXELS
 
 log = logging.getLogger("photoz.blend")
 
-#: The companions the detector learns to see: flux relative to the galaxy's (r aperture), and distance, arcsec.
-COMPANION_FLUX_RATIO, COMPANION_DISTANCE_ARCSEC = (0.5, 1.0), (1.5, 3.0)
 EPOCHS, BATCH, LEARNING_RATE = 5, 128, 1e-3
-
-
-def add_companions(images: np.ndarray, r_mag: np.ndarray, background: np.ndarray,
-                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Each cutout with another cutout of the set (sky-subtracted, shifted, scaled) added as a companion:
-    (blended images, separation in arcsec). ``r_mag`` are the cutouts' aperture magnitudes (which scale the
-    companions to their flux ratio; all finite), ``background`` their sky levels (N, bands)."""
-    n = len(images)
-    if n < 2:
-        raise ValueError("companions are other cutouts of the set: at least two are needed")
-    if not np.all(np.isfinite(r_mag)):
-        raise ValueError("every cutout needs a positive r flux (a finite aperture magnitude) to scale companions to")
-    flux = 10 ** (-0.4 * (np.asarray(r_mag, np.float64) - NANOMAGGY_ZEROPOINT_MAG))
-    partner = (np.arange(n) + rng.integers(1, n, n)) % n  # never the galaxy itself
-    distance = rng.uniform(*COMPANION_DISTANCE_ARCSEC, n)
-    angle = rng.uniform(0, 2 * np.pi, n)
-    ratio = rng.uniform(*COMPANION_FLUX_RATIO, n)
-    out = np.array(images, np.float32, copy=True)
-    for k in range(n):
-        j = partner[k]
-        shift = distance[k] / PIXEL_SCALE_ARCSEC
-        dy, dx = int(round(shift * np.sin(angle[k]))), int(round(shift * np.cos(angle[k])))
-        companion = images[j] - background[j][:, None, None].astype(np.float32)
-        scale = np.float32(ratio[k] * flux[k] / flux[j])
-        out[k] += np.roll(companion, (dy, dx), axis=(1, 2)) * scale
-    return out, distance
 
 
 class BlendCNN(nn.Module):

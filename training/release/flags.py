@@ -12,23 +12,11 @@ import numpy as np
 from photoz.model.conventions import BANDS, PIXEL_SCALE_ARCSEC
 from photoz.model.features import BlendNet, blend_input, cutout_features, sky_background
 from photoz.model.quality import quality_metadata
+from photoz.training.fit.data import read_cutouts
 
 #: Objects whose features set the thresholds (the first rows of the training set: enough for 0.2% tails).
 REFERENCE_OBJECTS = 20_000
 READ_BLOCK = 2_000
-
-
-def read_cutouts(path: str | Path, n: int | None = None, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``images`` (N, 5, S, S) and ``ebv`` (N,) of rows ``start .. start + n`` of a labelled HDF5 data set."""
-    import h5py
-
-    with h5py.File(path, "r") as h5:
-        stop = h5["images"].shape[0] if n is None else min(start + n, h5["images"].shape[0])
-        images = np.asarray(h5["images"][start:stop], np.float32)
-        ebv = np.asarray(h5["ebv"][start:stop], np.float64) if "ebv" in h5 else np.zeros(stop - start)
-    if images.shape[-1] == len(BANDS) and images.shape[1] != len(BANDS):
-        images = np.ascontiguousarray(np.moveaxis(images, -1, 1))
-    return images, ebv
 
 
 def simulated_saturation(path: str | Path, n: int) -> np.ndarray | None:
@@ -50,12 +38,8 @@ def reference_quality(data: str | Path, n: int = REFERENCE_OBJECTS, seed: int = 
     import base64
 
     from photoz.training.fit.data import inspect
-    from photoz.training.release.blend import (
-        COMPANION_DISTANCE_ARCSEC,
-        COMPANION_FLUX_RATIO,
-        add_companions,
-        train_blend_net,
-    )
+    from photoz.training.release.blend import train_blend_net
+    from photoz.training.simulation.companions import COMPANION_DISTANCE_ARCSEC, COMPANION_FLUX_RATIO, add_companions
 
     info = inspect(data)
     n = min(n, info["n"])

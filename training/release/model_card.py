@@ -15,7 +15,7 @@ from typing import Any
 
 from photoz.model.bundle import load_bundle
 
-#: issue 16's targets, on a held-out set of the newest simulator
+#: The targets the card checks, on a held-out set of the newest simulator
 TARGETS: dict[str, Any] = {"sigma_mad_ratio": 0.75, "abs_bias": 0.001, "pit_ks": 0.02, "pit_ks_per_z_bin": 0.05,
            "pit_ks_min_objects": 500, "coverage_68": (0.66, 0.70), "coverage_95": (0.93, 0.97)}
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from photoz.model.conventions import BANDS
 from photoz.model.pdf import photoz_metrics, point_estimates
-from photoz.training.evaluation.baseline import KNNPhotoZ
+from photoz.training.baselines import KNNPhotoZ
 from photoz.training.fit.data import read_labels
 from photoz.training.simulation.sed import REFERENCE_MW_EBV
 
@@ -114,7 +114,7 @@ def transfer_matrix(sim: dict) -> dict:
     same method trained on real ones. Kinds: ``model-dereddened`` (the simulated model magnitudes less each
     galaxy's Galactic extinction; the real ones less that of sed.REFERENCE_MW_EBV, as the real files carry no
     E(B-V)), ``petro`` and ``model`` (both sides as measured/published, neither dereddened)."""
-    from photoz.training.evaluation.baseline import LocalLinearPhotoZ
+    from photoz.training.baselines import LocalLinearPhotoZ
 
     real_train, real_test = load_real("train"), load_real("test")
     sim_mags = {"petro": sim["petro_mags"], "model": sim["model_mags"],
@@ -299,7 +299,7 @@ def main(argv=None) -> int:
     colours = colour_comparison(sim_train, real)
     sizes = size_comparison(sim_train, real_sizes)
     matrix = transfer_matrix(sim_train)
-    # the headline test (issue 15): kNN on dereddened model magnitudes
+    # the headline test: kNN on dereddened model magnitudes
     transfer = {key: matrix["model-dereddened/KNN"][key] for key in
                 ("real_to_real", "sim_to_real", "sigma_mad_ratio", "outlier_ratio", "bias", "meets_targets")}
     baseline = scored(KNNPhotoZ, sim_train["mags"], sim_train["z"], sim_test["mags"], sim_test["z"])
