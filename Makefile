@@ -37,8 +37,8 @@ serve: $(VENV)/.serve-installed
 test: lint
 	$(BIN)/python -m pytest -q
 
-# ruff (lint + import order) over the repository; mypy over every room (--strict for photoz.model, formats and
-# service: pyproject.toml); import-linter's contracts on which room imports which (pyproject.toml). mypy and
+# ruff (lint + import order) over the repository; mypy over every room and the RAIL stages (--strict for
+# photoz.model, formats and service: pyproject.toml); import-linter's contracts on which room imports which (pyproject.toml). mypy and
 # import-linter cannot follow setuptools' editable import hook, so they read the photoz namespace from a tree of
 # hard links to the folders' files, run from inside it.
 TYPECHECK := build/typecheck
@@ -48,6 +48,8 @@ lint: $(VENV)/.dev-installed
 	cp -al $(CURDIR)/photoz/*.py $(TYPECHECK)/photoz/
 	for room in model formats service pipeline training; do cp -al $(CURDIR)/$$room $(TYPECHECK)/photoz/$$room; done
 	cd $(TYPECHECK) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p photoz
+	cd $(TYPECHECK) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml \
+		$(CURDIR)/integrations/rail/src/rail/photoz $(CURDIR)/integrations/rail/src/rail/estimation/algos/photoz_image.py
 	cd $(TYPECHECK) && PYTHONPATH=. $(CURDIR)/$(BIN)/lint-imports $(CURDIR)/pyproject.toml --no-cache
 
 # Build the CPU image with buildah from a debootstrap base (no Docker engine needed) and smoke-test it;

@@ -195,8 +195,9 @@ class PhotozImageEstimator(CatEstimator):
         return model
 
     def _open_engine(self, model: dict[str, Any]) -> Any:
-        from photoz.pipeline.engines import LocalEngine, RemoteEngine
+        from photoz.pipeline.engines import Engine, LocalEngine, RemoteEngine
 
+        engine: Engine
         if self.config.url:
             engine = RemoteEngine(self.config.url, self.config.api_key or None)
             where = f"the service at {self.config.url}"
