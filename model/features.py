@@ -297,13 +297,18 @@ def _identical_runs(images: np.ndarray) -> np.ndarray:
     """Whether any band of each cutout holds :data:`IDENTICAL_RUN_PIXELS` equal values in a row or a column."""
     n = images.shape[0]
     found = np.zeros(n, bool)
+    stride = IDENTICAL_RUN_PIXELS // 2
     for along_columns in (False, True):
-        # run[..., k]: pixels k and k+1 of a row (or a column) are equal; compared in memory order either way
-        run = images[:, :, 1:, :] == images[:, :, :-1, :] if along_columns else images[..., 1:] == images[..., :-1]
-        # real sky noise has (almost) no equal neighbours: only cutouts with enough equal pairs can hold a run
-        candidates = np.flatnonzero(np.count_nonzero(run.reshape(n, -1), axis=1) >= IDENTICAL_RUN_PIXELS - 1)
+        # a run of 2 * stride equal pixels holds two pixels a stride apart at multiples of the stride: only cutouts
+        # with such a pair (real sky noise has practically none) are checked pixel by pixel (a quarter of the cost)
+        sub = images[:, :, ::stride, :] if along_columns else images[..., ::stride]
+        pairs = sub[:, :, 1:, :] == sub[:, :, :-1, :] if along_columns else sub[..., 1:] == sub[..., :-1]
+        candidates = np.flatnonzero(pairs.reshape(n, -1).any(axis=1))
         if candidates.size:
-            found[candidates] |= _has_run(np.swapaxes(run[candidates], 2, 3) if along_columns else run[candidates])
+            part = images[candidates]
+            # run[..., k]: pixels k and k+1 of a row (or a column) are equal; compared in memory order either way
+            run = part[:, :, 1:, :] == part[:, :, :-1, :] if along_columns else part[..., 1:] == part[..., :-1]
+            found[candidates] |= _has_run(np.swapaxes(run, 2, 3) if along_columns else run)
     return found
 
 
@@ -321,9 +326,13 @@ def _has_run(run: np.ndarray) -> np.ndarray:
 def _plateau(images: np.ndarray, background: np.ndarray, sigma: np.ndarray) -> np.ndarray:
     """The largest count, over bands with a peak above PLATEAU_MIN_PEAK_SIGMA sky sigma, of pixels within
     PLATEAU_FRACTION of the peak or PLATEAU_NOISE_SIGMA sky sigma of it, whichever is more (a flat top
-    under noise reaches its maximum only in its luckiest pixel)."""
+    under noise reaches its maximum only in its luckiest pixel). Pixels are counted in the bright bands only."""
+    n, n_bands = images.shape[:2]
     peak = images.max(axis=(2, 3)) - background  # (N, B)
-    bright = peak > PLATEAU_MIN_PEAK_SIGMA * np.maximum(sigma, 1e-12)
-    level = background + peak - np.maximum(PLATEAU_FRACTION * peak, PLATEAU_NOISE_SIGMA * sigma)
-    counts = (images >= level[:, :, None, None].astype(np.float32)).sum(axis=(2, 3))
-    return np.where(bright, counts, 0).max(axis=1)
+    bright = np.flatnonzero(peak > PLATEAU_MIN_PEAK_SIGMA * np.maximum(sigma, 1e-12))  # flat (N * B) indices
+    level = (background + peak - np.maximum(PLATEAU_FRACTION * peak, PLATEAU_NOISE_SIGMA * sigma)).ravel()
+    counts = np.zeros(n * n_bands, np.int64)
+    if bright.size:
+        flat = images.reshape(n * n_bands, -1)[bright]
+        counts[bright] = np.count_nonzero(flat >= level[bright, None].astype(np.float32), axis=1)
+    return counts.reshape(n, n_bands).max(axis=1)

@@ -202,3 +202,53 @@ def test_the_blend_detector_learns_companions_from_the_training_set_and_flags_th
     assert _share(_flags(new, new_ebv, quality), "blend") <= 0.03
     without = {k: v for k, v in quality.items() if k != "blend_net"}  # the asymmetry alone sees fewer
     assert _share(_flags(pairs, new_ebv, without), "blend") < _share(_flags(pairs, new_ebv, quality), "blend")
+
+
+def _naive_identical_run(image: np.ndarray, length: int) -> bool:
+    """``length`` equal values in a row or a column of any band, pixel by pixel."""
+    for band in image:
+        for lines in (band, band.T):
+            for line in lines:
+                count = 1
+                for a, b in zip(line[:-1], line[1:]):
+                    count = count + 1 if a == b else 1
+                    if count >= length:
+                        return True
+    return False
+
+
+def test_identical_runs_and_plateaus_match_their_definitions_pixel_by_pixel():
+    """The screened run search (pairs a half-run apart first) and the bright-band plateau count give what the
+    definitions give on every cutout: runs of 6-9 equal pixels along rows and columns at many offsets,
+    plateaus in some bands only."""
+    from photoz.model.features import (
+        IDENTICAL_RUN_PIXELS,
+        PLATEAU_FRACTION,
+        PLATEAU_MIN_PEAK_SIGMA,
+        PLATEAU_NOISE_SIGMA,
+        cutout_features,
+        sky_background,
+    )
+
+    rng = np.random.default_rng(5)
+    images = rng.normal(0, 0.05, (48, 5, 64, 64)).astype(np.float32)
+    for k in range(0, 48, 2):
+        band, length, start, line = k % 5, 6 + (k // 2) % 4, rng.integers(0, 64 - 9), rng.integers(0, 64)
+        if (k // 2) % 3 == 0:
+            images[k, band, line, start:start + length] = 1.5
+        else:
+            images[k, band, start:start + length, line] = -0.25
+    images[::3, 2, 30:34, 30:34] = 40.0  # flat tops in r, far above the sky
+    images[1::3, 3, 31, 31] = 40.0  # single bright pixels in i
+    features = cutout_features(images, np.zeros(48), ("u", "g", "r", "i", "z"), 0.396)
+    expected = np.array([_naive_identical_run(image, IDENTICAL_RUN_PIXELS) for image in images])
+    assert 0 < expected.sum() < len(images)
+    np.testing.assert_array_equal(features["identical_run"], expected)
+
+    background, sigma = sky_background(images, 0.396)
+    peak = images.max(axis=(2, 3)) - background
+    level = background + peak - np.maximum(PLATEAU_FRACTION * peak, PLATEAU_NOISE_SIGMA * sigma)
+    counts = (images >= level[:, :, None, None].astype(np.float32)).sum(axis=(2, 3))
+    reference = np.where(peak > PLATEAU_MIN_PEAK_SIGMA * np.maximum(sigma, 1e-12), counts, 0).max(axis=1)
+    assert set(np.unique(reference)) >= {0, 1, 16}
+    np.testing.assert_array_equal(features["plateau"], reference)
