@@ -210,7 +210,7 @@ def _naive_identical_run(image: np.ndarray, length: int) -> bool:
         for lines in (band, band.T):
             for line in lines:
                 count = 1
-                for a, b in zip(line[:-1], line[1:]):
+                for a, b in zip(line[:-1], line[1:], strict=True):
                     count = count + 1 if a == b else 1
                     if count >= length:
                         return True
