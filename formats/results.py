@@ -159,13 +159,13 @@ def choose_media_type(accept: str | None) -> str | None:
     return None
 
 
-_BIN_LISTS: dict[str, list[float]] = {}
+_BIN_LISTS: dict[str, orjson.Fragment] = {}
 
 
-def _bins_json(bundle: Bundle) -> list[float]:
-    """The bin edges as a JSON-ready list, made once per bundle (they are in every response)."""
+def _bins_json(bundle: Bundle) -> orjson.Fragment:
+    """The bin edges as JSON, written once per bundle (they are in every response: orjson copies the bytes)."""
     if bundle.sha256 not in _BIN_LISTS:
-        _BIN_LISTS[bundle.sha256] = np.round(bundle.metadata.bins.edges, 12).tolist()
+        _BIN_LISTS[bundle.sha256] = orjson.Fragment(orjson.dumps(np.round(bundle.metadata.bins.edges, 12).tolist()))
     return _BIN_LISTS[bundle.sha256]
 
 

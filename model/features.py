@@ -120,6 +120,42 @@ class _Geometry:
         return _read_only(np.flatnonzero(self.centre_distance.ravel() >
                                          self.radius_pixels(BACKGROUND_RADIUS_ARCSEC))[::2])
 
+    @cached_property
+    def aperture_pixels(self) -> np.ndarray:
+        """Flat indices of the photometry aperture's pixels, in row-major order."""
+        return _read_only(np.flatnonzero(self.aperture.ravel()))
+
+    @cached_property
+    def stencil(self) -> _Stencil:
+        """The shape features' pixel offsets around the brightest central pixel (see :func:`_shape_features`)."""
+        c = self.size // 2
+        half = max(1, int(round(self.radius_pixels(CENTRE_SEARCH_ARCSEC))))
+        radius = int(np.ceil(max(self.radius_pixels(INNER_RADIUS_ARCSEC),
+                                 self.radius_pixels(ASYMMETRY_RADIUS_ARCSEC))))
+        (dy, dx), dist = _window(min(radius, c - half - 2))
+        asym = np.flatnonzero(dist <= self.radius_pixels(ASYMMETRY_RADIUS_ARCSEC))
+        # the nine rotations: the centre at (py + sy/2, px + sx/2) maps pixel offset d to s - d
+        shifts = np.array([(sy, sx) for sy in (-1, 0, 1) for sx in (-1, 0, 1)])  # (9, 2)
+        rotations = (shifts[:, 0, None] - dy[asym]) * self.size + shifts[:, 1, None] - dx[asym]  # (9, A)
+        return _Stencil(half, _read_only(dy * self.size + dx),
+                        _read_only(np.flatnonzero(dist <= self.radius_pixels(CORE_RADIUS_ARCSEC))),
+                        _read_only(np.flatnonzero(dist <= self.radius_pixels(INNER_RADIUS_ARCSEC))),
+                        _read_only(asym), _read_only(rotations.ravel()))
+
+
+@dataclass(frozen=True)
+class _Stencil:
+    """Flat pixel offsets for the shape features: the centre search box's half-width, the window around the
+    centre, the core's, inner region's and asymmetry region's positions in that window, and the nine rotations'
+    offsets of the asymmetry region's pixels, (9 * A,)."""
+
+    half: int
+    window: np.ndarray
+    core: np.ndarray
+    inner: np.ndarray
+    asym: np.ndarray
+    rotations: np.ndarray
+
 
 @functools.lru_cache(maxsize=16)
 def _geometry(size: int, pixel_scale_arcsec: float) -> _Geometry:
@@ -156,11 +192,12 @@ def cutout_features(images: np.ndarray, ebv: np.ndarray, bands: tuple[str, ...],
     r_index, i_index = bands.index("r"), bands.index("i")
     background, sigma = _background(images.reshape(n, len(bands), -1), geo.background_pixels)
 
-    aperture = geo.aperture
-    flux_r = images[:, r_index, aperture].sum(axis=1, dtype=np.float64) - aperture.sum() * background[:, r_index]
+    aperture = geo.aperture_pixels
+    flux_r = images[:, r_index].reshape(n, -1)[:, aperture].sum(axis=1, dtype=np.float64) \
+        - len(aperture) * background[:, r_index]
     with np.errstate(divide="ignore", invalid="ignore"):
         r_mag = np.where(flux_r > 0, NANOMAGGY_ZEROPOINT_MAG - 2.5 * np.log10(np.maximum(flux_r, 1e-30)), np.inf)
-        snr_r = flux_r / (sigma[:, r_index] * np.sqrt(aperture.sum()))
+        snr_r = flux_r / (sigma[:, r_index] * np.sqrt(len(aperture)))
     snr_r = np.where(np.isfinite(snr_r), snr_r, 0.0)
 
     ri = images[:, r_index] + images[:, i_index] - (background[:, r_index] + background[:, i_index])[:, None, None]
@@ -262,31 +299,25 @@ def _shape_features(ri: np.ndarray, ri_sigma: np.ndarray, geo: _Geometry) -> tup
 
     The asymmetry is the smallest over the nine rotation centres within half a pixel of that pixel (a
     rotation about a half-integer point maps pixels onto pixels): a symmetric galaxy whose centre falls
-    between pixels is not mistaken for an asymmetric one.
+    between pixels is not mistaken for an asymmetric one. The pixels are gathered by flat offsets from the
+    geometry's stencil, computed once.
     """
     n, size, _ = ri.shape
-    c = size // 2
-    half = max(1, int(round(geo.radius_pixels(CENTRE_SEARCH_ARCSEC))))
+    c, st = size // 2, geo.stencil
+    half = st.half
     box = ri[:, c - half: c + half + 1, c - half: c + half + 1].reshape(n, -1)
     peak = np.argmax(box, axis=1)
-    py, px = c - half + peak // (2 * half + 1), c - half + peak % (2 * half + 1)
-    radius = int(np.ceil(max(geo.radius_pixels(INNER_RADIUS_ARCSEC), geo.radius_pixels(ASYMMETRY_RADIUS_ARCSEC))))
-    radius = min(radius, c - half - 2)
-    (dy, dx), dist = _window(radius)
-    rows = np.arange(n)[:, None]
-    stamp = ri[rows, py[:, None] + dy, px[:, None] + dx]  # (N, window)
-    core = stamp[:, dist <= geo.radius_pixels(CORE_RADIUS_ARCSEC)].sum(axis=1, dtype=np.float64)
-    inner = stamp[:, dist <= geo.radius_pixels(INNER_RADIUS_ARCSEC)].sum(axis=1, dtype=np.float64)
-    asym_mask = dist <= geo.radius_pixels(ASYMMETRY_RADIUS_ARCSEC)
-    dy, dx, stamp = dy[asym_mask], dx[asym_mask], stamp[:, asym_mask]
+    centre = (c - half + peak // (2 * half + 1)) * size + c - half + peak % (2 * half + 1)  # (N,) flat index
+    flat = np.ascontiguousarray(ri).reshape(n, -1)
+    stamp = np.take_along_axis(flat, centre[:, None] + st.window[None], axis=1)  # (N, window)
+    core = stamp[:, st.core].sum(axis=1, dtype=np.float64)
+    inner = stamp[:, st.inner].sum(axis=1, dtype=np.float64)
+    stamp = stamp[:, st.asym]
     total = stamp.sum(axis=1, dtype=np.float64)
-    # the nine rotations in one gather: the centre at (py + sy/2, px + sx/2) maps pixel offset d to s - d
-    shifts = np.array([(sy, sx) for sy in (-1, 0, 1) for sx in (-1, 0, 1)])  # (9, 2)
-    flat = (py * size + px)[:, None, None] + ((shifts[:, 0, None] - dy) * size + shifts[:, 1, None] - dx)[None]
-    rotated = np.take_along_axis(ri.reshape(n, -1), flat.reshape(n, -1), axis=1).reshape(flat.shape)
+    rotated = np.take_along_axis(flat, centre[:, None] + st.rotations[None], axis=1).reshape(n, 9, -1)
     residual = np.abs(stamp[:, None, :] - rotated).sum(axis=2, dtype=np.float64).min(axis=1)
     # E|X - Y| for independent X, Y ~ N(0, s^2) is 2 s / sqrt(pi)
-    noise = asym_mask.sum() * 2 * ri_sigma / np.sqrt(np.pi)
+    noise = len(st.asym) * 2 * ri_sigma / np.sqrt(np.pi)
     with np.errstate(divide="ignore", invalid="ignore"):
         concentration = np.where(inner > 0, core / inner, 0.0)
         asymmetry = np.where(total > 0, (residual - noise) / total, np.inf)
