@@ -284,9 +284,9 @@ def _background(flat: np.ndarray, outer: np.ndarray) -> tuple[np.ndarray, np.nda
     sigma = np.sqrt(np.maximum(np.einsum("nbk,nbk->nb", sky, sky) / np.float32(m) - level**2, 0))
     for _ in range(2):
         deviation = sky - level[:, :, None]
-        keep = (np.abs(deviation) <= np.float32(CLIP_SIGMA) * sigma[:, :, None]).astype(np.float32)
-        kept = deviation * keep
-        count = np.maximum(keep @ ones, 1)
+        keep = np.abs(deviation) <= np.float32(CLIP_SIGMA) * sigma[:, :, None]
+        kept = np.where(keep, deviation, np.float32(0))
+        count = np.maximum(np.count_nonzero(keep, axis=2).astype(np.float32), 1)
         shift = (kept @ ones) / count
         level = level + shift
         variance = np.einsum("nbk,nbk->nb", kept, kept) / count - shift**2
