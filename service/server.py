@@ -130,12 +130,13 @@ def serve(settings: Settings) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
     from photoz.model.runtime import choose_providers
 
-    workers = settings.worker_count(gpu=choose_providers(settings.providers)[0] != "CPUExecutionProvider")
+    gpu = choose_providers(settings.providers)[0] != "CPUExecutionProvider"
+    workers = settings.worker_count(gpu=gpu)
     if workers == 1:
         return run_server(settings)
     from photoz.service.workers import Supervisor, worker_settings
 
-    return Supervisor(worker_settings(settings, workers), workers, run_worker).run()
+    return Supervisor(worker_settings(settings, workers, gpu), workers, run_worker).run()
 
 
 def run_worker(settings: Settings, sock: socket.socket, index: int) -> None:

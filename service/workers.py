@@ -12,7 +12,8 @@ directory, so a worker that dies takes only its own requests with it.
 - Limits are divided: each worker's queue holds ``max_queue_objects / workers``
   cutouts, reads ``max_inflight_body_mb / workers`` of bodies at once and
   answers ``max_refusals_per_s / workers`` held 429s a second, with
-  ``flag_workers / workers`` flag threads (rounded up), so the server as a whole
+  ``flag_workers / workers`` flag threads (rounded up), and on a CPU host
+  ``inference_workers / workers`` concurrent batches, so the server as a whole
   holds what the settings say; admission (429 with
   Retry-After, the queue-wait target, early refusal from the headers) is each
   worker's over its own queue, which is what its latency depends on.
@@ -52,18 +53,22 @@ QUICK_DEATH_S, QUICK_DEATHS = 20.0, 3
 POLL_S = 0.2
 
 
-def worker_settings(settings: Settings, workers: int) -> Settings:
-    """One worker's settings: the server's limits divided among ``workers``, and on a CPU its share of the cores
-    (unless the ORT threads are set)."""
+def worker_settings(settings: Settings, workers: int, gpu: bool = False) -> Settings:
+    """One worker's settings: the server's limits divided among ``workers``, and its share of the cores (unless
+    the ORT threads are set). On a CPU host the concurrent batches are divided too: every batch's threads take
+    cores from the others, and two workers with two batches each on two cores had 3x the p99 of one batch each
+    under a retry storm (``benchmarks.overload``); on a GPU host each worker keeps its batches in flight."""
     cores = os.cpu_count() or 1
     share = max(1, cores // workers)
+    batches = settings.inference_workers if gpu else max(1, settings.inference_workers // workers)
     return settings.model_copy(update={
+        "inference_workers": batches,
         "workers": 1,
         "max_queue_objects": max(1, settings.max_queue_objects // workers),
         "max_inflight_body_mb": settings.max_inflight_body_mb / workers,
         "max_refusals_per_s": settings.max_refusals_per_s / workers,
         "flag_workers": -(-settings.flag_workers // workers),  # the flags' threads shared too (rounded up)
-        "intra_op_threads": settings.intra_op_threads or max(1, share // settings.inference_workers),
+        "intra_op_threads": settings.intra_op_threads or max(1, share // batches),
         "solo_threads": settings.solo_threads or share,
     })
 
@@ -98,8 +103,8 @@ class Supervisor:
         sock = bind(self.settings)
         previous = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         log.info("serving http://%s:%d with %d worker processes (PHOTOZ_WORKERS; each its own engine, queue "
-                 "limit %d cutouts)", self.settings.host, sock.getsockname()[1], self.workers,
-                 worker_settings(self.settings, self.workers).max_queue_objects)
+                 "limit %d cutouts, %d batches at a time)", self.settings.host, sock.getsockname()[1], self.workers,
+                 self.settings.max_queue_objects, self.settings.inference_workers)
         try:
             for index in range(self.workers):
                 self._start(index, sock)

@@ -12,7 +12,10 @@ def test_each_worker_holds_its_share_so_the_server_holds_what_the_settings_say(m
     share = worker_settings(settings, 4)
     assert (share.workers, share.max_queue_objects, share.max_inflight_body_mb) == (1, 2048, 64)
     assert (share.max_refusals_per_s, share.flag_workers) == (50, 2)
-    assert (share.intra_op_threads, share.solo_threads) == (2, 4)  # a quarter of the 16 cores each
+    # a quarter of the 16 cores each; on a CPU one batch at a time with all four, on a GPU two with two each
+    assert (share.inference_workers, share.intra_op_threads, share.solo_threads) == (1, 4, 4)
+    on_gpu = worker_settings(settings, 4, gpu=True)
+    assert (on_gpu.inference_workers, on_gpu.intra_op_threads) == (2, 2)
     pinned = worker_settings(settings.model_copy(update={"intra_op_threads": 6, "solo_threads": 3}), 4)
     assert (pinned.intra_op_threads, pinned.solo_threads) == (6, 3)  # set by the operator: kept
     assert worker_settings(Settings(flag_workers=1, max_queue_objects=1), 3).flag_workers == 1  # never 0
