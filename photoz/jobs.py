@@ -83,6 +83,16 @@ def add_arguments(parser: argparse.ArgumentParser, job: type[Any]) -> None:
                                 choices=meta.get("choices"), nargs=meta.get("nargs"), **common)
 
 
+def add_command(sub: Any, name: str, job: type[Any], func: Callable[[argparse.Namespace], int], help: str,
+                description: str | None = None) -> argparse.ArgumentParser:
+    """The subcommand ``name`` of ``sub`` (an argparse sub-parsers action): its flags from the dataclass ``job``,
+    ``func`` to run it."""
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=help, description=description)
+    add_arguments(parser, job)
+    parser.set_defaults(func=func)
+    return parser
+
+
 def _shown(value: Any) -> str:
     return ",".join(str(v) for v in value) if isinstance(value, tuple) else str(value)
 

@@ -87,24 +87,21 @@ def _sdss_dataset(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     from photoz.pipeline.jobs import CutoutsJob, PredictJob, SdssJob
 
-    p = sub.add_parser("predict", help="run a bundle offline over files or directories into one table",
-                       description="Photo-z for every cutout in FITS/.npy/.npz files, directories of them, or HDF5 "
-                                   "data sets. Resumable: finished chunks are kept in OUT.parts/ until the end.")
-    jobs.add_arguments(p, PredictJob)
-    p.set_defaults(func=_predict)
+    jobs.add_command(sub, "predict", PredictJob, _predict,
+                     help="run a bundle offline over files or directories into one table",
+                     description="Photo-z for every cutout in FITS/.npy/.npz files, directories of them, or HDF5 "
+                                 "data sets. Resumable: finished chunks are kept in OUT.parts/ until the end.")
 
-    p = sub.add_parser("cutouts", help="cut bundle-sized cutouts from calibrated field images at catalogue positions",
-                       description="One calibrated FITS image per band (WCS; pixels in nanomaggies, a flux density "
-                                   "BUNIT, or counts with NMGY or a zero point) and a catalogue of RA/Dec (FITS, CSV "
-                                   "or Parquet) -> an .npz of cutouts aligned to the r-band WCS, ready for "
-                                   "`photoz predict` (or straight to a photo-z table with --predict).")
-    jobs.add_arguments(p, CutoutsJob)
-    p.set_defaults(func=_cutouts)
+    jobs.add_command(sub, "cutouts", CutoutsJob, _cutouts,
+                     help="cut bundle-sized cutouts from calibrated field images at catalogue positions",
+                     description="One calibrated FITS image per band (WCS; pixels in nanomaggies, a flux density "
+                                 "BUNIT, or counts with NMGY or a zero point) and a catalogue of RA/Dec (FITS, CSV "
+                                 "or Parquet) -> an .npz of cutouts aligned to the r-band WCS, ready for "
+                                 "`photoz predict` (or straight to a photo-z table with --predict).")
 
-    p = sub.add_parser("sdss-dataset", help="build a training file of real SDSS galaxies from the archive",
-                       description="Main Galaxy Sample galaxies with spectroscopic redshifts from SkyServer, their "
-                                   "calibrated frames from the Science Archive Server, cutouts registered as "
-                                   "`photoz cutouts` does, sky-position splits -> the HDF5 `photoz train` reads. "
-                                   "Resumable: work is kept in OUT.parts/ until the file is written.")
-    jobs.add_arguments(p, SdssJob)
-    p.set_defaults(func=_sdss_dataset)
+    jobs.add_command(sub, "sdss-dataset", SdssJob, _sdss_dataset,
+                     help="build a training file of real SDSS galaxies from the archive",
+                     description="Main Galaxy Sample galaxies with spectroscopic redshifts from SkyServer, their "
+                                 "calibrated frames from the Science Archive Server, cutouts registered as "
+                                 "`photoz cutouts` does, sky-position splits -> the HDF5 `photoz train` reads. "
+                                 "Resumable: work is kept in OUT.parts/ until the file is written.")

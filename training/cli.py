@@ -185,17 +185,14 @@ def _register_evaluation(sub: argparse._SubParsersAction) -> None:
 def _register_release(sub: argparse._SubParsersAction) -> None:
     from photoz.training.release.jobs import ExportJob, ShipJob
 
-    p = sub.add_parser("export", help="export a training checkpoint (or a deep ensemble of them) to an ONNX bundle")
-    jobs.add_arguments(p, ExportJob)
-    p.set_defaults(func=_export)
-
-    p = sub.add_parser("ship", help="release a trained run as the shipped bundle: export, score, thresholds, card",
-                       description="What `make ship` runs: export a candidate without thresholds, score that very "
-                                   "graph on the held-out set with the catalogue baselines, export the bundle with "
-                                   "the score and its flags' thresholds (measured on the training set), run the "
-                                   "flags' injection report, write the model card beside the bundle.")
-    jobs.add_arguments(p, ShipJob)
-    p.set_defaults(func=_ship)
+    jobs.add_command(sub, "export", ExportJob, _export,
+                     help="export a training checkpoint (or a deep ensemble of them) to an ONNX bundle")
+    jobs.add_command(sub, "ship", ShipJob, _ship,
+                     help="release a trained run as the shipped bundle: export, score, thresholds, card",
+                     description="What `make ship` runs: export a candidate without thresholds, score that very "
+                                 "graph on the held-out set with the catalogue baselines, export the bundle with "
+                                 "the score and its flags' thresholds (measured on the training set), run the "
+                                 "flags' injection report, write the model card beside the bundle.")
 
 
 def _register_bundle_revisions(sub: argparse._SubParsersAction) -> None:
