@@ -62,7 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser, job: type[Any]) -> None:
         is_required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = None if is_required else (f.default if f.default_factory is dataclasses.MISSING
                                             else f.default_factory())
-        shown = "" if is_required or default in (None, False, []) else f" (default {_shown(default)})"
+        unset = default is None or default is False or (isinstance(default, (list, dict)) and not default)
+        shown = "" if is_required or unset else f" (default {_shown(default)})"
         common: dict[str, Any] = {"help": meta["help"] + shown}
         if meta.get("metavar"):
             common["metavar"] = meta["metavar"]

@@ -1,5 +1,6 @@
 """Training end to end on a tiny simulated set: simulate -> train -> resume -> export -> load -> predict."""
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -433,3 +434,28 @@ def test_ensemble_members_share_a_split_seed_and_a_pit_map_is_fitted_and_applied
             f"objects with a similar photometric redshift ({pit_map.z_knots.size} knots") in card
     assert f"fitted on {len(shared[0])} objects of `{tiny_data.name}` (validation rows of best.pt" in card
     assert "refit it on labelled galaxies of that data" in card
+
+
+def test_photoz_ship_releases_a_run_as_make_ship_did(tiny_data, tmp_path):
+    """`photoz ship`: a candidate scored on the held-out set, the bundle exported with that score and its flags'
+    thresholds, the flags' report and the model card beside the bundle; the shipped graph is the scored one."""
+    from photoz.cli import main
+
+    run = train(tiny_config(tiny_data, tmp_path / "run"), progress=False)
+    out = tmp_path / "bundles" / "tiny.onnx"
+    assert main(["ship", "--run", str(run), "--train-data", str(tiny_data), "--test-data", str(tiny_data),
+                 "--version", "0.0.9", "--name", "tiny-ship", "--out", str(out)]) == 0
+    shipped, candidate = load_bundle(out), load_bundle(run / "candidate.onnx")
+    doc = shipped.metadata.document
+    assert (shipped.metadata.name, shipped.metadata.version) == ("tiny-ship", "0.0.9")
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert metrics["model"] == str(candidate.path) and metrics["n"] == 160
+    assert doc["training"]["metrics"]["held_out"]["sigma_mad"] == metrics["model_metrics"]["sigma_mad"]
+    assert "quality" in doc and "quality" not in candidate.metadata.document  # thresholds on the shipped one only
+    assert (run / "eval" / "ood_flags.json").is_file()
+    card = out.with_suffix(".md").read_text()
+    assert shipped.sha256 in card and "## Held-out metrics" in card and "Injected out-of-range objects" in card
+    with h5py.File(tiny_data) as h5:
+        images, ebv = h5["images"][:6], h5["ebv"][:6]
+    np.testing.assert_array_equal(OnnxPredictor(shipped, providers="cpu").predict(images, ebv),
+                                  OnnxPredictor(candidate, providers="cpu").predict(images, ebv))
