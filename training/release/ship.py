@@ -16,8 +16,8 @@ log = logging.getLogger("photoz.ship")
 
 
 def ship(job: ShipJob) -> dict[str, Any]:
-    """Run the release (see the module docstring); returns the bundle, the held-out metrics and the flags'
-    report (None when it could not run, for example without thresholds)."""
+    """Run the release (see the module docstring); returns the bundle, the held-out metrics, whether the flags'
+    injection targets were met (False also when the report could not run) and the card's path."""
     from photoz.training.evaluation import ood
     from photoz.training.evaluation.evaluate import evaluate
     from photoz.training.release import model_card
@@ -32,12 +32,13 @@ def ship(job: ShipJob) -> dict[str, Any]:
     bundle = export_checkpoint(ExportJob(checkpoints, str(out), job.name, job.version,
                                          held_out_report=str(run / "eval" / "metrics.json"),
                                          reference_data=job.train_data, pit_map=job.pit_map))
+    ood_report = run / "eval" / "ood_flags.json"
+    ood_report.unlink(missing_ok=True)  # a report left by an earlier release must not reach this card
     ood_status: object
     try:  # the flags' report: a missed target is reported, not fatal (the card shows it)
         ood_status = ood.main(["--model", str(out), "--data", job.test_data, "--out", str(run / "eval")])
     except SystemExit as exc:  # its argument check: the bundle has no thresholds
         ood_status = exc.code
-    ood_report = run / "eval" / "ood_flags.json"
     card = ["--bundle", str(out), "--report", str(run / "eval" / "metrics.json"), "--out", str(out.with_suffix(".md"))]
     model_card.main(card + (["--ood-report", str(ood_report)] if ood_report.is_file() else []))
     return {"bundle": bundle, "metrics": metrics, "ood_targets_met": ood_status == 0,
