@@ -1,6 +1,7 @@
 """Pipeline-room subcommands: ``photoz predict``, ``photoz cutouts`` and ``photoz sdss-dataset``.
 
-Imports only argparse at module level."""
+Imports only the standard library at module level (argparse, and the job objects of :mod:`photoz.jobs` and
+:mod:`photoz.pipeline.jobs`, which need nothing else)."""
 from __future__ import annotations
 
 import argparse

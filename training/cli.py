@@ -1,7 +1,8 @@
 """Training-room subcommands: simulate, train, evaluate, export, ship and the release's tools.
 
-Only argparse is imported here; each handler imports what it needs, so the
-``photoz`` command starts fast and serving-only installs never touch torch.
+Only the standard library is imported here (argparse, and the job objects of :mod:`photoz.jobs`, which need
+nothing else); each handler imports what it needs, so the ``photoz`` command starts fast and serving-only
+installs never touch torch.
 """
 from __future__ import annotations
 
