@@ -36,6 +36,12 @@ SUPPORTED_BODIES = ("application/fits, application/x-npy, application/x-npz, app
 #: A hint a client may send: how many cutouts its body holds (checked against the queue before the body is read).
 OBJECTS_HEADER = "x-photoz-objects"
 CLOSE = {"Connection": "close"}
+#: Where a body the HTTP protocol read whole already travels (the ASGI scope; :mod:`photoz.service.server`):
+#: :func:`read_body` takes it from there, within the same limits.
+BODY = "photoz.body"
+#: Set in the scope when the HTTP protocol cancels the request's task itself when the client goes away:
+#: :func:`submit_unless_disconnected` then needs no task watching for the disconnect.
+DISCONNECT_CANCELS = "photoz.disconnect_cancels"
 
 
 class InflightBodies:
@@ -51,6 +57,16 @@ class InflightBodies:
             yield grant
         finally:
             self.used -= grant.held
+
+    def take(self, nbytes: int) -> bool:
+        """Count ``nbytes`` as being read if the bound allows (then :meth:`give_back` them); False if not."""
+        if self.used + nbytes > self.limit:
+            return False
+        self.used += nbytes
+        return True
+
+    def give_back(self, nbytes: int) -> None:
+        self.used -= nbytes
 
     def refuse(self, wanted: int) -> Overloaded:
         return Overloaded(f"the server is reading {self.used / 2**20:.0f} MiB of request bodies (at most "
@@ -110,7 +126,7 @@ async def _chunks(request: Request, timeout_s: float) -> AsyncIterator[bytes]:
             return
 
 
-def _stalled(timeout_s: float, received: int) -> InputError:
+def stalled(timeout_s: float, received: int) -> InputError:
     return InputError("body", f"a body that keeps arriving (at most {timeout_s:g} s without data)",
                       f"nothing for {timeout_s:g} s after {received} bytes", status=408, title="request timeout",
                       headers=CLOSE)
@@ -118,7 +134,12 @@ def _stalled(timeout_s: float, received: int) -> InputError:
 
 async def read_body(request: Request, limit: int, timeout_s: float, inflight: InflightBodies) -> bytes:
     """The request body within its size limit, progress deadline (408 when nothing arrives for ``timeout_s``)
-    and the in-flight bound."""
+    and the in-flight bound (a body the protocol read already: :data:`BODY`)."""
+    whole = request.scope.get(BODY)
+    if whole is not None:  # read within the same limits: at most the declared length, counted in flight meanwhile
+        if len(whole) > limit:
+            raise _too_large(limit, f"{len(whole)} bytes")
+        return bytes(whole)
     declared = _declared_length(request.headers)
     if declared is not None and declared > limit:
         raise _too_large(limit, f"{declared} bytes")
@@ -145,7 +166,7 @@ async def read_body(request: Request, limit: int, timeout_s: float, inflight: In
                 async for chunk in _chunks(request, timeout_s):
                     take(chunk)
         except asyncio.TimeoutError:  # the builtin TimeoutError on 3.11+
-            raise _stalled(timeout_s, size) from None
+            raise stalled(timeout_s, size) from None
         return b"".join(chunks)
 
 
@@ -202,7 +223,10 @@ async def _read_multipart(request: Request, body: bytes, geometry: Geometry, ebv
 
 async def submit_unless_disconnected(request: Request, batcher: Batcher, images: np.ndarray, ebv: np.ndarray,
                                      timeout: float, request_id: str = "") -> dict[str, np.ndarray] | None:
-    """Run the batcher; if the client disconnects first, cancel (its work is dropped) and return None."""
+    """Run the batcher; if the client disconnects first, cancel (its work is dropped) and return None (where the
+    protocol cancels the task itself, :data:`DISCONNECT_CANCELS`, the cancellation propagates instead)."""
+    if request.scope.get(DISCONNECT_CANCELS):
+        return await batcher.submit(images, ebv, timeout, request_id)
     work = asyncio.current_task()
     assert work is not None
     gone = asyncio.get_running_loop().create_task(_cancel_on_disconnect(request, work))

@@ -1,25 +1,39 @@
-"""Running the app under uvicorn: refusals from the headers in the HTTP protocol itself, a graceful drain on
-SIGTERM/SIGINT."""
+"""Running the app under uvicorn: refusals from the headers and admitted predictions answered directly in the HTTP
+protocol itself, a graceful drain on SIGTERM/SIGINT.
+
+This is the one module that depends on uvicorn's internals (its httptools protocol and request cycle; the version
+range is pinned in pyproject.toml and checked by tests/unit/test_uvicorn_contract.py). The app itself stays a
+plain ASGI app, correct under any ASGI server.
+"""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import signal
 import socket
+import time
+from dataclasses import dataclass
 from http import HTTPStatus
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
+from starlette.requests import Request
 from starlette.responses import Response
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from starlette.types import Message
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from photoz.service.app import create_app
 from photoz.service.errors import QueueFull
-from photoz.service.routes import render_error
+from photoz.service.ingest import BODY, DISCONNECT_CANCELS, INLINE_BYTES, stalled
+from photoz.service.routes import Handler, prediction_handler, render_error
 from photoz.service.settings import Settings
 from photoz.service.state import RESERVATION, ServiceState, release_reservation
+
+log = logging.getLogger("photoz.service")
 
 #: Held refusals go out on ticks of this many seconds, together (one wake-up of the loop for many refusals).
 REFUSAL_TICK_S = 0.5
@@ -27,11 +41,40 @@ REFUSAL_TICK_S = 0.5
 ANSWER_GRACE_S = 5
 
 
-def raw_response(response: Response) -> bytes:
-    """A complete HTTP/1.1 response (status line, the response's headers, ``Connection: close``, body)."""
-    head = [f"HTTP/1.1 {response.status_code} {HTTPStatus(response.status_code).phrase}".encode("latin-1")]
+@functools.cache
+def _status_line(status: int) -> bytes:
+    phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else ""
+    return f"HTTP/1.1 {status} {phrase}".encode("latin-1")
+
+
+def raw_response(response: Response, close: bool = True, extra: list[tuple[bytes, bytes]] | None = None) -> bytes:
+    """A complete HTTP/1.1 response: status line, ``extra`` headers (the server's defaults), the response's,
+    ``Connection: close`` when ``close``, body."""
+    head = [_status_line(response.status_code)]
+    head += [name + b": " + value for name, value in (extra or [])]
     head += [name + b": " + value for name, value in response.raw_headers if name != b"connection"]
-    return b"\r\n".join([*head, b"connection: close", b"", b""]) + bytes(response.body)
+    return b"\r\n".join([*head, *([b"connection: close"] if close else []), b"", b""]) + bytes(response.body)
+
+
+def _asks_to_close(response: Response) -> bool:
+    return any(name == b"connection" and b"close" in value.lower() for name, value in response.raw_headers)
+
+
+#: Where an admitted prediction answered directly keeps its state (the ASGI scope of its request).
+DIRECT = "photoz.direct"
+
+
+@dataclass
+class _Direct:
+    """A prediction the protocol answers itself: its handler, the body bytes it counts in flight until the body is
+    whole, the timer on the body's progress and then the task that answers it."""
+
+    handler: Handler
+    held: int
+    started: float
+    timer: asyncio.TimerHandle | None = None
+    seen: int = 0
+    task: asyncio.Task[None] | None = None
 
 
 class RefusingProtocol(HttpToolsProtocol):
@@ -42,10 +85,22 @@ class RefusingProtocol(HttpToolsProtocol):
     stops being read (its body stays in the kernel), a timer holds the 429
     (``begin_hold``) and then writes it and closes the connection. No task,
     no Request, no middleware: under a retry storm a refusal costs the parse
-    of its headers and the bytes of its answer. Everything else is uvicorn's.
+    of its headers and the bytes of its answer.
+
+    An admitted prediction with a small body of declared length (at most
+    :data:`~photoz.service.ingest.INLINE_BYTES`, and the body limit) is
+    answered directly too: the protocol reads its body whole (within the
+    body's progress deadline and the in-flight bound, as the ASGI path does),
+    then runs the route table's handler on it and writes the response in one
+    piece, skipping the ASGI messages, the middleware and the app's dispatch,
+    and a client that goes away has the request's task cancelled (its queued
+    work dropped) without a task watching for it. Pipelining, keep-alive,
+    shutdown and everything else stay uvicorn's: the request keeps its
+    uvicorn request cycle, whose state says when the response is complete.
     """
 
     state: ServiceState  # set on the subclass serve() makes
+    app_for_handlers: FastAPI  # the app whose handlers the direct path runs (set there too)
     refusal: bytes | None = None  # the answer being held; the connection closes after it
     refusal_timer: asyncio.TimerHandle | None = None
 
@@ -61,6 +116,7 @@ class RefusingProtocol(HttpToolsProtocol):
         if not isinstance(exc, QueueFull):
             if exc is not None:  # admitted: the reservation travels with the request (released by its handler)
                 self.scope[RESERVATION] = exc  # type: ignore[literal-required]
+                self._maybe_direct(path)
             super().on_headers_complete()
             return
         self.refusal = raw_response(render_error(path.decode("latin-1"), exc))
@@ -81,12 +137,20 @@ class RefusingProtocol(HttpToolsProtocol):
             self.transport.close()  # unread body bytes are discarded with the socket
 
     def on_body(self, body: bytes) -> None:
-        if self.refusal is None:
-            super().on_body(body)
+        if self.refusal is not None:
+            return
+        if DIRECT in self.cycle.scope:  # read whole here (at most the declared length): no pause for a reader
+            self.cycle.body += body
+            return
+        super().on_body(body)
 
     def on_message_complete(self) -> None:
-        if self.refusal is None:
-            super().on_message_complete()
+        if self.refusal is not None:
+            return
+        super().on_message_complete()
+        direct: _Direct | None = self.cycle.scope.get(DIRECT)  # type: ignore[assignment]
+        if direct is not None and direct.timer is not None:  # its turn came (not pipelined behind another)
+            self._run_direct(self.cycle, direct)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.refusal_timer is not None:  # the client left while its refusal was held
@@ -94,8 +158,98 @@ class RefusingProtocol(HttpToolsProtocol):
             self.refusal_timer = None
             self.state.end_hold()
         for cycle, _ in self.pipeline:  # pipelined requests that will never run hold no reservation
+            self._end_direct(cycle)
             release_reservation(cycle.scope)  # type: ignore[arg-type]
+        if self.cycle is not None and not self.cycle.response_complete:
+            direct: _Direct | None = self.cycle.scope.get(DIRECT)  # type: ignore[assignment]
+            if direct is not None and direct.task is not None:  # its queued work is dropped; 499 counted
+                direct.task.cancel()
+            elif direct is not None:  # its body never came whole
+                self._end_direct(self.cycle)
+                release_reservation(self.cycle.scope)  # type: ignore[arg-type]
         super().connection_lost(exc)
+
+    # -- predictions answered directly ------------------------------------------------------------------
+
+    def _maybe_direct(self, path: bytes) -> None:
+        """Mark an admitted prediction for the direct path when it qualifies (else the ASGI path takes it)."""
+        handler = prediction_handler(path.decode("latin-1"))
+        length = next((v for n, v in self.headers if n == b"content-length"), b"")
+        if handler is None or not length.isdigit() or self.expect_100_continue or self.parser.should_upgrade() \
+                or any(n == b"transfer-encoding" for n, _ in self.headers):
+            return
+        declared = int(length)
+        if declared > min(INLINE_BYTES, self.state.settings.max_body_bytes) or not self.state.inflight.take(declared):
+            return  # the ASGI path gives the 413 or 429 (or reads a large body in a thread)
+        self.scope[DIRECT] = _Direct(handler, declared, time.perf_counter())  # type: ignore[literal-required]
+        self.scope[DISCONNECT_CANCELS] = True  # type: ignore[literal-required]
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        """uvicorn starts a request's task here (at once, or when the one before on the connection is answered)."""
+        direct: _Direct | None = cycle.scope.get(DIRECT)  # type: ignore[assignment]
+        if direct is None:
+            super()._start_asgi_task(cycle, app)
+        elif not cycle.more_body:
+            self._run_direct(cycle, direct)
+        else:  # answered when its body is whole, or 408 when it stops arriving
+            timeout = self.state.settings.body_timeout_s
+            direct.timer = self.loop.call_later(timeout, self._check_progress, cycle, direct, timeout)
+
+    def _check_progress(self, cycle: RequestResponseCycle, direct: _Direct, timeout: float) -> None:
+        if len(cycle.body) > direct.seen:
+            direct.seen = len(cycle.body)
+            direct.timer = self.loop.call_later(timeout, self._check_progress, cycle, direct, timeout)
+            return
+        direct.timer = None
+        self._end_direct(cycle)
+        release_reservation(cycle.scope)  # type: ignore[arg-type]
+        self.state.observe(408, direct.started)
+        if not self.transport.is_closing():
+            self.transport.write(raw_response(render_error(cycle.scope["path"], stalled(timeout, len(cycle.body)))))
+            self.transport.close()
+
+    def _end_direct(self, cycle: RequestResponseCycle) -> None:
+        """The body is whole or will never be: stop its timer, stop counting it in flight."""
+        direct: _Direct | None = cycle.scope.get(DIRECT)  # type: ignore[assignment]
+        if direct is None:
+            return
+        if direct.timer is not None:
+            direct.timer.cancel()
+            direct.timer = None
+        self.state.inflight.give_back(direct.held)
+        direct.held = 0
+
+    def _run_direct(self, cycle: RequestResponseCycle, direct: _Direct) -> None:
+        self._end_direct(cycle)
+        cycle.scope[BODY] = bytes(cycle.body)  # type: ignore[literal-required]
+        cycle.body = bytearray()
+        cycle.scope["app"] = self.app_for_handlers  # type: ignore[typeddict-unknown-key]
+        direct.task = task = self.loop.create_task(self._answer(cycle, direct.handler))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+
+    async def _answer(self, cycle: RequestResponseCycle, handler: Handler) -> None:
+        try:  # the handlers render every error themselves; anything else is a bug, answered 500 as uvicorn would
+            response = await handler(Request(cycle.scope, _nothing_more))  # type: ignore[arg-type]
+        except Exception:
+            log.exception("prediction request failed")
+            response = Response("Internal Server Error", status_code=500, headers={"Connection": "close"})
+        if cycle.disconnected or self.transport.is_closing():
+            return
+        close = not cycle.keep_alive or _asks_to_close(response)
+        self.transport.write(raw_response(response, close, self.server_state.default_headers))
+        cycle.response_started = cycle.response_complete = True
+        cycle.message_event.set()
+        if close:
+            self.transport.close()
+        cycle.on_response()
+
+
+async def _nothing_more() -> Message:
+    """The receive of a request whose body the protocol read (:data:`~photoz.service.ingest.BODY`): nothing to
+    receive; it waits until the task is cancelled (the client went away)."""
+    await asyncio.get_running_loop().create_future()
+    return {"type": "http.disconnect"}
 
 
 class DrainingServer(uvicorn.Server):
@@ -148,7 +302,7 @@ def run_worker(settings: Settings, sock: socket.socket, index: int) -> None:
 def run_server(settings: Settings, sock: socket.socket | None = None) -> int:
     """The app under uvicorn with photoz's protocol and drain, on ``sock`` if given (a worker), else its own."""
     app = create_app(settings)
-    protocol = type("PhotozHttpProtocol", (RefusingProtocol,), {"state": app.state.photoz})
+    protocol = type("PhotozHttpProtocol", (RefusingProtocol,), {"state": app.state.photoz, "app_for_handlers": app})
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s) + ANSWER_GRACE_S,
                             access_log=False, http=protocol)

@@ -95,3 +95,146 @@ def test_the_protocol_refuses_from_the_headers_and_admits_otherwise(path, refuse
         assert b"retry-after: 3" in transport.written.lower() and called == []
     else:
         assert transport.written.startswith(b"HTTP/1.1 200") and called == [path.decode()]
+
+
+# -- predictions answered directly by the protocol --------------------------------------------------------
+
+class Reservation:
+    def __init__(self):
+        self.released = 0
+
+    def release(self):
+        self.released += 1
+
+
+class DirectState(StubState):
+    """Admits POST /v1/predict with a reservation; the settings, in-flight bound and metrics the direct path uses."""
+
+    def __init__(self, body_timeout_s=5.0, max_body_bytes=1 << 20):
+        super().__init__()
+        from photoz.service.ingest import InflightBodies
+
+        self.settings = type("S", (), {"body_timeout_s": body_timeout_s, "max_body_bytes": max_body_bytes})()
+        self.inflight = InflightBodies(1 << 20)
+        self.reservations, self.observed = [], []
+
+    def refusal_for(self, method, path, headers):
+        if path != b"/v1/predict":
+            return None
+        self.reservations.append(Reservation())
+        return self.reservations[-1]
+
+    def observe(self, status, started):
+        self.observed.append(status)
+
+
+def drive(state, handler, chunks, settle=20, lose=False):
+    """Feed ``chunks`` (raw bytes, one data_received each) to the protocol with ``handler`` bound to /v1; the
+    written bytes, whether the transport closed, and what the ASGI app saw."""
+    from photoz.service import routes
+
+    asgi_calls = []
+
+    async def app(scope, receive, send):
+        asgi_calls.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"4")]})
+        await send({"type": "http.response.body", "body": b"asgi"})
+
+    async def main():
+        from uvicorn.server import ServerState
+
+        protocol_class = type("P", (RefusingProtocol,), {"state": state, "app_for_handlers": "the app"})
+        config = uvicorn.Config(app, http=protocol_class, log_level="warning", lifespan="off")
+        config.load()
+        server_state = ServerState()
+        server_state.default_headers = [(b"server", b"photoz-test")]  # uvicorn's server sets date and server
+        protocol = config.http_protocol_class(config=config, server_state=server_state, app_state={})
+        transport = FakeTransport()
+        protocol.connection_made(transport)
+        for chunk in chunks:
+            protocol.data_received(chunk)
+            await asyncio.sleep(0.01)
+        for _ in range(settle):
+            await asyncio.sleep(0.01)
+        if lose:
+            protocol.connection_lost(None)
+            for _ in range(5):
+                await asyncio.sleep(0.01)
+        return transport
+
+    saved = dict(routes.HANDLERS)
+    routes.HANDLERS["v1"] = handler
+    try:
+        transport = asyncio.run(main())
+    finally:
+        routes.HANDLERS.clear()
+        routes.HANDLERS.update(saved)
+    return transport, asgi_calls
+
+
+def post(body, extra=b""):
+    return b"POST /v1/predict?pdf=none HTTP/1.1\r\nHost: a\r\n" + extra + \
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+
+
+def echo_handler(seen):
+    from starlette.responses import Response
+
+    from photoz.service.ingest import BODY, DISCONNECT_CANCELS
+
+    async def handler(request):
+        seen.append((request.scope[BODY], request.scope.get(DISCONNECT_CANCELS), request.scope["app"],
+                     request.query_params.get("pdf")))
+        return Response(b"got " + request.scope[BODY][:8], media_type="text/plain")
+    return handler
+
+
+def test_an_admitted_prediction_is_answered_directly_from_its_whole_body_in_one_write():
+    state, seen = DirectState(), []
+    body = bytes(range(256)) * 300  # 76,800 bytes: more than uvicorn's high-water mark, in three pieces
+    request = post(body)
+    transport, asgi = drive(state, echo_handler(seen), [request[:100], request[100:40000], request[40000:]])
+    assert asgi == [] and len(seen) == 1
+    assert seen[0] == (body, True, "the app", "none")  # the whole body, the disconnect cancels, the app, the query
+    head, _, rest = transport.written.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK") and b"content-length: 12" in head.lower() and rest == b"got " + body[:8]
+    assert b"server: photoz-test" in head.lower() and b"connection: close" not in head.lower() and not transport.closed
+    assert state.inflight.used == 0  # the body's bytes counted in flight only while it was read
+
+
+def test_pipelined_direct_predictions_are_answered_in_order_and_other_requests_go_to_the_app():
+    state, seen = DirectState(), []
+    two = post(b"first...") + post(b"second..") + b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n"
+    transport, asgi = drive(state, echo_handler(seen), [two])
+    assert [s[0] for s in seen] == [b"first...", b"second.."] and asgi == ["/healthz"]
+    answers = transport.written.split(b"HTTP/1.1 200 OK")
+    assert [a.rpartition(b"\r\n\r\n")[2] for a in answers[1:]] == [b"got first...", b"got second..", b"asgi"]
+
+
+@pytest.mark.parametrize("extra", [b"Expect: 100-continue\r\n", b""])
+def test_a_body_too_large_for_the_direct_path_or_expecting_100_continue_goes_to_the_app(extra):
+    state, seen = DirectState(max_body_bytes=10 if not extra else 1 << 20), []
+    transport, asgi = drive(state, echo_handler(seen), [post(b"0123456789abcdef", extra)])
+    assert seen == [] and asgi == ["/v1/predict"] and state.inflight.used == 0
+
+
+def test_a_body_that_stops_arriving_is_answered_408_and_its_reservation_released():
+    state, seen = DirectState(body_timeout_s=0.05), []
+    transport, asgi = drive(state, echo_handler(seen), [post(b"x" * 1000)[:-500]], settle=30)
+    assert seen == [] and asgi == []
+    assert transport.written.startswith(b"HTTP/1.1 408") and transport.closed
+    assert state.observed == [408] and state.reservations[0].released == 1 and state.inflight.used == 0
+
+
+def test_a_client_gone_while_its_prediction_waits_has_the_task_cancelled():
+    state, events = DirectState(), []
+
+    async def handler(request):
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            events.append("cancelled")
+            raise
+
+    transport, _ = drive(state, handler, [post(b"abc")], settle=5, lose=True)
+    assert events == ["cancelled"] and transport.written == b""
