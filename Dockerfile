@@ -31,7 +31,8 @@ RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin photoz
 USER 10001
 ENV PATH=/opt/photoz/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    PHOTOZ_PROVIDERS=auto
+    PHOTOZ_PROVIDERS=auto \
+    NUMBA_CACHE_DIR=/tmp/photoz-numba
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
   CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=2)"]

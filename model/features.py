@@ -162,6 +162,11 @@ def _geometry(size: int, pixel_scale_arcsec: float) -> _Geometry:
     return _Geometry(size, pixel_scale_arcsec)
 
 
+def geometry_of(size: int, pixel_scale_arcsec: float) -> _Geometry:
+    """The feature apertures' pixels for one cutout size and pixel scale (computed once; read-only arrays)."""
+    return _geometry(size, pixel_scale_arcsec)
+
+
 def _read_only(array: np.ndarray) -> np.ndarray:
     array.flags.writeable = False
     return array

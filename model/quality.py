@@ -24,7 +24,9 @@ exported and stored in its metadata under ``quality``; ``masked_pixels`` and
 plateau test) with the training set's own maximum as a floor. A bundle
 without thresholds gets the PDF, masked-pixel and saturation flags only.
 
-The features themselves are measured by :mod:`photoz.model.features`.
+The features themselves are defined and measured by :mod:`photoz.model.features` (numpy: what the training
+side measures the thresholds with); the flagger measures them with :mod:`photoz.model.features_jit`, the same
+definitions compiled with numba, where numba is installed.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from photoz.model import features_jit
 from photoz.model.features import (
     APERTURE_RADIUS_ARCSEC,
     ASYMMETRY_RADIUS_ARCSEC,
@@ -235,6 +238,6 @@ class QualityFlagger:
         a server measures them beside the inference rather than on its thread."""
         if not self.enabled or len(images) == 0:
             return np.zeros(len(images), np.uint32)
-        features = cutout_features(images, np.asarray(ebv).reshape(-1), self.bands, self.pixel_scale_arcsec,
-                                   self.blend_net)
+        measure = features_jit.cutout_features if features_jit.available() else cutout_features
+        features = measure(images, np.asarray(ebv).reshape(-1), self.bands, self.pixel_scale_arcsec, self.blend_net)
         return flag_bits_from_features(features, self.thresholds)

@@ -30,7 +30,8 @@ log = logging.getLogger("photoz.service")
 
 
 def warm_up(predictor: OnnxPredictor, max_batch_size: int) -> tuple[list[int], float]:
-    """Run each batch-size bucket once so the first real requests pay no set-up cost; then time a full batch.
+    """Run each batch-size bucket once, and the quality flags once (their compiled features are compiled or loaded
+    from numba's cache then), so the first real requests pay no set-up cost; then time a full batch.
 
     Returns the sizes run and the seconds per cutout of a full batch (the batcher's first estimate of its
     rate, for Retry-After and the queue-wait target, until real batches refine it).
@@ -41,6 +42,7 @@ def warm_up(predictor: OnnxPredictor, max_batch_size: int) -> tuple[list[int], f
         predictor.predict(np.zeros((n, len(md.bands), md.cutout_size, md.cutout_size), np.float32),
                           np.zeros(n, np.float32))
     full = np.zeros((max_batch_size, len(md.bands), md.cutout_size, md.cutout_size), np.float32)
+    predictor.image_flag_bits(full[:1], np.zeros(1, np.float32))
     start = time.perf_counter()
     predictor.predict_with_estimates(full, np.zeros(max_batch_size, np.float32), image_flags=False)
     return sizes, (time.perf_counter() - start) / max_batch_size

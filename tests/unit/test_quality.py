@@ -217,18 +217,21 @@ def _naive_identical_run(image: np.ndarray, length: int) -> bool:
     return False
 
 
-def test_identical_runs_and_plateaus_match_their_definitions_pixel_by_pixel():
+@pytest.mark.parametrize("implementation", ["numpy", "numba"])
+def test_identical_runs_and_plateaus_match_their_definitions_pixel_by_pixel(implementation):
     """The screened run search (pairs a half-run apart first) and the bright-band plateau count give what the
-    definitions give on every cutout: runs of 6-9 equal pixels along rows and columns at many offsets,
-    plateaus in some bands only."""
+    definitions give on every cutout, in the numpy reference and compiled alike: runs of 6-9 equal pixels along
+    rows and columns at many offsets, plateaus in some bands only."""
+    from photoz.model import features, features_jit
     from photoz.model.features import (
         IDENTICAL_RUN_PIXELS,
         PLATEAU_FRACTION,
         PLATEAU_MIN_PEAK_SIGMA,
         PLATEAU_NOISE_SIGMA,
-        cutout_features,
         sky_background,
     )
+
+    cutout_features = features.cutout_features if implementation == "numpy" else features_jit.cutout_features
 
     rng = np.random.default_rng(5)
     images = rng.normal(0, 0.05, (48, 5, 64, 64)).astype(np.float32)
@@ -252,3 +255,42 @@ def test_identical_runs_and_plateaus_match_their_definitions_pixel_by_pixel():
     reference = np.where(peak > PLATEAU_MIN_PEAK_SIGMA * np.maximum(sigma, 1e-12), counts, 0).max(axis=1)
     assert set(np.unique(reference)) >= {0, 1, 16}
     np.testing.assert_array_equal(features["plateau"], reference)
+
+
+class RecordingBlendNet:
+    """Stands in for the blend detector: keeps the input it is given, scores each cutout by its input's sum."""
+
+    def scores(self, x):
+        self.x = x.copy()
+        return x.reshape(len(x), -1).sum(axis=1, dtype=np.float64)
+
+
+def test_the_compiled_features_are_the_numpy_reference_features(reference):
+    """photoz.model.features_jit (what the flagger runs) against photoz.model.features (the definitions the
+    thresholds were measured with) on galaxies, stars, masked and saturated cutouts and blank sky: every feature
+    within 1e-4 relative (the reference sums float32 products, the compiled code float64), the blend
+    detector's input within 1e-4, and the flags identical."""
+    from photoz.model import features_jit
+    from photoz.model.features import blend_input
+
+    rng = np.random.default_rng(12)
+    galaxies, ebv = disk_galaxies(rng, 400)
+    stars = np.concatenate([star(rng, r_mag=float(m)) for m in rng.uniform(15, 19, 40)])
+    sky = rng.normal(0, SIGMA[:, None, None], (8, 5, 64, 64)).astype(np.float32)
+    images = np.concatenate([galaxies, stars, sky])
+    images[::7, 1, 20, 10:20] = 0.0  # masked runs
+    images[3::11, 2, 30:34, 30:34] = images[3::11, 2].max() * 3  # flat tops
+    ebv = np.resize(ebv, len(images))
+    numpy_net, compiled_net = RecordingBlendNet(), RecordingBlendNet()
+    expected = cutout_features(images, ebv, BANDS, PIXEL_SCALE_ARCSEC, numpy_net)
+    got = features_jit.cutout_features(images, ebv, BANDS, PIXEL_SCALE_ARCSEC, compiled_net)
+    assert set(got) == set(expected)
+    for key in expected:
+        a, b = np.asarray(expected[key], np.float64), np.asarray(got[key], np.float64)
+        np.testing.assert_array_equal(np.isfinite(a), np.isfinite(b), err_msg=key)
+        np.testing.assert_allclose(b[np.isfinite(b)], a[np.isfinite(a)], rtol=1e-4, atol=1e-9, err_msg=key)
+    assert got["identical_run"].sum() >= len(images) // 7 and (got["plateau"] > 6).sum() >= len(images) // 11
+    np.testing.assert_allclose(compiled_net.x, blend_input(images, BANDS, PIXEL_SCALE_ARCSEC), rtol=1e-4, atol=1e-6)
+    thresholds = reference["thresholds"]
+    np.testing.assert_array_equal(flag_bits_from_features(got, thresholds),
+                                  flag_bits_from_features(expected, thresholds))
