@@ -72,6 +72,9 @@ class PredictParams(BaseModel):
     prior_weights: str | None = Field(None, description="custom prior: one weight per histogram bin (comma list)")
 
 
+_NO_PARAMS = PredictParams.model_validate({})  # an empty query's (read only)
+
+
 async def healthz() -> dict[str, str]:
     return {"status": "alive"}
 
@@ -123,7 +126,9 @@ async def handle_predict(request: Request, params: PredictParams | None) -> Resp
     async def work() -> Response:
         if params is None:
             await require_key(request)
-            return await _predict(request, PredictParams.model_validate(dict(request.query_params)))
+            query = request.scope["query_string"]
+            return await _predict(request, PredictParams.model_validate(dict(request.query_params)) if query
+                                  else _NO_PARAMS)
         return await _predict(request, params)
 
     return await answer(request, work, problem_for)

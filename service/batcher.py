@@ -198,8 +198,9 @@ class Batcher:
             self._queued += piece.n
         self.stats.on_depth(self._queued)
         self._wakeup.set()
-        try:
-            results = await asyncio.gather(*(p.future for p in pieces))
+        try:  # one piece (most requests): its future itself, without gather's
+            results = [await pieces[0].future] if len(pieces) == 1 else \
+                await asyncio.gather(*(p.future for p in pieces))
         except BaseException:
             for p in pieces:  # caller gone: its remaining pieces are dropped unrun
                 p.future.cancel()

@@ -37,6 +37,7 @@ class Metrics:
         self.objects = Counter("photoz_objects", "Cutouts given a PDF", registry=r)
         # refusals decided from the headers alone (also counted in photoz_requests{status="429"})
         self._requests_429 = self.requests.labels(status="429")
+        self._by_status: dict[int, Counter] = {429: self._requests_429}
         self.objects_rejected = Counter("photoz_objects_rejected", "Cutouts flagged invalid (no PDF)", registry=r)
         self.batches_bisected = Counter("photoz_batches_bisected", "Model calls (or finishing stages) that raised "
                                         "on a batch and were bisected so only the culprits failed", registry=r)
@@ -44,6 +45,14 @@ class Metrics:
                                             "alone (rejected; also in photoz_objects_rejected)", registry=r)
         self.refused_before_body = Counter("photoz_refused_before_body", "Requests refused (429) from their "
                                            "headers, before any body byte was read", registry=r)
+
+    def count_request(self, status: int, seconds: float) -> None:
+        """One prediction request answered with ``status`` after ``seconds`` (each status's child kept)."""
+        child = self._by_status.get(status)
+        if child is None:
+            child = self._by_status[status] = self.requests.labels(status=str(status))
+        child.inc()
+        self.request_latency.observe(seconds)
 
     def refuse_early(self) -> None:
         """Count a 429 decided from the headers (a refusal under a retry storm must cost next to nothing)."""

@@ -70,8 +70,10 @@ def bind(protocol: Protocol, handler: Handler) -> None:
     HANDLERS[protocol.name] = handler
 
 
+@functools.lru_cache(maxsize=1024)
 def prediction_protocol(path: str) -> Protocol | None:
-    """The protocol whose prediction path ``path`` is (POST requests), else None."""
+    """The protocol whose prediction path ``path`` is (POST requests), else None (answers for the last 1,024
+    paths kept: most requests ask about the same few)."""
     for protocol in PROTOCOLS:
         if protocol.match_prediction(path) is not None:
             return protocol

@@ -128,8 +128,7 @@ class ServiceState:
     def observe(self, status: int, started: float) -> None:
         """Count one prediction request (either protocol) and its latency."""
         if self.engine is not None:
-            self.engine.metrics.requests.labels(status=str(status)).inc()
-            self.engine.metrics.request_latency.observe(time.perf_counter() - started)
+            self.engine.metrics.count_request(status, time.perf_counter() - started)
 
 
 def state_of(request: Request) -> ServiceState:
@@ -224,7 +223,9 @@ async def predict_cutouts(request: Request, engine: ServingEngine, cutouts: Cuto
         if outputs is None:
             return None
         outputs = _refuse_unanswered(cutouts, valid, outputs)
-    engine.metrics.objects_rejected.inc(sum(p is not None for p in cutouts.problems))
+    rejected = sum(p is not None for p in cutouts.problems)
+    if rejected:
+        engine.metrics.objects_rejected.inc(rejected)
     assert outputs is not None
     probs, flag_bits = outputs.pop("probs"), outputs.pop("flag_bits", None)
     return Results(engine.bundle, cutouts.ids, cutouts.problems, probs, outputs, flag_bits)
