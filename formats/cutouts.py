@@ -121,7 +121,9 @@ def flag_unusable_pixels(images: np.ndarray, bands: tuple[str, ...]) -> list[str
     network's arithmetic is not defined for it, and it must not fail the other cutouts of its batch."""
     # reductions only, no temporary array the size of the stack; a NaN anywhere makes the max NaN. The whole
     # stack's first (one pass each, the common case), each band's only when something is out of bounds
-    if images.max(initial=-np.inf) <= MAX_ABS_PIXEL_NMGY and images.min(initial=np.inf) >= -MAX_ABS_PIXEL_NMGY:
+    flat = images.reshape(-1)  # the ufuncs' own reductions: ndarray.max's Python wrapper costs as much for a cutout
+    if not flat.size or (np.maximum.reduce(flat) <= MAX_ABS_PIXEL_NMGY
+                         and np.minimum.reduce(flat) >= -MAX_ABS_PIXEL_NMGY):
         return [None] * len(images)
     high, low = images.max(axis=(2, 3)), images.min(axis=(2, 3))  # (N, bands)
     bad = ~((high <= MAX_ABS_PIXEL_NMGY) & (low >= -MAX_ABS_PIXEL_NMGY))

@@ -79,11 +79,19 @@ def _header(body: bytes, header_length: str | None, max_json_bytes: int | None) 
     return doc, size
 
 
+#: The largest product of a tensor shape's non-zero axes (the decoded-size budget refuses far less with data).
+MAX_TENSOR_AXES_PRODUCT = 2**40
+
+
 def _shape(spec: dict[str, Any], where: str) -> tuple[int, ...]:
     shape = spec.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                               for d in shape):
         raise bad(f"{where}.shape", "a list of non-negative integers", shape)
+    # an empty tensor's other axes still count: numpy cannot shape (0, 10**6, 10**6, 10**6) either
+    if math.prod(d for d in shape if d) > MAX_TENSOR_AXES_PRODUCT:
+        raise bad(f"{where}.shape", f"axes whose non-zero lengths multiply to at most {MAX_TENSOR_AXES_PRODUCT:.0e}",
+                  shape)
     return tuple(shape)
 
 

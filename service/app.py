@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
-import numpy as np
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -157,9 +156,9 @@ async def _predict(request: Request, params: PredictParams) -> Response:
 
 def _check_valid(cutouts: Cutouts, all_or_nothing: bool) -> None:
     """422 if no cutout can go to the model (or any cannot, with ``all_or_nothing``)."""
-    valid = np.array([p is None for p in cutouts.problems])
-    if not valid.any() or (all_or_nothing and not valid.all()):
-        bad = [(cutouts.ids[i], cutouts.problems[i]) for i in np.flatnonzero(~valid)]
+    valid = sum(p is None for p in cutouts.problems)
+    if not valid or (all_or_nothing and valid < len(cutouts.problems)):
+        bad = [(i, p) for i, p in zip(cutouts.ids, cutouts.problems, strict=True) if p is not None]
         raise InputError("images", "cutouts the network can use (finite pixels within "
                          f"+-{MAX_ABS_PIXEL_NMGY:.0e} nanomaggies in every band, E(B-V) in "
                          f"{EBV_RANGE_MAG[0]:g}-{EBV_RANGE_MAG[1]:g} mag)",

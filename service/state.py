@@ -301,9 +301,9 @@ def _refuse_unanswered(cutouts: Cutouts, valid: np.ndarray, outputs: dict[str, n
     """Objects the model failed on alone (``row_errors``) and objects whose PDF came out non-finite become that
     object's error instead of a PDF of NaNs marked valid; the other objects' outputs are returned."""
     errors = outputs.pop(ROW_ERRORS, None)
-    answered = np.isfinite(outputs["probs"]).all(axis=1)
-    if answered.all():
+    if np.isfinite(np.add.reduce(outputs["probs"], axis=None)):  # every row finite (probabilities cannot overflow)
         return outputs
+    answered = np.isfinite(outputs["probs"]).all(axis=1)
     for k, i in enumerate(np.flatnonzero(valid)):
         if not answered[k]:
             cutouts.problems[i] = errors[k] if errors is not None and errors[k] is not None else \

@@ -138,6 +138,8 @@ def test_errors_are_the_protocols_with_v1s_statuses(server, triton, rng):
                                  "data": [0.0] * 7}]}).encode(), {}, 400, "20480 values"),
         (json.dumps({"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 5, 64, 64], "data": [0.0] * 20480}],
                      "outputs": [{"name": "z_best"}]}).encode(), {}, 400, "outputs[0].name"),
+        (json.dumps({"inputs": [{"name": "images", "datatype": "FP32", "shape": [0, 41, 275519, 292238, 698486],
+                                 "data": []}]}).encode(), {}, 400, "inputs[0].shape"),  # found by test_fuzz
         (gzip.compress(b"x")[:-3], {"Content-Encoding": "gzip"}, 400, "truncated"),
         (b"{}", {"Content-Encoding": "br"}, 415, "Content-Encoding"),
     ]
