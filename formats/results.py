@@ -185,10 +185,10 @@ def to_json(results: Results, include_pdf: bool) -> bytes:
     ``qp.Ensemble(qp.hist, data=dict(bins=meta["bins"], pdfs=data["pdfs"]))``
     rebuilds the ensemble; ``ancil`` rows line up with ``data.pdfs`` rows.
     """
-    every = bool(results.valid.all())
+    every = all(p is None for p in results.problems)
     rejected = [] if every else np.flatnonzero(~results.valid).tolist()
     # one rounding call for all the estimates, as lists (orjson writes small lists faster than small arrays)
-    estimates = np.round(np.array(list(results.estimates.values()), np.float64), 6).tolist()
+    estimates = np.array(list(results.estimates.values()), np.float64).round(6).tolist()
     doc: dict[str, Any] = {
         "model": _model_json(results.bundle),
         "prior": results.prior,
@@ -201,7 +201,7 @@ def to_json(results: Results, include_pdf: bool) -> bytes:
         "rejected": [{"index": i, "id": results.ids[i], "error": results.problems[i]} for i in rejected],
     }
     if include_pdf:
-        doc["data"] = {"pdfs": np.round(results.probs.astype(np.float64), 7)}
+        doc["data"] = {"pdfs": results.probs.astype(np.float64).round(7)}
     # orjson writes the numpy arrays directly (shortest round-trip floats), ~10x faster than json + tolist
     return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
 

@@ -209,10 +209,8 @@ def pdf_flag_bits(probs: np.ndarray) -> np.ndarray:
 
 def flag_names(bits: np.ndarray) -> list[list[str]]:
     """The flag names of each row's bits, in bit order."""
-    bits = np.asarray(bits, np.uint32)
-    if not bits.any():
-        return [[] for _ in range(len(bits))]
-    return [[name for name, bit in FLAG_BITS.items() if b & bit] if b else [] for b in bits.tolist()]
+    values = np.asarray(bits, np.uint32).tolist()
+    return [[name for name, bit in FLAG_BITS.items() if b & bit] if b else [] for b in values]
 
 
 def bits_from_names(names: list[list[str]] | list[str]) -> np.ndarray:
