@@ -176,7 +176,7 @@ class RefusingProtocol(HttpToolsProtocol):
         handler = prediction_handler(path.decode("latin-1"))
         length = next((v for n, v in self.headers if n == b"content-length"), b"")
         if handler is None or not length.isdigit() or self.expect_100_continue or self.parser.should_upgrade() \
-                or any(n == b"transfer-encoding" for n, _ in self.headers):
+                or self.limit_concurrency is not None or any(n == b"transfer-encoding" for n, _ in self.headers):
             return
         declared = int(length)
         if declared > min(INLINE_BYTES, self.state.settings.max_body_bytes) or not self.state.inflight.take(declared):

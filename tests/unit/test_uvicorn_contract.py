@@ -238,3 +238,19 @@ def test_a_client_gone_while_its_prediction_waits_has_the_task_cancelled():
 
     transport, _ = drive(state, handler, [post(b"abc")], settle=5, lose=True)
     assert events == ["cancelled"] and transport.written == b""
+
+
+@pytest.mark.parametrize(("version", "extra"), [(b"1.0", b""), (b"1.1", b"Connection: close\r\n")])
+def test_a_direct_answer_closes_the_connection_when_the_client_asked(version, extra):
+    state, seen = DirectState(), []
+    request = post(b"abc", extra).replace(b"HTTP/1.1", b"HTTP/" + version, 1)
+    transport, _ = drive(state, echo_handler(seen), [request])
+    assert len(seen) == 1 and transport.written.startswith(b"HTTP/1.1 200") and transport.closed
+    assert b"connection: close" in transport.written.lower()
+
+
+def test_a_client_gone_mid_body_releases_its_reservation_and_in_flight_bytes():
+    state, seen = DirectState(), []
+    transport, _ = drive(state, echo_handler(seen), [post(b"x" * 5000)[:-3000]], settle=2, lose=True)
+    assert seen == [] and transport.written == b""
+    assert state.reservations[0].released == 1 and state.inflight.used == 0
