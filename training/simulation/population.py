@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -78,9 +79,27 @@ class PopulationConfig:
     # (early-type relation) and blue galaxies: with one factor, the red half was 6-21% small
     size_scale: float = 1.18
     size_scale_red: float = 1.33
+    # the reference sample's completeness in Petrosian r near its limit: a logistic, one half at
+    # completeness_m50_mag, e-folding over completeness_width_mag (None: complete to r_limit_mag). The real files
+    # thin out over their last ~0.4 mag (library <V/Vmax> 0.385, not 0.5: docs/simulation.md); the volumes and
+    # the selection both apply it (``library_completeness`` measures it).
+    completeness_m50_mag: float | None = None
+    completeness_width_mag: float = 0.1
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The parameters as a data set records them (the completeness only when set: files made without it
+        record what they did before it existed)."""
+        d = asdict(self)
+        if self.completeness_m50_mag is None:
+            del d["completeness_m50_mag"], d["completeness_width_mag"]
+        return d
+
+    def completeness(self, petro_r: np.ndarray) -> np.ndarray:
+        """The share of galaxies of Petrosian r (dereddened, mag) the reference sample holds (1 when complete)."""
+        if self.completeness_m50_mag is None:
+            return np.ones_like(np.asarray(petro_r, np.float64))
+        x = (np.asarray(petro_r, np.float64) - self.completeness_m50_mag) / self.completeness_width_mag
+        return 1.0 / (1.0 + np.exp(np.clip(x, -50, 50)))
 
     @property
     def library(self):
@@ -138,13 +157,16 @@ def expected_petrosian_deficit(t: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=8)
-def _clone_grid(library_name: str, q: float, r_limit: float, z_max: float, sample_limit: float, petrosian: bool):
+def _clone_grid(library_name: str, q: float, r_limit: float, z_max: float, sample_limit: float, petrosian: bool,
+                completeness: tuple[float, float] | None = None):
     """Per library galaxy: the probability of picking it, and the cumulative distribution of its redshift
     on TABLE_Z, for candidates brighter than ``r_limit`` (noise-free, dereddened r) below ``z_max``.
 
     The real galaxies were selected on their Petrosian r, which misses part of a bulge's light: a galaxy's
     volume is where its total r is brighter than ``sample_limit`` minus its expected Petrosian deficit (and,
-    with ``petrosian``, the candidates' limit moves by the same), or red galaxies would be under-weighted."""
+    with ``petrosian``, the candidates' limit moves by the same), or red galaxies would be under-weighted. With
+    ``completeness`` (m50, width), a galaxy's volume counts each shell by the share the sample holds at its
+    Petrosian r there (its effective Vmax); the candidates fill their volume uniformly, the selection thins them."""
     lib = load_library(REFERENCE / library_name)
     zg = TABLE_Z
     deficit = expected_petrosian_deficit(_library_colours(library_name)[3])[:, None]
@@ -155,7 +177,9 @@ def _clone_grid(library_name: str, q: float, r_limit: float, z_max: float, sampl
     z_all, _, _, dvdz, _ = distance_grid()
     dv = np.interp(zg, z_all, dvdz) * np.gradient(zg)
     candidate = (m_r < r_limit - (deficit if petrosian else 0.0)) & (zg >= Z_MIN) & (zg <= z_max)
-    sample = (m_r < sample_limit - deficit) & (zg >= Z_MIN) & (zg <= Z_MAX)
+    sample = ((m_r < sample_limit - deficit) & (zg >= Z_MIN) & (zg <= Z_MAX)).astype(np.float64)
+    if completeness is not None:
+        sample *= 1.0 / (1.0 + np.exp(np.clip((m_r + deficit - completeness[0]) / completeness[1], -50, 50)))
     v_candidate, v_sample = (candidate * dv).sum(axis=1), (sample * dv).sum(axis=1)
     weight = np.where(v_sample > 0, v_candidate / np.maximum(v_sample, 1e-30), 0.0)
     cdf = np.cumsum(candidate * dv, axis=1) / np.maximum(v_candidate, 1e-30)[:, None]
@@ -181,7 +205,8 @@ def draw_candidates(cfg: PopulationConfig, n: int, rng: np.random.Generator, r_l
     it in noise-free, dereddened total r (of their average-inclination spectrum) below ``z_max`` (neighbours).
     Without, the MGS targets' candidates: galaxies whose expected Petrosian r (total r of the galaxy as
     inclined, plus the Petrosian deficit of its bulge fraction) is within ``candidate_margin_mag`` of the
-    limit; the measured cut (``render.simulate_chunk``) then decides."""
+    limit, thinned by the reference sample's completeness at that r when the config has one; the measured cut
+    (``render.simulate_chunk``) then decides."""
     if r_limit is not None:
         return _draw(cfg, n, rng, float(r_limit), z_max, petrosian=False)
     widest = cfg.r_limit_mag + cfg.candidate_margin_mag + max_inclination_brightening(cfg)
@@ -190,7 +215,10 @@ def draw_candidates(cfg: PopulationConfig, n: int, rng: np.random.Generator, r_l
         cand = _draw(cfg, int(1.3 * missing) + 16, rng, widest, z_max, petrosian=True)
         expected = dereddened(cand["mag_true"], ebv=cand["ebv"])[:, BANDS.index("r")] \
             + np.interp(cand["bulge_fraction"], *PETROSIAN_DEFICIT_MAG)
-        return cand, expected <= cfg.r_limit_mag + cfg.candidate_margin_mag
+        keep = expected <= cfg.r_limit_mag + cfg.candidate_margin_mag
+        if cfg.completeness_m50_mag is not None:  # thinned before rendering, as the reference sample is
+            keep &= rng.uniform(size=expected.size) < cfg.completeness(expected)
+        return cand, keep
 
     return fill(n, batch)
 
@@ -206,8 +234,9 @@ def _draw(cfg: PopulationConfig, n: int, rng: np.random.Generator, r_limit: floa
           petrosian: bool) -> dict[str, np.ndarray]:
     """n library galaxies brighter than ``r_limit`` (see _clone_grid) at new redshifts below ``z_max``."""
     lib = cfg.library
+    thinning = None if cfg.completeness_m50_mag is None else (cfg.completeness_m50_mag, cfg.completeness_width_mag)
     p, cdf = _clone_grid(cfg.sed_library, cfg.luminosity_evolution_q_mag_per_z, float(r_limit), float(z_max),
-                         cfg.r_limit_mag, petrosian)
+                         cfg.r_limit_mag, petrosian, thinning)
     idx = rng.choice(p.size, size=n, p=p)
     cell = np.minimum((cdf[idx] < rng.uniform(size=n)[:, None]).sum(axis=1), TABLE_Z.size - 1)
     z = np.clip(TABLE_Z[cell] + rng.uniform(-0.5, 0.5, n) * (TABLE_Z[1] - TABLE_Z[0]), Z_MIN, z_max)
@@ -249,6 +278,45 @@ def draw_selected(cfg: PopulationConfig, n: int, rng: np.random.Generator) -> di
     population's own cut, for test fields; ``photoz simulate`` cuts on the measured Petrosian r instead)."""
     def batch(missing: int):
         cand = draw_candidates(cfg, max(2 * missing, 64), rng, r_limit=cfg.r_limit_mag)
-        return cand, dereddened(cand["mag_true"], ebv=cand["ebv"])[:, BANDS.index("r")] < cfg.r_limit_mag
+        r = dereddened(cand["mag_true"], ebv=cand["ebv"])[:, BANDS.index("r")]
+        keep = r < cfg.r_limit_mag
+        if cfg.completeness_m50_mag is not None:  # thinned as the reference sample is, in expected Petrosian r
+            petro = r + np.interp(cand["bulge_fraction"], *PETROSIAN_DEFICIT_MAG)
+            keep &= rng.uniform(size=r.size) < cfg.completeness(petro)
+        return cand, keep
 
     return fill(n, batch)
+
+
+def _library_petrosian_r(library_name: str) -> np.ndarray:
+    """Each library galaxy's expected Petrosian r at its own redshift (model r plus its Petrosian deficit)."""
+    lib = load_library(REFERENCE / library_name)
+    table = photometry_table(lib.repair_mag)[:N_TEMPLATES, int(np.argmin(np.abs(TABLE_DUST_EBV))), :, BANDS.index("r")]
+    flux_r = lib.coeffs @ table  # (N, Z)
+    own = np.array([np.interp(z, TABLE_Z, f) for z, f in zip(lib.z, flux_r, strict=True)])
+    deficit = expected_petrosian_deficit(_library_colours(library_name)[3])
+    return lib.abs_mag_r + distance_modulus(np.maximum(lib.z, 1e-4)) - 2.5 * np.log10(np.maximum(own, 1e-30)) + deficit
+
+
+def library_completeness(cfg: PopulationConfig, n: int = 20000, seed: int = 11) -> dict[str, Any]:
+    """How complete the reference sample is near its limit: the library galaxies' Petrosian r distribution over
+    that of a complete sample cloned from them (``draw_selected`` without thinning, ``n`` galaxies), per 0.1 mag,
+    normalised to 1 over 15.5-17.0, and the logistic (m50, width) fitted to it from 16.5 on."""
+    from scipy.optimize import curve_fit
+
+    complete = replace(cfg, completeness_m50_mag=None)
+    sim = draw_selected(complete, n, np.random.default_rng(seed))
+    sim_r = dereddened(sim["mag_true"], ebv=sim["ebv"])[:, BANDS.index("r")] \
+        + np.interp(sim["bulge_fraction"], *PETROSIAN_DEFICIT_MAG)
+    lib_r = _library_petrosian_r(cfg.sed_library)
+    edges = np.round(np.arange(15.5, cfg.r_limit_mag + 0.15, 0.1), 2)
+    centres = (edges[:-1] + edges[1:]) / 2
+    h_lib, h_sim = np.histogram(lib_r, edges)[0], np.histogram(sim_r, edges)[0]
+    ratio = (h_lib / max(h_lib.sum(), 1)) / np.maximum(h_sim / max(h_sim.sum(), 1), 1e-12)
+    ratio = ratio / ratio[centres < 17.0].mean()
+    fit = (centres >= 16.5) & (h_sim > 0)
+    sigma = ratio[fit] / np.sqrt(np.maximum(h_lib[fit], 1)) + 0.02
+    (m50, width), _ = curve_fit(lambda m, a, w: 1 / (1 + np.exp((m - a) / w)), centres[fit], ratio[fit],
+                                p0=(cfg.r_limit_mag - 0.25, 0.1), sigma=sigma)
+    return {"bin_centres_mag": centres.tolist(), "completeness": ratio.tolist(), "n_library": int(lib_r.size),
+            "n_complete_sample": int(n), "m50_mag": float(m50), "width_mag": float(width)}
