@@ -3,10 +3,11 @@ numpy calls per batch.
 
 The definitions are :mod:`photoz.model.features`' (that module's numpy code is the reference: training measures the
 thresholds with it); this computes the same features per cutout in compiled loops, sums in float64 where the
-reference sums float32 products (values agree to ~1e-6 relative; tests/unit/test_quality.py holds them together).
-A server spends most of the flags' time in numpy's per-call overhead on its small batches (~0.5 ms per call
-however few cutouts) and in temporaries the size of the stack; here a cutout costs ~10-20 us plus the blend
-detector's network. Without numba the numpy reference runs (:func:`available`).
+reference sums float32 products (values agree to 1e-4 relative at worst, ~1e-6 typically;
+tests/unit/test_quality.py holds them together). A server spends much of the flags' time in numpy's per-call
+overhead on its small batches (~0.4 ms per call however few cutouts) and in temporaries the size of the stack;
+here a cutout costs ~0.05 ms on the development machine, plus the blend detector's network (~0.065 ms), with the
+GIL released. Without numba the numpy reference runs (:func:`available`).
 """
 from __future__ import annotations
 
