@@ -170,8 +170,7 @@ def _clone_grid(library_name: str, q: float, r_limit: float, z_max: float, sampl
     lib = load_library(REFERENCE / library_name)
     zg = TABLE_Z
     deficit = expected_petrosian_deficit(_library_colours(library_name)[3])[:, None]
-    table = photometry_table(lib.repair_mag)[:N_TEMPLATES, int(np.argmin(np.abs(TABLE_DUST_EBV))), :, BANDS.index("r")]
-    flux_r = lib.coeffs @ table  # (N, Z)
+    flux_r = _library_flux_r(library_name)
     m_r = (lib.abs_mag_r[:, None] - q * (zg[None, :] - lib.z[:, None]) + distance_modulus(np.maximum(zg, 1e-4))
            - 2.5 * np.log10(np.maximum(flux_r, 1e-30)))
     z_all, _, _, dvdz, _ = distance_grid()
@@ -184,6 +183,13 @@ def _clone_grid(library_name: str, q: float, r_limit: float, z_max: float, sampl
     weight = np.where(v_sample > 0, v_candidate / np.maximum(v_sample, 1e-30), 0.0)
     cdf = np.cumsum(candidate * dv, axis=1) / np.maximum(v_candidate, 1e-30)[:, None]
     return weight / weight.sum(), cdf
+
+
+def _library_flux_r(library_name: str) -> np.ndarray:
+    """Each library galaxy's r-band flux factor on TABLE_Z (N, Z): its spectrum through r, no dust, at each z."""
+    lib = load_library(REFERENCE / library_name)
+    table = photometry_table(lib.repair_mag)[:N_TEMPLATES, int(np.argmin(np.abs(TABLE_DUST_EBV))), :, BANDS.index("r")]
+    return lib.coeffs @ table
 
 
 @functools.lru_cache(maxsize=2)
@@ -291,9 +297,7 @@ def draw_selected(cfg: PopulationConfig, n: int, rng: np.random.Generator) -> di
 def _library_petrosian_r(library_name: str) -> np.ndarray:
     """Each library galaxy's expected Petrosian r at its own redshift (model r plus its Petrosian deficit)."""
     lib = load_library(REFERENCE / library_name)
-    table = photometry_table(lib.repair_mag)[:N_TEMPLATES, int(np.argmin(np.abs(TABLE_DUST_EBV))), :, BANDS.index("r")]
-    flux_r = lib.coeffs @ table  # (N, Z)
-    own = np.array([np.interp(z, TABLE_Z, f) for z, f in zip(lib.z, flux_r, strict=True)])
+    own = np.array([np.interp(z, TABLE_Z, f) for z, f in zip(lib.z, _library_flux_r(library_name), strict=True)])
     deficit = expected_petrosian_deficit(_library_colours(library_name)[3])
     return lib.abs_mag_r + distance_modulus(np.maximum(lib.z, 1e-4)) - 2.5 * np.log10(np.maximum(own, 1e-30)) + deficit
 
