@@ -82,9 +82,8 @@ class _Grant:
         extra = nbytes - self.held
         if extra <= 0:
             return
-        if self.pool.used + extra > self.pool.limit:
+        if not self.pool.take(extra):
             raise self.pool.refuse(extra)
-        self.pool.used += extra
         self.held = nbytes
 
 
