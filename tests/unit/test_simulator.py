@@ -1,4 +1,6 @@
 """Physics checks of the simulator that can be checked."""
+from dataclasses import replace
+
 import h5py
 import numpy as np
 import pytest
@@ -81,7 +83,9 @@ def test_a_red_spectrum_reddens_with_redshift():
 
 
 def test_candidates_are_library_galaxies_inside_their_volume():
-    cfg = PopulationConfig()
+    # complete to the limit (the default thins the last ~0.4 mag as the reference sample does, which leaves few
+    # candidates beyond the limit: the completeness test covers that)
+    cfg = replace(PopulationConfig(), completeness_m50_mag=None)
     pop = draw_candidates(cfg, 5000, np.random.default_rng(0))
     assert np.all((pop["z"] >= Z_MIN) & (pop["z"] <= Z_MAX))
     expected = dereddened(pop["mag_true"], ebv=pop["ebv"])[:, R] + np.interp(pop["bulge_fraction"],
@@ -529,15 +533,16 @@ def test_the_reference_samples_completeness_brings_the_simulated_nz_to_the_real_
     """The real files thin out over their last ~0.4 mag in Petrosian r; measured from the library alone
     (its r distribution against a complete sample cloned from it), that completeness, applied to the volumes
     and the selection, gives the real median redshift (within 0.003) and share beyond z = 0.2 (within 1.3x),
-    which a complete sample misses."""
-    from dataclasses import replace
-
+    which a complete sample misses. The simulator's defaults are that fit."""
     from photoz.training.simulation.calibrate import load_real
     from photoz.training.simulation.population import PopulationConfig, draw_selected, library_completeness
 
     base = replace(PopulationConfig(), completeness_m50_mag=None)
     fitted = library_completeness(base, n=8000)
     assert 17.3 < fitted["m50_mag"] < 17.7 and 0.03 < fitted["width_mag"] < 0.25
+    default = PopulationConfig()
+    assert default.completeness_m50_mag == pytest.approx(fitted["m50_mag"], abs=0.03)
+    assert default.completeness_width_mag == pytest.approx(fitted["width_mag"], abs=0.02)
     thinned_cfg = replace(base, completeness_m50_mag=fitted["m50_mag"], completeness_width_mag=fitted["width_mag"])
     assert thinned_cfg.completeness(np.array([16.0, fitted["m50_mag"], 18.5])).round(3).tolist() == [1.0, 0.5, 0.0]
     real = load_real("train")["z"]

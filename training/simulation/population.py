@@ -82,9 +82,9 @@ class PopulationConfig:
     # the reference sample's completeness in Petrosian r near its limit: a logistic, one half at
     # completeness_m50_mag, e-folding over completeness_width_mag (None: complete to r_limit_mag). The real files
     # thin out over their last ~0.4 mag (library <V/Vmax> 0.385, not 0.5: docs/simulation.md); the volumes and
-    # the selection both apply it (``library_completeness`` measures it).
-    completeness_m50_mag: float | None = None
-    completeness_width_mag: float = 0.1
+    # the selection both apply it. The values are ``library_completeness``'s fit (1.7.0 on).
+    completeness_m50_mag: float | None = 17.52
+    completeness_width_mag: float = 0.095
 
     def to_dict(self) -> dict:
         """The parameters as a data set records them (the completeness only when set: files made without it
