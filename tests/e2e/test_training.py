@@ -376,6 +376,24 @@ def test_fine_tuning_starts_from_a_bundles_weights(tiny_data, tmp_path):
                 progress=False)
     assert torch.equal(torch.load(run / "last.pt", weights_only=False)["model"]["classifier.4.weight"],
                        torch.load(first / "best.pt", weights_only=False)["model"]["classifier.4.weight"])
+    # a bundle with a PIT map in its graph (as the shipped one) holds the network under a prefix: its weights
+    # are the network's, the map is left behind
+    import json
+
+    from photoz.model.recalibration import PITMap
+
+    u = np.linspace(0, 1, 11)
+    (tmp_path / "map.json").write_text(json.dumps({"map": PITMap(np.array([0.05, 0.15, 0.3]),
+                                                                np.stack([u ** 0.7, u, u ** 1.4])).to_metadata()}))
+    mapped = export_checkpoint(ExportJob(first / "best.pt", tmp_path / "mapped.onnx", "tiny-mapped", "0.1.1",
+                                         thresholds=False, pit_map=tmp_path / "map.json"))
+    net, _ = load_checkpoint(first / "best.pt")
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter.zero_()
+    load_initial_weights(net, mapped.path)
+    reference = torch.load(first / "best.pt", weights_only=False)["model"]
+    assert all(torch.equal(value, reference[name]) for name, value in net.state_dict().items())
     from photoz.model.network.pasquet import build, variant_config
 
     wider = build(variant_config("pasquet2019_half", n_bins=180))

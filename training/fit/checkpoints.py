@@ -36,7 +36,7 @@ def checkpoint_payload(net, optimizer, cfg, epoch, batch_in_epoch, best, history
 
 def onnx_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     """A single network's weights read back from its exported bundle, under the names of
-    ``PasquetNet.state_dict()``. The exporter keeps the module names of convolutions and dense layers; a PReLU's
+    ``PasquetNet.state_dict()`` (of the network alone where the graph also holds a PIT map). The exporter keeps the module names of convolutions and dense layers; a PReLU's
     slope gets an anonymous name, so it is found through the graph: the slope of the PReLU that follows the
     convolution ``X.0`` is ``X.1.weight`` (``ConvPReLU`` = convolution, PReLU)."""
     import onnx
@@ -53,6 +53,10 @@ def onnx_state_dict(path: str | Path) -> dict[str, np.ndarray]:
         if conv is None or conv.op_type != "Conv" or not conv.input[1].endswith(".0.weight"):
             raise ValueError(f"{path}: a PReLU in the graph does not follow a named convolution")
         state[conv.input[1][: -len("0.weight")] + "1.weight"] = initializers[node.input[1]].reshape(-1)
+    if not any(name.startswith("features.") for name in state):
+        # a bundle with a PIT map in its graph wraps the network as ``net`` beside the map's tables (knots,
+        # table, centres): the network's own weights are under that prefix, and the map is not the network's
+        state = {name.removeprefix("net."): array for name, array in state.items() if name.startswith("net.")}
     return state
 
 
