@@ -36,9 +36,10 @@ def checkpoint_payload(net, optimizer, cfg, epoch, batch_in_epoch, best, history
 
 def onnx_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     """A single network's weights read back from its exported bundle, under the names of
-    ``PasquetNet.state_dict()`` (of the network alone where the graph also holds a PIT map). The exporter keeps the module names of convolutions and dense layers; a PReLU's
-    slope gets an anonymous name, so it is found through the graph: the slope of the PReLU that follows the
-    convolution ``X.0`` is ``X.1.weight`` (``ConvPReLU`` = convolution, PReLU)."""
+    ``PasquetNet.state_dict()`` (of the network alone where the graph also holds a PIT map). The exporter keeps
+    the module names of convolutions and dense layers; a PReLU's slope gets an anonymous name, so it is found
+    through the graph: the slope of the PReLU that follows the convolution ``X.0`` is ``X.1.weight``
+    (``ConvPReLU`` = convolution, PReLU)."""
     import onnx
     from onnx import numpy_helper
 
