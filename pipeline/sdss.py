@@ -183,12 +183,12 @@ def sky_splits(ra: np.ndarray, dec: np.ndarray, fractions: tuple[float, float, f
     from astropy_healpix import HEALPix
 
     pixels = HEALPix(nside=nside, order="nested").lonlat_to_healpix(np.asarray(ra) * u.deg, np.asarray(dec) * u.deg)
-    draw = _pixel_draws(np.asarray(pixels, np.int64), seed)
+    draw = pixel_draws(np.asarray(pixels, np.int64), seed)
     edges = np.cumsum(fractions[:2]) / sum(fractions)
     return np.searchsorted(edges, draw, side="right").astype(np.uint8)
 
 
-def _pixel_draws(pixels: np.ndarray, seed: int) -> np.ndarray:
+def pixel_draws(pixels: np.ndarray, seed: int) -> np.ndarray:
     """``np.random.default_rng(seed).random(12 * nside**2)[pixels]`` without drawing the whole sky (at nside 8192
     that is 805 million numbers, 6.4 GB and ~25 s): the generator's stream is advanced to each pixel the objects
     occupy (one 64-bit output per double), so the splits are the same numbers as before."""

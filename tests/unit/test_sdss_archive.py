@@ -62,14 +62,14 @@ def test_sky_splits_draw_only_the_pixels_objects_occupy():
     import astropy.units as u
     from astropy_healpix import HEALPix
 
-    from photoz.pipeline.sdss import _pixel_draws
+    from photoz.pipeline.sdss import pixel_draws
 
     rng = np.random.default_rng(7)
     ra, dec = rng.uniform(0, 360, 3000), np.degrees(np.arcsin(rng.uniform(-1, 1, 3000)))
     for nside, seed in ((16, 3), (64, 1)):
         pixels = HEALPix(nside=nside, order="nested").lonlat_to_healpix(ra * u.deg, dec * u.deg)
         whole_sky = np.random.default_rng(seed).random(12 * nside ** 2)[pixels]
-        np.testing.assert_array_equal(_pixel_draws(np.asarray(pixels, np.int64), seed), whole_sky)
+        np.testing.assert_array_equal(pixel_draws(np.asarray(pixels, np.int64), seed), whole_sky)
     tracemalloc.start()
     split = sky_splits(ra, dec, (0.6, 0.2, 0.2), nside=8192, seed=1)
     peak = tracemalloc.get_traced_memory()[1]
