@@ -4,6 +4,7 @@ from dataclasses import replace
 import h5py
 import numpy as np
 import pytest
+from scipy.stats import ks_2samp
 
 from photoz.model.conventions import (
     BANDS,
@@ -62,6 +63,37 @@ def test_library_spectra_reproduce_the_real_galaxies_they_were_fitted_to():
     _, _, raw = sed.fit_coefficients(real["mags"] - sed.REFERENCE_MW_EBV * A_MW, real["errs"], real["z"],
                                      (0.0,) * len(sed.REPAIR_KNOTS_AA))
     assert np.median(raw[:, 0]) < -0.03
+
+
+def test_deconvolution_recovers_a_noisy_colours_true_distribution_and_leaves_precise_ones():
+    """A red sequence with a blue tail, its u - r measured with 0.3 mag errors (g - r and i - r, which tell red from
+    blue, precisely): the measured distribution is broader than the true one and its lower quantiles move blue;
+    the deconvolved one has the true quantiles. Precise u moves by no more than its colour's error allows."""
+    rng = np.random.default_rng(3)
+    n = 6000
+    red = rng.uniform(size=n) < 0.75
+    g_r = np.where(red, rng.normal(0.95, 0.04, n), rng.normal(0.55, 0.1, n))
+    true_u_r = np.where(red, 2.6 + 2.0 * (g_r - 0.95), 1.7 + 1.5 * (g_r - 0.55)) + rng.normal(0, 0.06, n)
+    z = rng.uniform(0.02, 0.3, n)
+    r = rng.uniform(15, 17.7, n)
+    true = np.column_stack([r + true_u_r, r + g_r, r, r - 0.4 * g_r, r - 0.6 * g_r])
+    errs = np.tile([0.3, 0.01, 0.01, 0.01, 0.02], (n, 1))
+    errs[: n // 2, 0] = 0.01  # half the sample has precise u
+    measured = true + rng.normal(size=true.shape) * errs
+    deconvolved, posterior_errs = sed.deconvolved_photometry(measured, errs, z)
+    noisy = errs[:, 0] > 0.1
+
+    def distance_from_true(m):  # Kolmogorov-Smirnov distance of the noisy half's u - r from the true one
+        return ks_2samp(m[noisy, 0] - m[noisy, 2], true[noisy, 0] - true[noisy, 2]).statistic
+
+    assert distance_from_true(measured) > 0.08
+    assert distance_from_true(deconvolved) < 0.04
+    assert np.all(posterior_errs[noisy, 0] < 0.2) and np.all(posterior_errs[:, 2] == errs[:, 2])
+    precise = ~noisy
+    assert np.percentile(np.abs(deconvolved[precise, 0] - measured[precise, 0]), 95) < 0.05  # 3.5 sigma of u - r
+    np.testing.assert_array_equal(deconvolved[:, 2], measured[:, 2])
+    again, _ = sed.deconvolved_photometry(measured, errs, z)
+    np.testing.assert_array_equal(again, deconvolved)
 
 
 def test_the_committed_library_is_what_the_fit_makes(tmp_path):
