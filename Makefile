@@ -34,8 +34,11 @@ serve: $(VENV)/.serve-installed
 	@test -f $(MODEL) || { echo "No model bundle at $(MODEL): train and export one (see docs/training.md) or set MODEL=path.onnx"; exit 1; }
 	$(BIN)/photoz serve --model $(MODEL) --host $(HOST) --port $(PORT)
 
+# the suite in TEST_WORKERS processes (pytest-xdist; 2 suits a 2-core machine, TEST_WORKERS=0 runs it in this one);
+# tests marked xdist_group (modules with costly module fixtures) stay together on one worker
+TEST_WORKERS ?= 2
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # ruff (lint + import order) over the repository; mypy over every room and the RAIL stages (--strict for
 # photoz.model, formats and service: pyproject.toml); import-linter's contracts on which room imports which (pyproject.toml). mypy and

@@ -17,6 +17,9 @@ from photoz.model.quality import FLAG_BITS, quality_metadata
 from photoz.pipeline.jobs import PredictJob
 from tests.helpers import disk_galaxies, npy_bytes, star
 
+# one pytest-xdist worker runs this module (make test), so its module fixtures (flagged_bundle, ...) are built once
+pytestmark = pytest.mark.xdist_group("test_flags")
+
 
 @pytest.fixture(scope="module")
 def flagged_bundle(tiny_bundle, tmp_path_factory):

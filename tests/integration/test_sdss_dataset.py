@@ -14,6 +14,9 @@ import pytest
 from photoz.model.conventions import BANDS, EXTINCTION_A_OVER_EBV
 from tests.fake_sdss import CAMCOL, FIELDS, RUN, FakeArchive, build_archive
 
+# one pytest-xdist worker runs this module (make test), so its module fixtures (archive, ...) are built once
+pytestmark = pytest.mark.xdist_group("test_sdss_dataset")
+
 pytest.importorskip("reproject")
 FRAME_U_11 = f"/sas/301/{RUN}/{CAMCOL}/frame-u-{RUN:06d}-{CAMCOL}-{FIELDS[0]:04d}.fits.bz2"
 

@@ -8,6 +8,9 @@ from photoz.model.features import cutout_features
 from photoz.model.quality import reference_thresholds
 from tests.helpers import disk_galaxies
 
+# one pytest-xdist worker runs this module (make test), so its module fixtures (thresholds, ...) are built once
+pytestmark = pytest.mark.xdist_group("test_ood")
+
 
 @pytest.fixture(scope="module")
 def thresholds():

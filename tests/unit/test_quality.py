@@ -22,6 +22,9 @@ from photoz.model.quality import (
 )
 from tests.helpers import SIGMA, disk_galaxies, star
 
+# one pytest-xdist worker runs this module (make test), so its module fixtures (reference, ...) are built once
+pytestmark = pytest.mark.xdist_group("test_quality")
+
 
 @pytest.fixture(scope="module")
 def reference():
