@@ -3,11 +3,12 @@
 Every simulated galaxy's spectrum is that of a real SDSS galaxy. The five
 non-negative (NMF) templates that ship with ``kcorrect`` (Blanton & Roweis
 2007, ``kcorrect-default-v4.fits``: stellar populations plus nebular
-emission, fitted to SDSS spectra and photometry) are fitted, by
-non-negative least squares, to the ugriz photometry and spectroscopic
-redshift of each real galaxy in ``sdss_reference/`` (the training and
-validation files only: the test file stays held out for the transfer test).
-The fit gives each galaxy's spectrum as five coefficients and its rest-frame
+emission, fitted to SDSS spectra and photometry), and a sixth made from
+them with a deeper 4000 A break (below), are fitted, by non-negative least
+squares, to the ugriz photometry and spectroscopic redshift of each real
+galaxy in ``sdss_reference/`` (the training and validation files only: the
+test file stays held out for the transfer test), deconvolved of its noise
+(below). The fit gives each galaxy's spectrum as six coefficients and its rest-frame
 r absolute magnitude; the library of these (``sdss_reference/sed_library.ecsv``,
 written by ``python -m photoz.training.simulation.sed``) is what the population
 samples from, so the simulated colour distribution at every redshift is the
@@ -29,20 +30,24 @@ multiplicative correction of all templates against rest wavelength (knots
 the galaxies refitted, and this repeated until the median residual of every
 band is below a millimagnitude.
 
-**Deconvolved photometry (optional, off in the committed library).** A
-library spectrum should be the galaxy's true spectrum, but fitted to
-measured magnitudes it carries their noise, and the simulator adds its own
-on top: a faint galaxy's u (error 0.2-0.45 mag beyond z = 0.2) scatters
-twice. ``fit_library(deconvolve=True)`` first replaces each galaxy's colour
-against r by a draw from its posterior (``deconvolved_photometry``): a
-Gaussian likelihood from the measured colour and its error, and a Gaussian
-prior from its 64 nearest neighbours in the other colours and redshift
-(their median, and their scatter less their mean noise). A draw, not the
-posterior mean, which would make the library's colours narrower than the
-real ones. Measured in a full calibration run (docs/simulation.md), it
-brings g - r within 0.009 mag of the real file in every redshift bin but
-leaves u - g beyond z = 0.2 as blue as before: there the templates cannot
-make u faint enough for the reddest galaxies, so it is not switched on.
+**Deconvolved photometry.** A library spectrum should be the galaxy's true
+spectrum, but fitted to measured magnitudes it carries their noise, and the
+simulator adds its own on top: a faint galaxy's u (error 0.2-0.45 mag
+beyond z = 0.2) scatters twice. Each galaxy's colour against r is
+therefore replaced, before the fit, by a draw from its posterior
+(``deconvolved_photometry``): a Gaussian likelihood from the measured
+colour and its error, and a Gaussian prior from its 64 nearest neighbours
+in the other colours and redshift (their median, and their scatter less
+their mean noise). A draw, not the posterior mean, which would make the
+library's colours narrower than the real ones.
+
+**A deeper 4000 A break.** Beyond z = 0.15 the five templates cannot make
+the reddest real galaxies' u faint enough: fitted to them, 40% of the
+library at z 0.20-0.25 kept a u more than 0.05 mag too bright, so the
+simulated u - g had no red tail and came out 0.06-0.09 mag too blue there.
+A sixth template, kcorrect's template 3 (rest u - g 1.62, g - r 0.75, the
+most elliptical-like) times (lambda / 4000 A)^3 below 4000 A, gives the fit
+that freedom; with the deconvolution, 9% are left so (simulator 1.8.0).
 
 **Colour gradients.** Bulges are redder than disks. A galaxy's spectrum S
 is split into a bulge S (1 + a x) and a disk S (1 - a f x / (1 - f)), with
@@ -65,7 +70,14 @@ from photoz.model.conventions import BANDS
 from photoz.training.simulation.cosmology import distance_modulus
 
 KCORRECT_TEMPLATES = "kcorrect-default-v4.fits"
-N_TEMPLATES = 5
+#: kcorrect's five templates and one made from them (UV_SUPPRESSED_*)
+N_TEMPLATES = 6
+#: The sixth template: kcorrect's template UV_SUPPRESSED_FROM (its oldest-looking: rest u - g 1.62, g - r 0.75)
+#: times (lambda / UV_SUPPRESSED_PIVOT_AA) ** UV_SUPPRESSED_INDEX below the pivot (Angstrom): a deeper 4000 A
+#: break than any of the five, which cannot make the reddest real galaxies' u faint enough beyond z = 0.15
+UV_SUPPRESSED_FROM = 3
+UV_SUPPRESSED_PIVOT_AA = 4000.0
+UV_SUPPRESSED_INDEX = 3.0
 #: Rest-frame wavelengths kept from the templates, Angstrom: SDSS u..z for 0 <= z <= 0.45 with room.
 REST_RANGE_AA = (1500.0, 13000.0)
 TABLE_Z = np.linspace(0.0, 0.45, 181)
@@ -100,14 +112,17 @@ def calzetti_k(wavelength_aa: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=1)
 def nmf_templates() -> tuple[np.ndarray, np.ndarray]:
-    """kcorrect's default templates: rest wavelength (Angstrom) and f_lambda (N_TEMPLATES, L), within REST_RANGE_AA."""
+    """kcorrect's default templates and the UV-suppressed one made from them: rest wavelength (Angstrom) and
+    f_lambda (N_TEMPLATES, L), within REST_RANGE_AA."""
     import kcorrect
     from kcorrect.template import Template
 
     path = os.path.join(os.path.dirname(kcorrect.__file__), "data", "templates", KCORRECT_TEMPLATES)
     template = Template(filename=path)
     keep = (template.wave > REST_RANGE_AA[0]) & (template.wave < REST_RANGE_AA[1])
-    return template.wave[keep].astype(np.float64), template.flux[:, keep].astype(np.float64)
+    wave, flux = template.wave[keep].astype(np.float64), template.flux[:, keep].astype(np.float64)
+    suppressed = flux[UV_SUPPRESSED_FROM] * np.minimum(1.0, wave / UV_SUPPRESSED_PIVOT_AA) ** UV_SUPPRESSED_INDEX
+    return wave, np.vstack([flux, suppressed[None, :]])
 
 
 def repaired_templates(repair_mag: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -256,9 +271,9 @@ def deconvolved_photometry(mags: np.ndarray, mag_errs: np.ndarray, z: np.ndarray
 
 
 def fit_library(mags: np.ndarray, mag_errs: np.ndarray, z: np.ndarray, iterations: int = 8,
-                source: str = "", deconvolve: bool = False) -> tuple[SEDLibrary, np.ndarray]:
+                source: str = "", deconvolve: bool = True) -> tuple[SEDLibrary, np.ndarray]:
     """Fit the templates to real galaxies (magnitudes as published, with Galactic dust REFERENCE_MW_EBV), after
-    deconvolving their noise if ``deconvolve`` (``deconvolved_photometry``; the committed library does not),
+    deconvolving their noise if ``deconvolve`` (``deconvolved_photometry``; simulator >= 1.8),
     and repair them until the median residual of every band vanishes (see the module's docstring). Returns the
     library and the final fit's residuals (model minus the data it was fitted to, mag; N, 5)."""
     from photoz.model.conventions import dereddened
@@ -320,14 +335,11 @@ def load_library(path: Path = LIBRARY) -> SEDLibrary:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Fit the simulator's spectral library to the real SDSS galaxies")
     parser.add_argument("--out", default=str(LIBRARY))
-    parser.add_argument("--deconvolve", action="store_true",
-                        help="fit to the deconvolved photometry (the module's docstring; not the committed library)")
     args = parser.parse_args(argv)
     real = reference_photometry()
     library, residual = fit_library(real["mags"], real["errs"], real["z"],
-                                    source="sdss.ugriz.train + sdss.ugriz.valid (ANNz), r < 17.77, 0.003 < z < 0.4"
-                                    + ("; photometry deconvolved" if args.deconvolve else ""),
-                                    deconvolve=args.deconvolve)
+                                    source="sdss.ugriz.train + sdss.ugriz.valid (ANNz), r < 17.77, 0.003 < z < 0.4, "
+                                           "photometry deconvolved")
     print(f"{library.z.size} galaxies; median residual (model - data, mag) per band "
           + " ".join(f"{b} {v:+.4f}" for b, v in zip(BANDS, np.median(residual, axis=0), strict=True)))
     print(f"repair (mag at {REPAIR_KNOTS_AA} A): {library.repair_mag}")

@@ -33,7 +33,7 @@ from photoz.training.simulation.instrument import InstrumentConfig
 from photoz.training.simulation.population import PopulationConfig
 from photoz.training.simulation.render import simulate_chunk
 
-SIMULATOR_VERSION = "1.7.1"
+SIMULATOR_VERSION = "1.8.0"
 DEFAULT_CHUNK_SIZE = 256
 
 
