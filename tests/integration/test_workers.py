@@ -21,13 +21,13 @@ def children(pid: int) -> list[int]:
     return sorted(found)
 
 
-def wait_for(condition, timeout_s=60.0, what="condition"):
+def wait_for(condition, timeout_s=60.0, what="condition", poll_s=0.1):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
-        time.sleep(0.1)
+        time.sleep(poll_s)
     raise AssertionError(f"timed out waiting for {what}")
 
 
@@ -124,7 +124,7 @@ def test_a_killed_worker_is_replaced_while_the_other_serves(tiny_bundle, tmp_pat
 def test_sigterm_drains_every_worker_and_loses_nothing(tiny_bundle, tmp_path, rng):
     server = LiveServer(tiny_bundle, tmp_path / "drain.log", workers=2, max_batch_size=8, max_queue_wait_ms=30_000)
     worker_pids(server, 2)
-    stacks = [sky_cutouts(rng, 150) for _ in range(6)]
+    stacks = [sky_cutouts(rng, 300) for _ in range(6)]
     answers = [None] * len(stacks)
 
     def send(i):
@@ -133,12 +133,18 @@ def test_sigterm_drains_every_worker_and_loses_nothing(tiny_bundle, tmp_path, rn
     threads = [threading.Thread(target=send, args=(i,)) for i in range(len(stacks))]
     for t in threads:
         t.start()
-    # SIGTERM once work is queued or being decoded in the workers
-    def busy():
-        lines = metric_lines(server, "photoz_queue_depth{") + metric_lines(server, "photoz_incoming_cutouts{")
-        return any(float(line.split()[-1]) > 0 for line in lines)
+    # SIGTERM once every request is in (its cutouts incoming, queued, in a batch or answered: a request the
+    # draining server never admitted is rightly a 503) and work is still queued or being decoded. In a batch at
+    # any moment: at most two workers' two concurrent batches of 8, which the metrics do not count.
+    def total(lines):
+        return sum(float(line.split()[-1]) for line in lines)
 
-    wait_for(busy, what="queued work")
+    def all_in_and_busy():
+        held = total(metric_lines(server, "photoz_queue_depth{") + metric_lines(server, "photoz_incoming_cutouts{"))
+        answered = total(metric_lines(server, "photoz_objects_total "))
+        return held > 0 and held + answered >= sum(len(s) for s in stacks) - 2 * 2 * 8
+
+    wait_for(all_in_and_busy, what="every request in, work queued", poll_s=0.01)
     code = server.stop(timeout=60)
     for t in threads:
         t.join(60)
