@@ -323,6 +323,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-queue-delay-ms", type=float, default=2.0)
     parser.add_argument("--offline-seconds", type=float, default=4.0,
                         help="engine-alone run before and after each load point")
+    parser.add_argument("--scan-seconds", type=float, default=1.5,
+                        help="per arrangement and batch size in the offline engine's scan")
     parser.add_argument("--rounds-256", type=int, default=1,
                         help="alternating rounds of 256-cutout requests, /v1 .npy then /v2 binary")
     parser.add_argument("--skip-litserve", action="store_true")
@@ -353,7 +355,7 @@ def main(argv=None) -> int:
     offline = Offline(bundle, args.device)
     print(f"offline engine throughput (ONNX Runtime, {offline.provider}), scanning arrangements and batch sizes ...",
           flush=True)
-    scan = offline.scan()
+    scan = offline.scan(args.scan_seconds)
     best_arrangement, best_size = max(((a, n) for a in scan for n in scan[a]), key=lambda k: scan[k[0]][k[1]])
     print(f"reference: {best_arrangement}, batch {best_size}", flush=True)
 

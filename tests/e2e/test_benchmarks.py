@@ -80,7 +80,8 @@ def test_train_speed(tmp_path):
 @needs_wrk
 def test_serve(tiny_bundle, tmp_path):
     report = run_benchmark("serve", ["--model", str(tiny_bundle), "--duration", "1", "--connections", "1,4",
-                                     "--offline-seconds", "0.5", "--skip-litserve"], tmp_path)
+                                     "--offline-seconds", "0.5", "--scan-seconds", "0.2", "--skip-litserve"],
+                           tmp_path)
     servers = {(r["server"], r["connections"], r["cutouts_per_request"]) for r in report["rows"]}
     assert {c for _, c, n in servers if n == 1} == {1, 4} and any(n == 256 for _, _, n in servers)
     assert report["offline_best"] > 0 and all("ratio_to_offline" in r for r in report["rows"])
