@@ -158,15 +158,13 @@ class RefusingProtocol(HttpToolsProtocol):
             self.refusal_timer = None
             self.state.end_hold()
         for cycle, _ in self.pipeline:  # pipelined requests that will never run hold no reservation
-            self._end_direct(cycle)
-            release_reservation(cycle.scope)  # type: ignore[arg-type]
+            self._abandon(cycle)
         if self.cycle is not None and not self.cycle.response_complete:
             direct: _Direct | None = self.cycle.scope.get(DIRECT)  # type: ignore[assignment]
             if direct is not None and direct.task is not None:  # its queued work is dropped; 499 counted
                 direct.task.cancel()
             elif direct is not None:  # its body never came whole
-                self._end_direct(self.cycle)
-                release_reservation(self.cycle.scope)  # type: ignore[arg-type]
+                self._abandon(self.cycle)
         super().connection_lost(exc)
 
     # -- predictions answered directly ------------------------------------------------------------------
@@ -201,8 +199,7 @@ class RefusingProtocol(HttpToolsProtocol):
             direct.timer = self.loop.call_later(timeout, self._check_progress, cycle, direct, timeout)
             return
         direct.timer = None
-        self._end_direct(cycle)
-        release_reservation(cycle.scope)  # type: ignore[arg-type]
+        self._abandon(cycle)
         self.state.observe(408, direct.started)
         if not self.transport.is_closing():
             self.transport.write(raw_response(render_error(cycle.scope["path"], stalled(timeout, len(cycle.body)))))
@@ -218,6 +215,11 @@ class RefusingProtocol(HttpToolsProtocol):
             direct.timer = None
         self.state.inflight.give_back(direct.held)
         direct.held = 0
+
+    def _abandon(self, cycle: RequestResponseCycle) -> None:
+        """A request that will never run: its body stops counting in flight, its admission's reservation goes."""
+        self._end_direct(cycle)
+        release_reservation(cycle.scope)  # type: ignore[arg-type]
 
     def _run_direct(self, cycle: RequestResponseCycle, direct: _Direct) -> None:
         self._end_direct(cycle)
