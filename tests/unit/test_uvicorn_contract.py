@@ -25,6 +25,7 @@ class FakeTransport(asyncio.Transport):
     def __init__(self):
         super().__init__()
         self.written, self.closed, self.paused = b"", False, False
+        self.asked_for = []
 
     def write(self, data):
         self.written += data
@@ -42,6 +43,7 @@ class FakeTransport(asyncio.Transport):
         self.paused = False
 
     def get_extra_info(self, name, default=None):
+        self.asked_for.append(name)
         return {"peername": ("127.0.0.1", 5000), "sockname": ("127.0.0.1", 8000)}.get(name, default)
 
 
@@ -67,7 +69,7 @@ def test_the_protocol_refuses_from_the_headers_and_admits_otherwise(path, refuse
     called = []
 
     async def app(scope, receive, send):
-        called.append(scope["path"])
+        called.append((scope["path"], scope["client"], scope["server"]))
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
@@ -93,8 +95,41 @@ def test_the_protocol_refuses_from_the_headers_and_admits_otherwise(path, refuse
     if refused:
         assert transport.written.startswith(b"HTTP/1.1 429 Too Many Requests") and transport.closed
         assert b"retry-after: 3" in transport.written.lower() and called == []
+        # a refusal never looks up the connection's addresses (on uvloop a third of its CPU)
+        assert not {"socket", "peername", "sockname"} & set(transport.asked_for), transport.asked_for
     else:
-        assert transport.written.startswith(b"HTTP/1.1 200") and called == [path.decode()]
+        assert transport.written.startswith(b"HTTP/1.1 200")
+        assert called == [(path.decode(), ("127.0.0.1", 5000), ("127.0.0.1", 8000))]  # as uvicorn's scope has them
+
+
+def test_connection_made_sets_what_uvicorns_does_but_the_addresses():
+    """RefusingProtocol.connection_made is uvicorn's without the address look-up: the same per-connection state
+    after it, so a uvicorn that sets something new there fails here."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    from uvicorn.server import ServerState
+
+    async def app(scope, receive, send):
+        pass
+
+    async def state_after(protocol_class):  # a protocol needs a running loop
+        config = uvicorn.Config(app, http=protocol_class, log_level="warning", lifespan="off")
+        config.load()
+        protocol = config.http_protocol_class(config=config, server_state=ServerState(), app_state={})
+        protocol.connection_made(FakeTransport())
+        return {k: v for k, v in vars(protocol).items() if k not in ("transport", "flow", "server", "client")}, \
+            protocol
+
+    ours, protocol = asyncio.run(state_after(type("P", (RefusingProtocol,), {"state": StubState()})))
+    theirs, reference = asyncio.run(state_after(HttpToolsProtocol))
+    assert ours.keys() == theirs.keys()
+    plain = (str, bytes, int, float, bool, tuple, type(None))  # the values that are not per-instance objects
+
+    def values(state):
+        return {k: v for k, v in state.items() if isinstance(v, plain)}
+
+    assert values(ours) == values(theirs) and "scheme" in values(ours)
+    assert protocol in protocol.connections and protocol.flow is not None and protocol.scheme == "http"
+    assert reference.server == ("127.0.0.1", 8000) and protocol.server is None  # looked up when admitted
 
 
 # -- predictions answered directly by the protocol --------------------------------------------------------
