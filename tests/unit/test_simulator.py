@@ -66,7 +66,7 @@ def test_library_spectra_reproduce_the_real_galaxies_they_were_fitted_to():
     assert np.median(np.abs(residual[:, 1:4])) < 0.01
     # kcorrect's five templates as shipped leave u 0.05 mag too bright on these galaxies: what the repair (and
     # the sixth template) are for
-    raw = _five_template_residuals(measured, real["errs"], real["z"], (0.0,) * len(sed.REPAIR_KNOTS_AA))
+    _, _, raw = sed.fit_coefficients(measured, real["errs"], real["z"], (0.0,) * len(sed.REPAIR_KNOTS_AA), 5)
     assert np.median(raw[:, 0]) < -0.03
 
 
@@ -83,23 +83,9 @@ def test_the_sixth_template_lets_the_reddest_galaxies_u_be_faint_enough():
     assert flux.shape[0] == 6
     np.testing.assert_array_equal(flux[5][wave >= sed.UV_SUPPRESSED_PIVOT_AA],
                                   flux[sed.UV_SUPPRESSED_FROM][wave >= sed.UV_SUPPRESSED_PIVOT_AA])
-    five = _five_template_residuals(deconvolved[far], errs[far], real["z"][far], lib.repair_mag)
+    _, _, five = sed.fit_coefficients(deconvolved[far], errs[far], real["z"][far], lib.repair_mag, n_templates=5)
     assert np.mean(five[:, 0] < -0.05) > 0.3
     assert np.mean(six[:, 0] < -0.05) < 0.17
-
-
-def _five_template_residuals(mags, errs, z, repair_mag):
-    """fit_coefficients' residuals with the sixth template's coefficient held at zero (NNLS on kcorrect's five)."""
-    from scipy.optimize import nnls
-
-    maggies = 10 ** (-0.4 * mags)
-    sigma = np.hypot(errs, sed.FIT_ERROR_FLOOR_MAG) * maggies
-    weights = np.eye(5, 2 * sed.N_TEMPLATES)
-    design = np.stack([sed.band_maggies(np.repeat(weights[k:k + 1], z.size, 0), 0.0, z, repair_mag)
-                       for k in range(5)], axis=2)
-    model = np.stack([design[n] @ nnls(design[n] / sigma[n][:, None], maggies[n] / sigma[n])[0]
-                      for n in range(z.size)])
-    return -2.5 * np.log10(np.maximum(model, 1e-30) / maggies)
 
 
 def test_deconvolution_recovers_a_noisy_colours_true_distribution_and_leaves_precise_ones():

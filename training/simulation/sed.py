@@ -220,17 +220,17 @@ class SEDLibrary:
 
 
 def fit_coefficients(mags: np.ndarray, mag_errs: np.ndarray, z: np.ndarray, repair_mag: tuple[float, ...],
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Non-negative least-squares fit of the templates to galaxies' magnitudes (N, 5; no Galactic dust) at
-    their redshifts. Returns coefficients summing to one, rest-frame r absolute magnitudes, and the model's
-    minus the data's magnitudes (N, 5)."""
+                     n_templates: int = N_TEMPLATES) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Non-negative least-squares fit of the first ``n_templates`` templates (all; 5: kcorrect's alone) to
+    galaxies' magnitudes (N, 5; no Galactic dust) at their redshifts. Returns coefficients (N, n_templates)
+    summing to one, rest-frame r absolute magnitudes, and the model's minus the data's magnitudes (N, 5)."""
     from scipy.optimize import nnls
 
     maggies = 10 ** (-0.4 * mags)
     sigma = np.hypot(mag_errs, FIT_ERROR_FLOOR_MAG) * maggies * np.log(10) / 2.5
-    weights = np.eye(N_TEMPLATES, 2 * N_TEMPLATES)
+    weights = np.eye(n_templates, 2 * N_TEMPLATES)
     design = np.stack([band_maggies(np.repeat(weights[k:k + 1], z.size, 0), 0.0, z, repair_mag)
-                       for k in range(N_TEMPLATES)], axis=2)  # (N, bands, templates)
+                       for k in range(n_templates)], axis=2)  # (N, bands, templates)
     scale = maggies[:, BANDS.index("r")]
     coeffs = np.stack([nnls(design[n] / (sigma[n] / scale[n])[:, None], maggies[n] / sigma[n])[0]
                        for n in range(z.size)]) * scale[:, None]
