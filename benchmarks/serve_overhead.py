@@ -47,12 +47,12 @@ def cache_engine_calls() -> None:
     OnnxPredictor.predict_with_estimates = cached
 
 
-def cached_worker(settings, sock, index) -> None:
+def cached_worker(settings, listener) -> None:
     """A worker process of the supervisor with its engine's call cached."""
     from photoz.service.server import run_worker
 
     cache_engine_calls()
-    run_worker(settings, sock, index)
+    run_worker(settings, listener)
 
 
 def serve_without_model(model: str, port: int, workers: int) -> None:

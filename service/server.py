@@ -35,6 +35,7 @@ from photoz.service.ingest import BODY, DISCONNECT_CANCELS, INLINE_BYTES, stalle
 from photoz.service.routes import Handler, prediction_handler, render_error
 from photoz.service.settings import Settings
 from photoz.service.state import RESERVATION, ServiceState, release_reservation
+from photoz.service.workers import BalancedAcceptor, Listener
 
 log = logging.getLogger("photoz.service")
 
@@ -108,6 +109,7 @@ class RefusingProtocol(HttpToolsProtocol):
     refusal_timer: asyncio.TimerHandle | None = None
 
     addresses_known: bool = False
+    acceptor: BalancedAcceptor | None = None  # a worker's, counting its open connections (set by run_server)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         """uvicorn's, less its look-up of both ends' addresses, which waits for a request that is admitted
@@ -182,6 +184,8 @@ class RefusingProtocol(HttpToolsProtocol):
             self._run_direct(self.cycle, direct)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.acceptor is not None:
+            self.acceptor.closed()
         if self.refusal_timer is not None:  # the client left while its refusal was held
             self.refusal_timer.cancel()
             self.refusal_timer = None
@@ -287,13 +291,30 @@ class DrainingServer(uvicorn.Server):
     """On SIGTERM: mark the service draining (readyz 503, new predictions 503), then let
     uvicorn stop accepting connections, finish in-flight requests and run the lifespan shutdown."""
 
-    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+    def __init__(self, config: uvicorn.Config, app: FastAPI, acceptor: BalancedAcceptor | None = None) -> None:
         super().__init__(config)
-        self.photoz_app = app
+        self.photoz_app, self.acceptor = app, acceptor
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's; a worker (with an acceptor) accepts on its shared socket itself, balancing connections."""
         self._loop = asyncio.get_running_loop()
-        await super().startup(sockets)
+        if self.acceptor is None:
+            await super().startup(sockets)
+            return
+        await super().startup([])  # the lifespan, and no server of uvicorn's
+        if self.started:
+            self.acceptor.start(self._create_protocol)
+
+    def _create_protocol(self) -> asyncio.Protocol:
+        """A connection's protocol, made as uvicorn's startup makes it."""
+        config = self.config
+        return config.http_protocol_class(  # type: ignore[call-arg]
+            config=config, server_state=self.server_state, app_state=self.lifespan.state, _loop=self._loop)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.acceptor is not None:
+            self.acceptor.stop()
+        await super().shutdown(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         state = self.photoz_app.state.photoz
@@ -324,22 +345,26 @@ def serve(settings: Settings) -> int:
     return Supervisor(worker_settings(settings, workers, gpu), workers, run_worker).run()
 
 
-def run_worker(settings: Settings, sock: socket.socket, index: int) -> None:
+def run_worker(settings: Settings, listener: Listener) -> None:
     """One worker process of a supervisor (:mod:`photoz.service.workers`): a whole server on the shared socket."""
-    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT.replace("%(name)s", f"%(name)s[w{index}]"))
-    raise SystemExit(run_server(settings, sock))
+    name = f"%(name)s[w{listener.index}]"
+    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT.replace("%(name)s", name))
+    raise SystemExit(run_server(settings, listener))
 
 
-def run_server(settings: Settings, sock: socket.socket | None = None) -> int:
-    """The app under uvicorn with photoz's protocol and drain, on ``sock`` if given (a worker), else its own."""
+def run_server(settings: Settings, listener: Listener | None = None) -> int:
+    """The app under uvicorn with photoz's protocol and drain; a worker's (``listener``) accepting on the shared
+    socket in balance with the other workers, else on its own."""
     app = create_app(settings)
-    protocol = type("PhotozHttpProtocol", (RefusingProtocol,), {"state": app.state.photoz, "app_for_handlers": app})
+    acceptor = BalancedAcceptor(listener) if listener is not None else None
+    protocol = type("PhotozHttpProtocol", (RefusingProtocol,),
+                    {"state": app.state.photoz, "app_for_handlers": app, "acceptor": acceptor})
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s) + ANSWER_GRACE_S,
                             access_log=False, http=protocol)
-    server = DrainingServer(config, app)
+    server = DrainingServer(config, app, acceptor)
     # uvicorn re-raises the stop signal after its graceful shutdown; a drain
     # that finished is a clean stop, so the process exits 0 rather than -15
     signal.signal(signal.SIGTERM, lambda *_: None)
-    server.run(sockets=[sock] if sock is not None else None)
+    server.run(sockets=[listener.sock] if listener is not None else None)
     return 0 if server.started else 1

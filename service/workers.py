@@ -17,6 +17,13 @@ directory, so a worker that dies takes only its own requests with it.
   holds what the settings say; admission (429 with
   Retry-After, the queue-wait target, early refusal from the headers) is each
   worker's over its own queue, which is what its latency depends on.
+- Connections are balanced: a worker accepts a waiting connection only while
+  it has no more open connections than the least loaded worker (every
+  worker's count lives in shared memory, :class:`Listener`), so a client with
+  as many connections as there are workers reaches them all. Left to the
+  kernel, two 256-cutout clients on two workers landed in one worker in two of
+  four rounds and ran at its rate, half the server's. A worker whose event loop
+  is busy is passed over after :data:`MAX_DEFER_S`.
 - ``/metrics`` is one view of every worker (Prometheus' multiprocess mode:
   each process writes its samples to files in one directory, any worker
   renders them all); the queue gauges carry a ``pid`` label per worker.
@@ -29,17 +36,22 @@ directory, so a worker that dies takes only its own requests with it.
 """
 from __future__ import annotations
 
+import asyncio
+import ctypes
 import logging
 import multiprocessing
 import os
+import select
 import shutil
 import signal
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableSequence
+from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from types import FrameType
+from typing import cast
 
 from photoz.service.settings import Settings
 
@@ -51,6 +63,15 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 QUICK_DEATH_S, QUICK_DEATHS = 20.0, 3
 #: How often the supervisor looks at its workers, seconds.
 POLL_S = 0.2
+#: The connection count of a worker that is not accepting (starting, draining or dead): never the least loaded.
+NOT_ACCEPTING = 2**62
+#: A worker with more connections than the least loaded one looks at a waiting connection again after this many
+#: seconds (leaving it to that worker) ...
+DEFER_S = 0.001
+#: ... and accepts it itself once it has waited this long: the least loaded worker's event loop may be busy.
+MAX_DEFER_S = 0.02
+#: Connections accepted at most per wake-up of the event loop (as asyncio's own accept loop does per backlog).
+ACCEPTS_PER_WAKE = 64
 
 
 def worker_settings(settings: Settings, workers: int, gpu: bool = False) -> Settings:
@@ -84,14 +105,116 @@ def bind(settings: Settings) -> socket.socket:
     return sock
 
 
-class Supervisor:
-    """Starts ``workers`` processes running ``target(settings, socket, index)``, replaces those that die, and
-    stops them all on SIGTERM/SIGINT."""
+@dataclass
+class Listener:
+    """Where worker ``index`` accepts: the socket every worker shares, and every worker's count of open connections
+    (shared memory, :data:`NOT_ACCEPTING` for a worker that does not accept)."""
 
-    def __init__(self, settings: Settings, workers: int,
-                 target: Callable[[Settings, socket.socket, int], None]) -> None:
+    sock: socket.socket
+    counts: MutableSequence[int]
+    index: int
+
+
+def should_accept(counts: MutableSequence[int], index: int, deferred_since: float | None, now: float) -> bool:
+    """Whether worker ``index`` takes a waiting connection now: while it has no more open connections than any
+    accepting worker, or once it has left the connection to a less loaded one for :data:`MAX_DEFER_S`."""
+    mine = counts[index]
+    if all(mine <= count for count in counts):
+        return True
+    return deferred_since is not None and now - deferred_since >= MAX_DEFER_S
+
+
+class BalancedAcceptor:
+    """Accepts connections on a worker's :class:`Listener` by :func:`should_accept` and hands each to
+    ``protocol_factory``'s protocol on the running event loop (``loop.connect_accepted_socket``). The protocol
+    calls :meth:`closed` when its connection is lost."""
+
+    def __init__(self, listener: Listener, clock: Callable[[], float] = time.monotonic) -> None:
+        self.listener, self.clock = listener, clock
+        self.open = 0
+        self.accepting = False
+        self.deferred_since: float | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.protocol_factory: Callable[[], asyncio.Protocol] | None = None
+        self.retry: asyncio.TimerHandle | None = None
+
+    def start(self, protocol_factory: Callable[[], asyncio.Protocol]) -> None:
+        self.loop, self.protocol_factory = asyncio.get_running_loop(), protocol_factory
+        self.listener.sock.setblocking(False)
+        self.accepting = True
+        self._publish()
+        self.loop.add_reader(self.listener.sock.fileno(), self._on_readable)
+
+    def stop(self) -> None:
+        """Accept nothing more (a drain): the other workers take the waiting connections."""
+        if self.accepting and self.loop is not None:
+            self.accepting = False
+            self.loop.remove_reader(self.listener.sock.fileno())
+            if self.retry is not None:
+                self.retry.cancel()
+        self._publish()
+
+    def closed(self) -> None:
+        self.open = max(0, self.open - 1)
+        self._publish()
+
+    def _publish(self) -> None:
+        self.listener.counts[self.listener.index] = self.open if self.accepting else NOT_ACCEPTING
+
+    def _pause(self, seconds: float) -> None:
+        """Stop looking at the socket for ``seconds`` (it stays readable while a connection waits)."""
+        assert self.loop is not None
+        self.loop.remove_reader(self.listener.sock.fileno())
+        self.retry = self.loop.call_later(seconds, self._resume)
+
+    def _resume(self) -> None:
+        self.retry = None
+        if self.accepting and self.loop is not None:
+            if not select.select([self.listener.sock], [], [], 0)[0]:
+                self.deferred_since = None  # the connection it left went to another worker: a new deferral next
+            self.loop.add_reader(self.listener.sock.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        assert self.loop is not None and self.protocol_factory is not None
+        for _ in range(ACCEPTS_PER_WAKE):
+            now = self.clock()
+            if not should_accept(self.listener.counts, self.listener.index, self.deferred_since, now):
+                self.deferred_since = self.deferred_since if self.deferred_since is not None else now
+                self._pause(DEFER_S)
+                return
+            self.deferred_since = None
+            try:
+                conn, _ = self.listener.sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return  # another worker took it, or the client gave up
+            except OSError as exc:  # out of file descriptors or buffers: wait as asyncio's own accept loop does
+                log.error("accepting a connection failed (%s): pausing accept for 1 s", exc)
+                self._pause(1.0)
+                return
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.open += 1
+            self._publish()
+            self.loop.create_task(self._connect(conn))
+
+    async def _connect(self, conn: socket.socket) -> None:
+        assert self.loop is not None and self.protocol_factory is not None
+        try:
+            await self.loop.connect_accepted_socket(self.protocol_factory, conn)
+        except Exception as exc:  # the connection is gone before its protocol had it
+            log.debug("a connection accepted could not start: %s", exc)
+            conn.close()
+            self.closed()
+
+
+class Supervisor:
+    """Starts ``workers`` processes running ``target(settings, listener)``, replaces those that die, and stops them
+    all on SIGTERM/SIGINT."""
+
+    def __init__(self, settings: Settings, workers: int, target: Callable[[Settings, Listener], None]) -> None:
         self.settings, self.workers, self.target = settings, workers, target
         self.context = multiprocessing.get_context("spawn")
+        self.counts = cast(MutableSequence[int], self.context.RawArray(ctypes.c_int64, [NOT_ACCEPTING] * workers))
         self.processes: dict[int, BaseProcess] = {}
         self.started: dict[int, float] = {}
         self.stopping = False
@@ -117,7 +240,8 @@ class Supervisor:
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
     def _start(self, index: int, sock: socket.socket) -> None:
-        process = self.context.Process(target=self.target, args=(self.settings, sock, index),
+        self.counts[index] = NOT_ACCEPTING  # until it accepts (a dead worker's count went with it)
+        process = self.context.Process(target=self.target, args=(self.settings, Listener(sock, self.counts, index)),
                                        name=f"photoz-worker-{index}")
         process.start()
         self.processes[index], self.started[index] = process, time.monotonic()
@@ -134,6 +258,7 @@ class Supervisor:
                 lived = time.monotonic() - self.started[index]
                 log.warning("worker %d (pid %s) exited with %s after %.1f s: replacing it", index, process.pid,
                             process.exitcode, lived)
+                self.counts[index] = NOT_ACCEPTING
                 if process.pid is not None:
                     multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
                 self.quick_deaths = self.quick_deaths + 1 if lived < QUICK_DEATH_S else 0

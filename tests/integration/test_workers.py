@@ -2,6 +2,7 @@
 others serve, SIGTERM drains them all, and auth and limits hold as with one process. Real `photoz serve`."""
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -73,6 +74,56 @@ def test_two_workers_answer_on_one_port_with_one_metrics_view(two_workers, tiny_
         {str(p) for p in pids}
     log = two_workers.log()
     assert "with 2 worker processes" in log and "photoz.service[w0]" in log and "photoz.service[w1]" in log
+
+
+def connection_owners(server, pids, clients):
+    """Which worker process holds the server end of each client socket: the kernel's TCP table (/proc/net/tcp)
+    gives the socket's inode, each worker's /proc/PID/fd its sockets."""
+    inodes = {}
+    for row in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = row.split()
+        local, remote = (int(address.split(":")[1], 16) for address in fields[1:3])
+        if local == server.port:
+            inodes[fields[9]] = remote
+    ends = {}
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            link = os.readlink(fd) if fd.is_symlink() else ""
+            if link.startswith("socket:[") and link[8:-1] in inodes:
+                ends[inodes[link[8:-1]]] = pid
+    return [ends.get(client.getsockname()[1]) for client in clients]
+
+
+def test_workers_share_the_connections_of_a_client_with_few(two_workers):
+    """Each connection goes to the worker with the fewest open: a client's 8 keep-alive connections are 4 and 4,
+    where the kernel alone handed a client's connections to whichever worker woke first."""
+    pids = worker_pids(two_workers, 2)
+    clients = []
+    try:
+        for _ in range(8):  # one after another, each answered before the next opens: its worker has accepted it
+            client = socket.create_connection(("127.0.0.1", two_workers.port), timeout=30)
+            client.sendall(b"GET /healthz HTTP/1.1\r\nHost: photoz\r\n\r\n")
+            assert client.recv(4096).startswith(b"HTTP/1.1 200")
+            clients.append(client)
+        owners = connection_owners(two_workers, pids, clients)
+        assert sorted(owners.count(pid) for pid in pids) == [4, 4], owners
+        for client in clients[:4]:  # closed connections leave their worker's count: the next ones go there
+            client.close()
+        freed = {owner for owner in owners[:4]}
+        for _ in range(2):
+            client = socket.create_connection(("127.0.0.1", two_workers.port), timeout=30)
+            client.sendall(b"GET /healthz HTTP/1.1\r\nHost: photoz\r\n\r\n")
+            assert client.recv(4096).startswith(b"HTTP/1.1 200")
+            clients.append(client)
+        time.sleep(0.2)
+        new_owners = connection_owners(two_workers, pids, clients[8:])
+        if len(freed) == 1:
+            assert set(new_owners) == freed, (owners, new_owners)
+        else:
+            assert sorted(new_owners) == sorted(pids), (owners, new_owners)
+    finally:
+        for client in clients:
+            client.close()
 
 
 def test_auth_and_limits_hold_in_every_worker(two_workers, rng):
