@@ -69,7 +69,12 @@ class Watch:
         return self
 
     def __exit__(self, *exc) -> None:
+        # a little longer, and until it has polled MIN_POLLS times (a request refused at once can end before the
+        # watch's second poll on a busy machine), unless its thread died
+        deadline = time.monotonic() + 30
         time.sleep(0.1)
+        while len(self.latencies) < self.MIN_POLLS and self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
         self._stop.set()
         self._thread.join()
         if self.error is not None:
