@@ -34,6 +34,8 @@ class Metrics:
         self.incoming = Gauge("photoz_incoming_cutouts", "Cutouts of admitted requests whose bodies are still "
                               "being read or decoded (counted against the queue)", registry=r,
                               multiprocess_mode="liveall")
+        self.open_connections = Gauge("photoz_open_connections", "HTTP connections open (under photoz serve; "
+                                      "once a second)", registry=r, multiprocess_mode="liveall")
         self.objects = Counter("photoz_objects", "Cutouts given a PDF", registry=r)
         # refusals decided from the headers alone (also counted in photoz_requests{status="429"})
         self._requests_429 = self.requests.labels(status="429")

@@ -303,7 +303,15 @@ class DrainingServer(uvicorn.Server):
             return
         await super().startup([])  # the lifespan, and no server of uvicorn's
         if self.started:
-            self.acceptor.start(self._create_protocol)
+            await self.acceptor.start(self._create_protocol)
+
+    async def on_tick(self, counter: int) -> bool:
+        """uvicorn's once-per-0.1 s tick; once a second, the open connections into ``photoz_open_connections`` (per
+        worker: whether the workers share them)."""
+        engine = self.photoz_app.state.photoz.engine
+        if counter % 10 == 0 and engine is not None:
+            engine.metrics.open_connections.set(len(self.server_state.connections))
+        return await super().on_tick(counter)
 
     def _create_protocol(self) -> asyncio.Protocol:
         """A connection's protocol, made as uvicorn's startup makes it."""

@@ -46,12 +46,13 @@ import shutil
 import signal
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable, MutableSequence
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from types import FrameType
-from typing import cast
+from typing import Any, cast
 
 from photoz.service.settings import Settings
 
@@ -70,6 +71,8 @@ NOT_ACCEPTING = 2**62
 DEFER_S = 0.001
 #: ... and accepts it itself once it has waited this long: the least loaded worker's event loop may be busy.
 MAX_DEFER_S = 0.02
+#: How long the first workers wait for each other to be ready before accepting without the slow ones, seconds.
+STARTUP_WAIT_S = 120.0
 #: Connections accepted at most per wake-up of the event loop (as asyncio's own accept loop does per backlog).
 ACCEPTS_PER_WAKE = 64
 
@@ -113,6 +116,9 @@ class Listener:
     sock: socket.socket
     counts: MutableSequence[int]
     index: int
+    #: the first workers wait here for each other (at most STARTUP_WAIT_S) before accepting, so the connections a
+    #: client opens as soon as the server answers are shared by all of them; a replacement has none
+    started_together: Any = None
 
 
 def should_accept(counts: MutableSequence[int], index: int, deferred_since: float | None, now: float) -> bool:
@@ -138,12 +144,18 @@ class BalancedAcceptor:
         self.protocol_factory: Callable[[], asyncio.Protocol] | None = None
         self.retry: asyncio.TimerHandle | None = None
 
-    def start(self, protocol_factory: Callable[[], asyncio.Protocol]) -> None:
+    async def start(self, protocol_factory: Callable[[], asyncio.Protocol]) -> None:
         self.loop, self.protocol_factory = asyncio.get_running_loop(), protocol_factory
+        if self.listener.started_together is not None:
+            try:
+                await asyncio.to_thread(self.listener.started_together.wait, STARTUP_WAIT_S)
+            except threading.BrokenBarrierError:
+                log.warning("not every worker was ready within %.0f s: accepting without them", STARTUP_WAIT_S)
         self.listener.sock.setblocking(False)
         self.accepting = True
         self._publish()
         self.loop.add_reader(self.listener.sock.fileno(), self._on_readable)
+        log.info("worker %d accepting connections", self.listener.index)
 
     def stop(self) -> None:
         """Accept nothing more (a drain): the other workers take the waiting connections."""
@@ -215,6 +227,7 @@ class Supervisor:
         self.settings, self.workers, self.target = settings, workers, target
         self.context = multiprocessing.get_context("spawn")
         self.counts = cast(MutableSequence[int], self.context.RawArray(ctypes.c_int64, [NOT_ACCEPTING] * workers))
+        self.started_together = self.context.Barrier(workers)
         self.processes: dict[int, BaseProcess] = {}
         self.started: dict[int, float] = {}
         self.stopping = False
@@ -241,7 +254,9 @@ class Supervisor:
 
     def _start(self, index: int, sock: socket.socket) -> None:
         self.counts[index] = NOT_ACCEPTING  # until it accepts (a dead worker's count went with it)
-        process = self.context.Process(target=self.target, args=(self.settings, Listener(sock, self.counts, index)),
+        first = index not in self.processes  # the first workers start together; a replacement joins at once
+        listener = Listener(sock, self.counts, index, self.started_together if first else None)
+        process = self.context.Process(target=self.target, args=(self.settings, listener),
                                        name=f"photoz-worker-{index}")
         process.start()
         self.processes[index], self.started[index] = process, time.monotonic()

@@ -19,11 +19,12 @@ smoke-tested, when the disk has room for both builds at once.
 
 Disk: building the 3 GB GPU image holds about 13 GB at its peak (measured:
 the build stage's container, the runtime stage's, and the commit's blob and
-layer), the CPU image's build beside it about 3 GB more. Images this script left behind on earlier runs are removed first; when
-the container storage still has less than ``--gpu-min-free-gb`` free, the GPU
-image is not built (said so, and in the JSON) and its dependency set is resolved
-instead, with pip inside the CPU image: the GPU variant's wheels must exist for
-the image's Python, without the gigabytes.
+layer), the CPU image's build beside it about 3 GB more. Images this script
+left behind on earlier runs are removed first; when the container storage
+still has less than ``--gpu-min-free-gb`` free, the GPU image is not built
+(said so, and in the JSON) and its dependency set is resolved instead, with
+pip inside the CPU image: the GPU variant's wheels must exist for the image's
+Python, without the gigabytes.
 """
 from __future__ import annotations
 

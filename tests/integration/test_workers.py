@@ -98,6 +98,8 @@ def test_workers_share_the_connections_of_a_client_with_few(two_workers):
     """Each connection goes to the worker with the fewest open: a client's 8 keep-alive connections are 4 and 4,
     where the kernel alone handed a client's connections to whichever worker woke first."""
     pids = worker_pids(two_workers, 2)
+    # the first workers start accepting together (a worker that accepted alone while the other was starting
+    # would have taken every connection): no waiting for the second here
     clients = []
     try:
         for _ in range(8):  # one after another, each answered before the next opens: its worker has accepted it
@@ -107,6 +109,12 @@ def test_workers_share_the_connections_of_a_client_with_few(two_workers):
             clients.append(client)
         owners = connection_owners(two_workers, pids, clients)
         assert sorted(owners.count(pid) for pid in pids) == [4, 4], owners
+
+        def gauges():  # each worker's photoz_open_connections (updated once a second; /metrics' own adds one)
+            lines = metric_lines(two_workers, "photoz_open_connections{")
+            return {int(line.split('pid="')[1].split('"')[0]): float(line.split()[-1]) for line in lines}
+        wait_for(lambda: set(gauges()) == set(pids) and all(4 <= v <= 5 for v in gauges().values()),
+                 timeout_s=10, what="photoz_open_connections at 4 per worker")
         for client in clients[:4]:  # closed connections leave their worker's count: the next ones go there
             client.close()
         freed = {owner for owner in owners[:4]}

@@ -90,8 +90,8 @@ def test_balanced_acceptors_share_connections_and_pass_over_a_busy_worker():
         clock = Clock()
         sock, counts, acceptors, taken, factory = balanced_pair(clock)
         port = sock.getsockname()[1]
-        acceptors[0].start(factory(0))
-        acceptors[1].start(factory(1))
+        await acceptors[0].start(factory(0))
+        await acceptors[1].start(factory(1))
         clients = []
         for n in range(1, 7):
             clients.append(socket.create_connection(("127.0.0.1", port)))
