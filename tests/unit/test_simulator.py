@@ -441,6 +441,11 @@ def test_resume_and_extend_reproduce_a_single_run(small_sim, tmp_path):
         assert np.array_equal(a["catalogue/petro_mag"][:], b["catalogue/petro_mag"][:])
     with pytest.raises(SimulationMismatch, match="seed"):
         simulate(path, 128, seed=99, workers=1, chunk_size=32, progress=False)
+    with h5py.File(path, "a") as h5:  # as if made from another library under the same simulator version
+        assert len(h5.attrs["sed_library_sha256"]) == 64
+        h5.attrs["sed_library_sha256"] = "0" * 64
+    with pytest.raises(SimulationMismatch, match="sed_library_sha256"):
+        simulate(path, 128, seed=11, workers=1, chunk_size=32, progress=False)
 
 
 def test_worker_processes_start_clean_not_as_forks_of_the_caller(small_sim, tmp_path, monkeypatch):

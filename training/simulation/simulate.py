@@ -13,10 +13,12 @@ File layout (one HDF5 file per data set)::
     truth/<name>      per-object truth: type, sizes, true magnitudes, PSF, ...
     catalogue/<name>  noisy Petrosian photometry measured on the images
     attrs             bands, pixel_scale_arcsec, flux_unit, simulator_version,
-                      seed, chunk_size, n_complete_chunks, configs (JSON)
+                      seed, chunk_size, n_complete_chunks, configs (JSON),
+                      sed_library_sha256 (the spectral library's file)
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing as mp
 from collections.abc import Iterator
@@ -32,6 +34,7 @@ from photoz.progress import Progress
 from photoz.training.simulation.instrument import InstrumentConfig
 from photoz.training.simulation.population import PopulationConfig
 from photoz.training.simulation.render import simulate_chunk
+from photoz.training.simulation.sed import REFERENCE
 
 SIMULATOR_VERSION = "1.8.0"
 DEFAULT_CHUNK_SIZE = 256
@@ -41,6 +44,12 @@ class SimulationMismatch(RuntimeError):
     """An existing file was made with other settings: extending it would mix two data sets."""
 
 
+def library_digest(pop_cfg: PopulationConfig) -> str:
+    """SHA-256 of the spectral library file the population clones (a library refitted without a new simulator
+    version must not extend a data set made with the old one)."""
+    return hashlib.sha256((REFERENCE / pop_cfg.sed_library).read_bytes()).hexdigest()
+
+
 def _signature(seed, chunk_size, pop_cfg, inst_cfg) -> dict:
     return {
         "simulator_version": SIMULATOR_VERSION,
@@ -48,6 +57,7 @@ def _signature(seed, chunk_size, pop_cfg, inst_cfg) -> dict:
         "chunk_size": int(chunk_size),
         "population_config": json.dumps(pop_cfg.to_dict(), sort_keys=True),
         "instrument_config": json.dumps(inst_cfg.to_dict(), sort_keys=True),
+        "sed_library_sha256": library_digest(pop_cfg),
     }
 
 
