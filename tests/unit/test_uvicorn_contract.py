@@ -289,3 +289,22 @@ def test_a_client_gone_mid_body_releases_its_reservation_and_in_flight_bytes():
     transport, _ = drive(state, echo_handler(seen), [post(b"x" * 5000)[:-3000]], settle=2, lose=True)
     assert seen == [] and transport.written == b""
     assert state.reservations[0].released == 1 and state.inflight.used == 0
+
+
+def test_what_a_worker_takes_from_uvicorns_server_is_still_there():
+    """A worker (service/workers.py) starts uvicorn's Server with no sockets of its own (``startup([])``: the
+    lifespan, no listening server), makes each connection's protocol as uvicorn's startup does (the protocol
+    class with config, server_state, app_state and _loop) and counts connections on uvicorn's tick."""
+    import inspect
+
+    from uvicorn.server import Server, ServerState
+
+    code = (line.split("#")[0] for line in inspect.getsource(Server.startup).splitlines())  # no comments
+    source = "".join("".join(code).split())  # and no blanks
+    assert "ifsocketsisnotNone:" in source and "forsockinsockets:" in source
+    assert "config.http_protocol_class(config=config,server_state=self.server_state,app_state=self.lifespan.state," \
+           "_loop=_loop" in source
+    assert inspect.iscoroutinefunction(Server.on_tick)
+    assert list(inspect.signature(Server.on_tick).parameters) == ["self", "counter"]
+    assert "await self.on_tick(counter)" in inspect.getsource(Server.main_loop)
+    assert isinstance(ServerState().connections, set)
