@@ -1,6 +1,7 @@
-"""Test data shared by the suites."""
+"""Test data and helpers shared by the suites."""
 from __future__ import annotations
 
+import asyncio
 import io
 
 import numpy as np
@@ -88,3 +89,14 @@ def star(rng, r_mag=16.0, fwhm_arcsec=1.4):
     flux = 10 ** (-0.4 * (r_mag + np.array([1.2, 0.4, 0, -0.15, -0.25]) - 22.5))
     image = flux[:, None, None] * psf[None] + rng.normal(0, 1, (5, SIZE, SIZE)) * SIGMA[:, None, None]
     return image[None].astype(np.float32)
+
+
+async def until(condition, what="the condition", timeout_s=10.0, poll_s=0.0005):
+    """Wait (in an event loop) for ``condition()`` to hold, polling, not for a time: a slow machine only waits
+    longer; fails after ``timeout_s``."""
+    for _ in range(int(timeout_s / poll_s)):
+        if condition():
+            return
+        await asyncio.sleep(poll_s)
+    raise AssertionError(f"timed out waiting for {what}")
+

@@ -76,14 +76,14 @@ def test_two_workers_answer_on_one_port_with_one_metrics_view(two_workers, tiny_
     assert "with 2 worker processes" in log and "photoz.service[w0]" in log and "photoz.service[w1]" in log
 
 
-def connection_owners(server, pids, clients):
-    """Which worker process holds the server end of each client socket: the kernel's TCP table (/proc/net/tcp)
-    gives the socket's inode, each worker's /proc/PID/fd its sockets."""
+def server_ends(server, pids):
+    """{client port: worker pid} for every connection a worker holds on the server's port: the kernel's TCP table
+    (/proc/net/tcp) gives each socket's inode, each worker's /proc/PID/fd its sockets (the listening one aside)."""
     inodes = {}
     for row in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = row.split()
         local, remote = (int(address.split(":")[1], 16) for address in fields[1:3])
-        if local == server.port:
+        if local == server.port and remote != 0:
             inodes[fields[9]] = remote
     ends = {}
     for pid in pids:
@@ -91,7 +91,15 @@ def connection_owners(server, pids, clients):
             link = os.readlink(fd) if fd.is_symlink() else ""
             if link.startswith("socket:[") and link[8:-1] in inodes:
                 ends[inodes[link[8:-1]]] = pid
-    return [ends.get(client.getsockname()[1]) for client in clients]
+    return ends
+
+
+def open_healthz_connection(server):
+    """A keep-alive connection that has had one answer (so a worker has accepted it)."""
+    client = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    client.sendall(b"GET /healthz HTTP/1.1\r\nHost: photoz\r\n\r\n")
+    assert client.recv(4096).startswith(b"HTTP/1.1 200")
+    return client
 
 
 def test_workers_share_the_connections_of_a_client_with_few(two_workers):
@@ -101,13 +109,18 @@ def test_workers_share_the_connections_of_a_client_with_few(two_workers):
     # the first workers start accepting together (a worker that accepted alone while the other was starting
     # would have taken every connection): no waiting for the second here
     clients = []
+
+    def settle():  # until the workers hold exactly our open connections (the helpers' /metrics ones closed)
+        ours = {c.getsockname()[1] for c in clients if c.fileno() >= 0}
+        wait_for(lambda: set(server_ends(two_workers, pids)) == ours, timeout_s=10,
+                 what="the workers holding only this test's connections")
+
     try:
+        settle()
         for _ in range(8):  # one after another, each answered before the next opens: its worker has accepted it
-            client = socket.create_connection(("127.0.0.1", two_workers.port), timeout=30)
-            client.sendall(b"GET /healthz HTTP/1.1\r\nHost: photoz\r\n\r\n")
-            assert client.recv(4096).startswith(b"HTTP/1.1 200")
-            clients.append(client)
-        owners = connection_owners(two_workers, pids, clients)
+            clients.append(open_healthz_connection(two_workers))
+        ends = server_ends(two_workers, pids)
+        owners = [ends[client.getsockname()[1]] for client in clients]
         assert sorted(owners.count(pid) for pid in pids) == [4, 4], owners
 
         def gauges():  # each worker's photoz_open_connections (updated once a second; /metrics' own adds one)
@@ -117,18 +130,17 @@ def test_workers_share_the_connections_of_a_client_with_few(two_workers):
                  timeout_s=10, what="photoz_open_connections at 4 per worker")
         for client in clients[:4]:  # closed connections leave their worker's count: the next ones go there
             client.close()
-        freed = {owner for owner in owners[:4]}
+        settle()
+        kept = {pid: owners[4:].count(pid) for pid in pids}
         for _ in range(2):
-            client = socket.create_connection(("127.0.0.1", two_workers.port), timeout=30)
-            client.sendall(b"GET /healthz HTTP/1.1\r\nHost: photoz\r\n\r\n")
-            assert client.recv(4096).startswith(b"HTTP/1.1 200")
-            clients.append(client)
-        time.sleep(0.2)
-        new_owners = connection_owners(two_workers, pids, clients[8:])
-        if len(freed) == 1:
-            assert set(new_owners) == freed, (owners, new_owners)
-        else:
-            assert sorted(new_owners) == sorted(pids), (owners, new_owners)
+            clients.append(open_healthz_connection(two_workers))
+        ends = server_ends(two_workers, pids)
+        new_owners = [ends[client.getsockname()[1]] for client in clients[8:]]
+        expected = dict(kept)
+        for _ in range(2):  # each to the worker with the fewest (ties either way: the sorted counts are the same)
+            expected[min(expected, key=expected.__getitem__)] += 1
+        after = {pid: kept[pid] + new_owners.count(pid) for pid in pids}
+        assert sorted(after.values()) == sorted(expected.values()), (owners, new_owners)
     finally:
         for client in clients:
             client.close()

@@ -9,6 +9,7 @@ import pytest
 from photoz.model.isolation import ROW_ERRORS
 from photoz.service.batcher import Batcher, BatchStats
 from photoz.service.errors import Draining, QueueFull
+from tests.helpers import until
 
 
 def blocking_infer(release: threading.Event):
@@ -37,15 +38,6 @@ def run_with_batcher(test, **options):
 
 def images(n):
     return np.zeros((n, 5, 64, 64), np.float32), np.zeros(n, np.float32)
-
-
-async def until(condition, what="the batcher's state"):
-    """Wait for an event in the batcher (polling the loop), not for a time: a slow machine only waits longer."""
-    for _ in range(20_000):
-        if condition():
-            return
-        await asyncio.sleep(0.0005)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_capacity_bound_refuses_with_retry_after_and_closes_before_the_body():

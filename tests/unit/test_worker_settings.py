@@ -14,6 +14,7 @@ from photoz.service.workers import (
     should_accept,
     worker_settings,
 )
+from tests.helpers import until
 
 
 def test_each_worker_holds_its_share_so_the_server_holds_what_the_settings_say(monkeypatch):
@@ -75,14 +76,6 @@ def balanced_pair(clock):
         return Recorder
 
     return sock, counts, acceptors, taken, factory
-
-
-async def until(condition, what):
-    for _ in range(2000):
-        if condition():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_balanced_acceptors_share_connections_and_pass_over_a_busy_worker():
