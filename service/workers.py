@@ -21,9 +21,10 @@ directory, so a worker that dies takes only its own requests with it.
   it has no more open connections than the least loaded worker (every
   worker's count lives in shared memory, :class:`Listener`), so a client with
   as many connections as there are workers reaches them all. Left to the
-  kernel, two 256-cutout clients on two workers landed in one worker in two of
-  four rounds and ran at its rate, half the server's. A worker whose event loop
-  is busy is passed over after :data:`MAX_DEFER_S`.
+  kernel, two 256-cutout clients on two workers landed in one worker in three
+  of six rounds and ran at its rate, half the server's. A worker whose event
+  loop is busy is passed over after :data:`MAX_DEFER_S`. The first workers
+  start accepting together, once all are ready.
 - ``/metrics`` is one view of every worker (Prometheus' multiprocess mode:
   each process writes its samples to files in one directory, any worker
   renders them all); the queue gauges carry a ``pid`` label per worker.
@@ -52,7 +53,7 @@ from collections.abc import Callable, MutableSequence
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from types import FrameType
-from typing import Any, cast
+from typing import cast
 
 from photoz.service.settings import Settings
 
@@ -118,7 +119,7 @@ class Listener:
     index: int
     #: the first workers wait here for each other (at most STARTUP_WAIT_S) before accepting, so the connections a
     #: client opens as soon as the server answers are shared by all of them; a replacement has none
-    started_together: Any = None
+    started_together: threading.Barrier | None = None
 
 
 def should_accept(counts: MutableSequence[int], index: int, deferred_since: float | None, now: float) -> bool:
@@ -274,6 +275,7 @@ class Supervisor:
                 log.warning("worker %d (pid %s) exited with %s after %.1f s: replacing it", index, process.pid,
                             process.exitcode, lived)
                 self.counts[index] = NOT_ACCEPTING
+                self.started_together.abort()  # the others accept now, not after STARTUP_WAIT_S (once started: no-op)
                 if process.pid is not None:
                     multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
                 self.quick_deaths = self.quick_deaths + 1 if lived < QUICK_DEATH_S else 0

@@ -115,3 +115,22 @@ def test_balanced_acceptors_share_connections_and_pass_over_a_busy_worker():
             acceptor.listener.sock.close()
 
     asyncio.run(scenario())
+
+
+def test_a_worker_accepts_at_once_when_the_first_workers_barrier_is_broken():
+    """The supervisor breaks the first workers' barrier when one of them dies before it: the others then accept at
+    once, not after STARTUP_WAIT_S."""
+    import threading
+
+    async def scenario():
+        sock = socket.create_server(("127.0.0.1", 0))
+        barrier = threading.Barrier(2)
+        barrier.abort()
+        counts = [NOT_ACCEPTING, NOT_ACCEPTING]
+        acceptor = BalancedAcceptor(Listener(sock, counts, 0, barrier))
+        await asyncio.wait_for(acceptor.start(asyncio.Protocol), 5)
+        assert acceptor.accepting and counts[0] == 0
+        acceptor.stop()
+        sock.close()
+
+    asyncio.run(scenario())
