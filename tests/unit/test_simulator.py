@@ -1,5 +1,6 @@
 """Physics checks of the simulator that can be checked."""
 from dataclasses import replace
+from functools import partial
 
 import h5py
 import numpy as np
@@ -23,7 +24,9 @@ from photoz.training.simulation.drawing import (
     draw_bands,
     galaxy_components,
     gsparams,
+    psf_profile,
     resample_onto_reference,
+    stamp_k_grid,
 )
 from photoz.training.simulation.instrument import (
     FLAG_CLOSE_NEIGHBOUR,
@@ -397,6 +400,49 @@ def test_all_bands_at_once_equal_galsim_drawing_each_band():
             # same k-grid: float rounding; a larger grid than GalSim's own choice: within its folding accuracy
             assert np.abs(together[b] - alone).max() < 2e-3 * alone.max(), (k, b)
             assert together[b].sum() == pytest.approx(alone.sum(), rel=1e-3)
+
+
+@pytest.mark.parametrize("scene", ["small disk", "large bulge", "far neighbour", "bright star"])
+def test_cutout_sized_fft_is_smaller_than_galsims_and_as_accurate(scene):
+    """stamp_k_grid sizes the FFT for the 64-pixel cutout, not the whole profile: a smaller period than
+    GalSim's drawFFT picks (at least 128), and no further than GalSim's own drawing from one with 1,000x less
+    folding (1e-5) and a finer k range."""
+    import galsim
+
+    params = gsparams()
+    exponential, bulge = partial(galsim.Exponential, gsparams=params), partial(galsim.DeVaucouleurs, gsparams=params)
+    parts = {
+        "small disk": [(exponential(half_light_radius=0.8).shear(q=0.6, beta=0.3 * galsim.radians), 100.0)],
+        "large bulge": [(bulge(half_light_radius=8.0, trunc=64.0), 3000.0)],
+        "far neighbour": [(exponential(half_light_radius=1.0), 50.0),
+                          (bulge(half_light_radius=4.0, trunc=32.0).shift(30.0, -22.0), 2000.0)],
+        "bright star": [(exponential(half_light_radius=1.2), 80.0),
+                        (galsim.DeltaFunction(gsparams=params).shift(-14.0, 9.0), 1e5)],
+    }[scene]
+    components, fluxes = [c for c, _ in parts], np.array([[f for _, f in parts]] * len(BANDS))
+    fwhm = np.array([1.5, 1.4, 1.3, 1.25, 1.3])
+    drawn = draw_bands(components, fluxes, fwhm)
+    fine = galsim.GSParams(folding_threshold=1e-5, maxk_threshold=1e-4)
+    for b in range(len(BANDS)):
+        scene_b = galsim.Convolve(galsim.Add([c * float(f) for c, f in zip(components, fluxes[b], strict=True)]),
+                                  psf_profile(fwhm[b]), gsparams=fine)
+        truth = scene_b.drawImage(galsim.ImageF(64, 64, scale=PIXEL_SCALE_ARCSEC), method="auto").array
+        galsims = draw([c * float(f) for c, f in zip(components, fluxes[b], strict=True)], fwhm[b])
+        # no further from the truth than GalSim's own drawing with the same GSParams (its grid: 128 or more)
+        error, galsims_error = np.abs(drawn[b] - truth).max(), np.abs(galsims - truth).max()
+        assert error <= max(1.05 * galsims_error, 1e-4 * truth.max()), (scene, b, error, galsims_error)
+        flux_error, galsims_flux_error = abs(drawn[b].sum() - truth.sum()), abs(galsims.sum() - truth.sum())
+        assert flux_error <= max(1.05 * galsims_flux_error, 5e-5 * truth.sum()), (scene, b)
+    # the grid: GalSim's own for the widest band, against the cutout's
+    pixel = galsim.Pixel(1.0, gsparams=params)
+    scene_wide = galsim.Convolve(galsim.Add([c.dilate(1 / PIXEL_SCALE_ARCSEC) for c in components]),
+                                 psf_profile(fwhm.max() / PIXEL_SCALE_ARCSEC), pixel, gsparams=params)
+    stamp = galsim.ImageF(64, 64, scale=1.0)
+    stamp.setCenter(0, 0)
+    _, galsim_period = scene_wide.drawFFT_makeKImage(stamp)
+    kimage, period = stamp_k_grid(scene_wide.stepk, scene_wide.maxk)
+    assert 64 <= period < galsim_period, (scene, period, galsim_period)
+    assert kimage.scale == pytest.approx(2 * np.pi / period)
 
 
 def test_source_poisson_noise_adds_to_sky():
