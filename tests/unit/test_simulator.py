@@ -696,3 +696,26 @@ def test_a_chunk_renders_about_as_many_candidates_as_it_keeps(monkeypatch):
     complete = render.simulate_chunk(replace(PopulationConfig(), completeness_m50_mag=None), InstrumentConfig(), 5, 1,
                                      96)
     assert complete["z"].size == 96 and len(rendered) >= 2 and sum(rendered) <= 96 / 0.8 + 2 * len(rendered), rendered
+
+
+def test_colour_comparison_gives_each_cell_its_difference_and_standard_error():
+    """A simulated sample 0.08 mag redder in u - g than the real one: the report's cell says +0.08, within the
+    u - g tolerance (0.1) and outside g - r's had it been g - r, with the standard error of a difference of
+    two medians (1.2533 sigma / sqrt(n) each, in quadrature); an empty bin has no cell."""
+    from photoz.training.simulation.calibrate import colour_comparison
+
+    rng = np.random.default_rng(4)
+
+    def sample(n, shift):
+        z = rng.uniform(0.0, 0.1, n)  # the first two bins only
+        mags = np.tile([18.0, 17.0, 16.5, 16.2, 16.0], (n, 1)) + rng.normal(0, 0.2, (n, 5)) * [1, 0, 0, 0, 0]
+        mags[:, 0] += shift
+        return {"z": z, "mags": mags}
+
+    rows = colour_comparison(sample(4000, 0.08), sample(1000, 0.0))
+    first = rows[0]
+    assert first["d_u-g"] == pytest.approx(0.08, abs=0.03) and first["ok_u-g"] is True
+    expected = 1.2533 * 0.2 * np.sqrt(1 / first["n_sim"] + 1 / first["n_real"])
+    assert first["err_u-g"] == pytest.approx(expected, rel=0.3)
+    assert first["d_g-r"] == pytest.approx(0.0, abs=1e-9) and first["err_g-r"] < 1e-9
+    assert all("d_u-g" not in row for row in rows if row["z_lo"] >= 0.1)
