@@ -265,7 +265,7 @@ def deconvolved_photometry(mags: np.ndarray, mag_errs: np.ndarray, z: np.ndarray
     faint u of distant red galaxies). With the error taken at the measured flux instead, a galaxy scattered
     faint (red) is pulled to its prior harder than one scattered bright (blue). Simulator 1.8's Gaussian prior
     with the error at the measured flux left the simulated u - g 0.03-0.09 bluer than the real galaxies' beyond
-    z = 0.15; this one, 0.01-0.07 (three library seeds each; docs/simulation.md)."""
+    z = 0.15; this one, 0.01-0.07 (three library seeds each; docs/simulation-history.md)."""
     from scipy.spatial import cKDTree
 
     rng = np.random.default_rng(seed)
