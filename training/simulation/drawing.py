@@ -133,9 +133,10 @@ def draw_bands(components: list, fluxes_nmgy: np.ndarray, psf_fwhm_arcsec, psf_s
     component's Fourier image is drawn once per object instead of once per band, on the k-grid that the
     most demanding band needs (the widest PSF sets the real-space size, the narrowest the k range), and
     only the PSF changes between bands (its k-image from :func:`psf_k_images`; a band's shift is a phase
-    factor on the same k-image). This is
-    GalSim's own split of ``drawFFT`` into ``drawFFT_makeKImage``, the profiles' k-images and
-    ``drawFFT_finish``, which its documentation suggests for reusing k-images.
+    factor on the same k-image). This is GalSim's own split of ``drawFFT`` into the k-image, the profiles'
+    k-images and the inverse transform, which its documentation suggests for reusing k-images, with the
+    k-grid sized for the cutout (:func:`stamp_k_grid`) and every image's inverse transform done at once in
+    single precision (after GalSim's Hermitian wrap, as ``drawFFT_finish`` does).
     """
     import galsim
 
