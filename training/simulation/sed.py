@@ -260,9 +260,10 @@ def deconvolved_photometry(mags: np.ndarray, mag_errs: np.ndarray, z: np.ndarray
     rounds (an empirical-Bayes deconvolution, drawn rather than averaged). A lopsided distribution (a red
     sequence with a blue tail) keeps its shape, where a Gaussian prior makes it symmetric.
 
-    The likelihood is the flux's: a quoted magnitude error is the flux error over the measured flux, so a
-    colour whose band is fainter than measured has the larger magnitude error (sky-limited photometry; the
-    faint u of distant red galaxies). With the error taken at the measured flux instead, a galaxy scattered
+    The likelihood follows the flux: a quoted magnitude error is the flux error over the measured flux, and
+    the flux error is the same whatever the true colour (sky-limited photometry; the faint u of distant red
+    galaxies), so each candidate colour of the prior is weighed with the magnitude error its own flux would
+    have (a Gaussian in magnitude of that width). With the error taken at the measured flux instead, a galaxy scattered
     faint (red) is pulled to its prior harder than one scattered bright (blue). Simulator 1.8's Gaussian prior
     with the error at the measured flux left the simulated u - g 0.03-0.09 bluer than the real galaxies' beyond
     z = 0.15; this one, 0.01-0.07 (three library seeds each; docs/simulation-history.md)."""
