@@ -99,4 +99,3 @@ async def until(condition, what="the condition", timeout_s=10.0, poll_s=0.0005):
             return
         await asyncio.sleep(poll_s)
     raise AssertionError(f"timed out waiting for {what}")
-

@@ -107,11 +107,11 @@ def test_deconvolution_recovers_a_noisy_colours_true_distribution_and_leaves_pre
     errs = np.tile([0.3, 0.01, 0.01, 0.01, 0.02], (n, 1))
     errs[: n // 2, 0] = 0.01  # half the sample has precise u
     flux = 10 ** (-0.4 * true)
-    flux_errs = errs * flux / (2.5 / np.log(10))  # sky-limited: the same flux error whatever the fluctuation
+    flux_errs = errs * flux / sed.MAG_PER_RELATIVE_FLUX  # sky-limited: the same flux error whatever the fluctuation
     measured_flux = flux + rng.normal(size=true.shape) * flux_errs
     assert measured_flux.min() > 0
     measured = -2.5 * np.log10(measured_flux)
-    errs = flux_errs / measured_flux * (2.5 / np.log(10))  # quoted at the measured flux
+    errs = flux_errs / measured_flux * sed.MAG_PER_RELATIVE_FLUX  # quoted at the measured flux
     deconvolved, posterior_errs = sed.deconvolved_photometry(measured, errs, z)
     noisy = errs[:, 0] > 0.1
 
