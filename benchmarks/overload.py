@@ -15,9 +15,13 @@
 3. refusals only: the server's CPU per refusal measured alone, with its
    queue held full (nothing runs) under the larger storm.
 
-The load comes from an asyncio client in its own process (uvloop, raw
-sockets, pre-encoded requests) that times every request, so success and
-refusal latencies are told apart (wrk reports one distribution). Without
+The load comes from :mod:`benchmarks.loadgen` in its own process (uvloop,
+raw sockets, pre-encoded requests), which times every request, so success
+and refusal latencies are told apart (wrk reports one distribution), and
+counts answers by when they arrive (goodput: successes delivered per
+second). Each row also carries the server's own view of the phase: its
+successes, the cutouts through the model per second, the mean batch and
+queue wait, and the cores used by each kind of thread. Without
 --model it exports a random-weight pasquet2019_half bundle. Prints a table,
 writes JSON to benchmarks/results/. Issue 18's targets: goodput >= 0.8 x
 capacity in both storms, p99 of successes <= 2 x capacity's, <= 0.2 ms of
@@ -26,125 +30,87 @@ server CPU per refusal.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import io
 import json
 import os
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks import loadgen
 from benchmarks.serve import cpu_seconds
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def server_refusals(url: str, metric: str = 'photoz_requests_total{status="429"}') -> float:
-    """The 429s the server has answered so far (its own counter, read from /metrics); ``metric``
-    ``photoz_refused_before_body_total``: those decided from the headers alone."""
+#: the server's own counters read before and after each phase (its view of the phase, beside the client's)
+SERVER_COUNTERS = {"server_refusals": 'photoz_requests_total{status="429"}',
+                   "refused_before_body": "photoz_refused_before_body_total",
+                   "server_successes": 'photoz_requests_total{status="200"}',
+                   "server_client_gone": 'photoz_requests_total{status="499"}',
+                   "batches": "photoz_batch_size_count", "batched_cutouts": "photoz_batch_size_sum",
+                   "queue_wait_s": "photoz_queue_latency_seconds_sum"}
+
+
+def server_counters(url: str) -> dict[str, float]:
+    """The server's counters of :data:`SERVER_COUNTERS` so far (read from /metrics; 0 when absent)."""
     import httpx
 
-    match = re.search(rf"^{re.escape(metric)} (\S+)$", httpx.get(url + "/metrics", timeout=30).text, re.M)
-    return float(match.group(1)) if match else 0.0
+    text = httpx.get(url + "/metrics", timeout=30).text
+    found = {name: re.search(rf"^{re.escape(metric)} (\S+)$", text, re.M) for name, metric in SERVER_COUNTERS.items()}
+    return {name: float(match.group(1)) if match else 0.0 for name, match in found.items()}
 
 
-# -- the storm client (runs in its own process) ------------------------------------------------------------------
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of ``pid``'s process tree by thread kind (inference, flags, the HTTP side and the rest):
+    where the cores went in a phase."""
+    from benchmarks.serve import process_tree
 
-async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> tuple[int, bool]:
-    writer.write(request)
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
-    await reader.readexactly(int(headers.get("content-length", 0)))
-    return status, headers.get("connection", "").lower() == "close"
-
-
-async def _connection(port: int, request: bytes, counting_from: float, deadline: float, stats: dict) -> None:
-    reader = writer = None
-    while time.monotonic() < deadline:
-        try:
-            if writer is None:
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            start = time.perf_counter()
-            status, close = await _exchange(reader, writer, request)
-            elapsed = time.perf_counter() - start
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, IndexError):
-            stats["errors"] += 1
-            if writer is not None:
-                writer.close()
-            reader = writer = None
-            await asyncio.sleep(0.001)
-            continue
-        if counting_from <= time.monotonic() - elapsed and time.monotonic() <= deadline:
-            stats["status"][status] = stats["status"].get(status, 0) + 1
-            if status == 200:
-                stats["ok_latency"].append(elapsed)
-        if close:  # Retry-After ignored: reconnect and send again at once
-            writer.close()
-            reader = writer = None
-    if writer is not None:
-        writer.close()
-
-
-def storm_client(port: int, connections: int, seconds: float, body_file: str, settle_s: float = 0.0) -> dict:
-    """Requests from ``connections`` clients for ``settle_s`` + ``seconds``; only those sent after the first
-    ``settle_s`` count (the steady state, not the onset of the storm)."""
-    body = Path(body_file).read_bytes()
-    request = (f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-npy\r\n"
-               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-    stats: dict = {"status": {}, "ok_latency": [], "errors": 0}
-
-    async def run() -> None:
-        counting_from = time.monotonic() + settle_s
-        deadline = counting_from + seconds
-        await asyncio.gather(*(_connection(port, request, counting_from, deadline, stats)
-                               for _ in range(connections)))
-
-    try:
-        import uvloop
-
-        uvloop.run(run())
-    except ImportError:
-        asyncio.run(run())
-    latency = np.array(stats["ok_latency"]) * 1000
-    return {"status": stats["status"], "errors": stats["errors"], "seconds": seconds,
-            "client_cpu_s": time.process_time(),
-            "ok_p50_ms": float(np.percentile(latency, 50)) if latency.size else None,
-            "ok_p99_ms": float(np.percentile(latency, 99)) if latency.size else None}
+    kinds = {"photoz-infer": "inference", "photoz-finish": "flags"}
+    totals: dict[str, float] = {}
+    for p in process_tree(pid):
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                comm = (task / "comm").read_text().strip()
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            kind = next((v for k, v in kinds.items() if comm.startswith(k)), "http" if task.name == str(p)
+                        else "other")
+            totals[kind] = totals.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return totals
 
 
 # -- the benchmark ------------------------------------------------------------------------------------------------
 
 def phase(server, connections: int, seconds: float, body_file: Path, settle_s: float) -> dict:
-    client = subprocess.Popen([sys.executable, "-m", "benchmarks.overload", "--client", str(server.port),
-                               str(connections), str(seconds), str(body_file), str(settle_s)], stdout=subprocess.PIPE,
-                              text=True, cwd=Path(__file__).resolve().parent.parent)
+    client = loadgen.start(server.port, "/v1/predict", body_file, connections, seconds, settle_s)
     time.sleep(settle_s)
     # the server's CPU and its own count of refusals over the counted seconds (the client's count misses
     # refusals held across the window's edges: with refusals held for seconds, about half of them)
-    early = "photoz_refused_before_body_total"
-    cpu_before, refused_before = cpu_seconds(server.proc.pid), server_refusals(server.url)
-    early_before = server_refusals(server.url, early)
+    cpu_before, counters_before = cpu_seconds(server.proc.pid), server_counters(server.url)
+    threads_before = thread_cpu(server.proc.pid)
     time.sleep(seconds)
     cpu = cpu_seconds(server.proc.pid) - cpu_before
-    server_refused = server_refusals(server.url) - refused_before
-    refused_before_body = server_refusals(server.url, early) - early_before
-    stdout, _ = client.communicate()
-    result = json.loads(stdout.strip().splitlines()[-1])
-    statuses = {int(k): v for k, v in result["status"].items()}
+    threads = {k: (v - threads_before.get(k, 0.0)) / seconds for k, v in thread_cpu(server.proc.pid).items()}
+    counters = {k: v - counters_before[k] for k, v in server_counters(server.url).items()}
+    result = loadgen.result(client)
+    statuses = result["status"]
     ok, refused = statuses.get(200, 0), statuses.get(429, 0)
     return {"connections": connections, "goodput_per_s": ok / seconds, "refused_per_s": refused / seconds,
             "other_statuses": {k: v for k, v in statuses.items() if k not in (200, 429)},
             "client_errors": result["errors"], "client_cpu_s": result["client_cpu_s"],
             "ok_p50_ms": result["ok_p50_ms"], "ok_p99_ms": result["ok_p99_ms"],
-            "server_cpu_s": cpu, "successes": ok, "refusals": refused, "server_refusals": server_refused,
-            "refused_before_body": refused_before_body}
+            "server_cpu_s": cpu, "successes": ok, "refusals": refused, **counters,
+            # the server's view over the same seconds: cutouts through the model per second, its mean batch, the
+            # mean queue wait, and the cores each kind of thread used (inference starved or idle shows here)
+            "server_cutouts_per_s": counters["batched_cutouts"] / seconds,
+            "mean_batch": counters["batched_cutouts"] / max(counters["batches"], 1),
+            "mean_queue_wait_ms": 1000 * counters["queue_wait_s"] / max(counters["batched_cutouts"], 1),
+            "cores_by_thread": threads}
 
 
 def refusal_cost(bundle: Path, work: Path, connections: int, seconds: float, settle_s: float,
@@ -232,13 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(json.dumps({"cores": os.cpu_count(), "duration_s": args.duration, "settle_s": args.settle,
                                 "server_flags": flags,
                                 "cpu_ms_per_success": 1000 * cpu_per_success, "rows": rows}, indent=1))
+    print(f"{'load':>9} {'conns':>6} {'model/s':>8} {'batch':>6} {'wait ms':>8} {'cores by thread':>40}")
+    for r in rows:
+        cores = " ".join(f"{k} {v:.2f}" for k, v in sorted(r["cores_by_thread"].items()))
+        print(f"{r['load']:>9} {r['connections']:>6} {r['server_cutouts_per_s']:>8.0f} {r['mean_batch']:>6.1f} "
+              f"{r['mean_queue_wait_ms']:>8.1f} {cores:>40}")
     print(f"-> {path}")
     return 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--client":
-        port, connections, seconds, body, settle = sys.argv[2:7]
-        print(json.dumps(storm_client(int(port), int(connections), float(seconds), body, float(settle))))
-        raise SystemExit(0)
     raise SystemExit(main())

@@ -4,7 +4,12 @@
 Requests are cut into pieces of at most ``max_batch_size`` cutouts and
 queued. A single loop forms a batch when it holds ``max_batch_size``
 cutouts or when the oldest waiting piece has waited ``max_queue_delay``,
-runs it off the event loop, and hands each piece its rows. While a batch
+runs it off the event loop, and hands each piece its rows. A batch of
+pieces of large requests only (more than ``max_batch_size`` cutouts each)
+may grow to ``max_bulk_batch_size``: bulk work gets the engine's better
+rate at larger batches, while small requests keep small batches and their
+latency (a small piece never joins a bulk batch, nor a bulk piece beyond
+``max_batch_size`` a small one's). While a batch
 runs, the next one accumulates, so a busy server forms full batches. Under
 light load (a batch runs alone and nothing waits) the optional
 ``infer_alone`` engine runs it instead: on a CPU, one using every core, so
@@ -57,6 +62,7 @@ class _Piece:
     deadline: float
     request_id: str = ""
     started: float = field(default=0.0)
+    bulk: bool = False  # a piece of a request larger than max_batch_size: may share a bulk batch
 
     @property
     def n(self) -> int:
@@ -119,7 +125,8 @@ class Batcher:
                  infer_alone: Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]] | None = None,
                  max_queue_wait_s: float | None = None,
                  finish: Callable[[np.ndarray, np.ndarray, dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
-                 finish_workers: int = 1, clock: Callable[[], float] = time.monotonic):
+                 finish_workers: int = 1, clock: Callable[[], float] = time.monotonic,
+                 max_bulk_batch_size: int | None = None):
         self.infer = infer
         # seconds, monotonic: queue delays, deadlines and the admission's standing-queue timer (tests inject one)
         self.clock = clock
@@ -128,6 +135,8 @@ class Batcher:
         # under light load (one batch running, nothing queued) a wider engine uses the idle cores
         self.infer_alone = infer_alone
         self.max_batch_size = max_batch_size
+        # most cutouts in a batch of large requests' pieces only (None: max_batch_size, no bulk batches)
+        self.max_bulk_batch_size = max(max_bulk_batch_size or max_batch_size, max_batch_size)
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_objects = max_queue_objects
         # latency bound: refuse when the work queued ahead would take longer than this to start
@@ -152,7 +161,7 @@ class Batcher:
         self._finish_jobs: collections.deque[_FinishJob] = collections.deque()
         self._finish_drains = 0  # finishing loops running (at most finish_workers)
         # most cutouts finished in one call: several CPU-sized batches, one GPU-sized one
-        self.max_finish_objects = max(max_batch_size, FINISH_COALESCE_OBJECTS)
+        self.max_finish_objects = max(self.max_bulk_batch_size, FINISH_COALESCE_OBJECTS)
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()  # batches being run (each waits for its finishing)
         self._drains: set[asyncio.Task[None]] = set()
@@ -188,11 +197,11 @@ class Batcher:
         if refusal is not None:
             raise refusal
         loop = asyncio.get_running_loop()
-        now = self.clock()
+        now, bulk = self.clock(), n > self.max_batch_size
         pieces = []
         for start in range(0, n, self.max_batch_size):
             piece = _Piece(images[start:start + self.max_batch_size], ebv[start:start + self.max_batch_size],
-                           loop.create_future(), now, now + timeout_s, request_id)
+                           loop.create_future(), now, now + timeout_s, request_id, bulk=bulk)
             pieces.append(piece)
             self._queue.append(piece)
             self._queued += piece.n
@@ -234,7 +243,11 @@ class Batcher:
 
     def _take(self) -> list[_Piece]:
         batch, size, now = [], 0, self.clock()
-        while self._queue and size + self._queue[0].n <= self.max_batch_size:
+        bulk = True  # every piece taken so far is bulk
+        while self._queue:
+            bulk = bulk and self._queue[0].bulk
+            if size + self._queue[0].n > (self.max_bulk_batch_size if bulk else self.max_batch_size):
+                break
             piece = self._queue.popleft()
             self._queued -= piece.n
             if piece.future.done():  # cancelled: the caller went away

@@ -29,15 +29,16 @@ CPU = "CPUExecutionProvider"
 log = logging.getLogger("photoz.service")
 
 
-def warm_up(predictor: OnnxPredictor, max_batch_size: int) -> tuple[list[int], float]:
+def warm_up(predictor: OnnxPredictor, max_batch_size: int, largest_batch: int = 0) -> tuple[list[int], float]:
     """Run each batch-size bucket once, and the quality flags once (their compiled features are compiled or loaded
     from numba's cache then), so the first real requests pay no set-up cost; then time a full batch.
 
-    Returns the sizes run and the seconds per cutout of a full batch (the batcher's first estimate of its
+    Buckets run up to ``largest_batch`` (a bulk batch's size, when larger than ``max_batch_size``). Returns the
+    sizes run and the seconds per cutout of a full batch of ``max_batch_size`` (the batcher's first estimate of its
     rate, for Retry-After and the queue-wait target, until real batches refine it).
     """
     md = predictor.metadata
-    sizes = list(bucket_sizes(max_batch_size))
+    sizes = list(bucket_sizes(max(max_batch_size, largest_batch)))
     for n in sizes:
         predictor.predict(np.zeros((n, len(md.bands), md.cutout_size, md.cutout_size), np.float32),
                           np.zeros(n, np.float32))
@@ -72,9 +73,12 @@ class ServingEngine:
         self.train_prior = training_nz(md.document, md.bins)
         self.predictor = OnnxPredictor(self.bundle, settings.providers, settings.threads_per_batch,
                                        settings.inter_op_threads, allow_spinning=False)
-        if settings.shape_buckets == "on" or (settings.shape_buckets == "auto" and self.provider != CPU):
-            self.predictor.use_buckets(bucket_sizes(settings.max_batch_size))
-        self.metrics = Metrics(settings.max_batch_size)
+        buckets = settings.shape_buckets == "on" or (settings.shape_buckets == "auto" and self.provider != CPU)
+        # most cutouts per model call: a batch of large requests' pieces may exceed max_batch_size
+        self.largest_batch = settings.bulk_batch_size(buckets)
+        if buckets:
+            self.predictor.use_buckets(bucket_sizes(self.largest_batch))
+        self.metrics = Metrics(self.largest_batch)
         self.solo = self._solo_predictor()
         # the model call leaves the cutouts' quality flags to the batcher's finishing threads (add_image_flags):
         # on a GPU the flags' CPU time per cutout is far more than the network's GPU time
@@ -84,7 +88,8 @@ class ServingEngine:
                                infer_alone=partial(self.solo.predict_with_estimates, image_flags=False)
                                if self.solo is not None else None,
                                max_queue_wait_s=settings.max_queue_wait_ms / 1000,
-                               finish=self.add_image_flags, finish_workers=settings.flag_workers)
+                               finish=self.add_image_flags, finish_workers=settings.flag_workers,
+                               max_bulk_batch_size=self.largest_batch)
         self._log_loaded()
 
     @property
@@ -117,15 +122,17 @@ class ServingEngine:
         s = self.settings
         if s.warmup:
             for engine in filter(None, (self.solo, self.predictor)):
-                sizes, seconds_per_object = await asyncio.to_thread(warm_up, engine, s.max_batch_size)
+                sizes, seconds_per_object = await asyncio.to_thread(warm_up, engine, s.max_batch_size,
+                                                                    self.largest_batch)
             self.batcher.seconds_per_object = seconds_per_object  # the batch engine's, measured last
             log.info("warmed up batch sizes %s (%.2f ms per cutout in a full batch)", sizes, 1000 * seconds_per_object)
         self.batcher.start()
         if s.http_nice:
             lower_this_threads_priority(s.http_nice)
-        log.info("ready: max_batch_size=%d max_queue_delay_ms=%g inference_workers=%d threads_per_batch=%d "
-                 "threads_when_alone=%s", s.max_batch_size, s.max_queue_delay_ms, s.inference_workers,
-                 s.threads_per_batch, s.threads_when_alone if self.solo is not None else "-")
+        log.info("ready: max_batch_size=%d (bulk %d) max_queue_delay_ms=%g inference_workers=%d "
+                 "threads_per_batch=%d threads_when_alone=%s", s.max_batch_size, self.largest_batch,
+                 s.max_queue_delay_ms, s.inference_workers, s.threads_per_batch,
+                 s.threads_when_alone if self.solo is not None else "-")
 
     async def stop(self) -> None:
         await self.batcher.drain(self.settings.drain_timeout_s)

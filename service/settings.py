@@ -32,6 +32,10 @@ class Settings(BaseModel):
     solo_threads: int = Field(0, ge=0, description="CPU: ORT threads for a batch that runs alone, with nothing "
                                                    "queued (light load); 0: all cores")
     max_batch_size: int = Field(8, ge=1, description="most cutouts per model call (CPU: ~8; GPU: 64-256)")
+    max_bulk_batch_size: int = Field(0, ge=0, description="most cutouts per model call when a batch holds only "
+                                                         "pieces of requests larger than max_batch_size "
+                                                         "(0: auto, 2 x max_batch_size without shape buckets, "
+                                                         "max_batch_size with them)")
     shape_buckets: Literal["auto", "on", "off"] = Field("auto", description="pad batches to fixed sizes (powers "
                                                                            "of two up to max_batch_size), one "
                                                                            "session each; auto: on GPUs")
@@ -88,6 +92,15 @@ class Settings(BaseModel):
         if self.workers:
             return self.workers
         return max(1, min(4, (os.cpu_count() or 1) // 4)) if gpu else 1
+
+    def bulk_batch_size(self, buckets: bool) -> int:
+        """Most cutouts in a batch of large requests' pieces: ``max_bulk_batch_size``, or when 0, twice
+        ``max_batch_size`` on an engine without shape buckets (a CPU: a batch of 16 runs ~5% faster per cutout than
+        8, measured, and single cutouts never wait behind one) and ``max_batch_size`` with them (a GPU's batch is
+        already large, and a new bucket would be one more shape to tune)."""
+        if self.max_bulk_batch_size:
+            return max(self.max_bulk_batch_size, self.max_batch_size)
+        return self.max_batch_size if buckets else 2 * self.max_batch_size
 
     @property
     def threads_per_batch(self) -> int:

@@ -130,6 +130,43 @@ def test_admitted_requests_count_against_the_queue_until_their_cutouts_are_queue
     run_with_batcher(test)
 
 
+@pytest.mark.parametrize("bulk", [None, 8])
+def test_large_requests_share_bulk_batches_and_small_ones_never_join_them(bulk):
+    """Pieces of requests larger than max_batch_size (4) are batched up to max_bulk_batch_size (8); a small
+    request's piece never shares a batch beyond 4 cutouts, so single cutouts keep small batches; each request
+    gets its own rows back. Without a bulk size, every batch stays within 4."""
+    release, calls = threading.Event(), []
+
+    def infer(images, ebv):
+        release.wait(10)
+        calls.append(len(images))
+        return {"probs": np.repeat(ebv[:, None], 3, axis=1)}
+
+    async def main():
+        batcher = Batcher(infer, max_batch_size=4, max_queue_delay_s=0.0, max_queue_objects=64, workers=1,
+                          max_bulk_batch_size=bulk)
+        batcher.start()
+        try:
+            first = asyncio.ensure_future(batcher.submit(*images(4), 10))
+            await until(lambda: batcher._running and not batcher.queued, "the first batch in the (blocked) model")
+            sizes = [12, 1, 3, 10]  # queued in this order: bulk, small, small, bulk (the last piece of 2)
+            jobs = []
+            for k, n in enumerate(sizes):
+                jobs.append(asyncio.ensure_future(batcher.submit(images(n)[0], np.full(n, k, np.float32), 10)))
+                await until(lambda k=k: batcher.queued == sum(sizes[:k + 1]), f"request {k} queued")
+            release.set()
+            await first
+            return await asyncio.wait_for(asyncio.gather(*jobs), 10)
+        finally:
+            release.set()
+            await batcher.close()
+
+    done = asyncio.run(main())
+    assert [d["probs"][:, 0].tolist() for d in done] == [[k] * n for k, n in enumerate([12, 1, 3, 10])]
+    # 12 = 8 + 4 (the next piece is small: the bulk batch stops), then 1 + 3, then 10 = 8 + 2
+    assert calls == ([4, 8, 4, 4, 8, 2] if bulk else [4, 4, 4, 4, 4, 4, 4, 2])
+
+
 def _finishing_batcher(infer, finish, **options):
     return Batcher(infer, **{"max_batch_size": 4, "max_queue_delay_s": 0.0, "max_queue_objects": 64, "workers": 1,
                              "finish": finish, "finish_workers": 1, **options})

@@ -42,6 +42,14 @@ def test_auto_is_one_on_a_cpu_and_enough_to_feed_a_gpu(monkeypatch, workers, cor
     assert Settings(workers=workers).worker_count(gpu=gpu) == expected
 
 
+@pytest.mark.parametrize(("max_batch", "bulk", "buckets", "expected"),
+                         [(8, 0, False, 16), (8, 0, True, 8), (8, 32, True, 32), (8, 4, False, 8), (128, 0, True, 128)])
+def test_bulk_batches_are_twice_the_batch_on_a_cpu_and_the_batch_under_shape_buckets(max_batch, bulk, buckets,
+                                                                                      expected):
+    settings = Settings(max_batch_size=max_batch, max_bulk_batch_size=bulk)
+    assert settings.bulk_batch_size(buckets) == expected  # set: kept, never below max_batch_size
+
+
 def test_a_worker_accepts_while_it_has_the_fewest_connections_or_once_the_fewest_has_left_one_waiting():
     assert should_accept([0, 0], 0, None, 5.0) and should_accept([2, 3, 2], 2, None, 5.0)
     assert not should_accept([1, 0], 0, None, 5.0)
