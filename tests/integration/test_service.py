@@ -297,7 +297,8 @@ def test_concurrent_requests_get_their_own_results(server, tiny_predictor):
     count = float(_metric(metrics, "photoz_batch_size_count"))
     total = float(_metric(metrics, "photoz_batch_size_sum"))
     assert total / count > 1.0  # requests were combined into batches
-    assert float(_metric(metrics, 'photoz_batch_size_bucket{le="8.0"}')) == count  # never above max_batch_size
+    # never above the bulk size (pieces of requests of more than max_batch_size = 8 cutouts may share 16)
+    assert float(_metric(metrics, 'photoz_batch_size_bucket{le="16.0"}')) == count
 
 
 def _metric(text: str, name: str) -> str:
@@ -339,7 +340,8 @@ def test_startup_log_names_the_provider_and_the_cpu_fallback(server):
     log = server.log()
     assert "execution provider: CPUExecutionProvider" in log
     assert "falling back to CPUExecutionProvider" in log
-    assert "warmed up batch sizes [1, 2, 4, 8]" in log
+    assert "warmed up batch sizes [1, 2, 4, 8, 16]" in log  # 16: bulk batches (2 x max_batch_size on a CPU)
+    assert "max_batch_size=8 (bulk 16)" in log
 
 
 def test_api_key_auth(tiny_bundle, tmp_path, rng):
@@ -421,7 +423,7 @@ def test_disconnected_client_work_is_dropped_before_the_model(tiny_bundle, rng):
 
     port = free_port()
     app = create_app(Settings(model=tiny_bundle, providers="cpu", warmup=False, max_batch_size=2,
-                              inference_workers=1, port=port))
+                              max_bulk_batch_size=2, inference_workers=1, port=port))
     server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

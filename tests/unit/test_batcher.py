@@ -1,7 +1,9 @@
 """The batcher's admission policy, drain cut-off and thread start-up, driven directly (no HTTP)."""
 import asyncio
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -84,6 +86,27 @@ def test_delay_target_refuses_behind_a_standing_queue_only():
     run_with_batcher(test, max_queue_wait_s=0.2, clock=lambda: clock[0])
 
 
+def test_a_burst_is_admitted_up_to_what_drains_in_time_and_no_further():
+    """At one instant (the clock does not move), single cutouts are admitted while the work ahead of them starts
+    within BURST_TARGETS x the target, then refused, though the queue is not yet a standing one; a request large
+    enough to be worth its wait is still let in; once the burst has gone, the next is admitted again."""
+    from photoz.service.batcher import BURST_TARGETS
+
+    async def test(batcher, release):
+        batcher.seconds_per_object = 0.05  # 20 cutouts/s: the target (0.2 s) is 4 queued cutouts
+        admitted = []
+        while (refusal := batcher.admission(1, before_body=True)) is None and len(admitted) < 100:
+            admitted.append(batcher.reserve(1))
+        assert len(admitted) == BURST_TARGETS * 4 + 1  # the last one admitted starts at 3 x the target
+        assert isinstance(refusal, QueueFull) and "0.65 s to start" in str(refusal) and not batcher._dropping
+        assert batcher.admission(8) is None  # 8 cutouts (0.4 s): twice their compute covers the wait
+        for reservation in admitted:
+            reservation.release()
+        assert batcher.admission(1) is None
+
+    run_with_batcher(test, max_queue_wait_s=0.2, clock=lambda: 1000.0)
+
+
 def test_drain_cut_off_fails_queued_work_with_the_given_error():
     async def test(batcher, release):
         running = asyncio.ensure_future(batcher.submit(*images(4), 10))
@@ -101,8 +124,11 @@ def test_drain_cut_off_fails_queued_work_with_the_given_error():
 
 def test_every_inference_thread_starts_with_the_batcher():
     async def test(batcher, release):
-        names = {t.name for t in threading.enumerate() if t.name.startswith("photoz-infer")}
-        assert len(names) == 3
+        threads = [t for t in threading.enumerate() if t.name.startswith("photoz-infer")]
+        assert len(threads) == 3
+        if sys.platform == "linux":  # the operating system knows them by name too (top -H, /proc, py-spy)
+            comms = {Path(f"/proc/self/task/{t.native_id}/comm").read_text().strip() for t in threads}
+            assert comms == {t.name for t in threads}
         return True
 
     assert run_with_batcher(test, workers=3)
