@@ -122,3 +122,44 @@ def test_priors(tmp_path):
     assert report["train_prior_unchanged_max_abs"] == 0.0
     assert {r["prior"] for r in report["rows"]} == {"train", "self", "true n(z)"}
     assert report["rows"][0]["sample"].startswith("all") and report["rows"][0]["n"] == 256
+
+
+#: modules of benchmarks/ that are not benchmarks themselves, and the benchmark whose smoke run drives each
+HELPERS = {"loadgen": "serve"}
+
+
+def test_every_benchmark_has_a_smoke_run_here():
+    """A new script in benchmarks/ without a smoke run above fails here (helpers: run by a benchmark that has one,
+    and named in HELPERS with it)."""
+    scripts = {p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem != "__init__"}
+    tests = {name.removeprefix("test_") for name in globals() if name.startswith("test_")}
+    assert sorted(scripts - tests - set(HELPERS)) == []
+    for helper, user in HELPERS.items():
+        source = (ROOT / "benchmarks" / f"{user}.py").read_text()
+        assert user in tests and (f"benchmarks.{helper}" in source or f"import {helper}" in source), helper
+
+
+def test_litserve_peer(tiny_bundle, tmp_path, tiny_predictor):
+    """The LitServe peer that benchmarks.serve compares against (its smoke run skips it) still starts and answers
+    the engine's PDF for a cutout."""
+    pytest.importorskip("litserve", reason="LitServe is a benchmark extra (pip install -e '.[bench]')")
+    import base64
+    import io
+
+    import httpx
+    import numpy as np
+
+    from benchmarks.serve import start_litserve, stop_group
+
+    cutout = np.random.default_rng(3).normal(0, 0.05, (1, 5, 64, 64)).astype(np.float32)
+    buffer = io.BytesIO()
+    np.save(buffer, cutout[0])
+    proc, url = start_litserve(tiny_bundle, 4, tmp_path / "litserve.log")
+    try:
+        answer = httpx.post(url + "/predict", json={"npy": base64.b64encode(buffer.getvalue()).decode()},
+                            timeout=60).json()
+    finally:
+        stop_group(proc)
+    want = tiny_predictor.predict(cutout, np.zeros(1, np.float32))[0]
+    np.testing.assert_allclose(answer["pdf"], want, atol=1e-6)
+    assert len(answer["bins"]) == len(want) + 1 and 0 < answer["z_median"] < 0.4
