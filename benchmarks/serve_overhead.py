@@ -6,7 +6,8 @@ Serves a bundle with the real app (uvicorn, FastAPI, batcher, decoding,
 encoding, metrics) but with the engine's call replaced by a copy of a result
 computed once per batch size, so nothing but the serving path uses the CPU.
 Drives it with `wrk -t1` posting one-cutout `.npy` bodies (JSON PDFs back,
-and `pdf=none`), and reads the server's CPU time (its process and worker
+and `pdf=none`), after ``--warmup`` seconds of unmeasured load (until then
+each new batch size runs the real model, once), and reads the server's CPU time (its process and worker
 processes) from /proc before and after: CPU milliseconds per request is the
 figure to watch (on a CPU host every one of them is taken from inference),
 requests/s the capacity of the path. Runs once per ``--workers`` count
@@ -110,6 +111,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, help="bundle (default: a random-weight pasquet2019_half)")
     parser.add_argument("--duration", type=int, default=8, help="seconds per load point")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="seconds of unmeasured load on each server first (the cache of engine results fills)")
     parser.add_argument("--connections", default="1,32")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--workers", default="1,2", help="worker process counts to compare, in one run")
@@ -132,7 +135,10 @@ def main(argv=None) -> int:
     rows = []
     for workers in (int(x) for x in args.workers.split(",")):
         proc, url = start_server(bundle, workers, work)
-        try:
+        try:  # steady state: the first batches of each size run the real model once, and the loop warms up
+            if args.warmup > 0:
+                wrk(url + "/v1/predict", work / "single.npy", "application/x-npy",
+                    max(int(x) for x in args.connections.split(",")), args.warmup)
             for query, label in (responses[r] for r in args.responses.split(",")):
                 for c in (int(x) for x in args.connections.split(",")):
                     before = cpu_seconds(proc.pid)
@@ -152,7 +158,8 @@ def main(argv=None) -> int:
             proc.wait(60)
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "bundle": str(bundle),
-              "load_generator": "wrk -t1", "duration_s": args.duration, "rows": rows, "scaling": scaling(rows)}
+              "load_generator": "wrk -t1", "duration_s": args.duration, "warmup_s": args.warmup, "rows": rows,
+              "scaling": scaling(rows)}
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"serve-overhead-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(report, indent=2))

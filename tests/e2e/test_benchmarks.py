@@ -90,7 +90,8 @@ def test_serve(tiny_bundle, tmp_path):
 @needs_wrk
 def test_serve_overhead(tiny_bundle, tmp_path):
     report = run_benchmark("serve_overhead", ["--model", str(tiny_bundle), "--duration", "1", "--connections", "4",
-                                              "--workers", "1,2", "--responses", "full"], tmp_path)
+                                              "--workers", "1,2", "--responses", "full", "--warmup", "1"], tmp_path)
+    assert report["warmup_s"] == 1
     assert [(r["workers"], r["connections"]) for r in report["rows"]] == [(1, 4), (2, 4)]
     assert all(r["errors"] == 0 and r["server_cpu_ms_per_request"] > 0 for r in report["rows"])
     [scaling] = report["scaling"]
