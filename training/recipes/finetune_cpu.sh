@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fine-tune the shipped bundle on a CPU: bundle 0.5.2 (trained from scratch on simulator 1.6.0 on an H200,
 # training/recipes/default_model_gpu.sh) fine-tuned on galaxies of the current simulator, then recalibrated. Run on
-# 2026-12-07 with simulator 1.7.0 (git tag simulator-1.7.0; 1.7.1 draws the same population, other galaxies for
+# 2026-12-07 with simulator 1.7.0 (commit 69550f8; 1.7.1 draws the same population, other galaxies for
 # a seed): candidate 0.6.0, not shipped (docs/training.md says why).
 #
 #   bash training/recipes/finetune_cpu.sh        # then: make ship VERSION=x.y.z RUN=$RUN \
