@@ -446,17 +446,36 @@ def main(argv=None) -> int:
     lit32 = next((r for r in rows if r["server"] == "litserve" and r["connections"] == 32), None)
     if photoz32 and lit32 and lit32["cutouts_per_s"] > 0:
         report["photoz_over_litserve_at_32"] = photoz32["cutouts_per_s"] / lit32["cutouts_per_s"]
+    report["photoz_over_litserve"] = over_litserve(rows)
     v1_256 = [r for r in rows if r["server"] == "photoz" and r["cutouts_per_request"] == 256 and r["workers"] == 1]
     oip_256 = [r for r in rows if r["server"] == "photoz-oip" and r["workers"] == 1]
     if v1_256 and oip_256:  # each to its own bracketing offline runs, summed over the rounds: drift cancels
         report["oip_binary_over_v1_npy_at_256"] = (sum(r["ratio_to_offline"] for r in oip_256)
                                                    / sum(r["ratio_to_offline"] for r in v1_256))
+    report["targets"] = targets(report, gpu)
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"serve-{'gpu-' if gpu else ''}{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(report, indent=2))
     print(format_table(report))
     print(f"\nwrote {out}")
     return 0
+
+
+def over_litserve(rows: list[dict]) -> dict[str, float]:
+    """photoz's single-cutout cutouts/s over LitServe's at each connection count both ran (one photoz worker
+    and, where more were run, the best worker count: ``"256"``, ``"256, 4 workers"``)."""
+    lit = {r["connections"]: r["cutouts_per_s"] for r in rows if r["server"] == "litserve" and r["cutouts_per_s"] > 0}
+    single = [r for r in rows if r["server"] == "photoz" and r["cutouts_per_request"] == 1 and r["connections"] in lit]
+    ratios = {}
+    for c in sorted({r["connections"] for r in single}):
+        at = [r for r in single if r["connections"] == c]
+        one = next((r for r in at if r.get("workers", 1) == 1), None)
+        if one:
+            ratios[str(c)] = one["cutouts_per_s"] / lit[c]
+        best = max(at, key=lambda r: r["cutouts_per_s"])
+        if best.get("workers", 1) != 1:
+            ratios[f"{c}, {best['workers']} workers"] = best["cutouts_per_s"] / lit[c]
+    return ratios
 
 
 def format_table(report: dict) -> str:
@@ -474,12 +493,53 @@ def format_table(report: dict) -> str:
         lines.append(f"| {server} | {r['connections']} | {r['cutouts_per_request']} | {r['cutouts_per_s']:.0f} | "
                      f"{r['offline_before']:.0f} / {r['offline_after']:.0f} | {r['ratio_to_offline']:.2f} | "
                      f"{r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {batch} | {r['errors']} |")
-    if "photoz_over_litserve_at_32" in report:
-        lines.append(f"\nphotoz / LitServe at 32 connections: {report['photoz_over_litserve_at_32']:.2f}")
+    if report.get("photoz_over_litserve"):
+        lines.append("\nphotoz / LitServe, single cutouts, by connections: " + ", ".join(
+            f"{k}: {v:.2f}" for k, v in report["photoz_over_litserve"].items()))
     if "oip_binary_over_v1_npy_at_256" in report:
         lines.append("Open Inference Protocol (binary tensors) / /v1/predict (.npy), 256-cutout requests, each as a "
                      f"ratio to its own offline runs: {report['oip_binary_over_v1_npy_at_256']:.2f}")
+    if report.get("targets"):
+        lines += ["", "| target | measured | met |", "| --- | --- | --- |"]
+        lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'NO'} |" for t in report["targets"]]
     return "\n".join(lines)
+
+
+def targets(report: dict, gpu: bool) -> list[dict]:
+    """The serving targets this run can judge (issue 28's; a GPU host's or a CPU host's), each with what was
+    measured (one worker, unless a target is about more) and whether it is met; a target whose load point was
+    not run is left out."""
+    rows, out = report["rows"], []
+
+    def photoz(connections: int, per_request: int, workers: int | None = 1) -> list[dict]:
+        return [r for r in rows if r["server"] in ("photoz", "photoz-oip") and r["connections"] == connections
+                and r["cutouts_per_request"] == per_request and (workers is None or r.get("workers", 1) == workers)]
+
+    def add(target: str, measured: str, met: bool) -> None:
+        out.append({"target": target, "measured": measured, "met": bool(met)})
+
+    if bulk := [r for r in rows if r["server"].startswith("photoz") and r["cutouts_per_request"] == 256
+                and r.get("workers", 1) == 1]:
+        floor = 0.8 if gpu else 0.95
+        worst = min(r["ratio_to_offline"] for r in bulk)
+        add(f"256-cutout requests >= {floor} x the engine offline at its best", f"{worst:.2f} (worst round)",
+            worst >= floor)
+    if gpu:
+        if at := photoz(256, 1, None):
+            best = max(at, key=lambda r: r["cutouts_per_s"])
+            add("single cutouts at 256 connections >= 10,000/s, p99 <= 100 ms",
+                f"{best['cutouts_per_s']:,.0f}/s, p99 {best['p99_ms']:.0f} ms ({best.get('workers', 1)} workers)",
+                best["cutouts_per_s"] >= 10_000 and best["p99_ms"] <= 100)
+        if lone := photoz(1, 1):
+            add("a lone request p50 <= 5 ms", f"{lone[0]['p50_ms']:.1f} ms", lone[0]["p50_ms"] <= 5)
+    elif at := photoz(32, 1):
+        add("single cutouts at 32 connections >= 0.9 x offline", f"{at[0]['ratio_to_offline']:.2f}",
+            at[0]["ratio_to_offline"] >= 0.9)
+    if ratios := report.get("photoz_over_litserve"):
+        key = "32" if "32" in ratios and not gpu else max(ratios, key=ratios.get)
+        add("photoz >= 1.5 x LitServe on the same engine", f"{ratios[key]:.2f} (at {key} connections)",
+            ratios[key] >= 1.5)
+    return out
 
 
 if __name__ == "__main__":

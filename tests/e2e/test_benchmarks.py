@@ -85,6 +85,30 @@ def test_serve(tiny_bundle, tmp_path):
     servers = {(r["server"], r["connections"], r["cutouts_per_request"]) for r in report["rows"]}
     assert {c for _, c, n in servers if n == 1} == {1, 4} and any(n == 256 for _, _, n in servers)
     assert report["offline_best"] > 0 and all("ratio_to_offline" in r for r in report["rows"])
+    # the targets it can judge at these load points: the 256-cutout one, not the 32-connection one
+    assert [t["target"].split(" >=")[0] for t in report["targets"]] == ["256-cutout requests"]
+
+
+def test_serve_judges_a_gpu_run_by_its_targets():
+    """A GPU run's report says which of issue 28's GPU targets it met: each judged on its own load point."""
+    from benchmarks.serve import over_litserve, targets
+
+    def row(server, connections, per_request, cutouts_per_s, workers=1, p50=3.0, p99=80.0, ratio=1.0):
+        return {"server": server, "connections": connections, "cutouts_per_request": per_request, "workers": workers,
+                "cutouts_per_s": cutouts_per_s, "p50_ms": p50, "p99_ms": p99, "ratio_to_offline": ratio}
+
+    rows = [row("photoz", 1, 1, 300, p50=4.0), row("photoz", 256, 1, 8_000, p99=90.0),
+            row("photoz", 256, 1, 12_000, workers=4, p99=95.0), row("photoz", 2, 256, 30_000, ratio=0.85),
+            row("photoz-oip", 2, 256, 28_000, ratio=0.75), row("litserve", 256, 1, 5_000)]
+    report = {"rows": rows, "photoz_over_litserve": over_litserve(rows)}
+    assert report["photoz_over_litserve"] == {"256": 1.6, "256, 4 workers": 2.4}
+    judged = {t["target"].split(" ")[0] + " " + t["target"].split(" ")[1]: t for t in targets(report, gpu=True)}
+    assert judged["256-cutout requests"]["met"] is False  # the OIP round, 0.75 < 0.8
+    assert judged["single cutouts"]["met"] is True and "4 workers" in judged["single cutouts"]["measured"]
+    assert judged["a lone"]["met"] is True and judged["photoz >="]["met"] is True
+    rows[2]["p99_ms"] = 140.0  # fast enough, but too slow in the tail
+    assert not {t["target"]: t for t in targets(report, gpu=True)}[
+        "single cutouts at 256 connections >= 10,000/s, p99 <= 100 ms"]["met"]
 
 
 @needs_wrk
