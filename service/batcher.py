@@ -3,7 +3,9 @@
 
 Requests are cut into pieces of at most ``max_batch_size`` cutouts and
 queued. A single loop forms a batch when it holds ``max_batch_size``
-cutouts or when the oldest waiting piece has waited ``max_queue_delay``,
+cutouts or when the oldest waiting piece has waited ``max_queue_delay``
+(unless requests come one at a time: an idle engine whose last batch
+held one request's cutouts alone takes what is queued at once),
 runs it off the event loop, and hands each piece its rows. A batch of
 pieces of large requests only (more than ``max_batch_size`` cutouts each)
 may grow to ``max_bulk_batch_size``: bulk work gets the engine's better
@@ -129,7 +131,7 @@ class Batcher:
                  max_queue_wait_s: float | None = None,
                  finish: Callable[[np.ndarray, np.ndarray, dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
                  finish_workers: int = 1, clock: Callable[[], float] = time.monotonic,
-                 max_bulk_batch_size: int | None = None):
+                 max_bulk_batch_size: int | None = None, wait_when_idle: bool = False):
         self.infer = infer
         # seconds, monotonic: queue delays, deadlines and the admission's standing-queue timer (tests inject one)
         self.clock = clock
@@ -141,6 +143,7 @@ class Batcher:
         # most cutouts in a batch of large requests' pieces only (None: max_batch_size, no bulk batches)
         self.max_bulk_batch_size = max(max_bulk_batch_size or max_batch_size, max_batch_size)
         self.max_queue_delay_s = max_queue_delay_s
+        self.wait_when_idle = wait_when_idle  # False: requests coming one at a time skip the delay (see _loop)
         self.max_queue_objects = max_queue_objects
         # latency bound: refuse when the work queued ahead would take longer than this to start
         self.max_queue_wait_s = max_queue_wait_s
@@ -168,6 +171,7 @@ class Batcher:
         self.max_finish_objects = max(self.max_bulk_batch_size, FINISH_COALESCE_OBJECTS)
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()  # batches being run (each waits for its finishing)
+        self._last_pieces = 0  # pieces (requests' shares) in the last batch formed: do requests come together?
         self._drains: set[asyncio.Task[None]] = set()
         self.seconds_per_object = 0.01  # running estimate (warm-up seeds it): Retry-After, the wait target
         self.accepting = True
@@ -227,8 +231,11 @@ class Batcher:
                 await self._wakeup.wait()
                 continue
             await self._slots.acquire()
-            # wait for a full batch or for the oldest piece's delay to pass
-            while self._queued < self.max_batch_size and self._queue:
+            # wait for a full batch or for the oldest piece's delay to pass; but an idle engine (no batch in
+            # flight) whose last batch was one request's alone takes what is queued at once: requests come one at
+            # a time, and a lone one would wait the delay for nothing (what comes meanwhile queues behind it)
+            lone = not self._running and self._last_pieces <= 1 and not self.wait_when_idle
+            while not lone and self._queued < self.max_batch_size and self._queue:
                 remaining = self._queue[0].enqueued + self.max_queue_delay_s - self.clock()
                 if remaining <= 0:
                     break
@@ -241,6 +248,7 @@ class Batcher:
             if not batch:
                 self._slots.release()
                 continue
+            self._last_pieces = len(batch)
             task = asyncio.create_task(self._run(batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)

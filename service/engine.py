@@ -89,7 +89,7 @@ class ServingEngine:
                                if self.solo is not None else None,
                                max_queue_wait_s=settings.max_queue_wait_ms / 1000,
                                finish=self.add_image_flags, finish_workers=settings.flag_workers,
-                               max_bulk_batch_size=self.largest_batch)
+                               max_bulk_batch_size=self.largest_batch, wait_when_idle=settings.wait_when_idle)
         self._log_loaded()
 
     @property

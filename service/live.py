@@ -55,7 +55,8 @@ class LiveServer:
         self.log_path = Path(log_path)
         args = [sys.executable, "-m", "photoz", "serve", "--model", str(model), "--port", str(self.port)]
         for name, value in flags.items():
-            args += [f"--{name.replace('_', '-')}", str(value)]
+            flag = name.replace("_", "-")
+            args += [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
         self._log: IO[str] = open(self.log_path, "w")  # noqa: SIM115 (closed by stop())
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})

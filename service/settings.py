@@ -40,6 +40,8 @@ class Settings(BaseModel):
                                                                            "of two up to max_batch_size), one "
                                                                            "session each; auto: on GPUs")
     max_queue_delay_ms: float = Field(2.0, ge=0, description="longest wait of the oldest queued cutout")
+    wait_when_idle: bool = Field(False, description="a request that comes alone to an idle engine waits "
+                                                    "max_queue_delay_ms for others too (default: it runs at once)")
     max_queue_objects: int = Field(8192, ge=1, description="queued cutouts beyond which requests get 429")
     http_nice: int = Field(2, ge=0, le=19, description="niceness added to the HTTP event loop after start-up, so "
                                                        "inference keeps the cores under overload (0: off)")

@@ -193,6 +193,49 @@ def test_large_requests_share_bulk_batches_and_small_ones_never_join_them(bulk):
     assert calls == ([4, 8, 4, 4, 8, 2] if bulk else [4, 4, 4, 4, 4, 4, 4, 2])
 
 
+def test_requests_one_at_a_time_skip_the_queue_delay_and_requests_together_wait_for_a_batch():
+    """The queue delay is for filling a batch: with nothing in flight a lone request goes to the model at once
+    (the clock does not reach its hour-long delay); pieces arriving while it runs wait and go together as one full
+    batch; after that batch of four, an idle engine waits the delay again for others to join a newcomer."""
+    release, calls, now = threading.Event(), [], [0.0]
+
+    def infer(images, ebv):
+        calls.append(len(images))
+        release.wait(10)
+        return {"probs": np.repeat(ebv[:, None], 3, axis=1)}
+
+    async def main():
+        batcher = Batcher(infer, max_batch_size=4, max_queue_delay_s=3600.0, max_queue_objects=64, workers=2,
+                          clock=lambda: now[0])  # stands still unless moved: only a full batch ends a wait
+        batcher.start()
+        try:
+            lone = asyncio.ensure_future(batcher.submit(*images(1), 10))
+            await until(lambda: calls == [1], "the lone piece in the model with no wait")
+            later = []
+            for k in range(3):  # a slot is free, but a batch is in flight: these wait to fill a batch
+                later.append(asyncio.ensure_future(batcher.submit(*images(1), 10)))
+                await until(lambda k=k: batcher.queued == k + 1, f"piece {k} queued")
+            assert calls == [1]
+            later.append(asyncio.ensure_future(batcher.submit(*images(1), 10)))  # the fourth fills the batch
+            await until(lambda: calls == [1, 4], "one full batch of the four")
+            release.set()
+            answers = await asyncio.wait_for(asyncio.gather(lone, *later), 10)
+            await until(lambda: not batcher._running, "the engine idle")
+            newcomer = asyncio.ensure_future(batcher.submit(*images(1), 1e5))  # requests came together: it waits
+            await until(lambda: batcher.queued == 1, "the newcomer queued")
+            await asyncio.sleep(0.05)
+            assert calls == [1, 4]
+            now[0] = 3601.0  # its delay has passed; the next arrival wakes the loop, and the two go together
+            answers += await asyncio.wait_for(asyncio.gather(newcomer, batcher.submit(*images(1), 1e5)), 10)
+            return answers
+        finally:
+            release.set()
+            await batcher.close()
+
+    assert [len(d["probs"]) for d in asyncio.run(main())] == [1] * 7
+    assert calls == [1, 4, 2]
+
+
 def _finishing_batcher(infer, finish, **options):
     return Batcher(infer, **{"max_batch_size": 4, "max_queue_delay_s": 0.0, "max_queue_objects": 64, "workers": 1,
                              "finish": finish, "finish_workers": 1, **options})
