@@ -719,3 +719,9 @@ def test_colour_comparison_gives_each_cell_its_difference_and_standard_error():
     assert first["err_u-g"] == pytest.approx(expected, rel=0.3)
     assert first["d_g-r"] == pytest.approx(0.0, abs=1e-9) and first["err_g-r"] < 1e-9
     assert all("d_u-g" not in row for row in rows if row["z_lo"] >= 0.1)
+    # the two cells as one sample (the report's "beyond z = 0.2" row takes its own edges so): every galaxy in it,
+    # the standard error of the pooled counts
+    [pooled] = colour_comparison(sample(4000, 0.08), sample(1000, 0.0), edges=(0.0, 0.1))
+    assert (pooled["n_sim"], pooled["n_real"]) == (4000, 1000)
+    assert pooled["d_u-g"] == pytest.approx(0.08, abs=0.03)
+    assert pooled["err_u-g"] == pytest.approx(1.2533 * 0.2 * np.sqrt(1 / 4000 + 1 / 1000), rel=0.3)
