@@ -116,7 +116,8 @@ def phase(server, connections: int, seconds: float, body_file: Path, settle_s: f
 def refusal_cost(bundle: Path, work: Path, connections: int, seconds: float, settle_s: float,
                  flags: dict[str, str]) -> dict:
     """Server CPU per refusal, measured alone: a server whose queue is held full (one request of
-    max_queue_objects cutouts waiting for a batch that fills in a minute) refuses every request of a storm."""
+    max_queue_objects cutouts waiting for a batch that fills in a minute, as even a lone request on an idle engine
+    does with wait_when_idle) refuses every request of a storm."""
     import threading
 
     import httpx
@@ -125,7 +126,7 @@ def refusal_cost(bundle: Path, work: Path, connections: int, seconds: float, set
 
     # one process: a refusal's cost is a process's, and one held request fills exactly one worker's queue
     flags = {**flags, "max_queue_objects": "64", "max_batch_size": "128", "max_queue_delay_ms": "60000",
-             "workers": "1"}
+             "wait_when_idle": True, "workers": "1"}
     server = LiveServer(bundle, work / "refusals.log", **flags)
     buffer = io.BytesIO()
     np.save(buffer, np.zeros((64, 5, 64, 64), np.float32))
@@ -136,7 +137,12 @@ def refusal_cost(bundle: Path, work: Path, connections: int, seconds: float, set
 
     holder = threading.Thread(target=hold, daemon=True)
     holder.start()
-    time.sleep(1)
+    deadline = time.monotonic() + 60
+    while "photoz_queue_depth 64.0" not in httpx.get(server.url + "/metrics", timeout=5).text:  # held full
+        if time.monotonic() > deadline:
+            server.stop(timeout=5)
+            raise RuntimeError("the held request never filled the queue")
+        time.sleep(0.05)
     try:
         row = phase(server, connections, seconds, work / "single.npy", settle_s)
     finally:

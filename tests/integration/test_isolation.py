@@ -42,7 +42,8 @@ def metric(server, name):
 @pytest.fixture(scope="module")
 def shipped_server(tmp_path_factory):
     srv = LiveServer(default_bundle_path(), tmp_path_factory.mktemp("logs") / "shipped.log", max_batch_size=32,
-                     max_queue_delay_ms=300, max_queue_wait_ms=30_000)
+                     max_queue_delay_ms=300, max_queue_wait_ms=30_000,
+                     wait_when_idle=True)  # the first request waits too: the clients' requests share batches
     yield srv
     srv.stop()
 
@@ -109,7 +110,8 @@ def poisoned_bundle(tiny_bundle, tmp_path_factory):
 @pytest.fixture(scope="module")
 def poisoned_server(poisoned_bundle, tmp_path_factory):
     srv = LiveServer(poisoned_bundle, tmp_path_factory.mktemp("logs") / "poisoned.log", max_batch_size=32,
-                     max_queue_delay_ms=300, max_queue_wait_ms=30_000)
+                     max_queue_delay_ms=300, max_queue_wait_ms=30_000,
+                     wait_when_idle=True)  # the first request waits too: the clients' requests share batches
     yield srv
     srv.stop()
 
