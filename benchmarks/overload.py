@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import loadgen
-from benchmarks.serve import cpu_seconds
+from benchmarks.serve import cpu_seconds, process_tree, stat_cpu_seconds
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -67,20 +67,17 @@ def server_counters(url: str) -> dict[str, float]:
 def thread_cpu(pid: int) -> dict[str, float]:
     """CPU seconds of ``pid``'s process tree by thread kind (inference, flags, the HTTP side and the rest):
     where the cores went in a phase."""
-    from benchmarks.serve import process_tree
-
     kinds = {"photoz-infer": "inference", "photoz-finish": "flags"}
     totals: dict[str, float] = {}
     for p in process_tree(pid):
         for task in Path(f"/proc/{p}/task").glob("*"):
             try:
                 comm = (task / "comm").read_text().strip()
-                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
             kind = next((v for k, v in kinds.items() if comm.startswith(k)), "http" if task.name == str(p)
                         else "other")
-            totals[kind] = totals.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            totals[kind] = totals.get(kind, 0.0) + stat_cpu_seconds(task / "stat")
     return totals
 
 
@@ -137,13 +134,8 @@ def refusal_cost(bundle: Path, work: Path, connections: int, seconds: float, set
 
     holder = threading.Thread(target=hold, daemon=True)
     holder.start()
-    deadline = time.monotonic() + 60
-    while "photoz_queue_depth 64.0" not in httpx.get(server.url + "/metrics", timeout=5).text:  # held full
-        if time.monotonic() > deadline:
-            server.stop(timeout=5)
-            raise RuntimeError("the held request never filled the queue")
-        time.sleep(0.05)
     try:
+        server.wait_queued(64)  # held full
         row = phase(server, connections, seconds, work / "single.npy", settle_s)
     finally:
         server.stop(timeout=5)

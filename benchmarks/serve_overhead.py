@@ -7,10 +7,10 @@ encoding, metrics) but with the engine's call replaced by a copy of a result
 computed once per batch size, so nothing but the serving path uses the CPU.
 Drives it with `wrk -t1` posting one-cutout `.npy` bodies (JSON PDFs back,
 and `pdf=none`), after ``--warmup`` seconds of unmeasured load (until then
-each new batch size runs the real model, once), and reads the server's CPU time (its process and worker
-processes) from /proc before and after: CPU milliseconds per request is the
-figure to watch (on a CPU host every one of them is taken from inference),
-requests/s the capacity of the path. Runs once per ``--workers`` count
+each new batch size runs the real model, once), and reads the server's CPU
+time (its process and worker processes) from /proc before and after: CPU
+milliseconds per request is the figure to watch (on a CPU host every one of
+them is taken from inference), requests/s the capacity of the path. Runs once per ``--workers`` count
 (PHOTOZ_WORKERS, default 1 and 2) in one run, and prints the scaling against
 one worker: requests/s and CPU per request. Prints a table and writes JSON
 to benchmarks/results/.
@@ -132,15 +132,14 @@ def main(argv=None) -> int:
     np.save(buffer, np.random.default_rng(1).normal(0, 0.05, (5, 64, 64)).astype(np.float32))
     (work / "single.npy").write_bytes(buffer.getvalue())
     responses = {"full": ("", "JSON, full PDF"), "none": ("?pdf=none", "JSON, pdf=none")}
-    rows = []
+    rows, connections = [], [int(x) for x in args.connections.split(",")]
     for workers in (int(x) for x in args.workers.split(",")):
         proc, url = start_server(bundle, workers, work)
         try:  # steady state: the first batches of each size run the real model once, and the loop warms up
             if args.warmup > 0:
-                wrk(url + "/v1/predict", work / "single.npy", "application/x-npy",
-                    max(int(x) for x in args.connections.split(",")), args.warmup)
+                wrk(url + "/v1/predict", work / "single.npy", "application/x-npy", max(connections), args.warmup)
             for query, label in (responses[r] for r in args.responses.split(",")):
-                for c in (int(x) for x in args.connections.split(",")):
+                for c in connections:
                     before = cpu_seconds(proc.pid)
                     stats = wrk(url + "/v1/predict" + query, work / "single.npy", "application/x-npy", c,
                                 args.duration)

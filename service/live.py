@@ -76,6 +76,16 @@ class LiveServer:
             time.sleep(0.1)
         raise TimeoutError(f"server not ready after {timeout} s:\n{self.log()}")
 
+    def wait_queued(self, n: int, timeout: float = 60.0) -> None:
+        """Block until the server's queue holds ``n`` cutouts (``photoz_queue_depth`` in /metrics, one worker);
+        raise with its log if it never does."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if f"photoz_queue_depth {float(n)}" in httpx.get(self.url + "/metrics", timeout=5).text:
+                return
+            time.sleep(0.01)
+        raise TimeoutError(f"the queue never held {n} cutouts in {timeout} s:\n{self.log()}")
+
     def log(self) -> str:
         """Everything the server has printed so far."""
         if not self._log.closed:

@@ -272,21 +272,11 @@ def slow_batches(tiny_bundle, tmp_path):
     srv.stop()
 
 
-def queued_cutouts(server, n: int, timeout_s: float = 30.0) -> None:
-    """Poll /metrics until the queue holds ``n`` cutouts (no fixed sleep: a slow machine only takes longer)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if f"photoz_queue_depth {float(n)}" in httpx.get(server.url + "/metrics", timeout=5).text:
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"the queue never held {n} cutouts")
-
-
 def test_a_full_queue_refuses_from_the_headers_before_the_body(slow_batches, rng):
     """A slow-sending client is refused (429, Retry-After, Connection: close) without its body being read."""
     queued = threading.Thread(target=post, args=(slow_batches, npy_bytes(sky_cutouts(rng, 16)), "application/x-npy"))
     queued.start()
-    queued_cutouts(slow_batches, 16)  # the 16 cutouts wait in the queue
+    slow_batches.wait_queued(16, timeout=30)  # the 16 cutouts wait in the queue (polled: no fixed sleep)
     sock = raw_request(slow_batches, 5 * 64 * 64 * 4 + 128, 0)  # headers only: the body never comes
     start = time.monotonic()
     answer = read_response(sock, 3)
@@ -302,7 +292,7 @@ def test_work_still_queued_at_the_drain_deadline_gets_503_with_retry_after(slow_
     worker = threading.Thread(target=lambda: results.append(
         post(slow_batches, npy_bytes(sky_cutouts(rng, 4)), "application/x-npy")))
     worker.start()
-    queued_cutouts(slow_batches, 4)
+    slow_batches.wait_queued(4, timeout=30)
     assert slow_batches.stop() == 0  # SIGTERM: the drain deadline (1 s) passes with the work still queued
     worker.join()
     assert results[0].status_code == 503 and results[0].headers["retry-after"] == "5", results[0].text
@@ -314,7 +304,7 @@ def test_the_open_inference_protocol_is_refused_from_its_headers_in_its_own_erro
     requests pipelined behind a refused one are not answered (the connection closes)."""
     queued = threading.Thread(target=post, args=(slow_batches, npy_bytes(sky_cutouts(rng, 16)), "application/x-npy"))
     queued.start()
-    queued_cutouts(slow_batches, 16)
+    slow_batches.wait_queued(16, timeout=30)
     sock = socket.create_connection(("127.0.0.1", slow_batches.port))
     request = (b"POST /v2/models/photoz-test-tiny/infer HTTP/1.1\r\nHost: x\r\nInference-Header-Content-Length: 9\r\n"
                b"Content-Length: 10\r\n\r\n0123456789GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
