@@ -19,7 +19,9 @@ from photoz.model.conventions import (
 from photoz.training.simulation import sed
 from photoz.training.simulation.cosmology import distance_modulus
 from photoz.training.simulation.drawing import (
+    DEV_TRUNCATION_HLR,
     PSFShape,
+    circular_growth,
     draw,
     draw_bands,
     galaxy_components,
@@ -284,10 +286,65 @@ def test_model_photometry_recovers_each_bands_total_flux():
     total magnitudes, colour gradients and all; Petrosian ones miss some light, the same in every band."""
     pop, inst, (clean, _, draws, measured) = _rendered(neighbours_per_cutout=0.0, resample_bands=False,
                                                        sky_offset_fraction=0.0)
-    catalogue = measure_catalogue(clean, draws["sky_sigma_nmgy"], inst.gain_e_per_nmgy(), measured["model_templates"])
+    catalogue = measure_catalogue(clean, draws["sky_sigma_nmgy"], inst.gain_e_per_nmgy(), measured["model_templates"],
+                                  measured["outer_clean"])
     np.testing.assert_allclose(catalogue["model_mag"], pop["mag_true"], atol=0.01)
     deficit = catalogue["petro_mag"] - pop["mag_true"]
     assert np.all(deficit > -0.01) and np.all(np.abs(deficit - deficit[:, [R]]) < 0.05)
+
+
+@pytest.mark.parametrize("bulge, hlr_arcsec, q", [(True, 3.0, 0.6), (True, 8.0, 0.9), (False, 3.0, 0.3),
+                                                   (False, 6.0, 0.8)])
+def test_circular_growth_is_the_light_galsim_draws_within_each_circle(bulge, hlr_arcsec, q):
+    """The analytic growth curve that carries the photometry past the cutout is GalSim's drawn profile (through
+    a 1.4" PSF, on a 400-pixel stamp) within circles about its centre: to 0.005 of the total beyond the
+    cutout's inscribed circle, and the light between that circle and 100 pixels to 0.005 of the total (0.005
+    mag of a galaxy's Petrosian magnitude: the PSF, left out, moves a large disk's light outwards by that)."""
+    import galsim
+
+    profile = (galsim.DeVaucouleurs(half_light_radius=hlr_arcsec, trunc=DEV_TRUNCATION_HLR * hlr_arcsec) if bulge
+               else galsim.Exponential(half_light_radius=hlr_arcsec)).shear(q=q, beta=30 * galsim.degrees)
+    size = 400
+    image = galsim.Convolve(profile, galsim.Moffat(beta=3.5, fwhm=1.4)).drawImage(
+        nx=size, ny=size, scale=PIXEL_SCALE_ARCSEC).array
+    yy, xx = np.mgrid[:size, :size]
+    distance = np.hypot(xx - (size - 1) / 2, yy - (size - 1) / 2)
+    radii = np.array([31.5, 40.0, 60.0, 100.0, 150.0])
+    drawn = np.array([image[distance <= radius].sum() for radius in radii]) / image.sum()
+    analytic = circular_growth(radii, np.array([hlr_arcsec / PIXEL_SCALE_ARCSEC]), np.array([q]), bulge)[0]
+    np.testing.assert_allclose(analytic, drawn, atol=0.005)
+    assert (analytic[3] - analytic[0]) == pytest.approx(drawn[3] - drawn[0], abs=0.005)
+
+
+def test_petrosian_photometry_reaches_past_the_cutout_as_a_pipeline_on_the_frame():
+    """A pipeline measures a galaxy on its frame, the cutout holds its inner 12.5": with the light beyond it, a
+    large round bulge (half-light radius 5", two Petrosian radii ~20") loses what its profile loses outside two
+    Petrosian radii, 0.139 mag for a de Vaucouleurs profile cut off at 8 half-light radii (integrated in
+    radius: r_P = 1.96 half-light radii, its Petrosian half-light radius 0.81 of the true one), and a small
+    one (1.5") no more. Within the cutout alone (simulators before 1.10.0) the large bulge lost ~0.1 mag more and
+    came out small."""
+    from photoz.training.simulation.population import NEIGHBOUR_Z_MAX
+    from photoz.training.simulation.render import render_galaxies
+
+    pop, _, _ = _rendered(n=8)
+    pop = {key: value.copy() for key, value in pop.items()}
+    pop["bulge_fraction"][:], pop["bulge_q"][:] = 1.0, 1.0
+    pop["r50_arcsec"][:] = np.repeat([1.5, 5.0], 4)
+    rng = np.random.default_rng(8)
+    pool = draw_candidates(PopulationConfig(), 16, rng, r_limit=22.0, z_max=NEIGHBOUR_Z_MAX)
+    config = InstrumentConfig(neighbours_per_cutout=0.0, resample_bands=False, sky_offset_fraction=0.0)
+    clean, _, draws, measured = render_galaxies(pop, rng, config, pool)
+    args = (clean, draws["sky_sigma_nmgy"], config.gain_e_per_nmgy(), measured["model_templates"])
+    whole, cut = measure_catalogue(*args, measured["outer_clean"]), measure_catalogue(*args)
+    deficit = whole["petro_mag"][:, R] - pop["mag_true"][:, R]
+    assert np.all(np.abs(deficit[4:] - 0.139) < 0.015), deficit
+    assert np.all((deficit[:4] > 0.03) & (deficit[:4] < deficit[4:].min())), deficit  # the PSF rounds it off
+    # the PSF widens the core a little
+    assert np.all((whole["petro_r50_arcsec"][4:] > 0.81 * 5.0) & (whole["petro_r50_arcsec"][4:] < 0.81 * 5.0 * 1.1))
+    cut_deficit = cut["petro_mag"][4:, R] - pop["mag_true"][4:, R]
+    assert np.all(cut_deficit - deficit[4:] > 0.05), cut_deficit
+    assert np.all(cut["petro_r50_arcsec"][4:] < 0.9 * whole["petro_r50_arcsec"][4:])
+    np.testing.assert_array_equal(cut["petro_mag"][:4], whole["petro_mag"][:4])  # small: all within the cutout
 
 
 def test_deblending_takes_the_neighbours_light_out_of_the_photometry():

@@ -268,24 +268,89 @@ def _bspline_taps(coeffs: np.ndarray, shift: np.ndarray, axis: int) -> np.ndarra
     return out
 
 
+#: A bulge's de Vaucouleurs profile is cut off at this many half-light radii (GalSim's ``trunc``; SDSS's model fits
+#: taper theirs to zero between 7 and 8 effective radii)
+DEV_TRUNCATION_HLR = 8.0
+
+
+def bulge_half_light_radius(r50_arcsec, bulge_fraction):
+    """The bulge's half-light radius (arcsec): the galaxy's above a bulge fraction of 0.8, 0.6 of it below."""
+    return np.asarray(r50_arcsec) * np.where(np.asarray(bulge_fraction) > 0.8, 1.0, 0.6)
+
+
+def component_fluxes(mag_bulge, mag_disk, bulge_fraction) -> tuple[np.ndarray, np.ndarray]:
+    """The bulge's and the disk's fluxes (..., n_bands) in nanomaggies as drawn: a component with under 1% of
+    the light is not drawn (its flux 0) and the other carries the galaxy's whole flux."""
+    bulge, disk = mag_to_nanomaggies(np.asarray(mag_bulge)), mag_to_nanomaggies(np.asarray(mag_disk))
+    with_bulge = (np.asarray(bulge_fraction) > 0.01)[..., None]
+    with_disk = (np.asarray(bulge_fraction) < 0.99)[..., None]
+    return (np.where(with_bulge, np.where(with_disk, bulge, bulge + disk), 0.0),
+            np.where(with_disk, np.where(with_bulge, disk, bulge + disk), 0.0))
+
+
 def galaxy_components(galsim, row: dict, dx_arcsec: float, dy_arcsec: float) -> tuple[list, np.ndarray]:
     """Unit-flux bulge and disk profiles of a galaxy and their fluxes (n_bands, n_components) in nanomaggies.
     A component with under 1% of the light is not drawn; the other carries the galaxy's whole flux."""
     r50 = max(float(row["r50_arcsec"]), 0.05)
     beta = float(row["position_angle_deg"]) * galsim.degrees
     parts, fluxes = [], []
-    bulge, disk = mag_to_nanomaggies(np.asarray(row["mag_bulge"])), mag_to_nanomaggies(np.asarray(row["mag_disk"]))
-    with_bulge, with_disk = row["bulge_fraction"] > 0.01, row["bulge_fraction"] < 0.99
-    if with_bulge:
-        bulge_hlr = r50 * (1.0 if row["bulge_fraction"] > 0.8 else 0.6)
-        parts.append(galsim.DeVaucouleurs(half_light_radius=bulge_hlr, trunc=8 * bulge_hlr, gsparams=gsparams())
+    bulge, disk = component_fluxes(row["mag_bulge"], row["mag_disk"], row["bulge_fraction"])
+    if row["bulge_fraction"] > 0.01:
+        bulge_hlr = float(bulge_half_light_radius(r50, row["bulge_fraction"]))
+        parts.append(galsim.DeVaucouleurs(half_light_radius=bulge_hlr, trunc=DEV_TRUNCATION_HLR * bulge_hlr,
+                                          gsparams=gsparams())
                      .shear(q=float(row["bulge_q"]), beta=beta).shift(dx_arcsec, dy_arcsec))
-        fluxes.append(bulge if with_disk else bulge + disk)
-    if with_disk:
+        fluxes.append(bulge)
+    if row["bulge_fraction"] < 0.99:
         parts.append(galsim.Exponential(half_light_radius=r50, gsparams=gsparams())
                      .shear(q=float(row["disk_q"]), beta=beta).shift(dx_arcsec, dy_arcsec))
-        fluxes.append(disk if with_bulge else bulge + disk)
+        fluxes.append(disk)
     return parts, np.stack(fluxes, axis=1)
+
+
+#: Exponential: half-light radius over scale length
+EXPONENTIAL_HLR_OVER_SCALE = 1.6783469900166605
+#: de Vaucouleurs: b_4 of the Sersic profile exp(-b_n (r / R_e)^(1 / n))
+DEV_B4 = 7.669249443609247
+#: Azimuths (radians, over a quadrant: the profiles are point-symmetric) of :func:`circular_growth`'s integral
+_GROWTH_AZIMUTHS = (np.arange(48) + 0.5) * (np.pi / 2 / 48)
+
+
+@functools.lru_cache(maxsize=1)
+def _truncated_dev_growth() -> tuple[np.ndarray, np.ndarray]:
+    """The truncated de Vaucouleurs profile's share of its light within radius x (in its own half-light radii,
+    truncation included), tabulated on a log grid: (x, share)."""
+    from scipy.optimize import brentq
+    from scipy.special import gammainc
+
+    def share(x_over_re, trunc_over_re):
+        inner = gammainc(8.0, DEV_B4 * np.minimum(x_over_re, trunc_over_re) ** 0.25)
+        return inner / gammainc(8.0, DEV_B4 * trunc_over_re ** 0.25)
+
+    # the untruncated R_e (in units of the truncated profile's half-light radius h) with share(h) = 1/2
+    re = brentq(lambda c: share(1.0 / c, DEV_TRUNCATION_HLR / c) - 0.5, 0.5, 2.0)
+    x = np.concatenate([[0.0], np.geomspace(1e-4, DEV_TRUNCATION_HLR, 4000)])
+    return x, share(x / re, DEV_TRUNCATION_HLR / re)
+
+
+def circular_growth(radii_pixels: np.ndarray, hlr_pixels: np.ndarray, q: np.ndarray, bulge: bool) -> np.ndarray:
+    """The share (N, R) of a unit-flux, noise-free component's light within circles of ``radii_pixels`` (R,)
+    about its centre: a truncated de Vaucouleurs bulge (``bulge``) or an exponential disk of half-light radius
+    ``hlr_pixels`` (N,) sheared to axis ratio ``q`` (N,) as GalSim shears it (area kept), without the PSF (for
+    the light far outside the seeing disk). An elliptical profile's light within a circle is the mean over
+    azimuth of L(R rho) / rho^2, rho^2 = q cos^2 + sin^2 / q, L the round profile's growth curve."""
+    cos2 = np.cos(_GROWTH_AZIMUTHS) ** 2
+    q = np.asarray(q, np.float64)[:, None, None]
+    rho2 = q * cos2 + (1 - cos2) / q  # (N, 1, A)
+    x = radii_pixels[None, :, None] * np.sqrt(rho2) / np.maximum(np.asarray(hlr_pixels, np.float64), 1e-3)[:, None,
+                                                                                                          None]
+    if bulge:
+        table_x, table_share = _truncated_dev_growth()
+        inside = np.interp(x, table_x, table_share)
+    else:
+        y = x * EXPONENTIAL_HLR_OVER_SCALE
+        inside = 1.0 - (1.0 + y) * np.exp(-y)
+    return (inside / rho2).mean(axis=2)
 
 
 def galaxy_profile(galsim, row: dict, band_index: int, dx_arcsec: float, dy_arcsec: float):

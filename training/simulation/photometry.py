@@ -12,6 +12,22 @@ from photoz.model.conventions import (
 )
 
 PETROSIAN_ETA = 0.2
+#: The growth curves' step (pixels)
+RADIUS_STEP_PIXELS = 0.5
+#: The largest radius the photometry reaches (pixels; 50.7"): apertures of two Petrosian radii up to 25", past
+#: the real MGS's 99th percentile Petrosian radius (21.8" in DR18). A pipeline measures the whole frame; light
+#: beyond the cutout's inscribed circle comes in as ``outer`` (:func:`outer_radii`)
+MAX_RADIUS_PIXELS = 128.0
+
+
+def inner_radii(size: int) -> np.ndarray:
+    """The growth curve's radii (pixels) within a cutout of ``size`` pixels: its inscribed circle."""
+    return np.arange(1.0, size / 2, RADIUS_STEP_PIXELS)
+
+
+def outer_radii(size: int) -> np.ndarray:
+    """The growth curve's radii (pixels) beyond a cutout of ``size`` pixels, to ``MAX_RADIUS_PIXELS``."""
+    return np.arange(inner_radii(size)[-1] + RADIUS_STEP_PIXELS, MAX_RADIUS_PIXELS + 1e-9, RADIUS_STEP_PIXELS)
 
 
 def radial_profile(images: np.ndarray, radii: np.ndarray):
@@ -25,17 +41,28 @@ def radial_profile(images: np.ndarray, radii: np.ndarray):
 
 
 def measure_catalogue(noisy: np.ndarray, sky_sigma: np.ndarray, gain: np.ndarray,
-                      model_templates: np.ndarray) -> dict[str, np.ndarray]:
+                      model_templates: np.ndarray, outer: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """SDSS-style photometry of noisy cutouts (N, 5, S, S) in nanomaggies, whose per-pixel sky noise is
     ``sky_sigma`` (N, 5) and gain ``gain`` (5,) electrons per nanomaggy: the errors a pipeline would quote
     from its own noise model. Petrosian fluxes in every band within two r-band Petrosian radii; model fluxes
     fitted with ``model_templates`` (N, 5, S, S: each galaxy's noise-free profile in each band through that
     band's PSF, scaled to unit total flux), as SDSS fits a profile convolved with each band's PSF (a perfect
-    fit: the profile is the true one, so colour gradients do not shift model colours)."""
+    fit: the profile is the true one, so colour gradients do not shift model colours).
+
+    ``outer`` (N, 5, R) is each galaxy's light between the cutout's inscribed circle and each of
+    :func:`outer_radii` (nanomaggies; noise and sky errors included if the caller adds them): the growth curves
+    go on beyond the cutout, as a pipeline's do on the frame. Without it they stop at the cutout's edge, and a
+    galaxy whose two Petrosian radii reach past it (about half the MGS: its median Petrosian radius, 6.2", is
+    the 64-pixel cutout's quarter-width) loses the light outside (simulators before 1.10.0)."""
     n, _, size, _ = noisy.shape
     r_band = BANDS.index("r")
-    radii = np.arange(1.0, size / 2, 0.5)
+    radii = inner_radii(size)
     flux_r, area = radial_profile(noisy[:, r_band], radii)
+    if outer is not None:
+        beyond = outer_radii(size)
+        area = np.concatenate([area, area[-1] + np.pi * (beyond**2 - radii[-1] ** 2)])
+        radii = np.concatenate([radii, beyond])
+        flux_r = np.concatenate([flux_r, flux_r[:, -1:] + outer[:, r_band]], axis=1)
     # Petrosian ratio: surface brightness in the annulus 0.8R..1.25R over the mean within R
     f_lo = np.array([np.interp(0.8 * radii, radii, f) for f in flux_r])
     f_hi = np.array([np.interp(np.minimum(1.25 * radii, radii[-1]), radii, f) for f in flux_r])
@@ -43,10 +70,15 @@ def measure_catalogue(noisy: np.ndarray, sky_sigma: np.ndarray, gain: np.ndarray
     ratio = ((f_hi - f_lo) / np.maximum(a_hi - a_lo, 1)) / np.maximum(flux_r / area, 1e-12)
     below = (ratio < PETROSIAN_ETA) & (radii[None, :] > 1.5)
     r_petro = np.where(below.any(axis=1), radii[np.argmax(below, axis=1)], radii[-1])
-    aperture = np.minimum(2 * r_petro, size / 2 - 1)
+    aperture = np.minimum(2 * r_petro, radii[-1] if outer is not None else size / 2 - 1)
     fluxes, errors = np.empty((n, len(BANDS))), np.empty((n, len(BANDS)))
     for b in range(len(BANDS)):
-        flux_b, _ = radial_profile(noisy[:, b], radii)
+        if b == r_band:
+            flux_b = flux_r
+        else:
+            flux_b, _ = radial_profile(noisy[:, b], inner_radii(size))
+            if outer is not None:
+                flux_b = np.concatenate([flux_b, flux_b[:, -1:] + outer[:, b]], axis=1)
         fluxes[:, b] = [np.interp(a, radii, f) for a, f in zip(aperture, flux_b, strict=True)]
         n_pix = np.pi * aperture**2
         errors[:, b] = np.sqrt(n_pix * sky_sigma[:, b] ** 2 + np.maximum(fluxes[:, b], 0) / gain[b])

@@ -74,11 +74,15 @@ class PopulationConfig:
     # sed.REFERENCE_MW_EBV took off the real library magnitudes
     mw_ebv_median: float = 0.03
     mw_ebv_sigma_ln: float = 0.6
-    # Shen et al. (2003) r-band size-luminosity relations (R50 in kpc, h = 0.7)
-    # calibrated: measured Petrosian R50 against real SDSS DR18 (docs/simulation.md), separately for red
-    # (early-type relation) and blue galaxies: with one factor, the red half was 6-21% small
-    size_scale: float = 1.18
+    # Shen et al. (2003) r-band size-luminosity relations (R50 in kpc, h = 0.7), times a factor for blue and one
+    # for red (early-type relation) galaxies and (L / L_pivot)^steepening, L from ^{0.1}M_r and the pivot at
+    # ^{0.1}M_r = size_pivot_abs_mag: fitted together (1.10.0) to the real DR18 Petrosian R50 of each colour half
+    # in four redshift bins (docs/simulation.md), once the growth curves reach past the cutout. With the factors
+    # alone the faint, nearby halves were 3-13% large and the luminous, distant ones 7-11% small
+    size_scale: float = 1.15
     size_scale_red: float = 1.33
+    size_luminosity_steepening: float = 0.06
+    size_pivot_abs_mag: float = -21.0
     # the reference sample's completeness in Petrosian r near its limit: a logistic, one half at
     # completeness_m50_mag, e-folding over completeness_width_mag (None: complete to r_limit_mag). The real files
     # thin out over their last ~0.4 mag (library <V/Vmax> 0.385, not 0.5: docs/simulation.md); the volumes and
@@ -138,9 +142,10 @@ def mean_log_inverse_axis_ratio(thickness: float) -> float:
 
 
 #: Median measured Petrosian r minus true total r (mag) of simulated galaxies against their bulge fraction
-#: (simulator 1.5.0, 8,000 galaxies: bulges are drawn as large as the galaxy above 0.8, and a de Vaucouleurs
-#: profile loses ~10% of its light outside two Petrosian radii, an exponential ~2%).
-PETROSIAN_DEFICIT_MAG = ((0.0, 0.75, 0.8, 1.0), (0.02, 0.035, 0.085, 0.095))
+#: (simulator 1.10.0, 8,000 galaxies, growth curves past the cutout: bulges are drawn as large as the galaxy
+#: above 0.8, and a truncated de Vaucouleurs profile loses ~10% of its light outside two Petrosian radii, an
+#: exponential under 1%; 1.5.0's table, measured within the cutout, had 0.02 for a pure disk)
+PETROSIAN_DEFICIT_MAG = ((0.0, 0.25, 0.5, 0.76, 0.8, 0.9, 1.0), (0.007, 0.017, 0.019, 0.038, 0.078, 0.090, 0.101))
 BULGE_FRACTION_SCATTER = 0.08
 
 
@@ -253,7 +258,8 @@ def _draw(cfg: PopulationConfig, n: int, rng: np.random.Generator, r_limit: floa
     bulge_fraction = np.clip(bulge_fraction_mean(t) + rng.normal(0, BULGE_FRACTION_SCATTER, n), 0, 1)
     abs_mag_z01 = abs_mag + to_z01  # Blanton's ^{0.1}r, the band of the Shen et al. relations' samples
 
-    r50_kpc = shen2003_r50_kpc(abs_mag_z01, red, rng) * np.where(red, cfg.size_scale_red, cfg.size_scale)
+    r50_kpc = shen2003_r50_kpc(abs_mag_z01, red, rng) * np.where(red, cfg.size_scale_red, cfg.size_scale) \
+        * 10 ** (-0.4 * cfg.size_luminosity_steepening * (abs_mag_z01 - cfg.size_pivot_abs_mag))
     r50_arcsec = r50_kpc / kpc_per_arcsec(z)
     cos_i = rng.uniform(0, 1, n)
     disk_q = np.sqrt(cos_i**2 + cfg.disk_thickness**2 * (1 - cos_i**2))

@@ -23,6 +23,9 @@ from photoz.model.conventions import (
 )
 from photoz.training.simulation.drawing import (
     PSFShape,
+    bulge_half_light_radius,
+    circular_growth,
+    component_fluxes,
     draw_bands,
     galaxy_components,
     gsparams,
@@ -42,7 +45,7 @@ from photoz.training.simulation.instrument import (
     saturate,
     star_magnitudes,
 )
-from photoz.training.simulation.photometry import measure_catalogue
+from photoz.training.simulation.photometry import inner_radii, measure_catalogue, outer_radii
 from photoz.training.simulation.population import NEIGHBOUR_Z_MAX, PopulationConfig, draw_candidates, fill
 
 #: The per-object draws :func:`render_galaxies` returns, in the order the data sets record them (``truth_*``).
@@ -57,7 +60,8 @@ def render_galaxies(pop: dict, rng: np.random.Generator, inst: InstrumentConfig,
     photometry's inputs, on each band's own grid: the noisy cutouts with the neighbours' light taken out
     (``deblended``: what an ideal deblender gives; SDSS deblends pairs down to ~1") and ``model_templates``
     (each galaxy's own noise-free profile in each band, scaled to a total flux of one: the fit of a perfect
-    model magnitude)."""
+    model magnitude), and the galaxy's light beyond the cutout for the growth curves (``outer``, with the sky's
+    noise and offset in it; ``outer_clean`` without: :func:`outer_light`)."""
     n = pop["z"].size
     draws = _object_draws(n, rng, inst)
     noise_seeds = rng.integers(0, 2**31 - 1, n)
@@ -79,9 +83,43 @@ def render_galaxies(pop: dict, rng: np.random.Generator, inst: InstrumentConfig,
         noisy[:, moved] = resample_onto_reference(part.reshape(-1, CUTOUT_SIZE_PIXELS, CUTOUT_SIZE_PIXELS),
                                                   band_shifts[:, moved].reshape(-1, 2)).reshape(part.shape)
     draws["nearest_neighbour_arcsec"] = scenes["nearest"]
+    outer_clean = outer_light(pop)
+    outer = outer_clean + outer_noise(outer_clean, np.random.default_rng(np.append(noise_seeds, 1)),
+                                      draws["sky_sigma_nmgy"], draws["sky_offset_nmgy"], inst.gain_e_per_nmgy())
     types = {"n_neighbours": np.int16, "flags": np.int16}
     draws = {key: draws[key].astype(types.get(key, np.float32)) for key in DRAWS}
-    return clean, noisy, draws, {"deblended": measured, "model_templates": templates}
+    return clean, noisy, draws, {"deblended": measured, "model_templates": templates, "outer": outer,
+                                 "outer_clean": outer_clean}
+
+
+def outer_light(pop: dict, size: int = CUTOUT_SIZE_PIXELS) -> np.ndarray:
+    """Each galaxy's noise-free light (N, 5, R) in nanomaggies between the cutout's inscribed circle and each
+    of the photometry's radii beyond it (``photometry.outer_radii``), from its bulge and disk profiles
+    (``drawing.circular_growth``: the PSF left out, as it moves little light 12" from a galaxy's centre, and
+    the centring offset, under 1.5 pixels at 32 pixels' radius). A pipeline measures a galaxy on its frame;
+    the cutout holds only its inner 12.5", and half the MGS has two Petrosian radii beyond that."""
+    radii = np.concatenate([inner_radii(size)[-1:], outer_radii(size)])
+    r50_pixels = np.maximum(np.asarray(pop["r50_arcsec"], np.float64), 0.05) / PIXEL_SCALE_ARCSEC
+    bulge_flux, disk_flux = component_fluxes(pop["mag_bulge"], pop["mag_disk"], pop["bulge_fraction"])
+    light = np.zeros((r50_pixels.size, len(BANDS), radii.size - 1))
+    for flux, hlr, q, bulge in ((bulge_flux, bulge_half_light_radius(r50_pixels, pop["bulge_fraction"]),
+                                 pop["bulge_q"], True), (disk_flux, r50_pixels, pop["disk_q"], False)):
+        growth = circular_growth(radii, hlr, q, bulge)
+        light += flux[:, :, None] * (growth[:, None, 1:] - growth[:, None, :1])
+    return light
+
+
+def outer_noise(light: np.ndarray, rng: np.random.Generator, sky_sigma: np.ndarray, sky_offset: np.ndarray,
+                gain: np.ndarray, size: int = CUTOUT_SIZE_PIXELS) -> np.ndarray:
+    """What a pipeline adds to ``light`` (:func:`outer_light`) in each annulus beyond the cutout: the sky's and
+    the source's noise (sky noise ``sky_sigma`` (N, 5) per pixel, gain (5,) electrons per nanomaggy) and the
+    sky-subtraction error ``sky_offset`` (N, 5) per pixel, summed outwards (N, 5, R), nanomaggies."""
+    radii = np.concatenate([inner_radii(size)[-1:], outer_radii(size)])
+    annulus_pixels = np.pi * np.diff(radii**2)
+    annulus_light = np.diff(np.concatenate([np.zeros_like(light[:, :, :1]), light], axis=2), axis=2)
+    variance = annulus_pixels * sky_sigma[:, :, None] ** 2 + np.maximum(annulus_light, 0) / gain[None, :, None]
+    per_annulus = rng.standard_normal(light.shape) * np.sqrt(variance) + annulus_pixels * sky_offset[:, :, None]
+    return np.cumsum(per_annulus, axis=2)
 
 
 def _object_draws(n: int, rng: np.random.Generator, inst: InstrumentConfig) -> dict[str, np.ndarray]:
@@ -201,7 +239,7 @@ def simulate_chunk(pop_cfg: PopulationConfig, inst: InstrumentConfig, seed: int,
         pop = draw_candidates(pop_cfg, int(missing / max(rate, 0.5)) + 2, rng)
         _, noisy, draws, measured = render_galaxies(pop, rng, inst, pool)
         catalogue = measure_catalogue(measured["deblended"], draws["sky_sigma_nmgy"], inst.gain_e_per_nmgy(),
-                                      measured["model_templates"])
+                                      measured["model_templates"], measured["outer"])
         out = {"images": noisy, "z": pop["z"].astype(np.float64), "ebv": pop["ebv"].astype(np.float32)}
         out.update({f"truth_{k}": v for k, v in pop.items() if k not in ("z", "ebv")})
         out["cat_flags"] = draws.pop("flags")  # what the pipeline knows: interpolated pixels, close neighbours

@@ -36,7 +36,7 @@ from photoz.training.simulation.population import PopulationConfig
 from photoz.training.simulation.render import simulate_chunk
 from photoz.training.simulation.sed import REFERENCE
 
-SIMULATOR_VERSION = "1.9.0"
+SIMULATOR_VERSION = "1.10.0"
 DEFAULT_CHUNK_SIZE = 256
 
 
