@@ -644,13 +644,26 @@ def test_size_comparison_of_real_galaxies_with_themselves():
     real = load_real_sizes()
     mags = np.zeros((real["z"].size, 5))
     mags[:, 1] = real["g_r"]  # g - r as the comparison computes it from simulated model magnitudes
-    rows = size_comparison({"z": real["z"], "r50": real["r50"], "mags": mags}, real)
+    # Petrosian minus model r as the comparison computes it from simulated magnitudes
+    petro = mags.copy()
+    petro[:, 2] = real["petro_deficit"]
+    rows = size_comparison({"z": real["z"], "r50": real["r50"], "mags": mags, "petro_mags": petro,
+                            "model_mags": mags}, real)
     halves = [row for row in rows if "sim_median_r50_red" in row]
     assert len(halves) >= 3
     for row in rows:
         assert row["sim_median_r50"] == row["real_median_r50"]  # both None where the bin is empty
     for row in halves:
         assert row["sim_median_r50_red"] == row["real_median_r50_red"] != row["real_median_r50_blue"]
+        for half in ("red", "blue"):
+            assert row[f"r50_ratio_{half}"] == 1.0 and row[f"ok_r50_{half}"]
+            assert 0.01 < row[f"r50_ratio_err_{half}"] < 0.15  # ~100-240 galaxies: a few per cent
+            assert row[f"sim_petro_deficit_{half}"] == row[f"real_petro_deficit_{half}"]
+        # real bulge-dominated (redder) galaxies lose more light outside two Petrosian radii than disks
+        assert row["real_petro_deficit_red"] > row["real_petro_deficit_blue"] + 0.03
+    # a 10% size offset is outside two standard errors in the best-sampled half
+    shrunk = size_comparison({"z": real["z"], "r50": 0.9 * real["r50"], "mags": mags}, real)
+    assert not all(row[f"ok_r50_{half}"] for row in shrunk if "r50_ratio_red" in row for half in ("red", "blue"))
 
 
 def test_a_bright_star_saturates_and_bleeds_along_its_column():
