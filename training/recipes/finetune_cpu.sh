@@ -22,7 +22,7 @@
 # three epochs in 3,459 s (~57 cutouts/s trained when the machine was otherwise idle, 24 while tests ran beside it).
 set -euo pipefail
 PHOTOZ=${PHOTOZ:-photoz}
-DATA=${DATA:-data/finetune}  # simulations of this checkout's simulator (1.9.0 on main since 2026-12-07)
+DATA=${DATA:-data/finetune}  # simulations of this checkout's simulator (1.10.0 on main since 2026-12-07)
 RUN=${RUN:-runs/default}
 N_TRAIN=${N_TRAIN:-48000}
 N_TEST=${N_TEST:-10000}
