@@ -7,7 +7,8 @@ encoding, metrics) but with the engine's call replaced by a copy of a result
 computed once per batch size, so nothing but the serving path uses the CPU.
 Drives it with `wrk -t1` posting one-cutout `.npy` bodies (JSON PDFs back,
 and `pdf=none`), after ``--warmup`` seconds of unmeasured load (until then
-each new batch size runs the real model, once), and reads the server's CPU
+each new batch size runs the real model, once; repeated until a window
+completes requests), and reads the server's CPU
 time (its process and worker processes) from /proc before and after: CPU
 milliseconds per request is the figure to watch (on a CPU host every one of
 them is taken from inference), requests/s the capacity of the path. Runs once per ``--workers`` count
@@ -104,7 +105,22 @@ def scaling(rows: list[dict]) -> list[dict]:
     return [{"workers": r["workers"], "response": r["response"], "connections": r["connections"],
              "requests_per_s_ratio": r["requests_per_s"] / base["requests_per_s"],
              "cpu_per_request_ratio": r["server_cpu_ms_per_request"] / base["server_cpu_ms_per_request"]}
-            for r in rows if r["workers"] > 1 and (base := one.get((r["response"], r["connections"])))]
+            for r in rows if r["workers"] > 1 and (base := one.get((r["response"], r["connections"])))
+            and base["requests"] > 0]  # a point that answered nothing has no ratio (its row shows it)
+
+
+#: Warm-up windows at most: a loaded machine can spend a whole window on a server's first batches
+WARMUP_WINDOWS = 10
+
+
+def warm_up(wrk, url: str, body: Path, connections: int, seconds: int) -> int:
+    """``seconds`` of unmeasured load, repeated until a window completes requests (at most ``WARMUP_WINDOWS``):
+    until then every new batch size runs the real model, and on a loaded machine the first ones can take a
+    whole window (a smoke run measured 0 requests in its first second). The windows it took."""
+    for window in range(1, WARMUP_WINDOWS + 1):
+        if wrk(url, body, "application/x-npy", connections, seconds)["requests"] > 0:
+            return window
+    return WARMUP_WINDOWS
 
 
 def main(argv=None) -> int:
@@ -137,7 +153,7 @@ def main(argv=None) -> int:
         proc, url = start_server(bundle, workers, work)
         try:  # steady state: the first batches of each size run the real model once, and the loop warms up
             if args.warmup > 0:
-                wrk(url + "/v1/predict", work / "single.npy", "application/x-npy", max(connections), args.warmup)
+                warm_up(wrk, url + "/v1/predict", work / "single.npy", max(connections), args.warmup)
             for query, label in (responses[r] for r in args.responses.split(",")):
                 for c in connections:
                     before = cpu_seconds(proc.pid)

@@ -113,13 +113,38 @@ def test_serve_judges_a_gpu_run_by_its_targets():
 
 @needs_wrk
 def test_serve_overhead(tiny_bundle, tmp_path):
-    report = run_benchmark("serve_overhead", ["--model", str(tiny_bundle), "--duration", "1", "--connections", "4",
+    # two-second windows: a fresh-clone run beside the other tests once saw a one-second window answer nothing
+    report = run_benchmark("serve_overhead", ["--model", str(tiny_bundle), "--duration", "2", "--connections", "4",
                                               "--workers", "1,2", "--responses", "full", "--warmup", "1"], tmp_path)
     assert report["warmup_s"] == 1
     assert [(r["workers"], r["connections"]) for r in report["rows"]] == [(1, 4), (2, 4)]
     assert all(r["errors"] == 0 and r["server_cpu_ms_per_request"] > 0 for r in report["rows"])
     [scaling] = report["scaling"]
     assert scaling["workers"] == 2 and scaling["requests_per_s_ratio"] > 0
+
+
+def test_serve_overhead_scaling_skips_a_point_that_answered_nothing_and_warm_up_waits_for_answers():
+    """A load point whose one-worker run completed no request has no ratio (it once divided by zero), and the
+    warm-up goes on, window after window, until the server answers (at most WARMUP_WINDOWS)."""
+    from benchmarks.serve_overhead import WARMUP_WINDOWS, scaling, warm_up
+
+    def row(workers, connections, requests):
+        return {"workers": workers, "response": "JSON", "connections": connections, "requests": requests,
+                "requests_per_s": requests / 2.0, "server_cpu_ms_per_request": 0.5}
+
+    rows = [row(1, 4, 0), row(2, 4, 900), row(1, 32, 1000), row(2, 32, 1500)]
+    assert [(s["connections"], s["requests_per_s_ratio"]) for s in scaling(rows)] == [(32, 1.5)]
+    answers = iter([0, 0, 7])
+    calls = []
+
+    def fake_wrk(*args):
+        calls.append(args)
+        return {"requests": next(answers, 0)}
+
+    assert warm_up(fake_wrk, "http://x/v1/predict", Path("b.npy"), 4, 1) == 3 and len(calls) == 3
+    calls.clear()
+    assert warm_up(lambda *a: calls.append(a) or {"requests": 0}, "u", Path("b"), 4, 1) == WARMUP_WINDOWS
+    assert len(calls) == WARMUP_WINDOWS
 
 
 @needs_wrk
