@@ -532,6 +532,30 @@ def small_sim(tmp_path_factory):
     return path
 
 
+def test_the_report_pools_samples_of_one_version_with_seeds_of_their_own(small_sim, tmp_path):
+    """The colours beyond z = 0.2 rest on ~1,300 simulated galaxies per 20,000: ``--pooled`` adds other samples
+    of the same simulator, and refuses one of another version or a seed already in (the same galaxies)."""
+    import shutil
+
+    from photoz.training.simulation.calibrate import pooled_catalogue
+    from photoz.training.simulation.simulate import SIMULATOR_VERSION
+
+    other, old = tmp_path / "other.h5", tmp_path / "old.h5"
+    for path, attrs in ((other, {"seed": 12}), (old, {"seed": 13, "simulator_version": "1.9.0"})):
+        shutil.copyfile(small_sim, path)
+        with h5py.File(path, "r+") as h5:
+            h5.attrs.update(attrs)
+    pooled = pooled_catalogue([str(small_sim), str(other)], SIMULATOR_VERSION)
+    with h5py.File(small_sim) as h5:
+        z = h5["z"][:]
+    np.testing.assert_array_equal(pooled["z"], np.concatenate([z, z]))
+    assert pooled["mags"].shape == (2 * z.size, 5)
+    with pytest.raises(ValueError, match="simulator 1.9.0"):
+        pooled_catalogue([str(small_sim), str(old)], SIMULATOR_VERSION)
+    with pytest.raises(ValueError, match="seed 11"):
+        pooled_catalogue([str(small_sim), str(small_sim)], SIMULATOR_VERSION)
+
+
 def test_same_seed_gives_identical_files_whatever_the_workers(small_sim, tmp_path):
     from photoz.training.simulation.simulate import simulate
 
