@@ -53,6 +53,35 @@ R = BANDS.index("r")
 A_MW = np.array([EXTINCTION_A_OVER_EBV[b] for b in BANDS])
 
 
+def test_the_photometry_table_is_kept_on_disk_under_a_digest_of_its_inputs(tmp_path, monkeypatch):
+    """Every simulation worker needed the ~3 s table of band maggies: it is kept on disk, read back instead of
+    computed (a file written there is what comes back), computed anew when the file is cut short, kept apart
+    for other inputs, and not kept at all with PHOTOZ_CACHE_DIR empty."""
+    monkeypatch.setenv("PHOTOZ_CACHE_DIR", str(tmp_path))
+    repair = tuple(sed.load_library().repair_mag)
+    sed.photometry_table.cache_clear()
+    try:
+        fresh = sed.photometry_table(repair)
+        [kept] = tmp_path.glob("photometry-table-*.npy")
+        np.save(kept, 2 * fresh)
+        sed.photometry_table.cache_clear()
+        np.testing.assert_array_equal(sed.photometry_table(repair), 2 * fresh)  # read, not computed
+        kept.write_bytes(kept.read_bytes()[:200])
+        sed.photometry_table.cache_clear()
+        np.testing.assert_array_equal(sed.photometry_table(repair), fresh)
+        np.testing.assert_array_equal(np.load(kept), fresh)  # and written again
+        other = sed.photometry_table(tuple(np.asarray(repair) + 0.3 * np.eye(len(repair))[0]))  # bluest knot
+        assert len(list(tmp_path.glob("photometry-table-*.npy"))) == 2 and not np.allclose(other, fresh)
+        monkeypatch.setenv("PHOTOZ_CACHE_DIR", "")
+        sed.photometry_table.cache_clear()
+        for path in tmp_path.iterdir():
+            path.unlink()
+        np.testing.assert_array_equal(sed.photometry_table(repair), fresh)
+        assert not list(tmp_path.iterdir())
+    finally:
+        sed.photometry_table.cache_clear()
+
+
 def test_library_spectra_reproduce_the_real_galaxies_they_were_fitted_to():
     """Each library spectrum, at its galaxy's redshift and luminosity, gives that real galaxy's deconvolved
     magnitudes (the median residual of every band vanishes: the template repair's job) and its measured ones to
