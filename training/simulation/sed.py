@@ -67,6 +67,7 @@ from pathlib import Path
 import numpy as np
 
 from photoz.model.conventions import BANDS
+from photoz.training.simulation import table_cache
 from photoz.training.simulation.cosmology import distance_modulus
 
 KCORRECT_TEMPLATES = "kcorrect-default-v4.fits"
@@ -158,19 +159,17 @@ def photometry_table(repair_mag: tuple[float, ...]) -> np.ndarray:
     tilted copies share their template's normalisation.
 
     Computing it takes ~3 s (speclite, once per redshift), which every simulation worker paid on its first
-    galaxy; the table is kept on disk (:func:`table_cache_dir`) under a digest of every number it is made from
+    galaxy; the table is kept on disk (:mod:`table_cache`) under a digest of every number it is made from
     (the spectra, the dust curve, the grids, the filter curves, speclite's version), so a cached table is the
     one this code would compute, to the bit.
     """
     filters = sdss_filters()
     wave, templates = repaired_templates(repair_mag)
     dust = 10 ** (-0.4 * calzetti_k(wave)[None, :] * TABLE_DUST_EBV[:, None])
-    cached = _table_cache_file(filters, wave, templates, dust)
-    if cached is not None:
-        try:
-            return np.load(cached, allow_pickle=False)
-        except (OSError, ValueError):  # absent, or cut short by a writer that died: computed anew
-            pass
+    cached = table_cache.cached_file("photometry-table", (wave, templates, dust, TABLE_Z, TABLE_DUST_EBV,
+                                                          *[np.stack([f.wavelength, f.response]) for f in filters]))
+    if (table := table_cache.load(cached)) is not None:
+        return table
     spectra = templates[:, None, :] * dust[None, :, :]  # (T, D, L)
     flat = spectra.reshape(-1, wave.size)
     norm = np.asarray(filters.get_ab_maggies(templates[:N_TEMPLATES], wave)["sdss2010-r"], dtype=np.float64)
@@ -181,47 +180,8 @@ def photometry_table(repair_mag: tuple[float, ...]) -> np.ndarray:
         for b, band in enumerate(BANDS):
             observed[:, :, k, b] = np.asarray(maggies[f"sdss2010-{band}"]).reshape(spectra.shape[:2])
     table = observed / norm[:, None, None, None]
-    if cached is not None:
-        _write_atomically(cached, table)
+    table_cache.save(cached, table)
     return table
-
-
-def table_cache_dir() -> Path | None:
-    """Where :func:`photometry_table` keeps its tables: ``PHOTOZ_CACHE_DIR``, else ``$XDG_CACHE_HOME/photoz``
-    (``~/.cache/photoz``); ``PHOTOZ_CACHE_DIR=""`` keeps none."""
-    configured = os.environ.get("PHOTOZ_CACHE_DIR")
-    if configured is not None:
-        return Path(configured) if configured else None
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "photoz"
-
-
-def _table_cache_file(filters, wave: np.ndarray, templates: np.ndarray, dust: np.ndarray) -> Path | None:
-    import hashlib
-
-    import scipy
-    import speclite
-
-    root = table_cache_dir()
-    if root is None:
-        return None
-    digest = hashlib.sha256(f"{speclite.__version__} {np.__version__} {scipy.__version__}".encode())
-    for array in (wave, templates, dust, TABLE_Z, TABLE_DUST_EBV,
-                  *[np.stack([f.wavelength, f.response]) for f in filters]):
-        digest.update(np.ascontiguousarray(array, dtype=np.float64).tobytes())
-    return root / f"photometry-table-{digest.hexdigest()[:32]}.npy"
-
-
-def _write_atomically(path: Path, table: np.ndarray) -> None:
-    """``table`` to ``path`` through a file of this process's own, renamed into place (workers write at once);
-    a cache that cannot be written is no error."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        part = path.with_suffix(f".{os.getpid()}.tmp")
-        with open(part, "wb") as fh:
-            np.save(fh, table, allow_pickle=False)
-        os.replace(part, path)
-    except OSError:
-        pass
 
 
 def _interp_axis(grid: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
