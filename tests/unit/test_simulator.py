@@ -355,11 +355,10 @@ def test_petrosian_photometry_reaches_past_the_cutout_as_a_pipeline_on_the_frame
     from photoz.training.simulation.population import NEIGHBOUR_Z_MAX
     from photoz.training.simulation.render import render_galaxies
 
-    pop, _, _ = _rendered(n=8)
-    pop = {key: value.copy() for key, value in pop.items()}
+    rng = np.random.default_rng(8)
+    pop = draw_selected(PopulationConfig(), 8, rng)
     pop["bulge_fraction"][:], pop["bulge_q"][:] = 1.0, 1.0
     pop["r50_arcsec"][:] = np.repeat([1.5, 5.0], 4)
-    rng = np.random.default_rng(8)
     pool = draw_candidates(PopulationConfig(), 16, rng, r_limit=22.0, z_max=NEIGHBOUR_Z_MAX)
     config = InstrumentConfig(neighbours_per_cutout=0.0, resample_bands=False, sky_offset_fraction=0.0)
     clean, _, draws, measured = render_galaxies(pop, rng, config, pool)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from photoz.model.conventions import BANDS
+from photoz.model.conventions import BANDS, nanomaggies_to_mag
 from photoz.model.pdf import photoz_metrics, point_estimates
 from photoz.training.baselines import KNNPhotoZ
 from photoz.training.fit.data import read_labels
@@ -55,7 +55,7 @@ def load_real_sizes() -> dict:
 
     t = Table.read(REFERENCE / "sdss_dr18_sizes_1k.csv", format="ascii.csv")
     keep = (np.asarray(t["r"]) < MGS_LIMIT) & (np.asarray(t["redshift"]) < 0.4)
-    petro_r = 22.5 - 2.5 * np.log10(np.asarray(t["petroFlux_r"], np.float64))  # nanomaggies to magnitudes
+    petro_r = nanomaggies_to_mag(np.asarray(t["petroFlux_r"], np.float64))
     return {"z": np.asarray(t["redshift"])[keep], "r50": np.asarray(t["petroR50_r"])[keep],
             "g_r": (np.asarray(t["g"]) - np.asarray(t["r"]))[keep],
             "petro_deficit": (petro_r - np.asarray(t["r"]))[keep]}
@@ -69,7 +69,10 @@ def size_comparison(sim: dict, real: dict) -> list[dict]:
     and the median Petrosian deficit (Petrosian minus model r, mag) of each, where ``sim`` has one."""
     rng = np.random.default_rng(0)
     rows = []
-    sim_g_r = sim["mags"][:, 1] - sim["mags"][:, 2]
+    g, r_band = BANDS.index("g"), BANDS.index("r")
+    sim_g_r = sim["mags"][:, g] - sim["mags"][:, r_band]
+    with_deficit = "petro_deficit" in real and "petro_mags" in sim
+    sim_deficit = sim["petro_mags"][:, r_band] - sim["model_mags"][:, r_band] if with_deficit else None
     for lo, hi in zip(Z_EDGES[:-1], Z_EDGES[1:], strict=True):
         s, r = (sim["z"] >= lo) & (sim["z"] < hi), (real["z"] >= lo) & (real["z"] < hi)
         row: dict = {"z_lo": lo, "z_hi": hi, "n_real": int(r.sum()),
@@ -88,8 +91,7 @@ def size_comparison(sim: dict, real: dict) -> list[dict]:
                             f"real_median_r50_{half}": float(np.median(real_r50)),
                             f"r50_ratio_{half}": ratio, f"r50_ratio_err_{half}": err,
                             f"ok_r50_{half}": bool(abs(ratio - 1) <= TARGETS["size_sigma"] * err)})
-                if "petro_deficit" in real and "petro_mags" in sim:
-                    sim_deficit = sim["petro_mags"][:, 2] - sim["model_mags"][:, 2]
+                if sim_deficit is not None:
                     row[f"sim_petro_deficit_{half}"] = float(np.median(sim_deficit[s & sim_half]))
                     row[f"real_petro_deficit_{half}"] = float(np.median(real["petro_deficit"][r & real_half]))
         rows.append(row)

@@ -92,13 +92,18 @@ def render_galaxies(pop: dict, rng: np.random.Generator, inst: InstrumentConfig,
                                  "outer_clean": outer_clean}
 
 
+def _beyond_edge(size: int) -> np.ndarray:
+    """The cutout's inscribed radius followed by the photometry's radii beyond it (pixels)."""
+    return np.concatenate([inner_radii(size)[-1:], outer_radii(size)])
+
+
 def outer_light(pop: dict, size: int = CUTOUT_SIZE_PIXELS) -> np.ndarray:
     """Each galaxy's noise-free light (N, 5, R) in nanomaggies between the cutout's inscribed circle and each
     of the photometry's radii beyond it (``photometry.outer_radii``), from its bulge and disk profiles
     (``drawing.circular_growth``: the PSF left out, as it moves little light 12" from a galaxy's centre, and
     the centring offset, under 1.5 pixels at 32 pixels' radius). A pipeline measures a galaxy on its frame;
     the cutout holds only its inner 12.5", and half the MGS has two Petrosian radii beyond that."""
-    radii = np.concatenate([inner_radii(size)[-1:], outer_radii(size)])
+    radii = _beyond_edge(size)
     r50_pixels = np.maximum(np.asarray(pop["r50_arcsec"], np.float64), 0.05) / PIXEL_SCALE_ARCSEC
     bulge_flux, disk_flux = component_fluxes(pop["mag_bulge"], pop["mag_disk"], pop["bulge_fraction"])
     light = np.zeros((r50_pixels.size, len(BANDS), radii.size - 1))
@@ -114,7 +119,7 @@ def outer_noise(light: np.ndarray, rng: np.random.Generator, sky_sigma: np.ndarr
     """What a pipeline adds to ``light`` (:func:`outer_light`) in each annulus beyond the cutout: the sky's and
     the source's noise (sky noise ``sky_sigma`` (N, 5) per pixel, gain (5,) electrons per nanomaggy) and the
     sky-subtraction error ``sky_offset`` (N, 5) per pixel, summed outwards (N, 5, R), nanomaggies."""
-    radii = np.concatenate([inner_radii(size)[-1:], outer_radii(size)])
+    radii = _beyond_edge(size)
     annulus_pixels = np.pi * np.diff(radii**2)
     annulus_light = np.diff(np.concatenate([np.zeros_like(light[:, :, :1]), light], axis=2), axis=2)
     variance = annulus_pixels * sky_sigma[:, :, None] ** 2 + np.maximum(annulus_light, 0) / gain[None, :, None]
