@@ -14,6 +14,14 @@ with pi_train the training set's n(z) on the model's bins, which the bundle reco
 ``self``    the population being estimated: its n(z) from its own PDFs by the EM deconvolution
             (:func:`population_nz`), for at least :data:`MIN_OBJECTS_SELF` objects.
 
+A selection. A sample cut on what the network sees (a brighter magnitude limit, a colour cut) keeps p(z|x):
+the posterior already conditions on the photometry the cut uses, so the sample's own n(z) as a prior counts the
+cut twice. A request may therefore declare the sample's selection, its completeness C(z) (the fraction of the
+parent population at z that the cut keeps; :func:`completeness_histogram` measures it on a reference catalogue
+with redshifts). The prior applied is then the parent's, n_sample(z) / C(z): a custom histogram is read as the
+selected sample's n(z) and divided by C; ``self`` fits the parent's n(z) by the EM with the selection in its
+likelihood (each object's p(x|z) among the selected is p(x|z) / C(z)). With C = 1 both are the plain ones.
+
 Regularisation. pi_train is a histogram of a finite training set: its bins far in the tails hold few galaxies
 or none, and the ratio pi_new / pi_train there is noise. Every n(z) here (pi_train, the EM's estimate) is
 taken with half a galaxy added to each bin (Jeffreys' pseudo-count), so no ratio divides by zero and a tail
@@ -47,6 +55,11 @@ MIN_OBJECTS_SELF = 200
 #: set's, keeps PIT KS 0.006 under the training prior and gets 0.008 / 0.013 / 0.031 under prior=self after
 #: 5 / 10 / 30 iterations, while a redshift shell's bias is within 0.0003 of its converged value from 5 on.
 EM_MAX_ITERATIONS, EM_TOLERANCE = 8, 1e-5
+#: Weight of the training n(z) in the EM of a selected sample's parent population, as a fraction of the sample
+#: (:func:`population_nz`). 0.1: on 0.7.0's held-out galaxies cut to r < 17 or the red sequence, the bias and
+#: PIT KS after 8 and after 100 iterations agree within 0.0002 and 0.01 (without it PIT KS drifts 0.021 ->
+#: 0.060), and a redshift shell then cut keeps within 0.001 of the bias its true n(z) gives.
+SELECTION_PRIOR_WEIGHT = 0.1
 #: Why an object could not be re-weighted.
 ZERO_OVERLAP = "the requested prior gives zero probability wherever this object's PDF is non-zero"
 
@@ -67,6 +80,8 @@ class Prior:
     name: str
     weights: np.ndarray | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    #: the sample's selection, its completeness C(z) per model bin (None: not selected, C = 1)
+    completeness: np.ndarray | None = None
 
     @property
     def is_identity(self) -> bool:
@@ -115,12 +130,23 @@ def rebin(edges: np.ndarray, weights: np.ndarray, bins: RedshiftBins) -> np.ndar
 
 
 def resolve(name: str | None, bins: RedshiftBins, train: np.ndarray | None, edges: Any = None,
-            weights: Any = None) -> Prior:
+            weights: Any = None, selection_edges: Any = None, selection_completeness: Any = None) -> Prior:
     """The prior a request asked for, checked. ``edges`` and ``weights`` (sequences of numbers) make a custom
-    histogram (``name`` may then be omitted). Raises :class:`PriorError` naming the field at fault."""
+    histogram (``name`` may then be omitted); ``selection_edges`` and ``selection_completeness`` declare the
+    sample's selection (with ``self`` or a custom prior; the module docstring). Raises :class:`PriorError` naming
+    the field at fault."""
     name = (name or ("custom" if edges is not None or weights is not None else "train")).strip().lower()
     if name not in PRIOR_NAMES:
         raise PriorError("prior", f"one of {', '.join(PRIOR_NAMES)}", repr(name))
+    if selection_edges is not None or selection_completeness is not None:
+        if name in ("train", "flat"):
+            raise PriorError("selection_edges" if selection_edges is not None else "selection_completeness",
+                             "a selection only with prior=self or a custom prior (the selected sample's own n(z)); "
+                             f"{name} is already the parent population's", f"prior={name}")
+        selection = resolve_selection(selection_edges, selection_completeness, bins)
+        plain = resolve(name, bins, train, edges, weights)
+        return select(plain, selection, {"edges": np.asarray(selection_edges, float).tolist(),
+                                         "completeness": np.asarray(selection_completeness, float).tolist()})
     if name == "train":
         if edges is not None or weights is not None:
             raise PriorError("prior", "prior_edges and prior_weights only with prior=custom", "prior=train")
@@ -165,20 +191,83 @@ def _numbers(values: Any, name: str) -> np.ndarray:
     return array
 
 
+def resolve_selection(edges: Any, completeness: Any, bins: RedshiftBins) -> np.ndarray:
+    """A selection's completeness histogram (``edges`` (m+1,) in z, ``completeness`` (m,) in [0, 1]) as C(z) per
+    model bin: its mean over each bin, zero outside the histogram. Raises :class:`PriorError` naming the field."""
+    if edges is None or completeness is None:
+        raise PriorError("selection_edges" if edges is None else "selection_completeness",
+                         "both selection_edges (m+1 redshifts) and selection_completeness (m fractions)",
+                         "only one of them")
+    e, c = _numbers(edges, "selection_edges"), _numbers(completeness, "selection_completeness")
+    if e.size < 2 or not np.all(np.diff(e) > 0):
+        raise PriorError("selection_edges", "at least 2 strictly increasing redshifts", f"{e.tolist()[:10]}")
+    if c.size != e.size - 1:
+        raise PriorError("selection_completeness", f"{e.size - 1} fractions (one per histogram bin)", f"{c.size}")
+    if (c < 0).any() or (c > 1).any() or not (c > 0).any():
+        raise PriorError("selection_completeness", "fractions kept, 0 <= C <= 1, not all 0", f"{c.tolist()[:10]}")
+    integral = np.concatenate([[0.0], np.cumsum(c * np.diff(e))])
+    per_bin = np.diff(np.interp(bins.edges, e, integral, left=0.0, right=integral[-1])) / bins.widths
+    if not (per_bin > 0).any():
+        raise PriorError("selection_edges", f"a histogram overlapping the model's range {bins.edges[0]:g} <= z < "
+                                            f"{bins.edges[-1]:g} where it keeps anything", f"{e[0]:g}-{e[-1]:g}")
+    return per_bin
+
+
+def select(prior: Prior, completeness: np.ndarray, described: dict[str, Any]) -> Prior:
+    """``prior`` (``self`` or custom: the selected sample's n(z)) for a sample selected with ``completeness`` per
+    model bin: a custom n(z) becomes the parent's, n(z) / C (zero where C is); ``self`` keeps C for its EM."""
+    details = {**prior.details, "selection": described}
+    if prior.weights is None:
+        return Prior(prior.name, None, details, completeness)
+    parent = np.divide(prior.weights, completeness, out=np.zeros_like(prior.weights), where=completeness > 0)
+    if parent.sum() <= 0:
+        raise PriorError("selection_edges", "a selection that keeps some redshift where the prior has weight",
+                         "no overlap")
+    return Prior(prior.name, parent / parent.sum(), details, completeness)
+
+
+def completeness_histogram(z: np.ndarray, selected: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """A selection's completeness C(z) on ``edges``, measured on a reference catalogue: for each bin, the
+    fraction of its objects (redshifts ``z``) that the selection keeps (``selected``, booleans), with Jeffreys'
+    half an object, (k + 1/2) / (n + 1), so a bin with few reference objects or none is neither 0 nor 1.
+    The catalogue need not be the sample's population: C(z) = int p(x|z) S(x) dx depends on the population only
+    through p(x|z), which the re-weighting assumes is the same everywhere. Send it as selection_completeness."""
+    z, selected = np.asarray(z, np.float64), np.asarray(selected, bool)
+    n, _ = np.histogram(z, edges)
+    k, _ = np.histogram(z[selected], edges)
+    return (k + 0.5) / (n + 1.0)
+
+
 def population_nz(probs: np.ndarray, train: np.ndarray, max_iterations: int = EM_MAX_ITERATIONS,
-                  tolerance: float = EM_TOLERANCE) -> tuple[np.ndarray, int]:
+                  tolerance: float = EM_TOLERANCE, completeness: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """The n(z) of a population from its PDFs (N, n_bins) by expectation-maximisation: each object's likelihood
     is its PDF over the training prior; the population's n(z) is the mean of the objects' posteriors under
     the current n(z), iterated from the training prior (the standard deconvolution, e.g. Padmanabhan et al.
-    2005), with :data:`PSEUDO_COUNT` per bin. Returns the n(z) (probabilities) and the iterations taken."""
+    2005), with :data:`PSEUDO_COUNT` per bin. Returns the n(z) (probabilities) and the iterations taken.
+
+    ``completeness``: the objects are a selection of their population, keeping C(z) of it at each z; the n(z)
+    returned is then the parent population's. Its likelihood, sum_i log int p(x_i|z) n(z) dz - N log int C n dz,
+    is flat wherever C is small (the sample holds no trace of that part of its parent), and the plain EM drifts
+    there (0.7.0 on r < 17: PIT KS 0.021 after 8 iterations, 0.060 after 100). So the parent's n(z) is the
+    maximum a posteriori under a Dirichlet prior centred on the training n(z), weighing
+    :data:`SELECTION_PRIOR_WEIGHT` of the sample: each step n(z) = (S(z) + k pi_train(z)) / (k + N C(z) / <C>),
+    S the posteriors summed, k the prior's weight, <C> the completeness averaged over n(z). Where the selection
+    keeps much, this is the Horvitz-Thompson count S / C; where it keeps little, the training n(z). Zero where C
+    is. The same iterations at most."""
     likelihood = np.asarray(probs, np.float64) / train[None, :]
     likelihood /= likelihood.sum(axis=1, keepdims=True)
-    n = len(likelihood)
-    nz = train.copy()
+    n, kept = len(likelihood), completeness
+    nz = train.copy() if kept is None else train * (kept > 0) / (train * (kept > 0)).sum()
     for iteration in range(1, max_iterations + 1):
         posterior = likelihood * nz[None, :]
-        posterior /= posterior.sum(axis=1, keepdims=True)
-        new = (posterior.sum(axis=0) + PSEUDO_COUNT) / (n + PSEUDO_COUNT * len(nz))
+        total = posterior.sum(axis=1, keepdims=True)  # 0 for an object wholly where the selection keeps nothing
+        posterior = np.divide(posterior, total, out=np.zeros_like(posterior), where=total > 0)
+        if kept is None:
+            new = (posterior.sum(axis=0) + PSEUDO_COUNT) / (n + PSEUDO_COUNT * len(nz))
+        else:
+            weight = SELECTION_PRIOR_WEIGHT * n
+            new = (posterior.sum(axis=0) + weight * train) / (weight + n * kept / float(kept @ nz)) * (kept > 0)
+            new /= new.sum()
         change = float(np.abs(new - nz).max())
         nz = new
         if change < tolerance:
@@ -194,8 +283,12 @@ def for_population(prior: Prior, probs: np.ndarray, train: np.ndarray) -> Prior:
         raise PriorError("prior", f"prior=self on at least {MIN_OBJECTS_SELF} valid objects (their n(z) is "
                                   "estimated from their PDFs); send more, or a named or custom prior",
                          f"{len(probs)} valid objects")
-    nz, iterations = population_nz(probs, train)
-    return Prior("self", nz, {"n_objects": int(len(probs)), "em_iterations": iterations})
+    nz, iterations = population_nz(probs, train, completeness=prior.completeness)
+    details = {**prior.details, "n_objects": int(len(probs)), "em_iterations": iterations}
+    details.pop("min_objects", None)
+    if prior.completeness is not None:  # the selected sample's own n(z), as the EM sees it
+        details["sample_n_z"] = np.round(nz * prior.completeness / (nz * prior.completeness).sum(), 8).tolist()
+    return Prior("self", nz, details, prior.completeness)
 
 
 def reweight(probs: np.ndarray, prior: Prior, train: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:

@@ -171,11 +171,17 @@ def test_rail(tmp_path):
 def test_priors(tmp_path):
     from photoz.training.simulation.simulate import simulate
 
-    data = simulate(tmp_path / "data" / "held_out.h5", 256, seed=41, workers=1, chunk_size=128, progress=False)
-    report = run_benchmark("priors", ["--data", str(data), "--n", "256"], tmp_path / "out")
+    data = simulate(tmp_path / "data" / "held_out.h5", 512, seed=41, workers=1, chunk_size=256, progress=False)
+    # the held-out file stands in for the reference catalogue whose cuts give the completeness
+    report = run_benchmark("priors", ["--data", str(data), "--n", "512", "--reference", str(data)], tmp_path / "out")
     assert report["train_prior_unchanged_max_abs"] == 0.0
-    assert {r["prior"] for r in report["rows"]} == {"train", "self", "true n(z)"}
-    assert report["rows"][0]["sample"].startswith("all") and report["rows"][0]["n"] == 256
+    assert report["rows"][0]["sample"].startswith("all") and report["rows"][0]["n"] == 512
+    by_sample: dict[str, set] = {}
+    for row in report["rows"]:
+        by_sample.setdefault(row["sample"], set()).add(row["prior"])
+    assert by_sample[report["rows"][0]["sample"]] == {"train", "self", "true n(z)"}  # not a cut: no selection
+    red = next(s for s in by_sample if s.startswith("red sequence"))  # ~60% of the galaxies: over 200
+    assert by_sample[red] == {"train", "self", "true n(z)", "self + selection", "true n(z) + selection"}
 
 
 #: modules of benchmarks/ that are not benchmarks themselves, and the benchmark whose smoke run drives each

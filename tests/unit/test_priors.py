@@ -5,14 +5,17 @@ import pytest
 from photoz.model.pdf import ESTIMATES, RedshiftBins, point_estimates
 from photoz.model.priors import (
     MIN_OBJECTS_SELF,
+    SELECTION_PRIOR_WEIGHT,
     PriorError,
     apply,
+    completeness_histogram,
     for_population,
     nz_record,
     population_nz,
     rebin,
     regularised,
     resolve,
+    resolve_selection,
     reweight,
     training_nz,
 )
@@ -27,16 +30,23 @@ def gaussian_rows(centres, sigma, bins=BINS):
     return rows / rows.sum(axis=1, keepdims=True)
 
 
-def population(rng, n, train_counts, new_pdf, sigma=0.02):
-    """Objects drawn from ``new_pdf`` (per bin) whose PDFs a network trained on ``train_counts`` would give:
-    a Gaussian likelihood around a noisy observation, times the training prior."""
-    k = rng.choice(BINS.n_bins, size=n, p=new_pdf)
-    z = BINS.centres[k]
-    observed = z + rng.normal(0, sigma, n)
-    likelihood = gaussian_rows(observed, sigma)
+def draw(rng, n, pdf, sigma=0.02):
+    """True redshifts drawn from ``pdf`` (per bin) and their noisy observations, what the toy network sees."""
+    z = BINS.centres[rng.choice(BINS.n_bins, size=n, p=pdf)]
+    return z, z + rng.normal(0, sigma, n)
+
+
+def posteriors(observed, train_counts, sigma=0.02):
+    """The PDFs a network trained on ``train_counts`` gives: a Gaussian likelihood times the training prior."""
     train = regularised(train_counts)
-    posterior = likelihood * train[None, :]
-    return z, (posterior / posterior.sum(axis=1, keepdims=True)).astype(np.float32), train
+    posterior = gaussian_rows(observed, sigma) * train[None, :]
+    return (posterior / posterior.sum(axis=1, keepdims=True)).astype(np.float32), train
+
+
+def population(rng, n, train_counts, new_pdf, sigma=0.02):
+    """Objects drawn from ``new_pdf`` (per bin) whose PDFs a network trained on ``train_counts`` would give."""
+    z, observed = draw(rng, n, new_pdf, sigma)
+    return (z, *posteriors(observed, train_counts, sigma))
 
 
 def broad_and_narrow():
@@ -116,6 +126,96 @@ def test_prior_self_needs_enough_objects():
         for_population(resolve("self", BINS, train), probs, train)
 
 
+def bias(probs, z):
+    return float(np.mean(point_estimates(probs, BINS)["z_mean"] - z))
+
+
+def cut_samples(rng, parent, n=6000, limit=0.1):
+    """A sample of ``parent`` cut on what the toy network sees (observed z < ``limit``, as r < 17 is a cut on the
+    photometry), its PDFs, the training prior, and the cut's declared selection measured on a reference
+    catalogue of the training population (20,000 objects, 40 bins)."""
+    train_counts, _ = broad_and_narrow()
+    z_ref, observed_ref = draw(rng, 20000, regularised(train_counts))
+    edges = np.linspace(0.0, 0.4, 41)
+    selection = {"selection_edges": edges,
+                 "selection_completeness": completeness_histogram(z_ref, observed_ref < limit, edges)}
+    z, observed = draw(rng, n, parent)
+    keep = observed < limit
+    return z[keep], *posteriors(observed[keep], train_counts), selection
+
+
+@pytest.mark.parametrize("parent", ["training", "shell"])
+def test_a_declared_selection_stops_a_cut_from_being_counted_twice(rng, parent):
+    train_counts, _ = broad_and_narrow()
+    shell = np.exp(-0.5 * ((BINS.centres - 0.08) / 0.03) ** 2)  # a population unlike the training set's
+    z, probs, train, selection = cut_samples(rng, regularised(train_counts) if parent == "training"
+                                             else shell / shell.sum())
+    truth = {"edges": BINS.edges, "weights": np.histogram(z, BINS.edges)[0] + 0.5}
+
+    def under(**kwargs):
+        name = kwargs.pop("name", None)
+        prior = for_population(resolve(name, BINS, train, **kwargs), probs, train)
+        return bias(reweight(probs, prior, train)[0], z), prior
+
+    plain_self, _ = under(name="self")
+    plain_truth, _ = under(**truth)
+    selected_self, prior = under(name="self", **selection)
+    selected_truth, _ = under(**truth, **selection)
+    # the cut keeps p(z|x), so a prior swapped without the selection counts the cut twice: biased low
+    assert plain_self < -0.004 and plain_truth < -0.002
+    if parent == "training":  # and the training prior is the right one
+        assert abs(bias(probs, z)) < 0.001
+    # with it, the parent's n(z): the true one exactly, the EM's within its early stopping (as without a cut)
+    assert abs(selected_truth) < 0.0006 and abs(selected_self) < (0.0015 if parent == "training" else 0.0025)
+    assert abs(selected_self) < abs(plain_self) / 2 and abs(selected_truth) < abs(plain_truth) / 4
+    described = prior.describe()
+    assert described["selection"]["completeness"] == selection["selection_completeness"].tolist()
+    assert sum(described["sample_n_z"]) == pytest.approx(1.0) and described["n_objects"] == len(z)
+    # the selected sample's n(z) the EM sees is the parent's times C: its mean is the sample's mean redshift
+    assert float(np.asarray(described["sample_n_z"]) @ BINS.centres) == pytest.approx(float(z.mean()), abs=0.003)
+
+
+def test_the_selected_em_is_the_dirichlet_map_of_the_parent(rng):
+    """At convergence the parent n(z) satisfies the stationarity condition of the selected likelihood plus the
+    Dirichlet prior: S(z) + k pi_train(z) = n(z) (k + N C(z) / <C>); and zero where C is."""
+    _, probs, train, selection = cut_samples(rng, regularised(broad_and_narrow()[0]), n=3000)
+    completeness = resolve_selection(selection["selection_edges"], selection["selection_completeness"], BINS)
+    completeness[-5:] = 0.0
+    nz, _ = population_nz(probs, train, max_iterations=5000, tolerance=1e-13, completeness=completeness)
+    likelihood = probs / train
+    posterior = likelihood * nz
+    posterior /= posterior.sum(axis=1, keepdims=True)
+    k, n = SELECTION_PRIOR_WEIGHT * len(probs), len(probs)
+    kept = completeness > 0
+    lhs = posterior.sum(axis=0) + k * train
+    rhs = nz * (k + n * completeness / float(completeness @ nz))
+    scale = lhs[kept].sum() / rhs[kept].sum()  # both sides up to the normalisation of the update
+    np.testing.assert_allclose(lhs[kept], scale * rhs[kept], rtol=1e-6)
+    assert (nz[~kept] == 0).all() and (nz[kept] > 0).all()
+
+
+def test_completeness_is_measured_with_half_an_object():
+    z = np.array([0.05, 0.05, 0.05, 0.15, 0.25])
+    selected = np.array([True, True, False, False, True])
+    c = completeness_histogram(z, selected, np.array([0.0, 0.1, 0.2, 0.3, 0.4]))
+    np.testing.assert_allclose(c, [2.5 / 4, 0.5 / 2, 1.5 / 2, 0.5 / 1])
+    # as a request sends it: the mean over each model bin, zero outside the histogram
+    per_bin = resolve_selection([0.0, 0.1, 0.2], [1.0, 0.5], BINS)
+    assert per_bin[BINS.centres < 0.1] == pytest.approx(1.0) and (per_bin[BINS.centres > 0.2] == 0).all()
+    straddling = resolve_selection([0.0, 0.0025, 0.4], [1.0, 0.0], BINS)  # a histogram edge inside bin 0
+    assert straddling[0] == pytest.approx(0.5) and straddling[1] == 0.0
+
+
+def test_a_selection_divides_a_custom_n_z_by_the_completeness():
+    train = regularised(np.ones(BINS.n_bins))
+    plain = resolve(None, BINS, train, edges=[0.0, 0.4], weights=[1.0])
+    halved = resolve(None, BINS, train, edges=[0.0, 0.4], weights=[1.0], selection_edges=[0.0, 0.2, 0.3],
+                     selection_completeness=[1.0, 0.5])
+    expected = np.where(BINS.centres < 0.2, 1.0, np.where(BINS.centres < 0.3, 2.0, 0.0)) * plain.weights
+    np.testing.assert_allclose(halved.weights, expected / expected.sum())
+    assert halved.describe()["selection"] == {"edges": [0.0, 0.2, 0.3], "completeness": [1.0, 0.5]}
+
+
 @pytest.mark.parametrize("kwargs, field, message", [
     ({"name": "uniform"}, "prior", "one of train, flat, self, custom"),
     ({"name": "custom", "edges": [0.0, 0.2]}, "prior_weights", "both prior_edges"),
@@ -126,6 +226,21 @@ def test_prior_self_needs_enough_objects():
     ({"edges": ["a", "b"], "weights": [1.0]}, "prior_edges", "a list of numbers"),
     ({"edges": [0.5, 0.9], "weights": [1.0]}, "prior_edges", "overlapping the model's range"),
     ({"name": "train", "edges": [0.0, 0.1], "weights": [1.0]}, "prior", "only with prior=custom"),
+    ({"name": "flat", "selection_edges": [0.0, 0.4], "selection_completeness": [1.0]}, "selection_edges",
+     "only with prior=self or a custom prior"),
+    ({"name": "self", "selection_completeness": [1.0]}, "selection_edges", "both selection_edges"),
+    ({"name": "self", "selection_edges": [0.0, 0.1, 0.1], "selection_completeness": [1.0, 1.0]},
+     "selection_edges", "strictly increasing"),
+    ({"name": "self", "selection_edges": [0.0, 0.4], "selection_completeness": [1.0, 1.0]},
+     "selection_completeness", "1 fractions"),
+    ({"name": "self", "selection_edges": [0.0, 0.4], "selection_completeness": [1.5]}, "selection_completeness",
+     "0 <= C <= 1"),
+    ({"name": "self", "selection_edges": [0.0, 0.4], "selection_completeness": [0.0]}, "selection_completeness",
+     "not all 0"),
+    ({"name": "self", "selection_edges": [0.5, 0.6], "selection_completeness": [1.0]}, "selection_edges",
+     "overlapping the model's range"),
+    ({"edges": [0.0, 0.1], "weights": [1.0], "selection_edges": [0.2, 0.4], "selection_completeness": [1.0]},
+     "selection_edges", "keeps some redshift where the prior has weight"),
 ])
 def test_bad_priors_name_the_field(kwargs, field, message):
     train = regularised(np.ones(BINS.n_bins))
