@@ -19,7 +19,8 @@ class PredictJob:
     ``.fits``, ``.parquet`` or ``.hdf5`` (qp-readable). ``model``: the bundle to run here (or on the Dask
     workers); ``url``, ``api_key``: a running photoz service instead. ``dask``: ``"local:N"`` (N single-threaded
     local worker processes) or a scheduler address, each worker loading the bundle once. ``prior``,
-    ``prior_edges``, ``prior_weights``: the redshift prior of the PDFs written (:mod:`photoz.model.priors`),
+    ``prior_edges``, ``prior_weights`` (and the inputs' selection, ``selection_edges``,
+    ``selection_completeness``): the redshift prior of the PDFs written (:mod:`photoz.model.priors`),
     applied when the table is written, so the parts stay the network's own PDFs and a re-run with another prior
     recomputes nothing.
     """
@@ -39,6 +40,10 @@ class PredictJob:
                                      "n(z) of all the inputs, by EM) or custom")
     prior_edges: Any = option(None, "custom prior: histogram bin edges in z (comma list)")
     prior_weights: Any = option(None, "custom prior: a weight per histogram bin (comma list)")
+    selection_edges: Any = option(None, "the inputs' selection (with prior self or custom): completeness "
+                                        "histogram bin edges in z (comma list)")
+    selection_completeness: Any = option(None, "the inputs' selection: the fraction of their parent population "
+                                               "kept, per bin (comma list)")
     quiet: bool = option(False, "no progress bar")
 
 

@@ -194,8 +194,9 @@ def predict_files(job: PredictJob) -> dict[str, Any]:
     engine = open_engine(job.model, job.url, job.api_key, job.providers, job.batch_size)
     bins = RedshiftBins(engine.edges)
     try:  # checked before any work
-        chosen = resolve_prior(job.prior, bins, engine.train_prior, _list_field(job.prior_edges, "prior_edges"),
-                               _list_field(job.prior_weights, "prior_weights"))
+        numbers = ("prior_edges", "prior_weights", "selection_edges", "selection_completeness")
+        chosen = resolve_prior(job.prior, bins, engine.train_prior,
+                               *(_list_field(getattr(job, name), name) for name in numbers))
     except PriorError as exc:
         raise InputError(exc.field, exc.expected, exc.received) from None
     sources = find_sources(job.inputs, engine.geometry)
@@ -243,7 +244,7 @@ def _checked(job: PredictJob) -> tuple[Path, str]:
 
 
 def _list_field(value: Any, name: str) -> Any:
-    """A prior's edges or weights as given: a list, or the command line's comma or JSON list."""
+    """A prior's or selection's numbers as given: a list, or the command line's comma or JSON list."""
     return parse_list_field(value, name) if isinstance(value, str) else value
 
 

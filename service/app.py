@@ -69,6 +69,10 @@ class PredictParams(BaseModel):
                                                 "self (the request's own n(z); >= 200 objects) or custom")
     prior_edges: str | None = Field(None, description="custom prior: histogram bin edges in z (comma list)")
     prior_weights: str | None = Field(None, description="custom prior: one weight per histogram bin (comma list)")
+    selection_edges: str | None = Field(None, description="the sample's selection (with prior=self or custom): "
+                                                          "completeness histogram bin edges in z (comma list)")
+    selection_completeness: str | None = Field(None, description="the sample's selection: the fraction of its "
+                                                                 "parent population kept, per bin (comma list)")
 
 
 _NO_PARAMS = PredictParams.model_validate({})  # an empty query's (read only)
@@ -139,8 +143,8 @@ async def _predict(request: Request, params: PredictParams) -> Response:
     if media_type is None:
         raise InputError("Accept", " or ".join(ACCEPTED), request.headers.get("accept", ""), status=406,
                          title="not acceptable")
-    prior = resolve_prior(engine, params.prior, parse_list_field(params.prior_edges, "prior_edges"),
-                          parse_list_field(params.prior_weights, "prior_weights"))
+    prior = resolve_prior(engine, params.prior, *(parse_list_field(getattr(params, name), name) for name in (
+        "prior_edges", "prior_weights", "selection_edges", "selection_completeness")))
     cutouts = await read_cutouts(request, engine.geometry, engine.settings, state_of(request).inflight,
                                  parse_list_field(params.ebv, "ebv"), parse_list_field(params.ids, "ids"))
     _check_valid(cutouts, params.all_or_nothing)

@@ -136,7 +136,8 @@ class PhotozClient:
         return response.json()
 
     def predict(self, inputs: Any, ebv: Any = None, ids: Any = None, pdf: bool = True, prior: str | None = None,
-                prior_edges: Any = None, prior_weights: Any = None) -> PhotozResults:
+                prior_edges: Any = None, prior_weights: Any = None, selection_edges: Any = None,
+                selection_completeness: Any = None) -> PhotozResults:
         """PDFs and point estimates of cutouts.
 
         Parameters
@@ -154,6 +155,10 @@ class PhotozClient:
             The redshift prior of the PDFs (docs/priors.md): ``train`` (default), ``flat``, a custom histogram
             (``prior_edges``, ``prior_weights``), applied by the service; or ``self``, the n(z) of all the
             objects given here (by EM over every chunk's PDFs together, here: needs ``pdf=True``).
+        selection_edges, selection_completeness : optional
+            With ``self`` or a custom prior, the objects' selection from their parent population: its
+            completeness per redshift bin (``photoz.model.priors.completeness_histogram``), so that a sample cut
+            on its photometry is not counted twice (docs/priors.md).
 
         Returns
         -------
@@ -165,7 +170,9 @@ class PhotozClient:
         query = {"pdf": "full" if pdf else "none"}
         if prior not in (None, "self"):
             query["prior"] = prior
-        for key, values in (("prior_edges", prior_edges), ("prior_weights", prior_weights)):
+        selection = {"selection_edges": selection_edges, "selection_completeness": selection_completeness}
+        for key, values in (("prior_edges", prior_edges), ("prior_weights", prior_weights),
+                            *(selection.items() if prior != "self" else ())):
             if values is not None:
                 query[key] = ",".join(repr(float(v)) for v in np.ravel(values))
         if isinstance(inputs, (str, Path)):
@@ -177,9 +184,9 @@ class PhotozClient:
         with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
             parts = list(pool.map(lambda job: job(), jobs))
         results = PhotozResults.concatenate(parts)
-        return self._population_prior(results) if prior == "self" else results
+        return self._population_prior(results, selection) if prior == "self" else results
 
-    def _population_prior(self, results: PhotozResults) -> PhotozResults:
+    def _population_prior(self, results: PhotozResults, selection: dict[str, Any]) -> PhotozResults:
         """``prior='self'`` over every object at once (the service would estimate it per request)."""
         from photoz.model import priors
         from photoz.model.pdf import RedshiftBins
@@ -188,18 +195,21 @@ class PhotozClient:
         bins = RedshiftBins(results.bins)
         train = priors.training_nz(self.models()["models"][0]["metadata"], bins)
         try:
-            chosen = priors.resolve("self", bins, train)
+            chosen = priors.resolve("self", bins, train, **selection)
             assert results.pdfs is not None and train is not None  # pdf=True; resolve needs the n(z)
             chosen = priors.for_population(chosen, results.pdfs, train)
         except priors.PriorError as exc:
             raise ValueError(str(exc)) from None
-        # what the service does per request (photoz.model.priors.apply), on the objects' bits; the EM's n(z) is
-        # never 0, so every object is re-weighted
-        outputs, _ = priors.apply({"probs": results.pdfs, **results.estimates,
-                                   "flag_bits": bits_from_names(results.flags)}, chosen, train, bins)
-        pdfs, flags = outputs.pop("probs").astype(np.float64), flag_names(outputs.pop("flag_bits"))
-        return PhotozResults(results.bins, results.ids, outputs, pdfs, flags, results.rejected, results.model,
-                             chosen.describe())
+        # what the service does per request (photoz.model.priors.apply), on the objects' bits; an object whose PDF
+        # lies wholly where a declared selection keeps nothing is rejected, as the service would
+        outputs, ok = priors.apply({"probs": results.pdfs, **results.estimates,
+                                    "flag_bits": bits_from_names(results.flags)}, chosen, train, bins)
+        pdfs, bits = outputs.pop("probs")[ok].astype(np.float64), outputs.pop("flag_bits")[ok]
+        rejected = results.rejected + [{"id": results.ids[i], "error": priors.ZERO_OVERLAP}
+                                       for i in np.flatnonzero(~ok)]
+        return PhotozResults(results.bins, [i for i, keep in zip(results.ids, ok, strict=True) if keep],
+                             {k: v[ok] for k, v in outputs.items()}, pdfs, flag_names(bits), rejected,
+                             results.model, chosen.describe())
 
     def _array_jobs(self, images: np.ndarray, ebv: Any, ids: Any,
                     query: dict[str, str]) -> list[Callable[[], PhotozResults]]:

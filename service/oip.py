@@ -184,7 +184,8 @@ async def _infer(request: Request) -> Response:
             tuple(output_types(engine)))
     parsed = parse_infer(*args) if len(body) <= INLINE_BYTES else await asyncio.to_thread(parse_infer, *args)
     asked = parsed.prior or {}
-    prior = resolve_prior(engine, asked.get("name"), asked.get("edges"), asked.get("weights"))
+    prior = resolve_prior(engine, asked.get("name"), asked.get("edges"), asked.get("weights"),
+                          asked.get("selection_edges"), asked.get("selection_completeness"))
     check_prior_population(prior, parsed.cutouts)
     results = await predict_cutouts(request, engine, parsed.cutouts, parsed.timeout_s or s.request_timeout_s,
                                     parsed.id)

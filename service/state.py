@@ -257,10 +257,13 @@ async def encoded(results: Results, encode: Callable[..., T], *args: Any) -> T:
     return await asyncio.to_thread(encode, results, *args)
 
 
-def resolve_prior(engine: ServingEngine, name: str | None, edges: Any = None, weights: Any = None) -> Prior:
-    """The prior a request asked for (``prior``, ``prior_edges``, ``prior_weights``), or a 422 naming the field."""
+def resolve_prior(engine: ServingEngine, name: str | None, edges: Any = None, weights: Any = None,
+                  selection_edges: Any = None, selection_completeness: Any = None) -> Prior:
+    """The prior a request asked for (``prior``, ``prior_edges``, ``prior_weights``, and the sample's selection,
+    ``selection_edges``, ``selection_completeness``), or a 422 naming the field."""
     try:
-        return priors.resolve(name, engine.bundle.metadata.bins, engine.train_prior, edges, weights)
+        return priors.resolve(name, engine.bundle.metadata.bins, engine.train_prior, edges, weights,
+                              selection_edges, selection_completeness)
     except priors.PriorError as exc:
         raise InputError(exc.field, exc.expected, exc.received) from None
 

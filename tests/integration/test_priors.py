@@ -53,7 +53,8 @@ def _post(url, images, **params):
 def _expected(bundle_path, pdfs, name, **kwargs):
     md = load_bundle(bundle_path).metadata
     train = training_nz(md.document, md.bins)
-    prior = resolve(name, md.bins, train, kwargs.get("edges"), kwargs.get("weights"))
+    prior = resolve(name, md.bins, train, kwargs.get("edges"), kwargs.get("weights"),
+                    kwargs.get("selection_edges"), kwargs.get("selection_completeness"))
     prior = for_population(prior, pdfs, train)
     return reweight(pdfs, prior, train), md.bins
 
@@ -164,3 +165,69 @@ def test_photoz_predict_applies_the_prior_when_writing_the_table(prior_bundle, c
     np.testing.assert_allclose(tables["self"], want, atol=1e-6)
     served = _post(prior_server.url, cutouts, prior="self").json()
     np.testing.assert_allclose(tables["self"], served["data"]["pdfs"], atol=2e-6)
+
+
+SELECTION = {"selection_edges": [0.0, 0.1, 0.2, 0.3], "selection_completeness": [1.0, 0.5, 0.1]}
+
+
+def _commas(values):
+    return ",".join(str(v) for v in values)
+
+
+def test_a_declared_selection_reaches_every_route(prior_server, prior_bundle, cutouts, tmp_path):
+    """selection_edges and selection_completeness: /v1 query, /v2 parameters, the client and photoz predict each
+    give the PDFs photoz.model.priors computes here, and name the selection in the answer."""
+    from photoz.cli import main
+    from photoz.service.client import PhotozClient
+
+    query = {k: _commas(v) for k, v in SELECTION.items()}
+    plain = np.asarray(_post(prior_server.url, cutouts).json()["data"]["pdfs"], np.float32)
+    got = _post(prior_server.url, cutouts, prior="self", **query).json()
+    (want, ok), bins = _expected(prior_bundle, plain, "self", **SELECTION)
+    assert got["prior"]["selection"] == {"edges": SELECTION["selection_edges"],
+                                         "completeness": SELECTION["selection_completeness"]}
+    assert len(got["ancil"]["ids"]) == ok.sum() and len(got["rejected"]) == (~ok).sum()
+    np.testing.assert_allclose(got["data"]["pdfs"], want[ok], atol=2e-6)
+    n_z, sample = np.asarray(got["prior"]["n_z"]), np.asarray(got["prior"]["sample_n_z"])
+    assert (n_z[bins.centres > 0.3] == 0).all() and not np.allclose(n_z, sample)  # parent and selected differ
+    unselected = np.asarray(_post(prior_server.url, cutouts, prior="self").json()["data"]["pdfs"])
+    assert np.abs(unselected[ok] - want[ok]).max() > 1e-3  # the selection changed the answer
+    # a custom n(z) of the selected sample, divided by the completeness
+    custom = {"prior_edges": "0,0.4", "prior_weights": "1"}
+    answer = _post(prior_server.url, cutouts[:6], **custom, **query).json()
+    (want, ok), _ = _expected(prior_bundle, plain[:6], "custom", edges=[0.0, 0.4], weights=[1.0], **SELECTION)
+    np.testing.assert_allclose(answer["data"]["pdfs"], want[ok], atol=2e-6)
+    # /v2
+    name = load_bundle(prior_bundle).metadata.name
+    doc = {"inputs": [{"name": "images", "datatype": "FP32", "shape": list(cutouts[:6].shape),
+                       "data": cutouts[:6].ravel().tolist()}],
+           "parameters": {"prior_edges": [0.0, 0.4], "prior_weights": [1.0], **SELECTION}}
+    v2 = httpx.post(f"{prior_server.url}/v2/models/{name}/infer", json=doc, timeout=60).json()
+    probs = next(o for o in v2["outputs"] if o["name"] == "probabilities")
+    np.testing.assert_allclose(np.reshape(probs["data"], probs["shape"]), answer["data"]["pdfs"], atol=2e-6)
+    # the client: self over every chunk together, as one request gives it
+    client = PhotozClient(prior_server.url, chunk_size=64)
+    together = client.predict(cutouts, prior="self", **SELECTION)
+    assert together.prior["selection"] == got["prior"]["selection"] and len(together) == len(got["ancil"]["ids"])
+    np.testing.assert_allclose(together.pdfs, got["data"]["pdfs"], atol=2e-6)
+    # photoz predict, its flags generated from the job
+    np.save(tmp_path / "all.npy", cutouts)
+    out = tmp_path / "selected.fits"
+    assert main(["predict", str(tmp_path / "all.npy"), "--out", str(out), "--model", str(prior_bundle), "--quiet",
+                 "--prior", "self", "--selection-edges", query["selection_edges"],
+                 "--selection-completeness", query["selection_completeness"]]) == 0
+    with fits.open(out) as hdul:
+        assert hdul[0].header["PRIOR"] == "self"
+        np.testing.assert_allclose(hdul["PHOTOZ"].data["PDF"][hdul["PHOTOZ"].data["VALID"]], got["data"]["pdfs"],
+                                   atol=1e-6)
+
+
+@pytest.mark.parametrize("params, field", [
+    ({"prior": "flat", "selection_edges": "0,0.4", "selection_completeness": "1"}, "selection_edges"),
+    ({"prior": "self", "selection_edges": "0,0.4"}, "selection_completeness"),
+    ({"prior": "self", "selection_edges": "0,0.4", "selection_completeness": "2"}, "selection_completeness"),
+    ({"prior": "self", "selection_edges": "0,x", "selection_completeness": "1"}, "selection_edges"),
+])
+def test_a_bad_selection_is_a_422_naming_its_field(prior_server, cutouts, params, field):
+    response = _post(prior_server.url, cutouts[:2], **params)
+    assert response.status_code == 422 and response.json()["field"] == field, response.text
