@@ -147,9 +147,9 @@ def resolve(name: str | None, bins: RedshiftBins, train: np.ndarray | None, edge
         plain = resolve(name, bins, train, edges, weights)
         return select(plain, selection, {"edges": np.asarray(selection_edges, float).tolist(),
                                          "completeness": np.asarray(selection_completeness, float).tolist()})
+    if name != "custom" and (edges is not None or weights is not None):
+        raise PriorError("prior", "prior_edges and prior_weights only with prior=custom", f"prior={name}")
     if name == "train":
-        if edges is not None or weights is not None:
-            raise PriorError("prior", "prior_edges and prior_weights only with prior=custom", "prior=train")
         return Prior("train", None, {"recorded": train is not None})
     if train is None:
         raise PriorError("prior", "prior=train: this bundle does not record its training set's n(z), which "

@@ -226,6 +226,7 @@ def test_a_selection_divides_a_custom_n_z_by_the_completeness():
     ({"edges": ["a", "b"], "weights": [1.0]}, "prior_edges", "a list of numbers"),
     ({"edges": [0.5, 0.9], "weights": [1.0]}, "prior_edges", "overlapping the model's range"),
     ({"name": "train", "edges": [0.0, 0.1], "weights": [1.0]}, "prior", "only with prior=custom"),
+    ({"name": "self", "edges": [0.0, 0.1], "weights": [1.0]}, "prior", "only with prior=custom"),
     ({"name": "flat", "selection_edges": [0.0, 0.4], "selection_completeness": [1.0]}, "selection_edges",
      "only with prior=self or a custom prior"),
     ({"name": "self", "selection_completeness": [1.0]}, "selection_edges", "both selection_edges"),
