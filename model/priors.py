@@ -163,15 +163,7 @@ def resolve(name: str | None, bins: RedshiftBins, train: np.ndarray | None, edge
 
 
 def _custom(edges: Any, weights: Any, bins: RedshiftBins) -> np.ndarray:
-    if edges is None or weights is None:
-        raise PriorError("prior_edges" if edges is None else "prior_weights",
-                         "both prior_edges (m+1 redshifts) and prior_weights (m values) with prior=custom",
-                         "only one of them")
-    e, w = _numbers(edges, "prior_edges"), _numbers(weights, "prior_weights")
-    if e.size < 2 or not np.all(np.diff(e) > 0):
-        raise PriorError("prior_edges", "at least 2 strictly increasing redshifts", f"{e.tolist()[:10]}")
-    if w.size != e.size - 1:
-        raise PriorError("prior_weights", f"{e.size - 1} weights (one per histogram bin)", f"{w.size}")
+    e, w = _histogram(edges, weights, "prior_edges", "prior_weights", "weights", " with prior=custom")
     if (w < 0).any() or w.sum() <= 0:
         raise PriorError("prior_weights", "non-negative weights with a positive sum", f"{w.tolist()[:10]}")
     mass = rebin(e, w, bins)
@@ -179,6 +171,20 @@ def _custom(edges: Any, weights: Any, bins: RedshiftBins) -> np.ndarray:
         raise PriorError("prior_edges", f"a histogram overlapping the model's range {bins.edges[0]:g} <= z < "
                                         f"{bins.edges[-1]:g}", f"{e[0]:g}-{e[-1]:g}")
     return mass
+
+
+def _histogram(edges: Any, values: Any, edges_name: str, values_name: str, what: str,
+               when: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """A histogram's edges (m+1 strictly increasing redshifts) and values (m numbers), both given, checked."""
+    if edges is None or values is None:
+        raise PriorError(edges_name if edges is None else values_name,
+                         f"both {edges_name} (m+1 redshifts) and {values_name} (m {what}){when}", "only one of them")
+    e, v = _numbers(edges, edges_name), _numbers(values, values_name)
+    if e.size < 2 or not np.all(np.diff(e) > 0):
+        raise PriorError(edges_name, "at least 2 strictly increasing redshifts", f"{e.tolist()[:10]}")
+    if v.size != e.size - 1:
+        raise PriorError(values_name, f"{e.size - 1} {what} (one per histogram bin)", f"{v.size}")
+    return e, v
 
 
 def _numbers(values: Any, name: str) -> np.ndarray:
@@ -194,15 +200,7 @@ def _numbers(values: Any, name: str) -> np.ndarray:
 def resolve_selection(edges: Any, completeness: Any, bins: RedshiftBins) -> np.ndarray:
     """A selection's completeness histogram (``edges`` (m+1,) in z, ``completeness`` (m,) in [0, 1]) as C(z) per
     model bin: its mean over each bin, zero outside the histogram. Raises :class:`PriorError` naming the field."""
-    if edges is None or completeness is None:
-        raise PriorError("selection_edges" if edges is None else "selection_completeness",
-                         "both selection_edges (m+1 redshifts) and selection_completeness (m fractions)",
-                         "only one of them")
-    e, c = _numbers(edges, "selection_edges"), _numbers(completeness, "selection_completeness")
-    if e.size < 2 or not np.all(np.diff(e) > 0):
-        raise PriorError("selection_edges", "at least 2 strictly increasing redshifts", f"{e.tolist()[:10]}")
-    if c.size != e.size - 1:
-        raise PriorError("selection_completeness", f"{e.size - 1} fractions (one per histogram bin)", f"{c.size}")
+    e, c = _histogram(edges, completeness, "selection_edges", "selection_completeness", "fractions")
     if (c < 0).any() or (c > 1).any() or not (c > 0).any():
         raise PriorError("selection_completeness", "fractions kept, 0 <= C <= 1, not all 0", f"{c.tolist()[:10]}")
     integral = np.concatenate([[0.0], np.cumsum(c * np.diff(e))])
