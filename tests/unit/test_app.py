@@ -73,7 +73,7 @@ def test_declared_route_and_fast_path_answer_alike(tiny_bundle, rng):
             answers[fast] = [(r.status_code, r.json()) for r in calls]
             params = {p["name"] for p in app.openapi()["paths"]["/v1/predict"]["post"]["parameters"]}
             assert params == {"pdf", "all_or_nothing", "deadline_ms", "ebv", "ids", "prior", "prior_edges",
-                              "prior_weights"}
+                              "prior_weights", "selection_edges", "selection_completeness"}
     assert [a[0] for a in answers[True]] == [200, 422, 400, 401]
     assert answers[True][1][1]["field"] == "query.deadline_ms"
     assert answers[True] == answers[False]
