@@ -1,4 +1,4 @@
-"""Pipeline-room subcommands: ``photoz predict``, ``photoz cutouts`` and ``photoz sdss-dataset``.
+"""Pipeline-room subcommands: ``photoz predict``, ``cutouts``, ``sdss-dataset`` and ``completeness``.
 
 Imports only the standard library at module level (argparse, and the job objects of :mod:`photoz.jobs` and
 :mod:`photoz.pipeline.jobs`, which need nothing else)."""
@@ -85,8 +85,27 @@ def _sdss_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+def _completeness(args: argparse.Namespace) -> int:
+    from photoz.pipeline.completeness import measure
+    from photoz.pipeline.jobs import CompletenessJob
+
+    job = jobs.from_arguments(args, CompletenessJob)
+    try:
+        result = measure(job)
+    except ValueError as exc:  # CutoutError (an unreadable catalogue) included
+        return _fail("completeness", exc)
+    print(f"C(z) of {' and '.join(job.cuts)}: {result['n_selected']} of {result['n_reference']} reference objects "
+          f"kept ({result['n_unusable']} without a finite value, left out)"
+          + (f"; {result['empty_bins']} bins hold no reference object (their C is 1/2: unknown)"
+             if result["empty_bins"] else "")
+          + (f"; written to {job.out}" if job.out else ""), file=sys.stderr)
+    print("--selection-edges " + ",".join(f"{v:g}" for v in result["selection_edges"])
+          + " --selection-completeness " + ",".join(f"{v:.6g}" for v in result["selection_completeness"]))
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from photoz.pipeline.jobs import CutoutsJob, PredictJob, SdssJob
+    from photoz.pipeline.jobs import CompletenessJob, CutoutsJob, PredictJob, SdssJob
 
     jobs.add_command(sub, "predict", PredictJob, _predict,
                      help="run a bundle offline over files or directories into one table",
@@ -106,3 +125,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                                  "calibrated frames from the Science Archive Server, cutouts registered as "
                                  "`photoz cutouts` does, sky-position splits -> the HDF5 `photoz train` reads. "
                                  "Resumable: work is kept in OUT.parts/ until the file is written.")
+
+    jobs.add_command(sub, "completeness", CompletenessJob, _completeness,
+                     help="measure a sample's selection, C(z), on a reference catalogue with redshifts",
+                     description="The fraction of a reference catalogue's objects at each redshift that the "
+                                 "sample's cut keeps: what photoz predict --selection (and a request's "
+                                 "selection_edges, selection_completeness) takes with prior self or custom, so "
+                                 "that a sample cut on its photometry is not counted twice (docs/priors.md). "
+                                 "Prints the two flags; --out writes JSON.")

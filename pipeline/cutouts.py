@@ -258,18 +258,23 @@ def _around(image: BandImage, stamp_wcs, size: int) -> BandImage:
     return BandImage(image.band, image.path, image.data[y0:y1, x0:x1], image.wcs[y0:y1, x0:x1], image.unit_note)
 
 
-def read_catalogue(path: str | Path, ra_col: str | None = None, dec_col: str | None = None,
-                   id_col: str | None = None, ebv_col: str | None = None) -> dict:
-    """ids, ra, dec (degrees) and E(B-V) (None if absent) from a FITS, CSV or Parquet table."""
+def read_table(path: str | Path) -> Any:
+    """An astropy Table from a FITS, CSV, ECSV or Parquet file (CutoutError naming the file if unreadable)."""
     from astropy.table import Table
 
     path = Path(path)
-    suffix = path.suffix.lower()
-    fmt = {".csv": "ascii.csv", ".parquet": "parquet", ".pq": "parquet", ".ecsv": "ascii.ecsv"}.get(suffix)
+    fmt = {".csv": "ascii.csv", ".parquet": "parquet", ".pq": "parquet", ".ecsv": "ascii.ecsv"}.get(
+        path.suffix.lower())
     try:
-        table = Table.read(path, format=fmt) if fmt else Table.read(path)
+        return Table.read(path, format=fmt) if fmt else Table.read(path)
     except Exception as exc:  # astropy raises many types for unreadable tables
         raise CutoutError(f"{path}: not a readable catalogue (FITS, CSV or Parquet table): {exc}") from None
+
+
+def read_catalogue(path: str | Path, ra_col: str | None = None, dec_col: str | None = None,
+                   id_col: str | None = None, ebv_col: str | None = None) -> dict:
+    """ids, ra, dec (degrees) and E(B-V) (None if absent) from a FITS, CSV or Parquet table."""
+    table = read_table(path)
     columns = {c.lower(): c for c in table.colnames}
 
     def pick(given, candidates, what, required=True):

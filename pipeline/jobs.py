@@ -44,6 +44,8 @@ class PredictJob:
                                         "histogram bin edges in z (comma list)")
     selection_completeness: Any = option(None, "the inputs' selection: the fraction of their parent population "
                                                "kept, per bin (comma list)")
+    selection: str | None = option(None, "the inputs' selection from a file that photoz completeness --out wrote "
+                                         "(instead of the two flags above)")
     quiet: bool = option(False, "no progress bar")
 
 
@@ -124,3 +126,18 @@ class SdssJob:
     nside: int = option(32, "HEALPix nside of the sky split (32: 3.4 deg^2)", parse=positive_int)
     seed: int = option(0, "seed of the split")
     quiet: bool = option(False, "no progress messages")
+
+
+@dataclass
+class CompletenessJob:
+    """``photoz completeness``: the completeness C(z) of a sample's selection, measured on a labelled reference
+    catalogue, for ``photoz predict --selection`` and requests' ``selection_edges``/``selection_completeness``."""
+
+    catalogue: str = required("reference catalogue with redshifts: FITS, CSV, ECSV or Parquet table",
+                              flag="catalogue")
+    cuts: list[str] = required("the sample's cut on the catalogue's columns, COLUMN OP VALUE or COLUMN - COLUMN OP "
+                               "VALUE (OP one of < <= > >=); repeat to combine (all must hold)",
+                               flag="--cut", append=True, metavar="CUT")
+    z_column: str = option("z", "the redshift column")
+    edges: str = option("0:0.4:0.01", "the histogram's bins in z: START:STOP:STEP, or a comma list of edges")
+    out: str | None = option(None, "write the selection here as JSON (photoz predict --selection FILE reads it)")

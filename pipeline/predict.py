@@ -44,6 +44,7 @@ from photoz.model.pdf import RedshiftBins
 from photoz.model.priors import ZERO_OVERLAP, Prior, PriorError, for_population
 from photoz.model.priors import apply as apply_prior
 from photoz.model.priors import resolve as resolve_prior
+from photoz.pipeline.completeness import read_selection
 from photoz.pipeline.engines import Engine, LocalEngine, open_engine
 from photoz.pipeline.jobs import PredictJob
 from photoz.progress import Progress
@@ -195,8 +196,12 @@ def predict_files(job: PredictJob) -> dict[str, Any]:
     bins = RedshiftBins(engine.edges)
     try:  # checked before any work
         numbers = ("prior_edges", "prior_weights", "selection_edges", "selection_completeness")
-        chosen = resolve_prior(job.prior, bins, engine.train_prior,
-                               *(_list_field(getattr(job, name), name) for name in numbers))
+        given = {name: _list_field(getattr(job, name), name) for name in numbers}
+        if job.selection is not None:
+            if job.selection_edges is not None or job.selection_completeness is not None:
+                raise ValueError("--selection FILE or --selection-edges/--selection-completeness: not both")
+            given["selection_edges"], given["selection_completeness"] = read_selection(job.selection)
+        chosen = resolve_prior(job.prior, bins, engine.train_prior, *given.values())
     except PriorError as exc:
         raise InputError(exc.field, exc.expected, exc.received) from None
     sources = find_sources(job.inputs, engine.geometry)

@@ -1,6 +1,7 @@
 """Priors at request time through the real parts: a live photoz serve (/v1 and /v2), its FITS answer, the Python
 client, and photoz predict over files, all against photoz.model.priors computed here on the same PDFs."""
 import io
+import json
 
 import httpx
 import numpy as np
@@ -220,6 +221,16 @@ def test_a_declared_selection_reaches_every_route(prior_server, prior_bundle, cu
         assert hdul[0].header["PRIOR"] == "self"
         np.testing.assert_allclose(hdul["PHOTOZ"].data["PDF"][hdul["PHOTOZ"].data["VALID"]], got["data"]["pdfs"],
                                    atol=1e-6)
+    # or the file photoz completeness writes; not both
+    (tmp_path / "selection.json").write_text(json.dumps({**SELECTION, "cuts": ["r < 17"]}))
+    from_file = tmp_path / "from_file.fits"
+    args = ["predict", str(tmp_path / "all.npy"), "--model", str(prior_bundle), "--quiet", "--prior", "self",
+            "--selection", str(tmp_path / "selection.json")]
+    assert main([*args, "--out", str(from_file)]) == 0
+    with fits.open(out) as a, fits.open(from_file) as b:
+        np.testing.assert_array_equal(a["PHOTOZ"].data["PDF"], b["PHOTOZ"].data["PDF"])
+    assert main([*args, "--out", str(tmp_path / "both.fits"), "--selection-edges", "0,0.4",
+                 "--selection-completeness", "1"]) == 2
 
 
 @pytest.mark.parametrize("params, field", [
