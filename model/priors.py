@@ -20,7 +20,8 @@ cut twice. A request may therefore declare the sample's selection, its completen
 parent population at z that the cut keeps; :func:`completeness_histogram` measures it on a reference catalogue
 with redshifts). The prior applied is then the parent's, n_sample(z) / C(z): a custom histogram is read as the
 selected sample's n(z) and divided by C; ``self`` fits the parent's n(z) by the EM with the selection in its
-likelihood (each object's p(x|z) among the selected is p(x|z) / C(z)). With C = 1 both are the plain ones.
+likelihood (each object's p(x|z) among the selected is p(x|z) / C(z)), regularised towards the training n(z)
+where C is small (:func:`population_nz`). With C = 1 a custom n(z) is applied as it is without a selection.
 
 Regularisation. pi_train is a histogram of a finite training set: its bins far in the tails hold few galaxies
 or none, and the ratio pi_new / pi_train there is noise. Every n(z) here (pi_train, the EM's estimate) is
