@@ -56,13 +56,20 @@ def measure_catalogue(noisy: np.ndarray, sky_sigma: np.ndarray, gain: np.ndarray
     the 64-pixel cutout's quarter-width) loses the light outside (simulators before 1.10.0)."""
     n, _, size, _ = noisy.shape
     r_band = BANDS.index("r")
-    radii = inner_radii(size)
-    flux_r, area = radial_profile(noisy[:, r_band], radii)
+    inner = radii = inner_radii(size)
+
+    def growth(band: int, within_cutout: np.ndarray) -> np.ndarray:
+        """A band's growth curve within the cutout, continued with ``outer`` when there is one."""
+        if outer is None:
+            return within_cutout
+        return np.concatenate([within_cutout, within_cutout[:, -1:] + outer[:, band]], axis=1)
+
+    flux_r, area = radial_profile(noisy[:, r_band], inner)
+    flux_r = growth(r_band, flux_r)
     if outer is not None:
         beyond = outer_radii(size)
-        area = np.concatenate([area, area[-1] + np.pi * (beyond**2 - radii[-1] ** 2)])
-        radii = np.concatenate([radii, beyond])
-        flux_r = np.concatenate([flux_r, flux_r[:, -1:] + outer[:, r_band]], axis=1)
+        area = np.concatenate([area, area[-1] + np.pi * (beyond**2 - inner[-1] ** 2)])
+        radii = np.concatenate([inner, beyond])
     # Petrosian ratio: surface brightness in the annulus 0.8R..1.25R over the mean within R
     f_lo = np.array([np.interp(0.8 * radii, radii, f) for f in flux_r])
     f_hi = np.array([np.interp(np.minimum(1.25 * radii, radii[-1]), radii, f) for f in flux_r])
@@ -73,12 +80,7 @@ def measure_catalogue(noisy: np.ndarray, sky_sigma: np.ndarray, gain: np.ndarray
     aperture = np.minimum(2 * r_petro, radii[-1] if outer is not None else size / 2 - 1)
     fluxes, errors = np.empty((n, len(BANDS))), np.empty((n, len(BANDS)))
     for b in range(len(BANDS)):
-        if b == r_band:
-            flux_b = flux_r
-        else:
-            flux_b, _ = radial_profile(noisy[:, b], inner_radii(size))
-            if outer is not None:
-                flux_b = np.concatenate([flux_b, flux_b[:, -1:] + outer[:, b]], axis=1)
+        flux_b = flux_r if b == r_band else growth(b, radial_profile(noisy[:, b], inner)[0])
         fluxes[:, b] = [np.interp(a, radii, f) for a, f in zip(aperture, flux_b, strict=True)]
         n_pix = np.pi * aperture**2
         errors[:, b] = np.sqrt(n_pix * sky_sigma[:, b] ** 2 + np.maximum(fluxes[:, b], 0) / gain[b])
