@@ -16,6 +16,7 @@ import orjson
 from photoz.formats.cutouts import Cutouts, DecodeBudget, Geometry, finish
 from photoz.formats.errors import InputError
 from photoz.formats.results import ResultRows, Results
+from photoz.model.priors import LIST_FIELDS
 
 JSON = "application/json"
 BINARY = "application/octet-stream"
@@ -39,21 +40,18 @@ class InferRequest:
     outputs: dict[str, bool]
     id: str | None = None
     timeout_s: float | None = None
-    prior: dict[str, Any] | None = None  # parameters prior, prior_edges, prior_weights, selection_* as sent
+    prior: dict[str, Any] | None = None  # parameters prior (as "name") and priors.LIST_FIELDS, as sent
 
 
 def _prior_parameters(doc: dict[str, Any]) -> dict[str, Any]:
-    """The request's ``parameters.prior`` (a name), ``prior_edges``, ``prior_weights``, ``selection_edges`` and
-    ``selection_completeness`` (number lists)."""
+    """The request's ``parameters.prior`` (a name, as ``name``) and its number lists, ``priors.LIST_FIELDS``."""
     parameters = doc.get("parameters") or {}
     if not isinstance(parameters, dict):
         return {}
     name = parameters.get("prior")
     if name is not None and not isinstance(name, str):
         raise bad("parameters.prior", "a prior's name (train, flat, self, custom)", name)
-    return {"name": name, "edges": parameters.get("prior_edges"), "weights": parameters.get("prior_weights"),
-            "selection_edges": parameters.get("selection_edges"),
-            "selection_completeness": parameters.get("selection_completeness")}
+    return {"name": name, **{field: parameters.get(field) for field in LIST_FIELDS}}
 
 
 def bad(field: str, expected: str, received: Any, status: int = 400) -> InputError:

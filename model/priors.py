@@ -43,6 +43,9 @@ from photoz.model.pdf import EPISTEMIC_ESTIMATE, GRID_EDGE_FLAG, RedshiftBins, p
 from photoz.model.quality import FLAG_BITS, pdf_flag_bits
 
 PRIOR_NAMES = ("train", "flat", "self", "custom")
+#: A request's number-list fields beside ``prior``, in :func:`resolve`'s order (comma lists in a ``/v1`` query and
+#: on the command line, lists in ``/v2`` parameters)
+LIST_FIELDS = ("prior_edges", "prior_weights", "selection_edges", "selection_completeness")
 #: Pseudo-count added to every bin of an n(z) histogram (Jeffreys): see the module docstring.
 PSEUDO_COUNT = 0.5
 #: Fewest objects ``prior=self`` takes. The EM estimate of n(z) on ~180 bins from fewer galaxies follows their

@@ -41,7 +41,7 @@ from photoz.formats.inputs import decode, kind_for_suffix, parse_list_field
 from photoz.formats.results import TABLE_SUFFIXES, ResultRows, write_table
 from photoz.model.isolation import ROW_ERRORS
 from photoz.model.pdf import RedshiftBins
-from photoz.model.priors import ZERO_OVERLAP, Prior, PriorError, for_population
+from photoz.model.priors import LIST_FIELDS, ZERO_OVERLAP, Prior, PriorError, for_population
 from photoz.model.priors import apply as apply_prior
 from photoz.model.priors import resolve as resolve_prior
 from photoz.pipeline.completeness import read_selection
@@ -195,8 +195,7 @@ def predict_files(job: PredictJob) -> dict[str, Any]:
     engine = open_engine(job.model, job.url, job.api_key, job.providers, job.batch_size)
     bins = RedshiftBins(engine.edges)
     try:  # checked before any work
-        numbers = ("prior_edges", "prior_weights", "selection_edges", "selection_completeness")
-        given = {name: _list_field(getattr(job, name), name) for name in numbers}
+        given = {name: _list_field(getattr(job, name), name) for name in LIST_FIELDS}
         if job.selection is not None:
             if job.selection_edges is not None or job.selection_completeness is not None:
                 raise ValueError("--selection FILE or --selection-edges/--selection-completeness: not both")

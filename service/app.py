@@ -30,6 +30,7 @@ from photoz.formats.cutouts import Cutouts
 from photoz.formats.errors import InputError
 from photoz.formats.inputs import parse_list_field
 from photoz.formats.results import ACCEPTED, ENCODERS, choose_media_type
+from photoz.model import priors
 from photoz.model.conventions import EBV_RANGE_MAG, MAX_ABS_PIXEL_NMGY
 from photoz.model.quality import quality_summary
 from photoz.service import oip
@@ -143,8 +144,8 @@ async def _predict(request: Request, params: PredictParams) -> Response:
     if media_type is None:
         raise InputError("Accept", " or ".join(ACCEPTED), request.headers.get("accept", ""), status=406,
                          title="not acceptable")
-    prior = resolve_prior(engine, params.prior, *(parse_list_field(getattr(params, name), name) for name in (
-        "prior_edges", "prior_weights", "selection_edges", "selection_completeness")))
+    prior = resolve_prior(engine, params.prior, *(parse_list_field(getattr(params, name), name)
+                                                  for name in priors.LIST_FIELDS))
     cutouts = await read_cutouts(request, engine.geometry, engine.settings, state_of(request).inflight,
                                  parse_list_field(params.ebv, "ebv"), parse_list_field(params.ids, "ids"))
     _check_valid(cutouts, params.all_or_nothing)

@@ -57,6 +57,7 @@ from photoz.formats.oip import (
     parse_infer,
 )
 from photoz.model.pdf import ESTIMATES
+from photoz.model.priors import LIST_FIELDS
 from photoz.service.engine import ServingEngine
 from photoz.service.ingest import INLINE_BYTES, read_body
 from photoz.service.routes import V2, bind, oip_error
@@ -184,8 +185,7 @@ async def _infer(request: Request) -> Response:
             tuple(output_types(engine)))
     parsed = parse_infer(*args) if len(body) <= INLINE_BYTES else await asyncio.to_thread(parse_infer, *args)
     asked = parsed.prior or {}
-    prior = resolve_prior(engine, asked.get("name"), asked.get("edges"), asked.get("weights"),
-                          asked.get("selection_edges"), asked.get("selection_completeness"))
+    prior = resolve_prior(engine, asked.get("name"), *(asked.get(field) for field in LIST_FIELDS))
     check_prior_population(prior, parsed.cutouts)
     results = await predict_cutouts(request, engine, parsed.cutouts, parsed.timeout_s or s.request_timeout_s,
                                     parsed.id)
